@@ -1,0 +1,317 @@
+// The one MoE decoder forward pass for every architecture (pre-norm blocks, RoPE,
+// GQA attention, dense / MoE / condensed / dropped MLPs). Per-architecture behaviour
+// comes from ModelSpec; nothing here branches on model_type.
+
+import type { Backend, Routing, Tensor } from "../backend/backend.ts";
+import {
+  denseName,
+  expertName,
+  layerPrefix,
+  type MlpSpec,
+  routerName,
+  sharedGateName,
+  sharedName,
+} from "./config.ts";
+import type { Model } from "./model.ts";
+
+/** Where a batch of equal-length sequences sits: rows are sequence-major (b * seqLen + t). */
+export interface BatchShape {
+  batch: number;
+  seqLen: number;
+}
+
+/**
+ * Observers and overrides. Tensors passed to observers are valid only during the call
+ * (the decoder frees them afterwards): read them inside the callback if needed.
+ */
+export interface ForwardHooks {
+  /** Replace layer l's MLP block: receives the post-attention-norm input, returns the block output. */
+  mlpOverride?: (layer: number, xNorm: Tensor) => Promise<Tensor | undefined>;
+  onRouter?: (layer: number, logits: Tensor, routing: Routing) => void | Promise<void>;
+  /** Residual stream after layer l (HF hidden_states[l + 1] before the final norm). */
+  onLayerOutput?: (layer: number, h: Tensor) => void | Promise<void>;
+}
+
+export function positionsFor(shape: BatchShape, offset = 0): Int32Array {
+  const pos = new Int32Array(shape.batch * shape.seqLen);
+  for (let i = 0; i < pos.length; i++) pos[i] = offset + (i % shape.seqLen);
+  return pos;
+}
+
+export async function embed(model: Model, ids: Int32Array): Promise<Tensor> {
+  return model.backend.embedding(await model.weight("model.embed_tokens.weight"), ids);
+}
+
+/** One decoder block: h + attn(norm(h)), then + mlp(norm(.)). Returns a new tensor. */
+export async function runLayer(
+  model: Model,
+  l: number,
+  h: Tensor,
+  shape: BatchShape,
+  hooks: ForwardHooks = {},
+): Promise<Tensor> {
+  const be = model.backend, layer = model.spec.layers[l];
+  const p = layerPrefix(l);
+  let x = h;
+  if (layer.attention) {
+    const xn = be.rmsNorm(x, await model.weight(`${p}input_layernorm.weight`), model.spec.eps);
+    const attn = await attentionBlock(model, l, xn, shape);
+    be.free(xn);
+    x = be.add(h, attn);
+    be.free(attn);
+  }
+  if (layer.mlp.kind !== "none") {
+    const xn = be.rmsNorm(
+      x,
+      await model.weight(`${p}post_attention_layernorm.weight`),
+      model.spec.eps,
+    );
+    const mlp = (await hooks.mlpOverride?.(l, xn)) ??
+      (await mlpBlock(model, l, layer.mlp, xn, hooks));
+    be.free(xn);
+    const next = be.add(x, mlp);
+    be.free(mlp);
+    if (x !== h) be.free(x);
+    x = next;
+  }
+  // Dropped blocks must still hand back a tensor the caller may free.
+  if (x === h) x = be.scale(h, 1);
+  return x;
+}
+
+async function attentionBlock(
+  model: Model,
+  l: number,
+  xn: Tensor,
+  shape: BatchShape,
+): Promise<Tensor> {
+  const be = model.backend, s = model.spec, p = `${layerPrefix(l)}self_attn.`;
+  const bias = async (
+    name: string,
+    on: boolean,
+  ) => (on ? await model.weight(`${p}${name}.bias`) : undefined);
+  let q = be.matmul(xn, await model.weight(`${p}q_proj.weight`), await bias("q_proj", s.qkvBias));
+  let k = be.matmul(xn, await model.weight(`${p}k_proj.weight`), await bias("k_proj", s.qkvBias));
+  let v = be.matmul(xn, await model.weight(`${p}v_proj.weight`), await bias("v_proj", s.qkvBias));
+  const replace = (old: Tensor, next: Tensor) => (be.free(old), next);
+  if (s.qkNorm) {
+    q = replace(q, be.rmsNorm(q, await model.weight(`${p}q_norm.weight`), s.eps));
+    k = replace(k, be.rmsNorm(k, await model.weight(`${p}k_norm.weight`), s.eps));
+  }
+  if (s.clipQkv !== null) {
+    q = replace(q, be.clamp(q, s.clipQkv));
+    k = replace(k, be.clamp(k, s.clipQkv));
+    v = replace(v, be.clamp(v, s.clipQkv));
+  }
+  const pos = positionsFor(shape);
+  q = replace(q, be.rope(q, pos, s.heads, s.headDim, s.ropeTheta, s.ropeLinearFactor));
+  k = replace(k, be.rope(k, pos, s.kvHeads, s.headDim, s.ropeTheta, s.ropeLinearFactor));
+  const a = be.attention(q, k, v, {
+    batch: shape.batch,
+    qLen: shape.seqLen,
+    kvLen: shape.seqLen,
+    heads: s.heads,
+    kvHeads: s.kvHeads,
+    headDim: s.headDim,
+    window: model.spec.layers[l].window,
+  });
+  be.free(q), be.free(k), be.free(v);
+  const out = be.matmul(a, await model.weight(`${p}o_proj.weight`), await bias("o_proj", s.oBias));
+  be.free(a);
+  return out;
+}
+
+/** SwiGLU MLP down(silu(gate(x)) * up(x)) from three weight names. */
+export async function swigluMlp(
+  model: Model,
+  x: Tensor,
+  gate: string,
+  up: string,
+  down: string,
+): Promise<Tensor> {
+  const be = model.backend;
+  const g = be.matmul(x, await model.weight(gate));
+  const u = be.matmul(x, await model.weight(up));
+  const a = be.swiglu(g, u);
+  be.free(g), be.free(u);
+  const y = be.matmul(a, await model.weight(down));
+  be.free(a);
+  return y;
+}
+
+async function mlpBlock(
+  model: Model,
+  l: number,
+  mlp: MlpSpec,
+  xn: Tensor,
+  hooks: ForwardHooks,
+): Promise<Tensor> {
+  const be = model.backend, s = model.spec;
+  if (mlp.kind === "dense") {
+    const y = await swigluMlp(
+      model,
+      xn,
+      denseName(l, "gate"),
+      denseName(l, "up"),
+      denseName(l, "down"),
+    );
+    if (!mlp.gatedShared) return y;
+    const shared = await gatedSharedExpert(model, l, xn);
+    const sum = be.add(y, shared);
+    be.free(y), be.free(shared);
+    return sum;
+  }
+  if (mlp.kind !== "moe") throw new Error(`layer ${l}: no MLP to run`);
+
+  const logits = be.matmul(xn, await model.weight(routerName(s, l)));
+  const routing = await be.routeTopK(logits, mlp.topK, mlp.renorm.normalize, mlp.renorm.eps);
+  await hooks.onRouter?.(l, logits, routing);
+  be.free(logits);
+
+  // Shared experts first (always on), then routed experts accumulate into the same rows.
+  let out: Tensor;
+  if (mlp.sharedWidth > 0) {
+    out = mlp.sharedGate ? await gatedSharedExpert(model, l, xn) : await swigluMlp(
+      model,
+      xn,
+      sharedName(s, l, "gate"),
+      sharedName(s, l, "up"),
+      sharedName(s, l, "down"),
+    );
+  } else {
+    out = be.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
+  }
+  await dispatchExperts(model, l, xn, routing, mlp.topK, mlp.experts, out);
+  return out;
+}
+
+/** Qwen2-MoE: sigmoid(x . shared_expert_gate) * shared_expert(x). */
+async function gatedSharedExpert(model: Model, l: number, xn: Tensor): Promise<Tensor> {
+  const be = model.backend, s = model.spec;
+  const y = await swigluMlp(
+    model,
+    xn,
+    sharedName(s, l, "gate"),
+    sharedName(s, l, "up"),
+    sharedName(s, l, "down"),
+  );
+  const g = be.matmul(xn, await model.weight(sharedGateName(l)));
+  const out = be.sigmoidScaleRows(y, g);
+  be.free(y), be.free(g);
+  return out;
+}
+
+/** Group tokens by expert and run each expert once on all of its tokens. */
+export async function dispatchExperts(
+  model: Model,
+  l: number,
+  xn: Tensor,
+  routing: Routing,
+  topK: number,
+  numExperts: number,
+  out: Tensor,
+): Promise<void> {
+  const be = model.backend, s = model.spec;
+  const { rows, scales } = groupByExpert(routing, topK, numExperts);
+  for (let e = 0; e < numExperts; e++) {
+    if (rows[e].length === 0) continue;
+    const xe = be.gatherRows(xn, rows[e]);
+    const y = await swigluMlp(
+      model,
+      xe,
+      expertName(s, l, e, "gate"),
+      expertName(s, l, e, "up"),
+      expertName(s, l, e, "down"),
+    );
+    be.scatterAddRows(out, y, rows[e], scales[e]);
+    be.free(xe), be.free(y);
+  }
+}
+
+export function groupByExpert(
+  routing: Routing,
+  topK: number,
+  numExperts: number,
+): { rows: Int32Array[]; scales: Float32Array[] } {
+  const counts = new Int32Array(numExperts);
+  for (const e of routing.indices) counts[e]++;
+  const rows = Array.from(counts, (c) => new Int32Array(c));
+  const scales = Array.from(counts, (c) => new Float32Array(c));
+  const fill = new Int32Array(numExperts);
+  for (let i = 0; i < routing.indices.length; i++) {
+    const e = routing.indices[i], j = fill[e]++;
+    rows[e][j] = Math.floor(i / topK);
+    scales[e][j] = routing.weights[i];
+  }
+  return { rows, scales };
+}
+
+export async function finalNorm(model: Model, h: Tensor): Promise<Tensor> {
+  return model.backend.rmsNorm(h, await model.weight("model.norm.weight"), model.spec.eps);
+}
+
+export async function lmHead(model: Model, hn: Tensor): Promise<Tensor> {
+  return model.backend.matmul(hn, await model.weight(model.lmHeadName()));
+}
+
+export interface ForwardResult {
+  /** [batch * seqLen, vocab] */
+  logits: Float32Array;
+  /** HF hidden_states: [0] embeddings, [l] output of layer l-1, [L] after the final norm. Only with collectHidden. */
+  hiddenStates?: Float32Array[];
+  /** Router logits per MoE layer, [tokens, experts]. Only with collectRouter. */
+  routerLogits?: Map<number, Float32Array>;
+  routing?: Map<number, Routing>;
+}
+
+export interface ForwardOptions extends ForwardHooks {
+  collectHidden?: boolean;
+  collectRouter?: boolean;
+  /** Release each layer's weights after use (layer-wise mode; the next call reloads them). */
+  layerwise?: boolean;
+}
+
+/** Full forward pass of token ids [batch, seqLen] (row-major). */
+export async function forward(
+  model: Model,
+  ids: Int32Array,
+  shape: BatchShape,
+  opts: ForwardOptions = {},
+): Promise<ForwardResult> {
+  const be = model.backend;
+  if (ids.length !== shape.batch * shape.seqLen) {
+    throw new Error(`forward: ${ids.length} ids for batch ${shape.batch} x ${shape.seqLen}`);
+  }
+  const result = {} as ForwardResult;
+  if (opts.collectHidden) result.hiddenStates = [];
+  if (opts.collectRouter) (result.routerLogits = new Map()), (result.routing = new Map());
+  let h = await embed(model, ids);
+  if (opts.collectHidden) result.hiddenStates!.push(await be.read(h));
+  for (let l = 0; l < model.spec.numLayers; l++) {
+    const next = await runLayer(model, l, h, shape, {
+      mlpOverride: opts.mlpOverride,
+      onRouter: async (layer, logits, routing) => {
+        if (opts.collectRouter) {
+          result.routerLogits!.set(layer, (await be.read(logits)).slice());
+          result.routing!.set(layer, routing);
+        }
+        await opts.onRouter?.(layer, logits, routing);
+      },
+    });
+    be.free(h);
+    h = next;
+    if (opts.layerwise) model.releaseLayer(l);
+    await opts.onLayerOutput?.(l, h);
+    if (opts.collectHidden && l < model.spec.numLayers - 1) {
+      result.hiddenStates!.push((await be.read(h)).slice());
+    }
+  }
+  const hn = await finalNorm(model, h);
+  be.free(h);
+  if (opts.collectHidden) result.hiddenStates!.push((await be.read(hn)).slice());
+  const logits = await lmHead(model, hn);
+  be.free(hn);
+  result.logits = (await be.read(logits)).slice();
+  be.free(logits);
+  return result;
+}

@@ -1,0 +1,80 @@
+// A loaded model: its spec, its checkpoint (opened lazily) and the weights resident on
+// a backend. Weights are uploaded on first use; the layer-wise mode releases each
+// layer's weights after use so only one layer is resident at a time.
+
+import type { Backend, Weight } from "../backend/backend.ts";
+import {
+  type Checkpoint,
+  CheckpointError,
+  closeCheckpoint,
+  openCheckpoint,
+  readTensor,
+} from "../io/checkpoint.ts";
+import { layerPrefix, type ModelSpec, parseModelConfig } from "./config.ts";
+
+export class Model {
+  private weights = new Map<string, Weight>();
+  /** Bytes of weights currently resident on the backend (checkpoint dtype). */
+  residentBytes = 0;
+  peakResidentBytes = 0;
+
+  constructor(readonly spec: ModelSpec, readonly ckpt: Checkpoint, readonly backend: Backend) {}
+
+  static async load(dir: string, backend: Backend): Promise<Model> {
+    const ckpt = await openCheckpoint(dir);
+    let spec: ModelSpec;
+    try {
+      spec = parseModelConfig(ckpt.config, `${dir}/config.json`);
+    } catch (e) {
+      closeCheckpoint(ckpt);
+      throw e;
+    }
+    return new Model(spec, ckpt, backend);
+  }
+
+  has(name: string): boolean {
+    return this.ckpt.files.has(name);
+  }
+
+  async weight(name: string): Promise<Weight> {
+    const cached = this.weights.get(name);
+    if (cached) return cached;
+    if (!this.ckpt.files.has(name)) {
+      throw new CheckpointError(
+        this.ckpt.dir,
+        `missing tensor "${name}" required by the ${this.spec.modelType} config`,
+      );
+    }
+    const raw = await readTensor(this.ckpt, name);
+    const w = this.backend.uploadWeight(raw);
+    this.weights.set(name, w);
+    this.residentBytes += raw.bytes.length;
+    this.peakResidentBytes = Math.max(this.peakResidentBytes, this.residentBytes);
+    return w;
+  }
+
+  /** The output projection: lm_head, or the embedding when tied. */
+  lmHeadName(): string {
+    return this.spec.tieEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  }
+
+  /** Free every resident weight whose name starts with `prefix`. */
+  release(prefix: string): void {
+    for (const [name, w] of this.weights) {
+      if (!name.startsWith(prefix)) continue;
+      const info = this.ckpt.files.get(name)!.tensors.get(name)!;
+      this.residentBytes -= info.end - info.begin;
+      this.backend.freeWeight(w);
+      this.weights.delete(name);
+    }
+  }
+
+  releaseLayer(l: number): void {
+    this.release(layerPrefix(l));
+  }
+
+  close(): void {
+    this.release("");
+    closeCheckpoint(this.ckpt);
+  }
+}
