@@ -79,7 +79,7 @@ export async function runLayer(
   return x;
 }
 
-async function attentionBlock(
+export async function attentionBlock(
   model: Model,
   l: number,
   xn: Tensor,
@@ -139,7 +139,7 @@ export async function swigluMlp(
   return y;
 }
 
-async function mlpBlock(
+export async function mlpBlock(
   model: Model,
   l: number,
   mlp: MlpSpec,
@@ -186,7 +186,7 @@ async function mlpBlock(
 }
 
 /** Qwen2-MoE: sigmoid(x . shared_expert_gate) * shared_expert(x). */
-async function gatedSharedExpert(model: Model, l: number, xn: Tensor): Promise<Tensor> {
+export async function gatedSharedExpert(model: Model, l: number, xn: Tensor): Promise<Tensor> {
   const be = model.backend, s = model.spec;
   const y = await swigluMlp(
     model,

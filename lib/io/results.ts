@@ -1,0 +1,136 @@
+// Versioned JSON results: every file carries its kind, schema_version, the git commit
+// and the date it was written, and is written atomically (temp file + rename) so a killed
+// run never leaves half a file under the real name. Readers refuse other kinds/schemas.
+
+export class ResultsError extends Error {
+  constructor(path: string, problem: string) {
+    super(`${path}: ${problem}`);
+    this.name = "ResultsError";
+  }
+}
+
+export interface ResultsHeader {
+  kind: string;
+  schema_version: number;
+  git_commit: string | null;
+  date: string;
+}
+
+/** `git rev-parse HEAD` of the working directory, or null outside a repository. */
+export function gitCommit(): string | null {
+  try {
+    const out = new Deno.Command("git", { args: ["rev-parse", "HEAD"], stderr: "null" })
+      .outputSync();
+    if (!out.success) return null;
+    return new TextDecoder().decode(out.stdout).trim() || null;
+  } catch {
+    return null;
+  }
+}
+
+/** Write JSON to `path.tmp`, then rename over `path` (same directory, so atomic). */
+export async function writeJsonAtomic(path: string, value: unknown): Promise<void> {
+  const dir = path.includes("/") ? path.slice(0, path.lastIndexOf("/")) : ".";
+  await Deno.mkdir(dir, { recursive: true });
+  const tmp = `${path}.tmp`;
+  await Deno.writeTextFile(tmp, JSON.stringify(value, null, 1) + "\n");
+  await Deno.rename(tmp, path);
+}
+
+/** Header for a new results/state file of `kind`. */
+export function resultsHeader(kind: string, schemaVersion: number): ResultsHeader {
+  return {
+    kind,
+    schema_version: schemaVersion,
+    git_commit: gitCommit(),
+    date: new Date().toISOString(),
+  };
+}
+
+/** `results/<kind>/<YYYY-MM-DD>-<name>.json` under `root`. */
+export function resultsPath(root: string, kind: string, name: string, date = new Date()): string {
+  return `${root}/${kind}/${date.toISOString().slice(0, 10)}-${name}.json`;
+}
+
+/** Read a results file and check its kind and schema version; returns the whole object. */
+export async function readResults(
+  path: string,
+  kind: string,
+  schemaVersion: number,
+): Promise<Record<string, unknown>> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (e) {
+    throw new ResultsError(path, `cannot read (${(e as Error).message})`);
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (e) {
+    throw new ResultsError(path, `malformed JSON (${(e as Error).message})`);
+  }
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw new ResultsError(path, "expected a JSON object");
+  }
+  const obj = value as Record<string, unknown>;
+  if (obj.kind !== kind) {
+    throw new ResultsError(path, `is a "${obj.kind}" file, expected "${kind}"`);
+  }
+  if (obj.schema_version !== schemaVersion) {
+    throw new ResultsError(
+      path,
+      `schema_version ${JSON.stringify(obj.schema_version)} is not supported ` +
+        `(this version reads ${schemaVersion})`,
+    );
+  }
+  return obj;
+}
+
+export async function sha256Hex(bytes: Uint8Array | string): Promise<string> {
+  const data = typeof bytes === "string" ? new TextEncoder().encode(bytes) : bytes;
+  const digest = await crypto.subtle.digest("SHA-256", data as Uint8Array<ArrayBuffer>);
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+export async function hashFile(path: string): Promise<string> {
+  return sha256Hex(await Deno.readFile(path));
+}
+
+/**
+ * Hash of a model folder's identity: config.json, the shard index, and every shard's
+ * bytes (shards under 1 GiB) or header + size (bigger shards: reading many GB just to
+ * hash them would cost more than the search).
+ */
+export async function hashModelFolder(dir: string): Promise<string> {
+  const parts: string[] = [await Deno.readTextFile(`${dir}/config.json`)];
+  const names = [...Deno.readDirSync(dir)].map((e) => e.name).sort();
+  for (const name of names) {
+    if (name === "model.safetensors.index.json") {
+      parts.push(await Deno.readTextFile(`${dir}/${name}`));
+    }
+    if (!name.endsWith(".safetensors")) continue;
+    const size = (await Deno.stat(`${dir}/${name}`)).size;
+    if (size < 2 ** 30) {
+      parts.push(name, await hashFile(`${dir}/${name}`));
+      continue;
+    }
+    const f = await Deno.open(`${dir}/${name}`);
+    try {
+      const len = new Uint8Array(8);
+      await f.read(len);
+      const n = Number(new DataView(len.buffer).getBigUint64(0, true));
+      const header = new Uint8Array(Math.min(n, 100_000_000));
+      let got = 0;
+      while (got < header.length) {
+        const r = await f.read(header.subarray(got));
+        if (r === null) break;
+        got += r;
+      }
+      parts.push(name, String((await f.stat()).size), new TextDecoder().decode(header));
+    } finally {
+      f.close();
+    }
+  }
+  return sha256Hex(parts.join("\n"));
+}

@@ -1,0 +1,65 @@
+// Small helpers the CD-MoE scripts share: flag parsing with errors that name the flag,
+// a progress line on stderr, and "print the error, exit non-zero" for bad input.
+
+export const DEFAULT_MODEL = new URL("../../data/models/tiny-deepseek-moe", import.meta.url)
+  .pathname;
+
+export class UsageError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+export function intFlag(value: string | undefined, flag: string, def: number, min = 1): number {
+  if (value === undefined) return def;
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < min) {
+    throw new UsageError(`${flag}: expected an integer >= ${min}, got "${value}"`);
+  }
+  return n;
+}
+
+export function choiceFlag<T extends string>(
+  value: string | undefined,
+  flag: string,
+  choices: readonly T[],
+  def: T,
+): T {
+  if (value === undefined) return def;
+  if (!(choices as readonly string[]).includes(value)) {
+    throw new UsageError(`${flag}: unknown value "${value}" (choose one of ${choices.join(", ")})`);
+  }
+  return value as T;
+}
+
+/** Run a script's main; any error becomes one line on stderr and exit code 1. */
+export async function runMain(main: () => Promise<void>): Promise<void> {
+  try {
+    await main();
+  } catch (e) {
+    const err = e as Error;
+    console.error(`error: ${err.message}`);
+    if (Deno.env.get("CDMOE_DEBUG")) console.error(err.stack);
+    Deno.exit(1);
+  }
+}
+
+/** A rate-limited progress line on stderr: what, done/total, rate, ETA. */
+export class Progress {
+  private start = performance.now();
+  private last = 0;
+  constructor(private what: string, private total: number, private unit: string) {}
+  update(done: number, units?: number) {
+    const now = performance.now();
+    if (now - this.last < 1000 && done < this.total) return;
+    this.last = now;
+    const sec = (now - this.start) / 1000;
+    const rate = (units ?? done) / Math.max(sec, 1e-9);
+    const eta = done > 0 ? (sec / done) * (this.total - done) : NaN;
+    const msg = `\r${this.what}: ${done}/${this.total}  ${rate.toFixed(1)} ${this.unit}/s  ` +
+      `elapsed ${sec.toFixed(0)}s  ETA ${Number.isFinite(eta) ? eta.toFixed(0) + "s" : "?"}   `;
+    Deno.stderr.writeSync(new TextEncoder().encode(msg));
+    if (done >= this.total) Deno.stderr.writeSync(new TextEncoder().encode("\n"));
+  }
+}

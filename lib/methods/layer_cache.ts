@@ -1,0 +1,124 @@
+// One pass of the original model over the calibration batches, layer by layer (all
+// batches through layer l before layer l+1, so layer-wise mode keeps one layer's
+// weights resident). It records what every later step reuses: the hidden state entering
+// each layer, each MoE layer's residual-after-attention x and normed MLP input xn, the
+// final normed hidden state, and the routing profile. Cached states live on the host.
+
+import type { Tensor } from "../backend/backend.ts";
+import { embed, finalNorm, lmHead } from "../model/decoder.ts";
+import type { Model } from "../model/model.ts";
+import type { CalibrationBatch } from "./calibration.ts";
+import { type LayerChange, moeLayerParts, moeSpec, runPlannedLayer } from "./plan.ts";
+import { RoutingProfiler } from "./routing_profile.ts";
+
+export interface LayerCache {
+  batches: CalibrationBatch[];
+  /** hIn[l][b]: residual stream entering layer l; hIn[numLayers][b] = last layer's output. */
+  hIn: Float32Array[][];
+  /** Per MoE layer: x (residual after attention) and xn (normed MLP input) per batch. */
+  moe: Map<number, { x: Float32Array[]; xn: Float32Array[] }>;
+  /** Final normed hidden state per batch. */
+  finalHidden: Float32Array[];
+}
+
+export interface PassOptions {
+  layerwise?: boolean;
+  /** Called after each layer with (layers done, total layers). */
+  progress?: (done: number, total: number) => void;
+}
+
+async function readCopy(model: Model, t: Tensor): Promise<Float32Array> {
+  const a = (await model.backend.read(t)).slice();
+  model.backend.free(t);
+  return a;
+}
+
+export async function calibrationPass(
+  model: Model,
+  batches: CalibrationBatch[],
+  profiler: RoutingProfiler | null,
+  opts: PassOptions = {},
+): Promise<LayerCache> {
+  const be = model.backend, L = model.spec.numLayers;
+  const cache: LayerCache = { batches, hIn: [], moe: new Map(), finalHidden: [] };
+  let states: Float32Array[] = [];
+  for (const b of batches) states.push(await readCopy(model, await embed(model, b.ids)));
+  for (let l = 0; l < L; l++) {
+    cache.hIn.push(states);
+    const next: Float32Array[] = [];
+    const isMoe = model.spec.layers[l].mlp.kind === "moe";
+    const xs: Float32Array[] = [], xns: Float32Array[] = [];
+    for (let bi = 0; bi < batches.length; bi++) {
+      const b = batches[bi];
+      const h = be.tensor(states[bi], [states[bi].length / model.spec.hidden, model.spec.hidden]);
+      if (isMoe) {
+        const mlp = moeSpec(model, l);
+        const parts = await moeLayerParts(model, l, h, b.shape, async (logits, routing) => {
+          profiler?.observe(l, mlp.experts, mlp.topK, routing, await be.read(logits));
+        });
+        xs.push(await readCopy(model, parts.x));
+        xns.push(await readCopy(model, parts.xn));
+        next.push(await readCopy(model, parts.out));
+      } else {
+        next.push(await readCopy(model, await runPlannedLayer(model, l, h, b.shape, undefined)));
+      }
+      be.free(h);
+    }
+    if (isMoe) cache.moe.set(l, { x: xs, xn: xns });
+    if (opts.layerwise) model.releaseLayer(l);
+    states = next;
+    opts.progress?.(l + 1, L);
+  }
+  cache.hIn.push(states);
+  cache.finalHidden = await finalHiddenOf(model, states);
+  return cache;
+}
+
+export async function finalHiddenOf(model: Model, states: Float32Array[]): Promise<Float32Array[]> {
+  const be = model.backend, H = model.spec.hidden;
+  const out: Float32Array[] = [];
+  for (const s of states) {
+    const h = be.tensor(s, [s.length / H, H]);
+    out.push(await readCopy(model, await finalNorm(model, h)));
+    be.free(h);
+  }
+  return out;
+}
+
+export async function logitsOf(model: Model, finalHidden: Float32Array): Promise<Float32Array> {
+  const H = model.spec.hidden;
+  const h = model.backend.tensor(finalHidden, [finalHidden.length / H, H]);
+  const logits = await readCopy(model, await lmHead(model, h));
+  model.backend.free(h);
+  return logits;
+}
+
+/**
+ * Run layers start..L-1 on `states` (hidden entering `start`, per batch) under `plan`.
+ * `keep` receives the states entering each later layer (for the layer-search cache).
+ */
+export async function runFrom(
+  model: Model,
+  batches: CalibrationBatch[],
+  start: number,
+  states: Float32Array[],
+  plan: Map<number, LayerChange>,
+  opts: PassOptions & { keep?: (l: number, states: Float32Array[]) => void } = {},
+): Promise<Float32Array[]> {
+  const be = model.backend, H = model.spec.hidden, L = model.spec.numLayers;
+  for (let l = start; l < L; l++) {
+    if (l > start) opts.keep?.(l, states);
+    const next: Float32Array[] = [];
+    for (let bi = 0; bi < batches.length; bi++) {
+      const h = be.tensor(states[bi], [states[bi].length / H, H]);
+      next.push(
+        await readCopy(model, await runPlannedLayer(model, l, h, batches[bi].shape, plan.get(l))),
+      );
+      be.free(h);
+    }
+    if (opts.layerwise) model.releaseLayer(l);
+    states = next;
+  }
+  opts.keep?.(L, states);
+  return states;
+}

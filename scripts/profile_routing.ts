@@ -1,0 +1,114 @@
+// Routing profile of an MoE model on calibration text (CD-MoE step 1): per MoE layer and
+// routed expert the selection count and the sum/mean routing weight, plus per-layer
+// entropy, load imbalance and most frequent co-selected pairs. Writes results/profile/.
+
+import { parseArgs } from "node:util";
+import { CpuBackend } from "../lib/backend/cpu.ts";
+import { hashModelFolder, resultsHeader, resultsPath, writeJsonAtomic } from "../lib/io/results.ts";
+import { loadTokenizer } from "../lib/io/tokenizer.ts";
+import { moeLayers } from "../lib/model/config.ts";
+import { Model } from "../lib/model/model.ts";
+import {
+  type BosMode,
+  DEFAULT_BATCH_SIZE,
+  DEFAULT_CALIBRATION,
+  DEFAULT_DOCS,
+  DEFAULT_MAX_LEN,
+  loadCalibration,
+} from "../lib/methods/calibration.ts";
+import {
+  choiceFlag,
+  DEFAULT_MODEL,
+  intFlag,
+  Progress,
+  runMain,
+  UsageError,
+} from "../lib/methods/cli.ts";
+import { calibrationPass } from "../lib/methods/layer_cache.ts";
+import { formatProfile, RoutingProfiler } from "../lib/methods/routing_profile.ts";
+
+export const PROFILE_SCHEMA = 1;
+
+const HELP = `Usage: deno run -A scripts/profile_routing.ts [options]
+
+Routing profile of an MoE checkpoint on calibration text (CD-MoE, methods.md 1a).
+
+Options:
+  --model DIR        HF model folder (default ${DEFAULT_MODEL})
+  --data FILE        JSON lines with a "text" field (default ${DEFAULT_CALIBRATION})
+  --docs N           number of documents, from the start of the file (default ${DEFAULT_DOCS})
+  --max-len N        tokens per document, BOS included (default ${DEFAULT_MAX_LEN})
+  --batch-size N     documents per forward batch (default ${DEFAULT_BATCH_SIZE})
+  --bos MODE         auto|yes|no: auto prepends the config's bos_token_id when it has one
+                     (DeepSeek, Mixtral; the default model was trained on BOS-prefixed
+                     documents) unless the tokenizer already adds it (default auto)
+  --layerwise        release each layer's weights after use (models larger than memory)
+  --out FILE         results file (default results/profile/<date>-<name>.json)
+  --name NAME        name in the default results path (default: the model folder name)
+  -h, --help         this help
+`;
+
+await runMain(async () => {
+  const { values } = parseArgs({
+    options: {
+      model: { type: "string" },
+      data: { type: "string" },
+      docs: { type: "string" },
+      "max-len": { type: "string" },
+      "batch-size": { type: "string" },
+      bos: { type: "string" },
+      layerwise: { type: "boolean" },
+      out: { type: "string" },
+      name: { type: "string" },
+      help: { type: "boolean", short: "h" },
+    },
+  });
+  if (values.help) return console.log(HELP);
+  const modelDir = values.model ?? DEFAULT_MODEL;
+  const dataPath = values.data ?? DEFAULT_CALIBRATION;
+  const docs = intFlag(values.docs, "--docs", DEFAULT_DOCS);
+  const maxLen = intFlag(values["max-len"], "--max-len", DEFAULT_MAX_LEN, 2);
+  const batchSize = intFlag(values["batch-size"], "--batch-size", DEFAULT_BATCH_SIZE);
+  const bos = choiceFlag<BosMode>(values.bos, "--bos", ["auto", "yes", "no"], "auto");
+
+  const t0 = performance.now();
+  const model = await Model.load(modelDir, new CpuBackend());
+  if (moeLayers(model.spec).length === 0) {
+    throw new UsageError(`${modelDir}/config.json: the model has no MoE layers to profile`);
+  }
+  const tok = await loadTokenizer(modelDir);
+  const calib = await loadCalibration(dataPath, tok, {
+    docs,
+    maxLen,
+    bos,
+    bosTokenId: model.spec.bosTokenId,
+    batchSize,
+  });
+  const progress = new Progress("profile", model.spec.numLayers, "tokens");
+  const profiler = new RoutingProfiler();
+  await calibrationPass(model, calib.batches, profiler, {
+    layerwise: values.layerwise,
+    progress: (done) => progress.update(done, (done * calib.tokens) / model.spec.numLayers),
+  });
+  const profile = profiler.result();
+  const name = values.name ?? modelDir.replace(/\/+$/, "").split("/").pop()!;
+  const out = values.out ?? resultsPath("results", "profile", name);
+  await writeJsonAtomic(out, {
+    ...resultsHeader("routing-profile", PROFILE_SCHEMA),
+    model: { path: modelDir, hash: await hashModelFolder(modelDir) },
+    data: {
+      path: dataPath,
+      sha256: calib.sha256,
+      docs: calib.docs,
+      tokens: calib.tokens,
+      bos: calib.bos,
+    },
+    settings: { docs, max_len: maxLen, batch_size: batchSize, bos, layerwise: !!values.layerwise },
+    routing_weight:
+      "w_e as the model uses it: raw softmax probability, renormalised over the top-k only when the config normalises",
+    profile,
+    wall_seconds: (performance.now() - t0) / 1000,
+  });
+  console.log(formatProfile(profile));
+  console.log(`wrote ${out}`);
+});
