@@ -372,6 +372,7 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
     }
     layers.push({ index: l, attention: true, mlp, window });
   }
+  applyCompressedLayers(raw.cdmoe, layers, path);
 
   return {
     modelType,
@@ -396,6 +397,63 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
     eosTokenId: firstId(cfg.eos_token_id),
     padTokenId: optInt("pad_token_id"),
   };
+}
+
+/**
+ * A checkpoint written by scripts/condense.ts records its changed layers under "cdmoe":
+ * {"layers": {"<l>": {"change": "condense", "intermediate_size": W, "gated_shared_size"?: S}
+ * | {"change": "layerdrop"} | {"change": "blockdrop"}}, ...provenance}. A condensed layer
+ * is a plain dense SwiGLU MLP (Qwen: plus its sigmoid-gated shared expert).
+ */
+function applyCompressedLayers(cdmoe: unknown, layers: LayerSpec[], path: string): void {
+  if (cdmoe === undefined || cdmoe === null) return;
+  const changes = (cdmoe as { layers?: unknown }).layers;
+  if (typeof changes !== "object" || changes === null || Array.isArray(changes)) {
+    throw new ConfigError(path, `"cdmoe.layers" must be an object of layer index -> change`);
+  }
+  for (const [key, value] of Object.entries(changes as Record<string, unknown>)) {
+    const l = Number(key);
+    const where = `"cdmoe.layers.${key}"`;
+    if (!Number.isSafeInteger(l) || l < 0 || l >= layers.length) {
+      throw new ConfigError(path, `${where}: no decoder layer ${key} (model has ${layers.length})`);
+    }
+    const c = value as Record<string, unknown>;
+    const width = (k: string): number => {
+      const v = c[k];
+      if (!Number.isSafeInteger(v) || (v as number) < 0) {
+        throw new ConfigError(path, `${where}: "${k}" must be an integer >= 0`);
+      }
+      return v as number;
+    };
+    switch (c?.change) {
+      case "condense":
+        // Width 0 without a gated shared expert (OLMoE/Mixtral keeping nothing): no MLP.
+        layers[l].mlp = c.gated_shared_size === undefined && width("intermediate_size") === 0
+          ? { kind: "none" }
+          : c.gated_shared_size === undefined
+          ? { kind: "dense", width: width("intermediate_size") }
+          : {
+            kind: "dense",
+            width: width("intermediate_size"),
+            gatedShared: { width: width("gated_shared_size") },
+          };
+        break;
+      case "layerdrop":
+        layers[l].mlp = { kind: "none" };
+        break;
+      case "blockdrop":
+        layers[l].mlp = { kind: "none" };
+        layers[l].attention = false;
+        break;
+      default:
+        throw new ConfigError(
+          path,
+          `${where}: "change" must be "condense", "layerdrop" or "blockdrop", got ${
+            JSON.stringify(c?.change)
+          }`,
+        );
+    }
+  }
 }
 
 // eos_token_id may be a list in newer configs; the first is the primary one.

@@ -148,6 +148,8 @@ export async function mlpBlock(
 ): Promise<Tensor> {
   const be = model.backend, s = model.spec;
   if (mlp.kind === "dense") {
+    // A condensed Qwen layer that kept no routed expert is its gated shared expert alone.
+    if (mlp.width === 0 && mlp.gatedShared) return await gatedSharedExpert(model, l, xn);
     const y = await swigluMlp(
       model,
       xn,

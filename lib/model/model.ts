@@ -10,10 +10,13 @@ import {
   openCheckpoint,
   readTensor,
 } from "../io/checkpoint.ts";
+import type { RawTensor } from "../io/safetensors.ts";
 import { layerPrefix, type ModelSpec, parseModelConfig } from "./config.ts";
 
 export class Model {
   private weights = new Map<string, Weight>();
+  /** Tensors put in memory (an in-memory condensed model); they shadow the checkpoint. */
+  private extra = new Map<string, RawTensor>();
   /** Bytes of weights currently resident on the backend (checkpoint dtype). */
   residentBytes = 0;
   peakResidentBytes = 0;
@@ -33,19 +36,32 @@ export class Model {
   }
 
   has(name: string): boolean {
-    return this.ckpt.files.has(name);
+    return this.extra.has(name) || this.ckpt.files.has(name);
+  }
+
+  /** Put an in-memory tensor under `name` (used instead of the checkpoint's). */
+  putTensor(raw: RawTensor): void {
+    this.release(raw.name);
+    this.extra.set(raw.name, raw);
+  }
+
+  private tensorBytes(name: string): number {
+    const extra = this.extra.get(name);
+    if (extra) return extra.bytes.length;
+    const info = this.ckpt.files.get(name)!.tensors.get(name)!;
+    return info.end - info.begin;
   }
 
   async weight(name: string): Promise<Weight> {
     const cached = this.weights.get(name);
     if (cached) return cached;
-    if (!this.ckpt.files.has(name)) {
+    if (!this.has(name)) {
       throw new CheckpointError(
         this.ckpt.dir,
         `missing tensor "${name}" required by the ${this.spec.modelType} config`,
       );
     }
-    const raw = await readTensor(this.ckpt, name);
+    const raw = this.extra.get(name) ?? await readTensor(this.ckpt, name);
     const w = this.backend.uploadWeight(raw);
     this.weights.set(name, w);
     this.residentBytes += raw.bytes.length;
@@ -62,8 +78,7 @@ export class Model {
   release(prefix: string): void {
     for (const [name, w] of this.weights) {
       if (!name.startsWith(prefix)) continue;
-      const info = this.ckpt.files.get(name)!.tensors.get(name)!;
-      this.residentBytes -= info.end - info.begin;
+      this.residentBytes -= this.tensorBytes(name);
       this.backend.freeWeight(w);
       this.weights.delete(name);
     }

@@ -1,0 +1,253 @@
+// Turn a compression plan into real tensors: each condensed layer becomes one dense
+// SwiGLU MLP (shared experts + kept experts, gate/up rows stacked, each kept expert's
+// down-projection columns scaled by its fixed weight wbar), its router and other experts
+// are gone; dropped layers/blocks lose their tensors. The same tensor list serves the
+// size report, the checkpoint writer and the in-memory condensed model.
+
+import type { DType, RawTensor } from "../io/safetensors.ts";
+import {
+  DTYPE_BYTES,
+  f32ToBf16Bits,
+  numel,
+  toFloat32,
+  writeSafetensors,
+} from "../io/safetensors.ts";
+import { readTensor, tensorInfo } from "../io/checkpoint.ts";
+import {
+  denseName,
+  expertName,
+  layerPrefix,
+  parseModelConfig,
+  routerName,
+  sharedGateName,
+  sharedName,
+} from "../model/config.ts";
+import { Model } from "../model/model.ts";
+import { type LayerChange, moeSpec, type Plan } from "./plan.ts";
+
+/** One tensor of the compressed checkpoint: kept from the source, or built. */
+export interface PlannedTensor {
+  name: string;
+  dtype: DType;
+  shape: number[];
+  build?: () => Promise<RawTensor>;
+}
+
+const PROJS = ["gate", "up", "down"] as const;
+
+/** Names of the tensors a change removes from layer l. */
+function removedNames(model: Model, l: number, change: LayerChange): Set<string> {
+  const s = model.spec, out = new Set<string>();
+  if (change.kind === "blockdrop") {
+    for (const name of model.ckpt.files.keys()) if (name.startsWith(layerPrefix(l))) out.add(name);
+    return out;
+  }
+  const mlp = moeSpec(model, l);
+  out.add(routerName(s, l));
+  for (let e = 0; e < mlp.experts; e++) for (const p of PROJS) out.add(expertName(s, l, e, p));
+  const foldShared = mlp.sharedWidth > 0 && !mlp.sharedGate;
+  if (change.kind === "layerdrop" || foldShared) {
+    for (const p of PROJS) if (mlp.sharedWidth > 0) out.add(sharedName(s, l, p));
+  }
+  if (change.kind === "layerdrop") {
+    if (mlp.sharedGate) out.add(sharedGateName(l));
+    out.add(`${layerPrefix(l)}post_attention_layernorm.weight`);
+  }
+  return out;
+}
+
+/** Width of the dense MLP a condensed layer becomes (Qwen: the gated shared expert stays apart). */
+export function condensedWidth(model: Model, l: number, keptExperts: number): number {
+  const mlp = moeSpec(model, l);
+  return (mlp.sharedGate ? 0 : mlp.sharedWidth) + keptExperts * mlp.expertWidth;
+}
+
+/** The tensor list of the model after `plan`, in source dtypes. */
+export function planTensors(model: Model, plan: Plan): PlannedTensor[] {
+  const removed = new Set<string>();
+  const built: PlannedTensor[] = [];
+  for (const [l, change] of plan) {
+    for (const name of removedNames(model, l, change)) removed.add(name);
+    if (change.kind !== "condense") continue;
+    const dtype = tensorInfo(model.ckpt, expertName(model.spec, l, 0, "gate"))!.dtype;
+    const W = condensedWidth(model, l, change.experts.length), H = model.spec.hidden;
+    if (W === 0) continue; // nothing routed kept and no foldable shared expert
+    let dense: Promise<Record<"gate" | "up" | "down", RawTensor>> | null = null;
+    for (const p of PROJS) {
+      built.push({
+        name: denseName(l, p),
+        dtype,
+        shape: p === "down" ? [H, W] : [W, H],
+        build: async () => (await (dense ??= condenseLayerTensors(model, l, change, dtype)))[p],
+      });
+    }
+  }
+  const kept: PlannedTensor[] = [];
+  for (const name of model.ckpt.files.keys()) {
+    if (removed.has(name)) continue;
+    const info = tensorInfo(model.ckpt, name)!;
+    kept.push({ name, dtype: info.dtype, shape: info.shape });
+  }
+  return [...kept, ...built];
+}
+
+/** Parameters and bytes of a planned tensor list. */
+export function planSize(tensors: PlannedTensor[]): { params: number; bytes: number } {
+  let params = 0, bytes = 0;
+  for (const t of tensors) {
+    params += numel(t.shape);
+    bytes += numel(t.shape) * DTYPE_BYTES[t.dtype];
+  }
+  return { params, bytes };
+}
+
+/** The dense gate/up/down of one condensed layer, rounded once to `dtype` (fold-in of wbar). */
+export async function condenseLayerTensors(
+  model: Model,
+  l: number,
+  change: Extract<LayerChange, { kind: "condense" }>,
+  dtype: DType,
+): Promise<Record<"gate" | "up" | "down", RawTensor>> {
+  const s = model.spec, mlp = moeSpec(model, l), H = s.hidden;
+  // Blocks in order: [shared (unless gated)] + kept experts, with their down scales.
+  const blocks: { names: Record<string, string>; scale: number; width: number }[] = [];
+  if (mlp.sharedWidth > 0 && !mlp.sharedGate) {
+    const names = Object.fromEntries(PROJS.map((p) => [p, sharedName(s, l, p)]));
+    blocks.push({ names, scale: 1, width: mlp.sharedWidth });
+  }
+  change.experts.forEach((e, i) => {
+    const names = Object.fromEntries(PROJS.map((p) => [p, expertName(s, l, e, p)]));
+    blocks.push({ names, scale: change.wbar[i], width: mlp.expertWidth });
+  });
+  const W = blocks.reduce((a, b) => a + b.width, 0);
+  const gate = new Float32Array(W * H),
+    up = new Float32Array(W * H),
+    down = new Float32Array(H * W);
+  let row = 0;
+  for (const b of blocks) {
+    gate.set(toFloat32(await readTensor(model.ckpt, b.names.gate)), row * H);
+    up.set(toFloat32(await readTensor(model.ckpt, b.names.up)), row * H);
+    const d = toFloat32(await readTensor(model.ckpt, b.names.down)); // [H, width]
+    for (let h = 0; h < H; h++) {
+      for (let j = 0; j < b.width; j++) down[h * W + row + j] = b.scale * d[h * b.width + j];
+    }
+    row += b.width;
+  }
+  return {
+    gate: encode(denseName(l, "gate"), [W, H], gate, dtype),
+    up: encode(denseName(l, "up"), [W, H], up, dtype),
+    down: encode(denseName(l, "down"), [H, W], down, dtype),
+  };
+}
+
+/** f32 values -> a tensor in the source dtype (bf16/f16 round to nearest even). */
+function encode(name: string, shape: number[], data: Float32Array, dtype: DType): RawTensor {
+  let bytes: Uint8Array;
+  if (dtype === "F32") bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  else if (dtype === "BF16") bytes = new Uint8Array(f32ToBf16Bits(data).buffer);
+  else if (dtype === "F16") bytes = new Uint8Array(Float16Array.from(data).buffer);
+  else throw new Error(`${name}: cannot write dtype ${dtype}`);
+  return { name, dtype, shape, bytes };
+}
+
+/** What config.json records about a compression (provenance + per-layer changes). */
+export interface Provenance {
+  source: string;
+  source_hash: string;
+  search: string | null;
+  variant: string;
+  num_changed: number;
+  note?: string;
+}
+
+/** The source config.json plus a "cdmoe" section parseModelConfig understands. */
+export function condensedConfig(model: Model, plan: Plan, provenance: Provenance) {
+  const layers: Record<string, unknown> = {};
+  for (const [l, change] of [...plan].sort((a, b) => a[0] - b[0])) {
+    if (change.kind !== "condense") {
+      layers[l] = { change: change.kind };
+      continue;
+    }
+    const mlp = moeSpec(model, l);
+    layers[l] = {
+      change: "condense",
+      intermediate_size: condensedWidth(model, l, change.experts.length),
+      ...(mlp.sharedGate ? { gated_shared_size: mlp.sharedWidth } : {}),
+      shared_width: mlp.sharedWidth,
+      experts: change.experts,
+      wbar: change.wbar,
+    };
+  }
+  return { ...model.ckpt.config, cdmoe: { ...provenance, layers } };
+}
+
+/** The condensed model in memory, sharing the source checkpoint for unchanged tensors. */
+export async function condenseInMemory(model: Model, plan: Plan, provenance: Provenance) {
+  const config = condensedConfig(model, plan, provenance);
+  const spec = parseModelConfig(config, `${model.ckpt.dir}/config.json (condensed in memory)`);
+  const out = new Model(spec, model.ckpt, model.backend);
+  for (const t of planTensors(model, plan)) if (t.build) out.putTensor(await t.build());
+  return out;
+}
+
+const TOKENIZER_FILES = [
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.model",
+  "vocab.json",
+  "merges.txt",
+  "generation_config.json",
+];
+
+async function sizeOf(path: string): Promise<number> {
+  return (await Deno.stat(path)).size;
+}
+
+/**
+ * Write the compressed checkpoint to `outDir` (which must not exist): built in a temp
+ * folder beside it and renamed at the end, so a failure leaves no partial output.
+ * Returns real file bytes of the weights before and after.
+ */
+export async function writeCondensedCheckpoint(
+  model: Model,
+  plan: Plan,
+  outDir: string,
+  provenance: Provenance,
+): Promise<{ bytesBefore: number; bytesAfter: number; params: number; tensors: number }> {
+  try {
+    await Deno.stat(outDir);
+    throw new Error(`${outDir}: output folder already exists (choose another --out)`);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
+  }
+  let bytesBefore = 0;
+  for (const shard of model.ckpt.shards) bytesBefore += await sizeOf(shard.path);
+  const tmp = `${outDir.replace(/\/+$/, "")}.tmp-${Deno.pid}`;
+  await Deno.mkdir(tmp, { recursive: true });
+  try {
+    const planned = planTensors(model, plan);
+    const tensors: RawTensor[] = [];
+    for (const t of planned) {
+      tensors.push(t.build ? await t.build() : await readTensor(model.ckpt, t.name));
+    }
+    await writeSafetensors(`${tmp}/model.safetensors`, tensors);
+    await Deno.writeTextFile(
+      `${tmp}/config.json`,
+      JSON.stringify(condensedConfig(model, plan, provenance), null, 2) + "\n",
+    );
+    for (const f of TOKENIZER_FILES) {
+      try {
+        await Deno.copyFile(`${model.ckpt.dir}/${f}`, `${tmp}/${f}`);
+      } catch (e) {
+        if (!(e instanceof Deno.errors.NotFound)) throw e;
+      }
+    }
+    const bytesAfter = await sizeOf(`${tmp}/model.safetensors`);
+    await Deno.rename(tmp, outDir);
+    return { bytesBefore, bytesAfter, params: planSize(planned).params, tensors: planned.length };
+  } catch (e) {
+    await Deno.remove(tmp, { recursive: true }).catch(() => {});
+    throw e;
+  }
+}
