@@ -1,0 +1,124 @@
+// CD-MoE search (deno task search): routing profile -> greedy expert selection per MoE
+// layer -> greedy layer search (CD-MoE-SR, CD-MoE-S, LayerDrop, BlockDrop). Logic lives
+// in lib/methods/search_job.ts.
+
+import { parseArgs } from "node:util";
+import {
+  type BosMode,
+  DEFAULT_BATCH_SIZE,
+  DEFAULT_CALIBRATION,
+  DEFAULT_DOCS,
+  DEFAULT_MAX_LEN,
+} from "../lib/methods/calibration.ts";
+import { choiceFlag, DEFAULT_MODEL, intFlag, runMain, UsageError } from "../lib/methods/cli.ts";
+import { METRICS, parseMetric } from "../lib/methods/divergence.ts";
+import { type Variant, VARIANTS } from "../lib/methods/layer_search.ts";
+import { runSearchJob } from "../lib/methods/search_job.ts";
+
+const HELP = `Usage: deno task search [options]
+       deno run -A scripts/greedy_layer_search.ts [options]
+
+CD-MoE (methods.md section 1): routing profile, greedy expert selection per MoE layer,
+then greedy layer search, on calibration text. With no options: the shipped default
+model and calibration data, variants sr and s. Progress on stderr; results in
+results/search/<date>-<name>.json; a state file results/search/<name>.state.json is
+written after every finished step, and a rerun with the same settings resumes from it.
+
+Options:
+  --model DIR          HF model folder (default ${DEFAULT_MODEL})
+  --data FILE          calibration JSON lines with "text" (default ${DEFAULT_CALIBRATION})
+  --docs N             documents (default ${DEFAULT_DOCS})
+  --max-len N          tokens per document, BOS included (default ${DEFAULT_MAX_LEN})
+  --batch-size N       documents per batch (default ${DEFAULT_BATCH_SIZE})
+  --bos MODE           auto|yes|no (default auto: prepend the config's bos_token_id if any)
+  --variant LIST       comma list of ${VARIANTS.join(", ")}, or "all" (default sr,s)
+                         sr        CD-MoE-SR: shared + first k greedy experts per layer
+                         s         CD-MoE-S: shared experts only
+                         layerdrop remove the MoE block, residual passes
+                         blockdrop remove the whole decoder block
+  --experts K          experts kept per condensed layer for sr (default: the model's top-k;
+                       0 makes sr the same as s)
+  --layers N           layer-search steps (default: all MoE layers)
+  --metric M           layer-search divergence: ${METRICS.join(", ")} (default js-hidden)
+                         js-hidden  JS over softmax of the final normed hidden state (reference)
+                         cosine     1 - cosine of final normed hidden states
+                         js-logits  JS over vocabulary distributions
+                         kl-logits  KL(original || changed) over the vocabulary
+                         loss       calibration cross-entropy of the changed model
+  --expert-metric M    expert-selection divergence on decoder-layer outputs:
+                       js-hidden or cosine (default js-hidden)
+  --naive              reference procedure: a full forward per candidate (slow; for checks)
+  --layerwise          release each layer's weights after use (models larger than memory)
+  --name NAME          results/state name (default: model folder name, "-naive" appended)
+  --results DIR        results root (default results)
+  --fresh              ignore an existing state file and start over
+  --quiet              no progress lines
+  -h, --help           this help
+`;
+
+await runMain(async () => {
+  const { values } = parseArgs({
+    options: {
+      model: { type: "string" },
+      data: { type: "string" },
+      docs: { type: "string" },
+      "max-len": { type: "string" },
+      "batch-size": { type: "string" },
+      bos: { type: "string" },
+      variant: { type: "string" },
+      experts: { type: "string" },
+      layers: { type: "string" },
+      metric: { type: "string" },
+      "expert-metric": { type: "string" },
+      naive: { type: "boolean" },
+      layerwise: { type: "boolean" },
+      name: { type: "string" },
+      results: { type: "string" },
+      fresh: { type: "boolean" },
+      quiet: { type: "boolean" },
+      help: { type: "boolean", short: "h" },
+    },
+  });
+  if (values.help) return console.log(HELP);
+  const model = (values.model ?? DEFAULT_MODEL).replace(/\/+$/, "");
+  const variants = (values.variant ?? "sr,s") === "all"
+    ? [...VARIANTS]
+    : (values.variant ?? "sr,s").split(",").map((v) =>
+      choiceFlag<Variant>(v.trim(), "--variant", VARIANTS, "sr")
+    );
+  if (new Set(variants).size !== variants.length) {
+    throw new UsageError(`--variant: "${values.variant}" names a variant twice`);
+  }
+  const metric = (() => {
+    try {
+      return {
+        layer: parseMetric(values.metric ?? "js-hidden", "--metric"),
+        expert: parseMetric(values["expert-metric"] ?? "js-hidden", "--expert-metric"),
+      };
+    } catch (e) {
+      throw new UsageError((e as Error).message);
+    }
+  })();
+  const naive = !!values.naive;
+  await runSearchJob({
+    model,
+    data: values.data ?? DEFAULT_CALIBRATION,
+    name: values.name ?? model.split("/").pop()! + (naive ? "-naive" : ""),
+    docs: intFlag(values.docs, "--docs", DEFAULT_DOCS),
+    maxLen: intFlag(values["max-len"], "--max-len", DEFAULT_MAX_LEN, 2),
+    batchSize: intFlag(values["batch-size"], "--batch-size", DEFAULT_BATCH_SIZE),
+    bos: choiceFlag<BosMode>(values.bos, "--bos", ["auto", "yes", "no"], "auto"),
+    metric: metric.layer,
+    expertMetric: metric.expert,
+    experts: values.experts === undefined ? null : intFlag(values.experts, "--experts", 0, 0),
+    layers: values.layers === undefined ? null : intFlag(values.layers, "--layers", 0, 1),
+    variants,
+    naive,
+    layerwise: !!values.layerwise,
+  }, {
+    resultsRoot: values.results,
+    fresh: values.fresh,
+    progress: !values.quiet,
+    log: (s) => console.log(s),
+  });
+});
