@@ -131,12 +131,17 @@ export async function expertSearchNaive(
   const t0 = performance.now();
   const be = model.backend, H = model.spec.hidden, E = moeSpec(model, l).experts;
   const ref = new Reference(opts.metric, H);
+  // The residual stream after layer l (HF hidden_states[l+1], except that HF's last entry
+  // is after the final norm: we compare the residual stream for every layer).
   for (const b of batches) {
-    const r = await forward(model, b.ids, b.shape, {
-      collectHidden: true,
+    let layerOut: Float32Array | null = null;
+    await forward(model, b.ids, b.shape, {
       layerwise: opts.layerwise,
+      onLayerOutput: async (layer, h) => {
+        if (layer === l) layerOut = (await be.read(h)).slice();
+      },
     });
-    ref.add(r.hiddenStates![l + 1], b.shape, b.ids);
+    ref.add(layerOut!, b.shape, b.ids);
   }
   const total = expertCandidateCount(E, opts.k);
   let done = 0;
