@@ -96,6 +96,7 @@ export async function logitsOf(model: Model, finalHidden: Float32Array): Promise
 /**
  * Run layers start..L-1 on `states` (hidden entering `start`, per batch) under `plan`.
  * `keep` receives the states entering each later layer (for the layer-search cache).
+ * `end` stops before that layer (default: run to the last layer).
  */
 export async function runFrom(
   model: Model,
@@ -103,9 +104,9 @@ export async function runFrom(
   start: number,
   states: Float32Array[],
   plan: Map<number, LayerChange>,
-  opts: PassOptions & { keep?: (l: number, states: Float32Array[]) => void } = {},
+  opts: PassOptions & { keep?: (l: number, states: Float32Array[]) => void; end?: number } = {},
 ): Promise<Float32Array[]> {
-  const be = model.backend, H = model.spec.hidden, L = model.spec.numLayers;
+  const be = model.backend, H = model.spec.hidden, L = opts.end ?? model.spec.numLayers;
   for (let l = start; l < L; l++) {
     if (l > start) opts.keep?.(l, states);
     const next: Float32Array[] = [];

@@ -113,6 +113,9 @@ export async function layerSearchFast(
   }
   const total = layerCandidateCount(opts.layers.length, opts.n);
   let done = layerCandidateCount(opts.layers.length, steps.length);
+  // Output of changed layer c computed from hIn[c]: reused while hIn[c] is the same
+  // array (no earlier layer changed since), saving one layer per candidate.
+  const changedOut = new Map<number, { input: Float32Array[]; out: Float32Array[] }>();
   while (steps.length < opts.n) {
     const candidates: Record<string, number> = {};
     let bestKept: Float32Array[][] | null = null, bestD = Infinity, bestLayer = -1;
@@ -120,7 +123,16 @@ export async function layerSearchFast(
       if (order.includes(c)) continue;
       const kept: Float32Array[][] = [];
       const plan = planOf([...order, c], opts.changeFor);
-      const out = await runFrom(model, batches, c, hIn[c], plan, {
+      let after = changedOut.get(c);
+      if (!after || after.input !== hIn[c]) {
+        const out = await runFrom(model, batches, c, hIn[c], plan, {
+          layerwise: opts.layerwise,
+          end: c + 1,
+        });
+        changedOut.set(c, after = { input: hIn[c], out });
+      }
+      kept[c + 1] = after.out;
+      const out = await runFrom(model, batches, c + 1, after.out, plan, {
         layerwise: opts.layerwise,
         keep: (l, s) => (kept[l] = s),
       });
