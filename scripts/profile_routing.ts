@@ -45,6 +45,8 @@ Options:
   --layerwise        release each layer's weights after use (models larger than memory)
   --out FILE         results file (default results/profile/<date>-<name>.json)
   --name NAME        name in the default results path (default: the model folder name)
+  --results DIR      results root for the default path (default results)
+  --quiet            no progress lines
   -h, --help         this help
 `;
 
@@ -60,6 +62,8 @@ await runMain(async () => {
       layerwise: { type: "boolean" },
       out: { type: "string" },
       name: { type: "string" },
+      results: { type: "string" },
+      quiet: { type: "boolean" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -88,11 +92,12 @@ await runMain(async () => {
   const profiler = new RoutingProfiler();
   await calibrationPass(model, calib.batches, profiler, {
     layerwise: values.layerwise,
-    progress: (done) => progress.update(done, (done * calib.tokens) / model.spec.numLayers),
+    progress: (done) =>
+      !values.quiet && progress.update(done, (done * calib.tokens) / model.spec.numLayers),
   });
   const profile = profiler.result();
   const name = values.name ?? modelDir.replace(/\/+$/, "").split("/").pop()!;
-  const out = values.out ?? resultsPath("results", "profile", name);
+  const out = values.out ?? resultsPath(values.results ?? "results", "profile", name);
   await writeJsonAtomic(out, {
     ...resultsHeader("routing-profile", PROFILE_SCHEMA),
     model: { path: modelDir, hash: await hashModelFolder(modelDir) },
