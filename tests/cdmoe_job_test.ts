@@ -65,6 +65,14 @@ Deno.test("search job: results, resume after a kill, condense from the results",
     );
   }
 
+  // Layer-wise weights (one layer resident at a time) give the same search.
+  const lw = (await runSearchJob({ ...tiny, name: "tiny-lw", layerwise: true }, opts))
+    .results as Record<string, Json>;
+  assert.deepStrictEqual(lw.layer_search.sr.order, r.layer_search.sr.order);
+  for (const l of Object.keys(r.expert_search)) {
+    assert.deepStrictEqual(lw.expert_search[l].steps, r.expert_search[l].steps);
+  }
+
   // Different settings must not resume from this state.
   await assert.rejects(
     () => runSearchJob({ ...tiny, metric: "cosine" }, opts),
