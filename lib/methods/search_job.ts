@@ -195,7 +195,9 @@ async function runLoaded(
 
   // 1. Profile (and, in fast mode, the layer cache every later step reuses).
   let cache: LayerCache | null = null;
-  const needCache = !s.naive;
+  const expertsLeft = s.variants.includes("sr") && k > 0 && moe.some((l) => !state.experts[l]);
+  const layersLeft = s.variants.some((v) => (state.variants[v]?.steps.length ?? 0) < n);
+  const needCache = !s.naive && (expertsLeft || layersLeft);
   if (!state.profile || needCache) {
     const tp = performance.now();
     const profiler = new RoutingProfiler();
