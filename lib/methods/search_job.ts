@@ -257,7 +257,8 @@ async function runLoaded(
       metric: s.metric,
       changeFor,
       layerwise: s.layerwise,
-      done: result.steps,
+      // A copy: onStep appends to result.steps while the search keeps its own list.
+      done: [...result.steps],
       progress: p,
       onStep: async (step: LayerStep) => {
         const size = planSize(planTensors(model, planOf([...result.order, step.layer], changeFor)));
@@ -269,8 +270,6 @@ async function runLoaded(
         await save();
       },
     };
-    const startSteps = [...result.steps];
-    lo.done = startSteps;
     if (s.naive) await layerSearchNaive(model, calib.batches, ref, lo);
     else await layerSearchFast(model, cache!, ref, lo);
     log(`layer search ${variant}: ${((performance.now() - tv) / 1000).toFixed(1)} s`);
