@@ -73,6 +73,15 @@ Deno.test("search job: results, resume after a kill, condense from the results",
     assert.deepStrictEqual(lw.expert_search[l].steps, r.expert_search[l].steps);
   }
 
+  // Another variant resumes from the same state (profile and expert search reused).
+  logs.length = 0;
+  const third = (await runSearchJob({ ...tiny, variants: ["s"] }, opts)).results as Record<
+    string,
+    Json
+  >;
+  assert(logs.some((l) => l.startsWith("resuming")));
+  assert.deepStrictEqual(Object.keys(third.layer_search).sort(), ["layerdrop", "s", "sr"]);
+
   // Different settings must not resume from this state.
   await assert.rejects(
     () => runSearchJob({ ...tiny, metric: "cosine" }, opts),

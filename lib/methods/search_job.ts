@@ -149,7 +149,10 @@ async function runLoaded(
     batchSize: s.batchSize,
   });
   const modelHash = await hashModelFolder(s.model);
-  const { layerwise: _memoryOnly, ...resultSettings } = s;
+  const { layerwise: _memoryOnly, variants: _independent, ...resultSettings } = s;
+  // What the finished steps depend on. Not --layerwise (memory only) and not --variant:
+  // variants share the profile and expert search and are searched independently, so a
+  // rerun may add variants to a state.
   const identity = {
     model_hash: modelHash,
     data_sha256: calib.sha256,
@@ -286,7 +289,7 @@ async function runLoaded(
       tokens: calib.tokens,
       bos: calib.bos,
     },
-    settings: identity.settings,
+    settings: { ...identity.settings, variants: s.variants, layerwise: s.layerwise },
     notes: {
       routing_weight: "avg_w = mean over selecting tokens of the weight the model uses " +
         "(raw softmax prob; renormalised over top-k only when the config normalises)",
@@ -301,6 +304,7 @@ async function runLoaded(
     profile: state.profile,
     profile_seconds: state.profile_seconds,
     expert_search: state.experts,
+    // Every variant the state has finished (a rerun that adds a variant keeps the others).
     layer_search: state.variants,
     wall_seconds: (performance.now() - t0) / 1000,
   };
