@@ -92,6 +92,7 @@ await runMain(async () => {
   const profiler = new RoutingProfiler();
   await calibrationPass(model, calib.batches, profiler, {
     layerwise: values.layerwise,
+    keepCache: false,
     progress: (done) =>
       !values.quiet && progress.update(done, (done * calib.tokens) / model.spec.numLayers),
   });

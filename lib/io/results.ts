@@ -98,7 +98,7 @@ export async function hashFile(path: string): Promise<string> {
 }
 
 /**
- * Hash of a model folder's identity: config.json, the shard index, and every shard's
+ * Hash of a model folder's identity: config.json, the shard index, the tokenizer files, and every shard's
  * bytes (shards under 1 GiB) or header + size (bigger shards: reading many GB just to
  * hash them would cost more than the search).
  */
@@ -106,9 +106,11 @@ export async function hashModelFolder(dir: string): Promise<string> {
   const parts: string[] = [await Deno.readTextFile(`${dir}/config.json`)];
   const names = [...Deno.readDirSync(dir)].map((e) => e.name).sort();
   for (const name of names) {
-    if (name === "model.safetensors.index.json") {
-      parts.push(await Deno.readTextFile(`${dir}/${name}`));
-    }
+    // The tokenizer decides the token ids every result is computed on.
+    if (
+      name === "model.safetensors.index.json" || name === "tokenizer.json" ||
+      name === "tokenizer_config.json"
+    ) parts.push(name, await Deno.readTextFile(`${dir}/${name}`));
     if (!name.endsWith(".safetensors")) continue;
     const size = (await Deno.stat(`${dir}/${name}`)).size;
     if (size < 2 ** 30) {

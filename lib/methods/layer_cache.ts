@@ -23,6 +23,8 @@ export interface LayerCache {
 
 export interface PassOptions {
   layerwise?: boolean;
+  /** Keep x/xn and the per-layer states (default true; the profile alone needs none). */
+  keepCache?: boolean;
   /** Called after each layer with (layers done, total layers). */
   progress?: (done: number, total: number) => void;
 }
@@ -43,8 +45,9 @@ export async function calibrationPass(
   const cache: LayerCache = { batches, hIn: [], moe: new Map(), finalHidden: [] };
   let states: Float32Array[] = [];
   for (const b of batches) states.push(await readCopy(model, await embed(model, b.ids)));
+  const keep = opts.keepCache ?? true;
   for (let l = 0; l < L; l++) {
-    cache.hIn.push(states);
+    if (keep) cache.hIn.push(states);
     const next: Float32Array[] = [];
     const isMoe = model.spec.layers[l].mlp.kind === "moe";
     const xs: Float32Array[] = [], xns: Float32Array[] = [];
@@ -56,21 +59,25 @@ export async function calibrationPass(
         const parts = await moeLayerParts(model, l, h, b.shape, async (logits, routing) => {
           profiler?.observe(l, mlp.experts, mlp.topK, routing, await be.read(logits));
         });
-        xs.push(await readCopy(model, parts.x));
-        xns.push(await readCopy(model, parts.xn));
+        if (keep) {
+          xs.push(await readCopy(model, parts.x));
+          xns.push(await readCopy(model, parts.xn));
+        } else be.free(parts.x), be.free(parts.xn);
         next.push(await readCopy(model, parts.out));
       } else {
         next.push(await readCopy(model, await runPlannedLayer(model, l, h, b.shape, undefined)));
       }
       be.free(h);
     }
-    if (isMoe) cache.moe.set(l, { x: xs, xn: xns });
+    if (isMoe && keep) cache.moe.set(l, { x: xs, xn: xns });
     if (opts.layerwise) model.releaseLayer(l);
     states = next;
     opts.progress?.(l + 1, L);
   }
-  cache.hIn.push(states);
-  cache.finalHidden = await finalHiddenOf(model, states);
+  if (keep) {
+    cache.hIn.push(states);
+    cache.finalHidden = await finalHiddenOf(model, states);
+  }
   return cache;
 }
 
