@@ -329,6 +329,7 @@ Deno.test("architecture data: MoE layer placement and renormalisation per model 
     model_type: "mixtral",
     hidden_size: 8,
     num_attention_heads: 2,
+    num_key_value_heads: 1,
     sliding_window: 5,
   });
   assert.equal(mixtral.layers[0].window, 5);
