@@ -18,7 +18,7 @@ export function parseCli<T extends NonNullable<ParseArgsConfig["options"]>>(
   options: T,
   args = Deno.args,
 ) {
-  let parsed;
+  let parsed: { values: Record<string, string | boolean | undefined> };
   try {
     parsed = parseArgs({
       args,
