@@ -137,7 +137,7 @@ export class CpuBackend implements Backend {
   swiglu(gate: Tensor, up: Tensor): Tensor {
     const g = t(gate).data, u = t(up).data;
     const out = new Float32Array(g.length);
-    for (let i = 0; i < g.length; i++) out[i] = silu(g[i]) * u[i];
+    for (let i = 0; i < g.length; i++) out[i] = (g[i] / (1 + Math.exp(-g[i]))) * u[i];
     return new CpuTensor(out, gate.shape);
   }
 
@@ -160,18 +160,28 @@ export class CpuBackend implements Backend {
     }
     const xs = t(x).data, out = new Float32Array(xs.length);
     const half = headDim / 2;
+    // cos/sin per distinct position (positions repeat across the batch), with HF's f32
+    // inv_freq = 1 / theta^(2i/d) and f32 angle.
+    const invFreq = Array.from({ length: half }, (_, i) => Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim))));
+    const tables = new Map<number, [Float64Array, Float64Array]>();
     for (let r = 0; r < n; r++) {
-      const pos = positions[r] / linearFactor;
-      for (let i = 0; i < half; i++) {
-        // Same f32 frequency as HF: inv_freq = 1 / theta^(2i/d) computed in f32.
-        const invFreq = Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim)));
-        const angle = Math.fround(pos * invFreq);
-        const c = Math.cos(angle), s = Math.sin(angle);
-        for (let h = 0; h < heads; h++) {
-          const o = r * d + h * headDim;
+      let cs = tables.get(positions[r]);
+      if (!cs) {
+        const pos = positions[r] / linearFactor;
+        cs = [new Float64Array(half), new Float64Array(half)];
+        for (let i = 0; i < half; i++) {
+          const angle = Math.fround(pos * invFreq[i]);
+          cs[0][i] = Math.cos(angle), cs[1][i] = Math.sin(angle);
+        }
+        tables.set(positions[r], cs);
+      }
+      const [cos, sin] = cs;
+      for (let h = 0; h < heads; h++) {
+        const o = r * d + h * headDim;
+        for (let i = 0; i < half; i++) {
           const a = xs[o + i], b = xs[o + i + half];
-          out[o + i] = a * c - b * s;
-          out[o + i + half] = b * c + a * s;
+          out[o + i] = a * cos[i] - b * sin[i];
+          out[o + i + half] = b * cos[i] + a * sin[i];
         }
       }
     }
