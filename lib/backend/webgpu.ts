@@ -217,7 +217,13 @@ export class WebGpuBackend implements Backend {
     const buffer = this.acquire(data.byteLength);
     const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
     if (bytes.length % 4 === 0) {
-      this.device.queue.writeBuffer(buffer, 0, bytes);
+      this.device.queue.writeBuffer(
+        buffer,
+        0,
+        bytes.buffer as ArrayBuffer,
+        bytes.byteOffset,
+        bytes.length,
+      );
     } else {
       const padded = new Uint8Array(ceilDiv(bytes.length, 4) * 4);
       padded.set(bytes);
@@ -278,7 +284,15 @@ export class WebGpuBackend implements Backend {
       );
     }
     const out = this.newTensor(shape);
-    if (data.length > 0) this.device.queue.writeBuffer(out.buffer, 0, data);
+    if (data.length > 0) {
+      this.device.queue.writeBuffer(
+        out.buffer,
+        0,
+        data.buffer as ArrayBuffer,
+        data.byteOffset,
+        data.byteLength,
+      );
+    }
     return out;
   }
 
