@@ -5,6 +5,7 @@ struct Params {
   count: u32, // entries in this dispatch
   cols: u32, // row width, for the row-wise ops
   scalar: f32, // clamp limit or scale factor
+  first_row: u32, // sigmoid_scale_rows: b is bound whole, a and out from this row
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -63,12 +64,12 @@ fn scale(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
   }
 }
 
-// y = a [rows, cols] times sigmoid(g = b [rows, 1]) per row.
+// y = a [rows, cols] times sigmoid(g = b [all rows, 1]) per row.
 @compute @workgroup_size(64)
 fn sigmoid_scale_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
                       @builtin(local_invocation_id) lid: vec3u) {
   let i = flat_index(wg, nwg, lid);
   if (i < p.count) {
-    out[i] = a[i] * sigmoid(b[i / p.cols]);
+    out[i] = a[i] * sigmoid(b[p.first_row + i / p.cols]);
   }
 }

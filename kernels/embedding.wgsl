@@ -6,12 +6,13 @@ struct Params {
   cols: u32,
   row0: u32, // first table row held by this chunk
   chunk_rows: u32,
+  first_id: u32, // ids[first_id] is this dispatch's first id (out is bound from its row)
 }
 
 override W_DTYPE: u32 = 0u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> ids: array<i32>; // [count]
+@group(0) @binding(1) var<storage, read> ids: array<i32>; // all ids
 @group(0) @binding(2) var<storage, read> table: array<u32>; // [chunk_rows, cols] in W_DTYPE
 @group(0) @binding(3) var<storage, read_write> out: array<f32>; // [count, cols]
 
@@ -24,7 +25,7 @@ fn embedding(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec
   }
   let i = t / p.cols;
   let c = t % p.cols;
-  let id = u32(ids[i]); // validated on the host: 0 <= id < vocab
+  let id = u32(ids[p.first_id + i]); // validated on the host: 0 <= id < vocab
   if (id < p.row0 || id >= p.row0 + p.chunk_rows) {
     return;
   }

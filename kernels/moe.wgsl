@@ -70,10 +70,11 @@ struct RowParams {
   cols: u32,
   row0: u32, // first row of the big tensor held by this binding
   chunk_rows: u32,
+  first: u32, // rows[first] (and scales[first]) belong to this dispatch's first row
 }
 
 @group(0) @binding(0) var<uniform> gp: RowParams;
-@group(0) @binding(1) var<storage, read> rows: array<i32>; // [count]
+@group(0) @binding(1) var<storage, read> rows: array<i32>; // all selected rows
 @group(0) @binding(2) var<storage, read> src: array<f32>; // [chunk_rows, cols]
 @group(0) @binding(3) var<storage, read_write> gathered: array<f32>; // [count, cols]
 
@@ -87,15 +88,15 @@ fn gather_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: v
   }
   let i = t / gp.cols;
   let c = t % gp.cols;
-  let r = u32(rows[i]);
+  let r = u32(rows[gp.first + i]);
   if (r >= gp.row0 && r < gp.row0 + gp.chunk_rows) {
     gathered[t] = src[(r - gp.row0) * gp.cols + c];
   }
 }
 
 @group(0) @binding(0) var<uniform> sp: RowParams;
-@group(0) @binding(1) var<storage, read> dst_rows: array<i32>; // [count]
-@group(0) @binding(2) var<storage, read> scales: array<f32>; // [count]
+@group(0) @binding(1) var<storage, read> dst_rows: array<i32>; // all selected rows
+@group(0) @binding(2) var<storage, read> scales: array<f32>; // all scales
 @group(0) @binding(3) var<storage, read> y: array<f32>; // [count, cols]
 @group(0) @binding(4) var<storage, read_write> dst: array<f32>; // [chunk_rows, cols]
 
@@ -110,9 +111,9 @@ fn scatter_add_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
   }
   let i = t / sp.cols;
   let c = t % sp.cols;
-  let r = u32(dst_rows[i]);
+  let r = u32(dst_rows[sp.first + i]);
   if (r >= sp.row0 && r < sp.row0 + sp.chunk_rows) {
     let o = (r - sp.row0) * sp.cols + c;
-    dst[o] += scales[i] * y[t];
+    dst[o] += scales[sp.first + i] * y[t];
   }
 }

@@ -418,7 +418,8 @@ export class WebGpuBackend implements Backend {
     const perChunk = Math.floor(maxRows / step) * step;
     if (perChunk === 0) {
       throw new Error(
-        `webgpu: rows of [${bytesPerRow}] bytes cannot be bound in ${this.maxBindingBytes}-byte ranges at ${this.offsetAlign}-byte offsets`,
+        `webgpu: rows of [${bytesPerRow}] bytes cannot be bound in ${this.maxBindingBytes}-byte ranges: ` +
+          `a range must start at a multiple of ${this.offsetAlign} bytes, so it needs ${step} rows`,
       );
     }
     const out: [number, number][] = [];
@@ -441,14 +442,14 @@ export class WebGpuBackend implements Backend {
     const out = this.newTensor([ids.length, h]); // [tokens, hidden]
     const idsBuf = this.upload(ids);
     for (const chunk of w(table).chunks) {
-      for (const [r0, n] of this.rowChunks(ids.length, [4, h * 4])) {
+      for (const [r0, n] of this.rowChunks(ids.length, [h * 4])) {
         this.run({
           kernel: "embedding",
           entry: "embedding",
           constants: { W_DTYPE: DTYPE_CODE[table.dtype] },
-          params: [n, h, chunk.row0, chunk.rows],
+          params: [n, h, chunk.row0, chunk.rows, r0],
           bindings: [
-            this.rowRange(idsBuf, r0, n, 4),
+            { buffer: idsBuf },
             { buffer: chunk.buffer },
             this.rowRange(out.buffer, r0, n, h * 4, true),
           ],
@@ -530,7 +531,7 @@ export class WebGpuBackend implements Backend {
       this.run({
         kernel: "elementwise",
         entry,
-        params: [n, 1, { f32: scalar }],
+        params: [n, 1, { f32: scalar }, 0],
         bindings: [
           this.rowRange(t(a).buffer, i0, n, 4),
           b ? this.rowRange(t(b).buffer, i0, n, 4) : { buffer: this.emptyBuffer },
@@ -572,14 +573,17 @@ export class WebGpuBackend implements Backend {
       throw new Error(`sigmoidScaleRows: gate [${g.shape}] for ${n} rows`);
     }
     const out = this.newTensor(y.shape);
-    for (const [r0, rows] of this.rowChunks(n, [d * 4, 4])) {
+    if (n * 4 > this.maxBindingBytes) {
+      throw new Error(`sigmoidScaleRows: ${n} gates exceed a binding`);
+    }
+    for (const [r0, rows] of this.rowChunks(n, [d * 4])) {
       this.run({
         kernel: "elementwise",
         entry: "sigmoid_scale_rows",
-        params: [rows * d, d, { f32: 0 }],
+        params: [rows * d, d, { f32: 0 }, r0],
         bindings: [
           this.rowRange(t(y).buffer, r0, rows, d * 4),
-          this.rowRange(t(g).buffer, r0, rows, 4),
+          { buffer: t(g).buffer, size: n * 4 },
           this.rowRange(out.buffer, r0, rows, d * 4, true),
         ],
         workgroups: ceilDiv(rows * d, 64),
@@ -612,24 +616,25 @@ export class WebGpuBackend implements Backend {
         sin[r * half + i] = Math.sin(angle);
       }
     }
-    const cosBuf = this.upload(cos), sinBuf = this.upload(sin);
     const out = this.newTensor(x.shape);
-    for (const [r0, rows] of this.rowChunks(n, [d * 4, half * 4])) {
+    for (const [r0, rows] of this.rowChunks(n, [d * 4])) {
+      const cosBuf = this.upload(cos.subarray(r0 * half, (r0 + rows) * half));
+      const sinBuf = this.upload(sin.subarray(r0 * half, (r0 + rows) * half));
       this.run({
         kernel: "rope",
         entry: "rope",
         params: [rows, heads, headDim],
         bindings: [
           this.rowRange(t(x).buffer, r0, rows, d * 4),
-          this.rowRange(cosBuf, r0, rows, half * 4),
-          this.rowRange(sinBuf, r0, rows, half * 4),
+          { buffer: cosBuf },
+          { buffer: sinBuf },
           this.rowRange(out.buffer, r0, rows, d * 4, true),
         ],
         workgroups: ceilDiv(rows * heads * half, 64),
       });
+      this.release(cosBuf);
+      this.release(sinBuf);
     }
-    this.release(cosBuf);
-    this.release(sinBuf);
     return out;
   }
 
@@ -711,13 +716,13 @@ export class WebGpuBackend implements Backend {
     // Source chunks x output chunks: each dispatch copies the selected rows that lie in
     // its source chunk.
     for (const [s0, srcRows] of this.rowChunks(n, [h * 4])) {
-      for (const [i0, count] of this.rowChunks(rows.length, [4, h * 4])) {
+      for (const [i0, count] of this.rowChunks(rows.length, [h * 4])) {
         this.run({
           kernel: "moe",
           entry: "gather_rows",
-          params: [count, h, s0, srcRows],
+          params: [count, h, s0, srcRows, i0],
           bindings: [
-            this.rowRange(rowsBuf, i0, count, 4),
+            { buffer: rowsBuf },
             this.rowRange(t(x).buffer, s0, srcRows, h * 4),
             this.rowRange(out.buffer, i0, count, h * 4, true),
           ],
@@ -739,14 +744,14 @@ export class WebGpuBackend implements Backend {
     }
     const rowsBuf = this.upload(rows), scalesBuf = this.upload(scales);
     for (const [d0, dstRows] of this.rowChunks(n, [h * 4])) {
-      for (const [i0, count] of this.rowChunks(rows.length, [4, 4, h * 4])) {
+      for (const [i0, count] of this.rowChunks(rows.length, [h * 4])) {
         this.run({
           kernel: "moe",
           entry: "scatter_add_rows",
-          params: [count, h, d0, dstRows],
+          params: [count, h, d0, dstRows, i0],
           bindings: [
-            this.rowRange(rowsBuf, i0, count, 4),
-            this.rowRange(scalesBuf, i0, count, 4),
+            { buffer: rowsBuf },
+            { buffer: scalesBuf },
             this.rowRange(t(y).buffer, i0, count, h * 4),
             this.rowRange(t(out).buffer, d0, dstRows, h * 4, true),
           ],
