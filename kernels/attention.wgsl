@@ -12,6 +12,10 @@ struct Params {
   head_dim: u32,
   window: u32, // 0 = no sliding window
   scale: f32, // 1 / sqrt(head_dim)
+  q_off: u32, // each tensor is bound from an aligned offset; these skip to its row 0
+  k_off: u32,
+  v_off: u32,
+  out_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -37,10 +41,12 @@ fn attention(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec
     lo = pos + 1u - p.window;
   }
   let hd = p.head_dim;
-  let q_off = (b * p.q_len + i) * p.heads * hd + h * hd;
+  let row_off = (b * p.q_len + i) * p.heads * hd + h * hd;
+  let q_off = p.q_off + row_off;
+  let out_off = p.out_off + row_off;
   let kv_width = p.kv_heads * hd;
   for (var e = 0u; e < hd; e++) {
-    out[q_off + e] = 0.0;
+    out[out_off + e] = 0.0;
   }
   // Key `pos` is always visible, so m is finite after the first key and the initial
   // correction exp(-3.4e38 - s) is exactly 0.
@@ -48,9 +54,11 @@ fn attention(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec
   var l = 0.0;
   for (var j = lo; j <= pos; j++) {
     let kv_off = (b * p.kv_len + j) * kv_width + kh * hd;
+    let k_off = p.k_off + kv_off;
+    let v_off = p.v_off + kv_off;
     var dot = 0.0;
     for (var e = 0u; e < hd; e++) {
-      dot += q[q_off + e] * k[kv_off + e];
+      dot += q[q_off + e] * k[k_off + e];
     }
     let s = dot * p.scale;
     let m_new = max(m, s);
@@ -58,12 +66,12 @@ fn attention(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec
     let weight = exp(s - m_new);
     l = l * correction + weight;
     for (var e = 0u; e < hd; e++) {
-      out[q_off + e] = out[q_off + e] * correction + weight * v[kv_off + e];
+      out[out_off + e] = out[out_off + e] * correction + weight * v[v_off + e];
     }
     m = m_new;
   }
   let inv_l = 1.0 / l;
   for (var e = 0u; e < hd; e++) {
-    out[q_off + e] *= inv_l;
+    out[out_off + e] *= inv_l;
   }
 }

@@ -5,7 +5,9 @@ struct Params {
   count: u32, // entries in this dispatch
   cols: u32, // row width, for the row-wise ops
   scalar: f32, // clamp limit or scale factor
-  first_row: u32, // sigmoid_scale_rows: b is bound whole, a and out from this row
+  a_off: u32, // a, b and out are bound from aligned offsets; these skip to entry 0
+  b_off: u32,
+  out_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -31,7 +33,7 @@ fn add(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
        @builtin(local_invocation_id) lid: vec3u) {
   let i = flat_index(wg, nwg, lid);
   if (i < p.count) {
-    out[i] = a[i] + b[i];
+    out[p.out_off + i] = a[p.a_off + i] + b[p.b_off + i];
   }
 }
 
@@ -41,8 +43,8 @@ fn swiglu(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
           @builtin(local_invocation_id) lid: vec3u) {
   let i = flat_index(wg, nwg, lid);
   if (i < p.count) {
-    let g = a[i];
-    out[i] = g * sigmoid(g) * b[i];
+    let g = a[p.a_off + i];
+    out[p.out_off + i] = g * sigmoid(g) * b[p.b_off + i];
   }
 }
 
@@ -51,7 +53,7 @@ fn clamp_abs(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec
              @builtin(local_invocation_id) lid: vec3u) {
   let i = flat_index(wg, nwg, lid);
   if (i < p.count) {
-    out[i] = clamp(a[i], -p.scalar, p.scalar);
+    out[p.out_off + i] = clamp(a[p.a_off + i], -p.scalar, p.scalar);
   }
 }
 
@@ -60,16 +62,16 @@ fn scale(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
          @builtin(local_invocation_id) lid: vec3u) {
   let i = flat_index(wg, nwg, lid);
   if (i < p.count) {
-    out[i] = a[i] * p.scalar;
+    out[p.out_off + i] = a[p.a_off + i] * p.scalar;
   }
 }
 
-// y = a [rows, cols] times sigmoid(g = b [all rows, 1]) per row.
+// y = a [rows, cols] times sigmoid(g = b [rows, 1]) per row.
 @compute @workgroup_size(64)
 fn sigmoid_scale_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
                       @builtin(local_invocation_id) lid: vec3u) {
   let i = flat_index(wg, nwg, lid);
   if (i < p.count) {
-    out[i] = a[i] * sigmoid(b[p.first_row + i / p.cols]);
+    out[p.out_off + i] = a[p.a_off + i] * sigmoid(b[p.b_off + i / p.cols]);
   }
 }

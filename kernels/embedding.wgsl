@@ -6,7 +6,8 @@ struct Params {
   cols: u32,
   row0: u32, // first table row held by this chunk
   chunk_rows: u32,
-  first_id: u32, // ids[first_id] is this dispatch's first id (out is bound from its row)
+  first_id: u32, // ids[first_id] is this dispatch's first id
+  out_off: u32, // out is bound from an aligned offset; this skips to the first id's row
 }
 
 override W_DTYPE: u32 = 0u;
@@ -30,5 +31,5 @@ fn embedding(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec
     return;
   }
   let e = (id - p.row0) * p.cols + c;
-  out[t] = decode(table[word_index(e, W_DTYPE)], e, W_DTYPE);
+  out[p.out_off + t] = decode(table[word_index(e, W_DTYPE)], e, W_DTYPE);
 }

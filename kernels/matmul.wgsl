@@ -8,6 +8,8 @@ struct Params {
   cols: u32, // rows of this weight chunk = output columns written
   out_stride: u32, // M, the full output row width
   col0: u32, // first output column (first weight row) of this chunk
+  x_off: u32, // x and out are bound from an aligned offset; these skip to row 0
+  out_off: u32,
 }
 
 override W_DTYPE: u32 = 0u;
@@ -36,7 +38,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
     let kk = k0 + lid.x;
     var xv = 0.0;
     if (load_x_row < p.rows && kk < p.k) {
-      xv = x[load_x_row * p.k + kk];
+      xv = x[p.x_off + load_x_row * p.k + kk];
     }
     var wv = 0.0;
     if (load_w_row < p.cols && kk < p.k) {
@@ -56,6 +58,6 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
     if (HAS_BIAS) {
       acc += decode(bias[word_index(m, B_DTYPE)], m, B_DTYPE);
     }
-    out[row * p.out_stride + m] = acc;
+    out[p.out_off + row * p.out_stride + m] = acc;
   }
 }

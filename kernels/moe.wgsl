@@ -7,6 +7,8 @@ struct RouteParams {
   k: u32,
   normalize: u32, // 1 = divide the chosen weights by their sum + eps
   eps: f32,
+  logits_off: u32, // logits and routing are bound from aligned offsets; these skip to row 0
+  routing_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> rp: RouteParams;
@@ -28,7 +30,7 @@ fn route_topk(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: ve
   if (r >= rp.rows) {
     return;
   }
-  let base = r * rp.experts;
+  let base = rp.logits_off + r * rp.experts;
   var mx = logits[base];
   for (var e = 1u; e < rp.experts; e++) {
     mx = max(mx, logits[base + e]);
@@ -37,7 +39,7 @@ fn route_topk(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: ve
   for (var e = 0u; e < rp.experts; e++) {
     sum += exp(logits[base + e] - mx);
   }
-  let out_base = r * 2u * rp.k;
+  let out_base = rp.routing_off + r * 2u * rp.k;
   var prev_p = 2.0; // above any probability: everything comes after it
   var prev_e = 0u;
   var chosen = 0.0;
@@ -71,6 +73,8 @@ struct RowParams {
   row0: u32, // first row of the big tensor held by this binding
   chunk_rows: u32,
   first: u32, // rows[first] (and scales[first]) belong to this dispatch's first row
+  in_off: u32, // the f32 tensors are bound from aligned offsets; these skip to row 0
+  out_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> gp: RowParams;
@@ -90,7 +94,7 @@ fn gather_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: v
   let c = t % gp.cols;
   let r = u32(rows[gp.first + i]);
   if (r >= gp.row0 && r < gp.row0 + gp.chunk_rows) {
-    gathered[t] = src[(r - gp.row0) * gp.cols + c];
+    gathered[gp.out_off + t] = src[gp.in_off + (r - gp.row0) * gp.cols + c];
   }
 }
 
@@ -113,7 +117,7 @@ fn scatter_add_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
   let c = t % sp.cols;
   let r = u32(dst_rows[sp.first + i]);
   if (r >= sp.row0 && r < sp.row0 + sp.chunk_rows) {
-    let o = (r - sp.row0) * sp.cols + c;
-    dst[o] += scales[sp.first + i] * y[t];
+    let o = sp.out_off + (r - sp.row0) * sp.cols + c;
+    dst[o] += scales[sp.first + i] * y[sp.in_off + t];
   }
 }

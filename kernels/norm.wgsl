@@ -4,6 +4,8 @@ struct Params {
   rows: u32,
   cols: u32,
   eps: f32,
+  x_off: u32, // x and out are bound from an aligned offset; these skip to row 0
+  out_off: u32,
 }
 
 override W_DTYPE: u32 = 0u;
@@ -27,10 +29,11 @@ fn rms_norm(
   if (row >= p.rows) {
     return;
   }
-  let base = row * p.cols;
+  let x_base = p.x_off + row * p.cols;
+  let out_base = p.out_off + row * p.cols;
   var ss = 0.0;
   for (var i = lid.x; i < p.cols; i += THREADS) {
-    let v = x[base + i];
+    let v = x[x_base + i];
     ss += v * v;
   }
   partial[lid.x] = ss;
@@ -43,6 +46,6 @@ fn rms_norm(
   }
   let inv = 1.0 / sqrt(partial[0] / f32(p.cols) + p.eps);
   for (var i = lid.x; i < p.cols; i += THREADS) {
-    out[base + i] = decode(w[word_index(i, W_DTYPE)], i, W_DTYPE) * (x[base + i] * inv);
+    out[out_base + i] = decode(w[word_index(i, W_DTYPE)], i, W_DTYPE) * (x[x_base + i] * inv);
   }
 }

@@ -6,6 +6,8 @@ struct Params {
   rows: u32,
   heads: u32,
   head_dim: u32,
+  x_off: u32, // x and out are bound from an aligned offset; these skip to row 0
+  out_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -29,8 +31,8 @@ fn rope(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
   let c = cos_table[r * half + i];
   let s = sin_table[r * half + i];
   let o = r * p.heads * p.head_dim + h * p.head_dim;
-  let a = x[o + i];
-  let b = x[o + i + half];
-  out[o + i] = a * c - b * s;
-  out[o + i + half] = b * c + a * s;
+  let a = x[p.x_off + o + i];
+  let b = x[p.x_off + o + i + half];
+  out[p.out_off + o + i] = a * c - b * s;
+  out[p.out_off + o + i + half] = b * c + a * s;
 }

@@ -26,3 +26,17 @@ Deno.test({
     console.log(`  ${JSON.stringify(r)}`);
   },
 });
+
+// With 4 KiB bindings every fixture weight (embedding [256, 64] f32 = 64 KiB: 16 chunks)
+// is split into row chunks and the activations [24, 64] / logits [24, 256] are bound in
+// row ranges: the chunked paths must give the same answers in a real forward pass.
+const chunked = gpu?.withMaxBindingBytes(4096);
+for (const name of FIXTURES) {
+  Deno.test({
+    name: `webgpu forward with 4 KiB bindings (chunked) matches the reference: ${name}`,
+    ignore,
+    async fn() {
+      await checkGolden(`${FIXTURE_ROOT}${name}`, chunked!);
+    },
+  });
+}

@@ -134,7 +134,6 @@ interface Dispatch {
 const t = (x: Tensor) => x as GpuTensor;
 const w = (x: Weight) => x as GpuWeight;
 const ceilDiv = (a: number, b: number) => Math.ceil(a / b);
-const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
 
 const UNIFORM_BYTES = 64;
 const MAX_WORKGROUPS_PER_DIM = 65535;
@@ -405,21 +404,18 @@ export class WebGpuBackend implements Backend {
 
   /**
    * Split `rows` rows into ranges whose bindings stay under maxBindingBytes, for tensors
-   * with the given bytes per row. Range starts are aligned so every byte offset is a
-   * multiple of minStorageBufferOffsetAlignment. Returns [firstRow, rowCount] pairs.
+   * with the given bytes per row. A range is bound from the aligned offset at or below its
+   * start (rowRange), so each binding may carry up to offsetAlign - 4 leading bytes.
+   * Returns [firstRow, rowCount] pairs.
    */
   private rowChunks(rows: number, bytesPerRow: number[]): [number, number][] {
-    let maxRows = rows, step = 1;
-    for (const b of bytesPerRow) {
-      maxRows = Math.min(maxRows, Math.floor(this.maxBindingBytes / b));
-      step = Math.max(step, this.offsetAlign / gcd(b, this.offsetAlign));
-    }
-    if (maxRows >= rows) return rows > 0 ? [[0, rows]] : [];
-    const perChunk = Math.floor(maxRows / step) * step;
-    if (perChunk === 0) {
+    if (rows === 0) return [];
+    if (bytesPerRow.every((b) => rows * b <= this.maxBindingBytes)) return [[0, rows]];
+    const usable = this.maxBindingBytes - (this.offsetAlign - 4);
+    const perChunk = Math.min(...bytesPerRow.map((b) => Math.floor(usable / b)));
+    if (perChunk < 1) {
       throw new Error(
-        `webgpu: rows of [${bytesPerRow}] bytes cannot be bound in ${this.maxBindingBytes}-byte ranges: ` +
-          `a range must start at a multiple of ${this.offsetAlign} bytes, so it needs ${step} rows`,
+        `webgpu: a row of [${bytesPerRow}] bytes does not fit a ${this.maxBindingBytes}-byte binding`,
       );
     }
     const out: [number, number][] = [];
@@ -427,9 +423,27 @@ export class WebGpuBackend implements Backend {
     return out;
   }
 
-  /** Rows [r0, r0 + n) of a row-major buffer with `rowBytes` bytes per row. */
-  private rowRange(buffer: GPUBuffer, r0: number, n: number, rowBytes: number, write = false) {
-    return { buffer, offset: r0 * rowBytes, size: n * rowBytes, write };
+  /**
+   * Rows [r0, r0 + n) of a row-major f32/i32 buffer with `rowBytes` bytes per row, bound
+   * from the aligned offset at or below the first row; `skip` is the number of 4-byte
+   * entries before row r0 within the binding, passed to the kernel.
+   */
+  private rowRange(
+    buffer: GPUBuffer,
+    r0: number,
+    n: number,
+    rowBytes: number,
+    write = false,
+  ): Binding & { skip: number } {
+    const start = r0 * rowBytes;
+    const offset = start - (start % this.offsetAlign);
+    return {
+      buffer,
+      offset,
+      size: start + n * rowBytes - offset,
+      write,
+      skip: (start - offset) / 4,
+    };
   }
 
   // ---- ops ----------------------------------------------------------------------------
@@ -443,16 +457,13 @@ export class WebGpuBackend implements Backend {
     const idsBuf = this.upload(ids);
     for (const chunk of w(table).chunks) {
       for (const [r0, n] of this.rowChunks(ids.length, [h * 4])) {
+        const outRange = this.rowRange(out.buffer, r0, n, h * 4, true);
         this.run({
           kernel: "embedding",
           entry: "embedding",
           constants: { W_DTYPE: DTYPE_CODE[table.dtype] },
-          params: [n, h, chunk.row0, chunk.rows, r0],
-          bindings: [
-            { buffer: idsBuf },
-            { buffer: chunk.buffer },
-            this.rowRange(out.buffer, r0, n, h * 4, true),
-          ],
+          params: [n, h, chunk.row0, chunk.rows, r0, outRange.skip],
+          bindings: [{ buffer: idsBuf }, { buffer: chunk.buffer }, outRange],
           workgroups: ceilDiv(n * h, 64),
         });
       }
@@ -468,16 +479,14 @@ export class WebGpuBackend implements Backend {
     }
     const out = this.newTensor(x.shape);
     for (const [r0, rows] of this.rowChunks(n, [d * 4])) {
+      const xRange = this.rowRange(t(x).buffer, r0, rows, d * 4);
+      const outRange = this.rowRange(out.buffer, r0, rows, d * 4, true);
       this.run({
         kernel: "norm",
         entry: "rms_norm",
         constants: { W_DTYPE: DTYPE_CODE[weight.dtype] },
-        params: [rows, d, { f32: eps }],
-        bindings: [
-          this.rowRange(t(x).buffer, r0, rows, d * 4),
-          { buffer: w(weight).chunks[0].buffer },
-          this.rowRange(out.buffer, r0, rows, d * 4, true),
-        ],
+        params: [rows, d, { f32: eps }, xRange.skip, outRange.skip],
+        bindings: [xRange, { buffer: w(weight).chunks[0].buffer }, outRange],
         workgroups: rows,
       });
     }
@@ -505,17 +514,14 @@ export class WebGpuBackend implements Backend {
     // Each weight chunk writes its own band of output columns.
     for (const chunk of w(weight).chunks) {
       for (const [r0, rows] of this.rowChunks(n, [k * 4, m * 4])) {
+        const xRange = this.rowRange(t(x).buffer, r0, rows, k * 4);
+        const outRange = this.rowRange(out.buffer, r0, rows, m * 4, true);
         this.run({
           kernel: "matmul",
           entry: "main",
           constants,
-          params: [rows, k, chunk.rows, m, chunk.row0],
-          bindings: [
-            this.rowRange(t(x).buffer, r0, rows, k * 4),
-            { buffer: chunk.buffer },
-            { buffer: biasBuffer },
-            this.rowRange(out.buffer, r0, rows, m * 4, true),
-          ],
+          params: [rows, k, chunk.rows, m, chunk.row0, xRange.skip, outRange.skip],
+          bindings: [xRange, { buffer: chunk.buffer }, { buffer: biasBuffer }, outRange],
           workgroups: [ceilDiv(chunk.rows, 16), ceilDiv(rows, 16)],
         });
       }
@@ -528,15 +534,16 @@ export class WebGpuBackend implements Backend {
     const out = this.newTensor(a.shape);
     const count = numelOf(a.shape);
     for (const [i0, n] of this.rowChunks(count, [4])) {
+      const aRange = this.rowRange(t(a).buffer, i0, n, 4);
+      const bRange = b
+        ? this.rowRange(t(b).buffer, i0, n, 4)
+        : { buffer: this.emptyBuffer, skip: 0 };
+      const outRange = this.rowRange(out.buffer, i0, n, 4, true);
       this.run({
         kernel: "elementwise",
         entry,
-        params: [n, 1, { f32: scalar }, 0],
-        bindings: [
-          this.rowRange(t(a).buffer, i0, n, 4),
-          b ? this.rowRange(t(b).buffer, i0, n, 4) : { buffer: this.emptyBuffer },
-          this.rowRange(out.buffer, i0, n, 4, true),
-        ],
+        params: [n, 1, { f32: scalar }, aRange.skip, bRange.skip, outRange.skip],
+        bindings: [aRange, bRange, outRange],
         workgroups: ceilDiv(n, 64),
       });
     }
@@ -573,19 +580,15 @@ export class WebGpuBackend implements Backend {
       throw new Error(`sigmoidScaleRows: gate [${g.shape}] for ${n} rows`);
     }
     const out = this.newTensor(y.shape);
-    if (n * 4 > this.maxBindingBytes) {
-      throw new Error(`sigmoidScaleRows: ${n} gates exceed a binding`);
-    }
-    for (const [r0, rows] of this.rowChunks(n, [d * 4])) {
+    for (const [r0, rows] of this.rowChunks(n, [d * 4, 4])) {
+      const yRange = this.rowRange(t(y).buffer, r0, rows, d * 4);
+      const gRange = this.rowRange(t(g).buffer, r0, rows, 4);
+      const outRange = this.rowRange(out.buffer, r0, rows, d * 4, true);
       this.run({
         kernel: "elementwise",
         entry: "sigmoid_scale_rows",
-        params: [rows * d, d, { f32: 0 }, r0],
-        bindings: [
-          this.rowRange(t(y).buffer, r0, rows, d * 4),
-          { buffer: t(g).buffer, size: n * 4 },
-          this.rowRange(out.buffer, r0, rows, d * 4, true),
-        ],
+        params: [rows * d, d, { f32: 0 }, yRange.skip, gRange.skip, outRange.skip],
+        bindings: [yRange, gRange, outRange],
         workgroups: ceilDiv(rows * d, 64),
       });
     }
@@ -620,16 +623,13 @@ export class WebGpuBackend implements Backend {
     for (const [r0, rows] of this.rowChunks(n, [d * 4])) {
       const cosBuf = this.upload(cos.subarray(r0 * half, (r0 + rows) * half));
       const sinBuf = this.upload(sin.subarray(r0 * half, (r0 + rows) * half));
+      const xRange = this.rowRange(t(x).buffer, r0, rows, d * 4);
+      const outRange = this.rowRange(out.buffer, r0, rows, d * 4, true);
       this.run({
         kernel: "rope",
         entry: "rope",
-        params: [rows, heads, headDim],
-        bindings: [
-          this.rowRange(t(x).buffer, r0, rows, d * 4),
-          { buffer: cosBuf },
-          { buffer: sinBuf },
-          this.rowRange(out.buffer, r0, rows, d * 4, true),
-        ],
+        params: [rows, heads, headDim, xRange.skip, outRange.skip],
+        bindings: [xRange, { buffer: cosBuf }, { buffer: sinBuf }, outRange],
         workgroups: ceilDiv(rows * heads * half, 64),
       });
       this.release(cosBuf);
@@ -650,6 +650,10 @@ export class WebGpuBackend implements Backend {
     // Chunks are whole sequences: a query needs every key of its own sequence.
     const qBytes = qLen * qw * 4, kvBytes = kvLen * kw * 4;
     for (const [b0, seqs] of this.rowChunks(batch, [qBytes, kvBytes])) {
+      const qRange = this.rowRange(t(q).buffer, b0, seqs, qBytes);
+      const kRange = this.rowRange(t(k).buffer, b0, seqs, kvBytes);
+      const vRange = this.rowRange(t(v).buffer, b0, seqs, kvBytes);
+      const outRange = this.rowRange(out.buffer, b0, seqs, qBytes, true);
       this.run({
         kernel: "attention",
         entry: "attention",
@@ -662,13 +666,12 @@ export class WebGpuBackend implements Backend {
           headDim,
           window ?? 0,
           { f32: 1 / Math.sqrt(headDim) },
+          qRange.skip,
+          kRange.skip,
+          vRange.skip,
+          outRange.skip,
         ],
-        bindings: [
-          this.rowRange(t(q).buffer, b0, seqs, qBytes),
-          this.rowRange(t(k).buffer, b0, seqs, kvBytes),
-          this.rowRange(t(v).buffer, b0, seqs, kvBytes),
-          this.rowRange(out.buffer, b0, seqs, qBytes, true),
-        ],
+        bindings: [qRange, kRange, vRange, outRange],
         workgroups: ceilDiv(seqs * heads * qLen, 64),
       });
     }
@@ -680,14 +683,13 @@ export class WebGpuBackend implements Backend {
     if (k < 1 || k > e) throw new Error(`routeTopK: k = ${k} with ${e} experts`);
     const result = this.newTensor([n, 2 * k]); // [tokens, k ids | k weights]
     for (const [r0, rows] of this.rowChunks(n, [e * 4, 2 * k * 4])) {
+      const inRange = this.rowRange(t(logits).buffer, r0, rows, e * 4);
+      const outRange = this.rowRange(result.buffer, r0, rows, 2 * k * 4, true);
       this.run({
         kernel: "moe",
         entry: "route_topk",
-        params: [rows, e, k, normalize ? 1 : 0, { f32: eps }],
-        bindings: [
-          this.rowRange(t(logits).buffer, r0, rows, e * 4),
-          this.rowRange(result.buffer, r0, rows, 2 * k * 4, true),
-        ],
+        params: [rows, e, k, normalize ? 1 : 0, { f32: eps }, inRange.skip, outRange.skip],
+        bindings: [inRange, outRange],
         workgroups: ceilDiv(rows, 64),
       });
     }
@@ -716,16 +718,14 @@ export class WebGpuBackend implements Backend {
     // Source chunks x output chunks: each dispatch copies the selected rows that lie in
     // its source chunk.
     for (const [s0, srcRows] of this.rowChunks(n, [h * 4])) {
+      const srcRange = this.rowRange(t(x).buffer, s0, srcRows, h * 4);
       for (const [i0, count] of this.rowChunks(rows.length, [h * 4])) {
+        const outRange = this.rowRange(out.buffer, i0, count, h * 4, true);
         this.run({
           kernel: "moe",
           entry: "gather_rows",
-          params: [count, h, s0, srcRows, i0],
-          bindings: [
-            { buffer: rowsBuf },
-            this.rowRange(t(x).buffer, s0, srcRows, h * 4),
-            this.rowRange(out.buffer, i0, count, h * 4, true),
-          ],
+          params: [count, h, s0, srcRows, i0, srcRange.skip, outRange.skip],
+          bindings: [{ buffer: rowsBuf }, srcRange, outRange],
           workgroups: ceilDiv(count * h, 64),
         });
       }
@@ -744,17 +744,14 @@ export class WebGpuBackend implements Backend {
     }
     const rowsBuf = this.upload(rows), scalesBuf = this.upload(scales);
     for (const [d0, dstRows] of this.rowChunks(n, [h * 4])) {
+      const dstRange = this.rowRange(t(out).buffer, d0, dstRows, h * 4, true);
       for (const [i0, count] of this.rowChunks(rows.length, [h * 4])) {
+        const yRange = this.rowRange(t(y).buffer, i0, count, h * 4);
         this.run({
           kernel: "moe",
           entry: "scatter_add_rows",
-          params: [count, h, d0, dstRows, i0],
-          bindings: [
-            { buffer: rowsBuf },
-            { buffer: scalesBuf },
-            this.rowRange(t(y).buffer, i0, count, h * 4),
-            this.rowRange(t(out).buffer, d0, dstRows, h * 4, true),
-          ],
+          params: [count, h, d0, dstRows, i0, yRange.skip, dstRange.skip],
+          bindings: [{ buffer: rowsBuf }, { buffer: scalesBuf }, yRange, dstRange],
           workgroups: ceilDiv(count * h, 64),
         });
       }
