@@ -135,15 +135,20 @@ Deno.test({
     const be = chunked!;
     // [33, 63] f16 at 126 B/row: chunks of 32 rows and 1 row (63 values, an odd count).
     await checkMatmul(be, 7, 63, 33, "F16", true);
-    // [320, 64] bf16: 3 chunks; x [150, 64] and out [150, 320] bound in row ranges.
+    // [320, 64] bf16 at 128 B/row: 10 chunks of 32 rows; x [150, 64] and out [150, 320]
+    // bound in row ranges.
     await checkMatmul(be, 150, 64, 320, "BF16", false);
     await checkMatmul(be, 70, 64, 20, "F32", true);
     // Ragged everything: [65, 129] bf16 (15 rows a chunk), x [33, 129], out [33, 65].
     await checkMatmul(be, 33, 129, 65, "BF16", true);
-    // The weights really were split.
+    // The weights really were split, and so were the activations: 10 weight chunks times
+    // 50 row ranges of out [150, 320] (1280-byte rows, 3 to a 4 KiB binding).
     const w = be.uploadWeight(rawWeight("w", [33, 63], randn(33 * 63), "F16"));
     assert.equal((w as unknown as { chunks: unknown[] }).chunks.length, 2);
     be.freeWeight(w);
+    const before = chunked!.dispatches;
+    await checkMatmul(be, 150, 64, 320, "BF16", false);
+    assert.equal(chunked!.dispatches - before, 10 * 50);
   },
 });
 
@@ -359,7 +364,7 @@ Deno.test("f32ToF16Bits rounds to nearest half (checked against f16ToF32)", () =
   }
 });
 
-Deno.test("no adapter: the helper fails under CI=true and ignores (with a warning) elsewhere", async () => {
+Deno.test("no adapter: fails under CI=true, ignored with a warning elsewhere", async () => {
   const noAdapter = () => Promise.reject(new NoWebGpuAdapterError("no WebGPU adapter found"));
   await assert.rejects(webgpuForTests(noAdapter, "true"), /CI=true/);
   const warn = console.warn;

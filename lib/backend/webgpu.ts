@@ -26,7 +26,10 @@ export class NoWebGpuAdapterError extends Error {
 }
 
 export interface WebGpuOptions {
-  /** Upper bound on one storage binding in bytes (default: the adapter's limit). Tests set it small to exercise chunking. */
+  /**
+   * Upper bound on one storage binding in bytes (default: the adapter's limit). Tests set
+   * it small to exercise chunking.
+   */
   maxBindingBytes?: number;
 }
 
@@ -59,13 +62,15 @@ export async function createWebGpuBackend(opts: WebGpuOptions = {}): Promise<Web
   const gpu = (navigator as { gpu?: GPU }).gpu;
   if (!gpu) {
     throw new NoWebGpuAdapterError(
-      "navigator.gpu is missing: run with `deno run --unstable-webgpu` (or `deno test --unstable-webgpu`)",
+      "navigator.gpu is missing: run with `deno run --unstable-webgpu` " +
+        "(or `deno test --unstable-webgpu`)",
     );
   }
   const adapter = await gpu.requestAdapter({ powerPreference: "high-performance" });
   if (!adapter) {
     throw new NoWebGpuAdapterError(
-      "no WebGPU adapter found: no usable GPU driver (on Linux without a GPU, Mesa's llvmpipe Vulkan driver provides one)",
+      "no WebGPU adapter found: no usable GPU driver " +
+        "(on Linux without a GPU, Mesa's llvmpipe Vulkan driver provides one)",
     );
   }
   const requiredFeatures: GPUFeatureName[] = adapter.features.has("shader-f16")
@@ -151,6 +156,8 @@ export class WebGpuBackend implements Backend {
   private pooledBytes = 0;
   private readonly emptyBuffer: GPUBuffer;
   private firstError: string | null = null;
+  /** Compute dispatches issued so far (tests check that chunked ops really split). */
+  dispatches = 0;
 
   constructor(
     readonly device: GPUDevice,
@@ -189,7 +196,7 @@ export class WebGpuBackend implements Backend {
     const size = Math.max(16, ceilDiv(bytes, 16) * 16);
     if (size > this.device.limits.maxBufferSize) {
       throw new Error(
-        `webgpu: a ${size}-byte buffer exceeds the adapter's maxBufferSize ${this.device.limits.maxBufferSize}`,
+        `webgpu: a ${size}-byte buffer exceeds maxBufferSize ${this.device.limits.maxBufferSize}`,
       );
     }
     const list = this.pool.get(size);
@@ -250,7 +257,8 @@ export class WebGpuBackend implements Backend {
     }
     if (rowBytes > this.maxBindingBytes) {
       throw new Error(
-        `weight "${raw.name}": one row is ${rowBytes} bytes, over the ${this.maxBindingBytes}-byte binding limit`,
+        `weight "${raw.name}": a row of ${rowBytes} bytes exceeds the binding limit ` +
+          `${this.maxBindingBytes}`,
       );
     }
     const rowsPerChunk = Math.max(1, Math.floor(this.maxBindingBytes / Math.max(rowBytes, 1)));
@@ -372,6 +380,16 @@ export class WebGpuBackend implements Backend {
       if (typeof v === "number") params.setUint32(4 * i, v, true);
       else params.setFloat32(4 * i, v.f32, true);
     });
+    for (const b of d.bindings) {
+      const size = b.size ?? b.buffer.size;
+      // The invariant chunking exists for; with a test-sized limit it proves the split.
+      if (size > this.maxBindingBytes) {
+        throw new Error(
+          `webgpu: ${d.kernel}.${d.entry} binds ${size} bytes, over the limit ` +
+            `${this.maxBindingBytes}`,
+        );
+      }
+    }
     const uniform = this.upload(params);
     const pipeline = this.pipeline(d);
     const kinds = d.bindings.map((b) => (b.write ? "w" : "r")).join("");
@@ -400,6 +418,7 @@ export class WebGpuBackend implements Backend {
     pass.end();
     this.device.queue.submit([encoder.finish()]);
     this.release(uniform);
+    this.dispatches++;
   }
 
   /**
@@ -415,7 +434,8 @@ export class WebGpuBackend implements Backend {
     const perChunk = Math.min(...bytesPerRow.map((b) => Math.floor(usable / b)));
     if (perChunk < 1) {
       throw new Error(
-        `webgpu: a row of [${bytesPerRow}] bytes does not fit a ${this.maxBindingBytes}-byte binding`,
+        `webgpu: a row of [${bytesPerRow}] bytes does not fit the binding limit ` +
+          `${this.maxBindingBytes}`,
       );
     }
     const out: [number, number][] = [];
