@@ -11,7 +11,7 @@ import { f32ToF16Bits, webgpuForTests } from "./webgpu_helper.ts";
 
 const gpu = await webgpuForTests();
 const ignore = gpu === null;
-const cpu = new CpuBackend();
+const cpu = new CpuBackend({ reference: true }); // the oracle: plain loops, no BLAS
 // 4 KiB bindings: a [300, 64] bf16 table becomes 10 chunks, a [40, 64] activation 3,
 // a [7, 300] one 3 (ranges start mid-row, bound from the 256-byte offset below).
 const SMALL_BINDING = 4096;
