@@ -371,14 +371,14 @@ Deno.test("no adapter: fails under CI=true, ignored with a warning elsewhere", a
   let warned = "";
   console.warn = (msg: string) => (warned = msg);
   try {
-    assert.equal(await webgpuForTests(noAdapter, undefined), null);
+    assert.equal(await webgpuForTests(noAdapter, "false"), null);
   } finally {
     console.warn = warn;
   }
   assert.match(warned, /IGNORED/);
   // Any other failure is never swallowed.
   const broken = () => Promise.reject(new Error("device lost"));
-  await assert.rejects(webgpuForTests(broken, undefined), /device lost/);
+  await assert.rejects(webgpuForTests(broken, "false"), /device lost/);
 });
 
 Deno.test({
