@@ -63,8 +63,7 @@ export async function createBackend(name: string | undefined): Promise<Backend> 
       return new CpuBackend({ reference: true });
     case "webgpu": {
       // Loaded only when asked for, so CPU runs need no --unstable-webgpu.
-      const webgpu = "./backend/webgpu.ts";
-      const { createWebGpuBackend } = await import(webgpu);
+      const { createWebGpuBackend } = await import("./backend/webgpu.ts");
       return await createWebGpuBackend();
     }
     default:
