@@ -1,9 +1,9 @@
 // Write a condensed checkpoint (CD-MoE 1b) from a search results file: the first N
 // layers of a variant's greedy order become dense SwiGLU MLPs (or are dropped).
 
-import { parseArgs } from "node:util";
+import { parseCli, runMain } from "../lib/cli.ts";
 import { resultsHeader, resultsPath, writeJsonAtomic } from "../lib/io/results.ts";
-import { choiceFlag, intFlag, runMain, UsageError } from "../lib/methods/cli.ts";
+import { choiceFlag, intFlag, UsageError } from "../lib/methods/cli.ts";
 import { condenseFromSearch } from "../lib/methods/condense_job.ts";
 import { type Variant, VARIANTS } from "../lib/methods/layer_search.ts";
 
@@ -27,19 +27,15 @@ Options:
 `;
 
 await runMain(async () => {
-  const { values } = parseArgs({
-    options: {
-      search: { type: "string" },
-      layers: { type: "string" },
-      out: { type: "string" },
-      variant: { type: "string" },
-      experts: { type: "string" },
-      model: { type: "string" },
-      results: { type: "string" },
-      help: { type: "boolean", short: "h" },
-    },
+  const values = parseCli(HELP, {
+    search: { type: "string" },
+    layers: { type: "string" },
+    out: { type: "string" },
+    variant: { type: "string" },
+    experts: { type: "string" },
+    model: { type: "string" },
+    results: { type: "string" },
   });
-  if (values.help) return console.log(HELP);
   if (!values.search) throw new UsageError("--search is required (see --help)");
   if (!values.out) throw new UsageError("--out is required (see --help)");
   if (values.layers === undefined) throw new UsageError("--layers is required (see --help)");
@@ -60,7 +56,7 @@ await runMain(async () => {
   const name = values.out.replace(/\/+$/, "").split("/").pop()!;
   const record = resultsPath(values.results ?? "results", "condense", name);
   await writeJsonAtomic(record, {
-    ...resultsHeader("cdmoe-condense", 1),
+    ...await resultsHeader("cdmoe-condense", 1),
     out: values.out,
     ...r.provenance,
     experts: r.k,

@@ -2,7 +2,7 @@
 // layer -> greedy layer search (CD-MoE-SR, CD-MoE-S, LayerDrop, BlockDrop). Logic lives
 // in lib/methods/search_job.ts.
 
-import { parseArgs } from "node:util";
+import { createBackend, parseCli, runMain } from "../lib/cli.ts";
 import {
   type BosMode,
   DEFAULT_BATCH_SIZE,
@@ -10,7 +10,7 @@ import {
   DEFAULT_DOCS,
   DEFAULT_MAX_LEN,
 } from "../lib/methods/calibration.ts";
-import { choiceFlag, DEFAULT_MODEL, intFlag, runMain, UsageError } from "../lib/methods/cli.ts";
+import { choiceFlag, DEFAULT_MODEL, intFlag, UsageError } from "../lib/methods/cli.ts";
 import { METRICS, parseMetric } from "../lib/methods/divergence.ts";
 import { type Variant, VARIANTS } from "../lib/methods/layer_search.ts";
 import { runSearchJob } from "../lib/methods/search_job.ts";
@@ -53,33 +53,32 @@ Options:
   --results DIR        results root (default results)
   --fresh              ignore an existing state file and start over
   --quiet              no progress lines
+  --backend B          cpu (BLAS when available), cpu-reference (plain loops), webgpu
+                       (default cpu)
   -h, --help           this help
 `;
 
 await runMain(async () => {
-  const { values } = parseArgs({
-    options: {
-      model: { type: "string" },
-      data: { type: "string" },
-      docs: { type: "string" },
-      "max-len": { type: "string" },
-      "batch-size": { type: "string" },
-      bos: { type: "string" },
-      variant: { type: "string" },
-      experts: { type: "string" },
-      layers: { type: "string" },
-      metric: { type: "string" },
-      "expert-metric": { type: "string" },
-      naive: { type: "boolean" },
-      layerwise: { type: "boolean" },
-      name: { type: "string" },
-      results: { type: "string" },
-      fresh: { type: "boolean" },
-      quiet: { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-    },
+  const values = parseCli(HELP, {
+    model: { type: "string" },
+    data: { type: "string" },
+    docs: { type: "string" },
+    "max-len": { type: "string" },
+    "batch-size": { type: "string" },
+    bos: { type: "string" },
+    variant: { type: "string" },
+    experts: { type: "string" },
+    layers: { type: "string" },
+    metric: { type: "string" },
+    "expert-metric": { type: "string" },
+    naive: { type: "boolean" },
+    layerwise: { type: "boolean" },
+    name: { type: "string" },
+    results: { type: "string" },
+    fresh: { type: "boolean" },
+    quiet: { type: "boolean" },
+    backend: { type: "string" },
   });
-  if (values.help) return console.log(HELP);
   const model = (values.model ?? DEFAULT_MODEL).replace(/\/+$/, "");
   const variants = (values.variant ?? "sr") === "all"
     ? [...VARIANTS]
@@ -117,6 +116,7 @@ await runMain(async () => {
     layerwise: !!values.layerwise,
   }, {
     resultsRoot: values.results,
+    backend: await createBackend(values.backend),
     fresh: values.fresh,
     progress: !values.quiet,
     log: (s) => console.log(s),

@@ -2,8 +2,7 @@
 // routed expert the selection count and the sum/mean routing weight, plus per-layer
 // entropy, load imbalance and most frequent co-selected pairs. Writes results/profile/.
 
-import { parseArgs } from "node:util";
-import { CpuBackend } from "../lib/backend/cpu.ts";
+import { createBackend, parseCli, runMain } from "../lib/cli.ts";
 import { hashModelFolder, resultsHeader, resultsPath, writeJsonAtomic } from "../lib/io/results.ts";
 import { loadTokenizer } from "../lib/io/tokenizer.ts";
 import { moeLayers } from "../lib/model/config.ts";
@@ -16,14 +15,7 @@ import {
   DEFAULT_MAX_LEN,
   loadCalibration,
 } from "../lib/methods/calibration.ts";
-import {
-  choiceFlag,
-  DEFAULT_MODEL,
-  intFlag,
-  Progress,
-  runMain,
-  UsageError,
-} from "../lib/methods/cli.ts";
+import { choiceFlag, DEFAULT_MODEL, intFlag, Progress, UsageError } from "../lib/methods/cli.ts";
 import { calibrationPass } from "../lib/methods/layer_cache.ts";
 import { formatProfile, RoutingProfiler } from "../lib/methods/routing_profile.ts";
 
@@ -47,27 +39,25 @@ Options:
   --name NAME        name in the default results path (default: the model folder name)
   --results DIR      results root for the default path (default results)
   --quiet            no progress lines
+  --backend B        cpu, cpu-reference or webgpu (default cpu)
   -h, --help         this help
 `;
 
 await runMain(async () => {
-  const { values } = parseArgs({
-    options: {
-      model: { type: "string" },
-      data: { type: "string" },
-      docs: { type: "string" },
-      "max-len": { type: "string" },
-      "batch-size": { type: "string" },
-      bos: { type: "string" },
-      layerwise: { type: "boolean" },
-      out: { type: "string" },
-      name: { type: "string" },
-      results: { type: "string" },
-      quiet: { type: "boolean" },
-      help: { type: "boolean", short: "h" },
-    },
+  const values = parseCli(HELP, {
+    model: { type: "string" },
+    data: { type: "string" },
+    docs: { type: "string" },
+    "max-len": { type: "string" },
+    "batch-size": { type: "string" },
+    bos: { type: "string" },
+    layerwise: { type: "boolean" },
+    out: { type: "string" },
+    name: { type: "string" },
+    results: { type: "string" },
+    quiet: { type: "boolean" },
+    backend: { type: "string" },
   });
-  if (values.help) return console.log(HELP);
   const modelDir = values.model ?? DEFAULT_MODEL;
   const dataPath = values.data ?? DEFAULT_CALIBRATION;
   const docs = intFlag(values.docs, "--docs", DEFAULT_DOCS);
@@ -76,7 +66,7 @@ await runMain(async () => {
   const bos = choiceFlag<BosMode>(values.bos, "--bos", ["auto", "yes", "no"], "auto");
 
   const t0 = performance.now();
-  const model = await Model.load(modelDir, new CpuBackend());
+  const model = await Model.load(modelDir, await createBackend(values.backend));
   if (moeLayers(model.spec).length === 0) {
     throw new UsageError(`${modelDir}/config.json: the model has no MoE layers to profile`);
   }
@@ -100,7 +90,7 @@ await runMain(async () => {
   const name = values.name ?? modelDir.replace(/\/+$/, "").split("/").pop()!;
   const out = values.out ?? resultsPath(values.results ?? "results", "profile", name);
   await writeJsonAtomic(out, {
-    ...resultsHeader("routing-profile", PROFILE_SCHEMA),
+    ...await resultsHeader("routing-profile", PROFILE_SCHEMA),
     model: { path: modelDir, hash: await hashModelFolder(modelDir) },
     data: {
       path: dataPath,

@@ -3,6 +3,7 @@
 // Sums accumulate in JS doubles, so this path is at least as accurate as f32 PyTorch.
 
 import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
+import { type Blas, loadBlas } from "./blas.ts";
 import {
   type AttentionShape,
   type Backend,
@@ -40,9 +41,22 @@ export function silu(x: number): number {
   return x / (1 + Math.exp(-x));
 }
 
+export interface CpuOptions {
+  /** Plain loops only, no BLAS: the oracle the fast paths are tested against. */
+  reference?: boolean;
+}
+
 export class CpuBackend implements Backend {
   readonly name = "cpu" as const;
-  readonly description = "CPU reference (f32)";
+  readonly description: string;
+  private blas: Blas | null;
+
+  constructor(opts: CpuOptions = {}) {
+    this.blas = opts.reference ? null : loadBlas();
+    this.description = this.blas
+      ? `CPU f32, matmul by ${this.blas.library}`
+      : "CPU f32 reference loops";
+  }
 
   uploadWeight(raw: RawTensor): Weight {
     if (raw.dtype !== "F32" && raw.dtype !== "BF16" && raw.dtype !== "F16") {
@@ -93,6 +107,11 @@ export class CpuBackend implements Backend {
     }
     const xs = t(x).data, ws = w(weight).data, bs = bias ? w(bias).data : null;
     const out = new Float32Array(n * m);
+    if (this.blas && n > 0) {
+      this.blas.matmulTransB(xs, ws, out, n, k, m);
+      if (bs) { for (let r = 0; r < n; r++) for (let c = 0; c < m; c++) out[r * m + c] += bs[c]; }
+      return new CpuTensor(out, [n, m]);
+    }
     for (let r = 0; r < n; r++) {
       const xo = r * k;
       for (let c = 0; c < m; c++) {
@@ -118,7 +137,7 @@ export class CpuBackend implements Backend {
   swiglu(gate: Tensor, up: Tensor): Tensor {
     const g = t(gate).data, u = t(up).data;
     const out = new Float32Array(g.length);
-    for (let i = 0; i < g.length; i++) out[i] = silu(g[i]) * u[i];
+    for (let i = 0; i < g.length; i++) out[i] = (g[i] / (1 + Math.exp(-g[i]))) * u[i];
     return new CpuTensor(out, gate.shape);
   }
 
@@ -141,18 +160,31 @@ export class CpuBackend implements Backend {
     }
     const xs = t(x).data, out = new Float32Array(xs.length);
     const half = headDim / 2;
+    // cos/sin per distinct position (positions repeat across the batch), with HF's f32
+    // inv_freq = 1 / theta^(2i/d) and f32 angle.
+    const invFreq = Array.from(
+      { length: half },
+      (_, i) => Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim))),
+    );
+    const tables = new Map<number, [Float64Array, Float64Array]>();
     for (let r = 0; r < n; r++) {
-      const pos = positions[r] / linearFactor;
-      for (let i = 0; i < half; i++) {
-        // Same f32 frequency as HF: inv_freq = 1 / theta^(2i/d) computed in f32.
-        const invFreq = Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim)));
-        const angle = Math.fround(pos * invFreq);
-        const c = Math.cos(angle), s = Math.sin(angle);
-        for (let h = 0; h < heads; h++) {
-          const o = r * d + h * headDim;
+      let cs = tables.get(positions[r]);
+      if (!cs) {
+        const pos = positions[r] / linearFactor;
+        cs = [new Float64Array(half), new Float64Array(half)];
+        for (let i = 0; i < half; i++) {
+          const angle = Math.fround(pos * invFreq[i]);
+          cs[0][i] = Math.cos(angle), cs[1][i] = Math.sin(angle);
+        }
+        tables.set(positions[r], cs);
+      }
+      const [cos, sin] = cs;
+      for (let h = 0; h < heads; h++) {
+        const o = r * d + h * headDim;
+        for (let i = 0; i < half; i++) {
           const a = xs[o + i], b = xs[o + i + half];
-          out[o + i] = a * c - b * s;
-          out[o + i + half] = b * c + a * s;
+          out[o + i] = a * cos[i] - b * sin[i];
+          out[o + i + half] = b * cos[i] + a * sin[i];
         }
       }
     }
@@ -165,8 +197,12 @@ export class CpuBackend implements Backend {
     const qw = heads * headDim, kw = kvHeads * headDim;
     const group = heads / kvHeads;
     const out = new Float32Array(batch * qLen * qw);
-    const scores = new Float64Array(kvLen);
     const scale = 1 / Math.sqrt(headDim);
+    if (this.blas) {
+      this.attentionBlas(qs, ks, vs, out, s, scale);
+      return new CpuTensor(out, [batch * qLen, qw]);
+    }
+    const scores = new Float64Array(kvLen);
     for (let b = 0; b < batch; b++) {
       for (let h = 0; h < heads; h++) {
         const kh = Math.floor(h / group);
@@ -194,6 +230,42 @@ export class CpuBackend implements Backend {
       }
     }
     return new CpuTensor(out, [batch * qLen, qw]);
+  }
+
+  // Same math with both products in BLAS: per (sequence, head), scores = Q K^T over the
+  // strided head slices, masked softmax in JS, then P V written into the head's columns.
+  private attentionBlas(
+    qs: Float32Array,
+    ks: Float32Array,
+    vs: Float32Array,
+    out: Float32Array,
+    s: AttentionShape,
+    scale: number,
+  ): void {
+    const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
+    const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
+    const scores = new Float32Array(qLen * kvLen); // [qLen, kvLen]
+    for (let b = 0; b < batch; b++) {
+      for (let h = 0; h < heads; h++) {
+        const kh = Math.floor(h / group);
+        const q = qs.subarray(b * qLen * qw + h * headDim);
+        const k = ks.subarray(b * kvLen * kw + kh * headDim);
+        const v = vs.subarray(b * kvLen * kw + kh * headDim);
+        this.blas!.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, scores, kvLen);
+        for (let i = 0; i < qLen; i++) {
+          const pos = kvLen - qLen + i;
+          const lo = window === null ? 0 : Math.max(0, pos - window + 1);
+          const row = scores.subarray(i * kvLen, (i + 1) * kvLen);
+          let max = -Infinity;
+          for (let j = lo; j <= pos; j++) if (row[j] > max) max = row[j];
+          let sum = 0;
+          for (let j = lo; j <= pos; j++) sum += row[j] = Math.exp(row[j] - max);
+          for (let j = 0; j < kvLen; j++) row[j] = j >= lo && j <= pos ? row[j] / sum : 0;
+        }
+        const o = out.subarray(b * qLen * qw + h * headDim);
+        this.blas!.sgemm(false, false, qLen, headDim, kvLen, 1, scores, kvLen, v, kw, 0, o, qw);
+      }
+    }
   }
 
   routeTopK(logits: Tensor, k: number, normalize: boolean, eps: number): Promise<Routing> {

@@ -16,13 +16,16 @@ export interface ResultsHeader {
   date: string;
 }
 
-/** `git rev-parse HEAD` of the working directory, or null outside a repository. */
-export function gitCommit(): string | null {
+/** The current git commit (with "-dirty" when the tree has changes), or null outside git. */
+export async function gitCommit(): Promise<string | null> {
   try {
-    const out = new Deno.Command("git", { args: ["rev-parse", "HEAD"], stderr: "null" })
-      .outputSync();
-    if (!out.success) return null;
-    return new TextDecoder().decode(out.stdout).trim() || null;
+    const run = (args: string[]) =>
+      new Deno.Command("git", { args, stdout: "piped", stderr: "null" }).output();
+    const head = await run(["rev-parse", "HEAD"]);
+    if (!head.success) return null;
+    const dirty = await run(["status", "--porcelain", "--untracked-files=no"]);
+    const commit = new TextDecoder().decode(head.stdout).trim();
+    return new TextDecoder().decode(dirty.stdout).trim() ? `${commit}-dirty` : commit;
   } catch {
     return null;
   }
@@ -30,19 +33,19 @@ export function gitCommit(): string | null {
 
 /** Write JSON to `path.tmp`, then rename over `path` (same directory, so atomic). */
 export async function writeJsonAtomic(path: string, value: unknown): Promise<void> {
-  const dir = path.includes("/") ? path.slice(0, path.lastIndexOf("/")) : ".";
-  await Deno.mkdir(dir, { recursive: true });
+  const dir = path.substring(0, path.lastIndexOf("/"));
+  if (dir) await Deno.mkdir(dir, { recursive: true });
   const tmp = `${path}.tmp`;
-  await Deno.writeTextFile(tmp, JSON.stringify(value, null, 1) + "\n");
+  await Deno.writeTextFile(tmp, JSON.stringify(value, null, 2) + "\n");
   await Deno.rename(tmp, path);
 }
 
 /** Header for a new results/state file of `kind`. */
-export function resultsHeader(kind: string, schemaVersion: number): ResultsHeader {
+export async function resultsHeader(kind: string, schemaVersion: number): Promise<ResultsHeader> {
   return {
     kind,
     schema_version: schemaVersion,
-    git_commit: gitCommit(),
+    git_commit: await gitCommit(),
     date: new Date().toISOString(),
   };
 }

@@ -177,10 +177,14 @@ export class SafetensorsFile {
     return t;
   }
 
-  async read(name: string): Promise<RawTensor> {
+  // seek + read on one handle is not atomic: concurrent reads are queued.
+  private queue: Promise<unknown> = Promise.resolve();
+
+  read(name: string): Promise<RawTensor> {
     const t = this.info(name);
-    const bytes = await readExactly(this.file, t.begin, t.end - t.begin, this.path);
-    return { name, dtype: t.dtype, shape: t.shape, bytes };
+    const next = this.queue.then(() => readExactly(this.file, t.begin, t.end - t.begin, this.path));
+    this.queue = next.catch(() => {});
+    return next.then((bytes) => ({ name, dtype: t.dtype, shape: t.shape, bytes }));
   }
 
   close(): void {

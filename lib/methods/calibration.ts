@@ -6,10 +6,10 @@ import type { TextTokenizer } from "../io/tokenizer.ts";
 import type { BatchShape } from "../model/decoder.ts";
 import { hashFile } from "../io/results.ts";
 
-export class CalibrationError extends Error {
+export class DataError extends Error {
   constructor(path: string, problem: string) {
     super(`${path}: ${problem}`);
-    this.name = "CalibrationError";
+    this.name = "DataError"; // lib/cli.ts prints these as one line
   }
 }
 
@@ -21,7 +21,7 @@ export async function readCalibrationTexts(path: string): Promise<string[]> {
   try {
     raw = await Deno.readTextFile(path);
   } catch (e) {
-    throw new CalibrationError(path, `cannot read (${(e as Error).message})`);
+    throw new DataError(path, `cannot read (${(e as Error).message})`);
   }
   const texts: string[] = [];
   const lines = raw.split("\n");
@@ -32,16 +32,16 @@ export async function readCalibrationTexts(path: string): Promise<string[]> {
     try {
       obj = JSON.parse(line);
     } catch (e) {
-      throw new CalibrationError(path, `line ${i + 1}: malformed JSON (${(e as Error).message})`);
+      throw new DataError(path, `line ${i + 1}: malformed JSON (${(e as Error).message})`);
     }
     const text = (obj as { text?: unknown } | null)?.text;
     if (typeof text !== "string") {
-      throw new CalibrationError(path, `line ${i + 1}: expected an object with a string "text"`);
+      throw new DataError(path, `line ${i + 1}: expected an object with a string "text"`);
     }
-    if (text.length === 0) throw new CalibrationError(path, `line ${i + 1}: empty "text"`);
+    if (text.length === 0) throw new DataError(path, `line ${i + 1}: empty "text"`);
     texts.push(text);
   }
-  if (texts.length === 0) throw new CalibrationError(path, "no documents (empty file)");
+  if (texts.length === 0) throw new DataError(path, "no documents (empty file)");
   return texts;
 }
 
@@ -69,14 +69,14 @@ export function tokenizeCalibration(
   path = "calibration",
 ): CalibrationDocs {
   if (opts.docs > texts.length) {
-    throw new CalibrationError(
+    throw new DataError(
       path,
       `asked for ${opts.docs} documents but the file has only ${texts.length}`,
     );
   }
   const prepend = opts.bos === "yes" || (opts.bos === "auto" && opts.bosTokenId !== null);
   if (prepend && opts.bosTokenId === null) {
-    throw new CalibrationError(path, "--bos yes but the model config has no bos_token_id");
+    throw new DataError(path, "--bos yes but the model config has no bos_token_id");
   }
   const docs: Int32Array[] = [];
   let byTokenizer = false;
@@ -148,7 +148,7 @@ export async function loadCalibration(
   const docs = tokenizeCalibration(tok, texts, opts, path);
   const batches = makeBatches(docs.docs, opts.batchSize);
   if (batches.length === 0) {
-    throw new CalibrationError(path, "no document has at least 2 tokens after tokenising");
+    throw new DataError(path, "no document has at least 2 tokens after tokenising");
   }
   return {
     path,

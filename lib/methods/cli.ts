@@ -1,15 +1,11 @@
-// Small helpers the CD-MoE scripts share: flag parsing with errors that name the flag,
-// a progress line on stderr, and "print the error, exit non-zero" for bad input.
+// Small helpers the CD-MoE scripts share on top of lib/cli.ts: flag parsing with errors
+// that name the flag, and a progress line on stderr.
+
+import { UsageError } from "../cli.ts";
+export { UsageError };
 
 export const DEFAULT_MODEL = new URL("../../data/models/tiny-deepseek-moe", import.meta.url)
   .pathname;
-
-export class UsageError extends Error {
-  constructor(message: string) {
-    super(message);
-    this.name = "UsageError";
-  }
-}
 
 export function intFlag(value: string | undefined, flag: string, def: number, min = 1): number {
   if (value === undefined) return def;
@@ -31,18 +27,6 @@ export function choiceFlag<T extends string>(
     throw new UsageError(`${flag}: unknown value "${value}" (choose one of ${choices.join(", ")})`);
   }
   return value as T;
-}
-
-/** Run a script's main; any error becomes one line on stderr and exit code 1. */
-export async function runMain(main: () => Promise<void>): Promise<void> {
-  try {
-    await main();
-  } catch (e) {
-    const err = e as Error;
-    console.error(`error: ${err.message}`);
-    if (Deno.env.get("CDMOE_DEBUG")) console.error(err.stack);
-    Deno.exit(1);
-  }
 }
 
 /** A rate-limited progress line on stderr: what, done/total, rate, ETA. */

@@ -23,6 +23,7 @@ import {
   sharedName,
 } from "../model/config.ts";
 import { Model } from "../model/model.ts";
+import { UsageError } from "../cli.ts";
 import { type LayerChange, moeSpec, type Plan } from "./plan.ts";
 
 /** One tensor of the compressed checkpoint: kept from the source, or built. */
@@ -217,7 +218,7 @@ export async function writeCondensedCheckpoint(
 ): Promise<{ bytesBefore: number; bytesAfter: number; params: number; tensors: number }> {
   try {
     await Deno.stat(outDir);
-    throw new Error(`${outDir}: output folder already exists (choose another --out)`);
+    throw new UsageError(`${outDir}: output folder already exists (choose another --out)`);
   } catch (e) {
     if (!(e instanceof Deno.errors.NotFound)) throw e;
   }

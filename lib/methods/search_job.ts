@@ -181,8 +181,8 @@ async function runLoaded(
       log(`resuming from ${statePath}`);
     }
   }
-  const save = () =>
-    writeJsonAtomic(statePath, { ...resultsHeader(STATE_KIND, SEARCH_SCHEMA), ...state });
+  const save = async () =>
+    writeJsonAtomic(statePath, { ...await resultsHeader(STATE_KIND, SEARCH_SCHEMA), ...state });
 
   const show = opts.progress ?? true;
   const bar = (what: string, total: number, unit: string) => {
@@ -280,7 +280,7 @@ async function runLoaded(
 
   const original = planSize(planTensors(model, new Map()));
   const results = {
-    ...resultsHeader(SEARCH_KIND, SEARCH_SCHEMA),
+    ...await resultsHeader(SEARCH_KIND, SEARCH_SCHEMA),
     model: { path: s.model, hash: modelHash, ...original },
     data: {
       path: s.data,

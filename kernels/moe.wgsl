@@ -1,0 +1,123 @@
+// MoE routing and token dispatch: softmax + top-k per token, gather the rows routed to one
+// expert, and scatter-add the expert output back weighted by the routing weight.
+
+struct RouteParams {
+  rows: u32, // tokens
+  experts: u32,
+  k: u32,
+  normalize: u32, // 1 = divide the chosen weights by their sum + eps
+  eps: f32,
+  logits_off: u32, // logits and routing are bound from aligned offsets; these skip to row 0
+  routing_off: u32,
+}
+
+@group(0) @binding(0) var<uniform> rp: RouteParams;
+@group(0) @binding(1) var<storage, read> logits: array<f32>; // [rows, experts]
+// [rows, 2k]: k expert ids, then k weights as f32 bits.
+@group(0) @binding(2) var<storage, read_write> routing: array<u32>;
+
+// True when (pa, a) comes before (pb, b) in the order: probability descending, index ascending.
+fn before(pa: f32, a: u32, pb: f32, b: u32) -> bool {
+  return pa > pb || (pa == pb && a < b);
+}
+
+// One thread per token. Selection by k passes: pass j picks the best expert that comes
+// after pass j-1's pick, so nothing but the previous pick needs remembering.
+@compute @workgroup_size(64)
+fn route_topk(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+              @builtin(local_invocation_id) lid: vec3u) {
+  let r = (wg.y * nwg.x + wg.x) * 64u + lid.x;
+  if (r >= rp.rows) {
+    return;
+  }
+  let base = rp.logits_off + r * rp.experts;
+  var mx = logits[base];
+  for (var e = 1u; e < rp.experts; e++) {
+    mx = max(mx, logits[base + e]);
+  }
+  var sum = 0.0;
+  for (var e = 0u; e < rp.experts; e++) {
+    sum += exp(logits[base + e] - mx);
+  }
+  let out_base = rp.routing_off + r * 2u * rp.k;
+  var prev_p = 2.0; // above any probability: everything comes after it
+  var prev_e = 0u;
+  var chosen = 0.0;
+  for (var j = 0u; j < rp.k; j++) {
+    var best_p = -1.0;
+    var best_e = 0u;
+    for (var e = 0u; e < rp.experts; e++) {
+      let pe = exp(logits[base + e] - mx) / sum;
+      if (before(prev_p, prev_e, pe, e) && before(pe, e, best_p, best_e)) {
+        best_p = pe;
+        best_e = e;
+      }
+    }
+    routing[out_base + j] = best_e;
+    routing[out_base + rp.k + j] = bitcast<u32>(best_p);
+    chosen += best_p;
+    prev_p = best_p;
+    prev_e = best_e;
+  }
+  if (rp.normalize == 1u) {
+    for (var j = 0u; j < rp.k; j++) {
+      let wj = bitcast<f32>(routing[out_base + rp.k + j]);
+      routing[out_base + rp.k + j] = bitcast<u32>(wj / (chosen + rp.eps));
+    }
+  }
+}
+
+struct RowParams {
+  count: u32, // selected rows in this dispatch
+  cols: u32,
+  row0: u32, // first row of the big tensor held by this binding
+  chunk_rows: u32,
+  first: u32, // rows[first] (and scales[first]) belong to this dispatch's first row
+  in_off: u32, // the f32 tensors are bound from aligned offsets; these skip to row 0
+  out_off: u32,
+}
+
+@group(0) @binding(0) var<uniform> gp: RowParams;
+@group(0) @binding(1) var<storage, read> rows: array<i32>; // all selected rows
+@group(0) @binding(2) var<storage, read> src: array<f32>; // [chunk_rows, cols]
+@group(0) @binding(3) var<storage, read_write> gathered: array<f32>; // [count, cols]
+
+// gathered[i] = src[rows[i]] for the rows inside this chunk of src.
+@compute @workgroup_size(64)
+fn gather_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+               @builtin(local_invocation_id) lid: vec3u) {
+  let t = (wg.y * nwg.x + wg.x) * 64u + lid.x;
+  if (t >= gp.count * gp.cols) {
+    return;
+  }
+  let i = t / gp.cols;
+  let c = t % gp.cols;
+  let r = u32(rows[gp.first + i]);
+  if (r >= gp.row0 && r < gp.row0 + gp.chunk_rows) {
+    gathered[gp.out_off + t] = src[gp.in_off + (r - gp.row0) * gp.cols + c];
+  }
+}
+
+@group(0) @binding(0) var<uniform> sp: RowParams;
+@group(0) @binding(1) var<storage, read> dst_rows: array<i32>; // all selected rows
+@group(0) @binding(2) var<storage, read> scales: array<f32>; // all scales
+@group(0) @binding(3) var<storage, read> y: array<f32>; // [count, cols]
+@group(0) @binding(4) var<storage, read_write> dst: array<f32>; // [chunk_rows, cols]
+
+// dst[rows[i]] += scales[i] * y[i]. Rows are distinct within a call, so each output entry
+// has exactly one writer and no atomics are needed.
+@compute @workgroup_size(64)
+fn scatter_add_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                    @builtin(local_invocation_id) lid: vec3u) {
+  let t = (wg.y * nwg.x + wg.x) * 64u + lid.x;
+  if (t >= sp.count * sp.cols) {
+    return;
+  }
+  let i = t / sp.cols;
+  let c = t % sp.cols;
+  let r = u32(dst_rows[sp.first + i]);
+  if (r >= sp.row0 && r < sp.row0 + sp.chunk_rows) {
+    let o = sp.out_off + (r - sp.row0) * sp.cols + c;
+    dst[o] += scales[sp.first + i] * y[sp.in_off + t];
+  }
+}

@@ -1,0 +1,121 @@
+// Optional BLAS sgemm through Deno's FFI: OpenBLAS on Linux (Debian: libopenblas0),
+// Accelerate on macOS. The CPU backend uses it for matmul when present and falls back
+// to its plain loops otherwise; tests check one against the other.
+
+const CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112;
+
+const CANDIDATES: Record<string, string[]> = {
+  linux: ["libopenblas.so.0", "libopenblas.so", "libblis.so.4", "libblas.so.3"],
+  darwin: ["/System/Library/Frameworks/Accelerate.framework/Accelerate", "libopenblas.dylib"],
+  windows: ["libopenblas.dll"],
+};
+
+const SYMBOLS = {
+  cblas_sgemm: {
+    parameters: [
+      "i32",
+      "i32",
+      "i32",
+      "i32",
+      "i32",
+      "i32",
+      "f32",
+      "buffer",
+      "i32",
+      "buffer",
+      "i32",
+      "f32",
+      "buffer",
+      "i32",
+    ],
+    result: "void",
+  },
+} as const;
+
+export interface Blas {
+  library: string;
+  /** Row-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, with leading dimensions. */
+  sgemm(
+    transA: boolean,
+    transB: boolean,
+    m: number,
+    n: number,
+    k: number,
+    alpha: number,
+    a: Float32Array,
+    lda: number,
+    b: Float32Array,
+    ldb: number,
+    beta: number,
+    c: Float32Array,
+    ldc: number,
+  ): void;
+  /** y[n, m] = x[n, k] @ w[m, k]^T */
+  matmulTransB(
+    x: Float32Array,
+    w: Float32Array,
+    y: Float32Array,
+    n: number,
+    k: number,
+    m: number,
+  ): void;
+}
+
+let cached: Blas | null | undefined;
+
+/** Load the first BLAS library found, or null. `MOE_CONDENSE_BLAS=off` disables it. */
+export function loadBlas(): Blas | null {
+  if (cached !== undefined) return cached;
+  cached = null;
+  if (Deno.env.get("MOE_CONDENSE_BLAS") === "off") return cached;
+  const names = Deno.env.get("MOE_CONDENSE_BLAS")?.split(",") ?? CANDIDATES[Deno.build.os] ?? [];
+  for (const library of names) {
+    try {
+      const lib = Deno.dlopen(library, SYMBOLS);
+      const op = (t: boolean) => (t ? CblasTrans : CblasNoTrans);
+      cached = {
+        library,
+        sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) {
+          lib.symbols.cblas_sgemm(
+            CblasRowMajor,
+            op(transA),
+            op(transB),
+            m,
+            n,
+            k,
+            alpha,
+            a,
+            lda,
+            b,
+            ldb,
+            beta,
+            c,
+            ldc,
+          );
+        },
+        matmulTransB(x, w, y, n, k, m) {
+          lib.symbols.cblas_sgemm(
+            CblasRowMajor,
+            CblasNoTrans,
+            CblasTrans,
+            n,
+            m,
+            k,
+            1,
+            x,
+            k,
+            w,
+            k,
+            0,
+            y,
+            m,
+          );
+        },
+      };
+      break;
+    } catch {
+      // not installed under this name: try the next
+    }
+  }
+  return cached;
+}

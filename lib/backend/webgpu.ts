@@ -1,0 +1,790 @@
+// WebGPU backend: the same ops as cpu.ts, run as WGSL compute kernels (kernels/*.wgsl).
+// Activations are f32 storage buffers. Weights stay in their checkpoint dtype (bf16/f16
+// packed two per u32, decoded in the shader) and are split into row chunks so that no
+// binding exceeds the adapter's maxStorageBufferBindingSize; activations larger than the
+// limit are bound in row ranges. Each dispatch is submitted on its own: WebGPU orders
+// queue writes and submits, so pooled buffers can be reused as soon as a submit is queued.
+
+import type { RawTensor } from "../io/safetensors.ts";
+import {
+  type AttentionShape,
+  type Backend,
+  numelOf,
+  type Routing,
+  rowsCols,
+  type Tensor,
+  type Weight,
+  type WeightDType,
+} from "./backend.ts";
+
+/** Thrown when WebGPU is unavailable or no adapter is found (tests may skip on it outside CI). */
+export class NoWebGpuAdapterError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "NoWebGpuAdapterError";
+  }
+}
+
+export interface WebGpuOptions {
+  /**
+   * Upper bound on one storage binding in bytes (default: the adapter's limit). Tests set
+   * it small to exercise chunking.
+   */
+  maxBindingBytes?: number;
+}
+
+const KERNEL_FILES = [
+  "weights",
+  "matmul",
+  "norm",
+  "elementwise",
+  "rope",
+  "attention",
+  "embedding",
+  "moe",
+] as const;
+type KernelFile = (typeof KERNEL_FILES)[number];
+
+// Kernels that decode weights get kernels/weights.wgsl prepended.
+const USES_WEIGHTS: ReadonlySet<KernelFile> = new Set(["matmul", "norm", "embedding"]);
+
+const kernelSources = new Map<KernelFile, string>();
+
+async function loadKernelSources(): Promise<void> {
+  for (const name of KERNEL_FILES) {
+    if (kernelSources.has(name)) continue;
+    const url = new URL(`../../kernels/${name}.wgsl`, import.meta.url);
+    kernelSources.set(name, await Deno.readTextFile(url));
+  }
+}
+
+export async function createWebGpuBackend(opts: WebGpuOptions = {}): Promise<WebGpuBackend> {
+  const gpu = (navigator as { gpu?: GPU }).gpu;
+  if (!gpu) {
+    throw new NoWebGpuAdapterError(
+      "navigator.gpu is missing: run with `deno run --unstable-webgpu` " +
+        "(or `deno test --unstable-webgpu`)",
+    );
+  }
+  const adapter = await gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) {
+    throw new NoWebGpuAdapterError(
+      "no WebGPU adapter found: no usable GPU driver " +
+        "(on Linux without a GPU, Mesa's llvmpipe Vulkan driver provides one)",
+    );
+  }
+  const requiredFeatures: GPUFeatureName[] = adapter.features.has("shader-f16")
+    ? ["shader-f16"]
+    : [];
+  const device = await adapter.requestDevice({
+    requiredFeatures,
+    requiredLimits: {
+      maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize,
+      maxBufferSize: adapter.limits.maxBufferSize,
+    },
+  });
+  await loadKernelSources();
+  const info = adapter.info;
+  const description = [info.description, info.vendor && `vendor ${info.vendor}`, info.architecture]
+    .filter((s) => s).join(", ") || "unknown WebGPU adapter";
+  return new WebGpuBackend(device, description, opts);
+}
+
+export class GpuTensor implements Tensor {
+  constructor(readonly buffer: GPUBuffer, readonly shape: readonly number[]) {}
+  get bytes(): number {
+    return numelOf(this.shape) * 4;
+  }
+}
+
+interface WeightChunk {
+  buffer: GPUBuffer;
+  /** First row of the weight held by this chunk, and how many rows. */
+  row0: number;
+  rows: number;
+}
+
+export class GpuWeight implements Weight {
+  constructor(
+    readonly name: string,
+    readonly shape: readonly number[],
+    readonly dtype: WeightDType,
+    readonly chunks: WeightChunk[],
+  ) {}
+}
+
+const DTYPE_CODE: Record<WeightDType, number> = { F32: 0, F16: 1, BF16: 2 };
+const DTYPE_BYTES: Record<WeightDType, number> = { F32: 4, F16: 2, BF16: 2 };
+
+/** A storage binding: a whole buffer or a byte range of it. */
+interface Binding {
+  buffer: GPUBuffer;
+  offset?: number;
+  size?: number;
+  /** The kernel writes it (read_write storage). */
+  write?: boolean;
+}
+
+interface Dispatch {
+  kernel: KernelFile;
+  entry: string;
+  constants?: Record<string, number>;
+  /** Uniform fields in declaration order: u32 as numbers, f32 as { f32 }. */
+  params: (number | { f32: number })[];
+  bindings: Binding[];
+  /** Workgroup count, laid out on a 2-D grid by the kernels that use num_workgroups. */
+  workgroups: number | [number, number];
+}
+
+const t = (x: Tensor) => x as GpuTensor;
+const w = (x: Weight) => x as GpuWeight;
+const ceilDiv = (a: number, b: number) => Math.ceil(a / b);
+
+const UNIFORM_BYTES = 64;
+const MAX_WORKGROUPS_PER_DIM = 65535;
+// Freed buffers kept for reuse, at most this many bytes in all; the rest are destroyed.
+const POOL_BYTES = 256 * 1024 * 1024;
+
+export class WebGpuBackend implements Backend {
+  readonly name = "webgpu" as const;
+  readonly maxBindingBytes: number;
+  private readonly offsetAlign: number;
+  private readonly pipelines = new Map<string, GPUComputePipeline>();
+  private readonly layouts = new Map<string, [GPUBindGroupLayout, GPUPipelineLayout]>();
+  private readonly modules = new Map<string, GPUShaderModule>();
+  private readonly pool = new Map<number, GPUBuffer[]>();
+  private pooledBytes = 0;
+  private readonly emptyBuffer: GPUBuffer;
+  private firstError: string | null = null;
+  /** Compute dispatches issued so far (tests check that chunked ops really split). */
+  dispatches = 0;
+
+  constructor(
+    readonly device: GPUDevice,
+    readonly description: string,
+    opts: WebGpuOptions = {},
+  ) {
+    const limit = device.limits.maxStorageBufferBindingSize;
+    // Multiple of 4 so every chunk of whole f32 rows or padded 16-bit weights fits.
+    this.maxBindingBytes = Math.floor(Math.min(opts.maxBindingBytes ?? limit, limit) / 4) * 4;
+    this.offsetAlign = device.limits.minStorageBufferOffsetAlignment;
+    this.emptyBuffer = this.createBuffer(16);
+    device.addEventListener("uncapturederror", (e) => {
+      const msg = (e as GPUUncapturedErrorEvent).error.message;
+      console.error(`WebGPU error: ${msg}`);
+      this.firstError ??= msg;
+    });
+  }
+
+  /** A backend on the same device with a smaller binding limit (tests of chunking). */
+  withMaxBindingBytes(maxBindingBytes: number): WebGpuBackend {
+    return new WebGpuBackend(this.device, this.description, { maxBindingBytes });
+  }
+
+  // ---- memory -------------------------------------------------------------------------
+
+  private createBuffer(size: number): GPUBuffer {
+    return this.device.createBuffer({
+      size,
+      usage: GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_SRC |
+        GPUBufferUsage.COPY_DST,
+    });
+  }
+
+  /** A pooled buffer of at least `bytes` (rounded up to 16 so near sizes share a list). */
+  private acquire(bytes: number): GPUBuffer {
+    const size = Math.max(16, ceilDiv(bytes, 16) * 16);
+    if (size > this.device.limits.maxBufferSize) {
+      throw new Error(
+        `webgpu: a ${size}-byte buffer exceeds maxBufferSize ${this.device.limits.maxBufferSize}`,
+      );
+    }
+    const list = this.pool.get(size);
+    if (list && list.length > 0) {
+      this.pooledBytes -= size;
+      return list.pop()!;
+    }
+    return this.createBuffer(size);
+  }
+
+  private release(buffer: GPUBuffer): void {
+    if (this.pooledBytes + buffer.size > POOL_BYTES) {
+      buffer.destroy();
+      return;
+    }
+    const list = this.pool.get(buffer.size) ?? [];
+    list.push(buffer);
+    this.pool.set(buffer.size, list);
+    this.pooledBytes += buffer.size;
+  }
+
+  /** A pooled buffer holding `data` (padded to 4 bytes); release it after the dispatch. */
+  private upload(data: ArrayBufferView): GPUBuffer {
+    const buffer = this.acquire(data.byteLength);
+    const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    if (bytes.length % 4 === 0) {
+      this.device.queue.writeBuffer(
+        buffer,
+        0,
+        bytes.buffer as ArrayBuffer,
+        bytes.byteOffset,
+        bytes.length,
+      );
+    } else {
+      const padded = new Uint8Array(ceilDiv(bytes.length, 4) * 4);
+      padded.set(bytes);
+      this.device.queue.writeBuffer(buffer, 0, padded);
+    }
+    return buffer;
+  }
+
+  private newTensor(shape: readonly number[]): GpuTensor {
+    return new GpuTensor(this.acquire(numelOf(shape) * 4), [...shape]);
+  }
+
+  uploadWeight(raw: RawTensor): Weight {
+    if (raw.dtype !== "F32" && raw.dtype !== "BF16" && raw.dtype !== "F16") {
+      throw new Error(`weight "${raw.name}": dtype ${raw.dtype} is not a float type`);
+    }
+    const dtype = raw.dtype;
+    // 1-D weights (norms, biases) are one row; 2-D and up split along the first dimension.
+    const rows = raw.shape.length >= 2 ? raw.shape[0] : 1;
+    const rowBytes = (numelOf(raw.shape) / Math.max(rows, 1)) * DTYPE_BYTES[dtype];
+    if (raw.bytes.length !== numelOf(raw.shape) * DTYPE_BYTES[dtype]) {
+      throw new Error(
+        `weight "${raw.name}": ${raw.bytes.length} bytes for shape [${raw.shape}] ${dtype}`,
+      );
+    }
+    if (rowBytes > this.maxBindingBytes) {
+      throw new Error(
+        `weight "${raw.name}": a row of ${rowBytes} bytes exceeds the binding limit ` +
+          `${this.maxBindingBytes}`,
+      );
+    }
+    const rowsPerChunk = Math.max(1, Math.floor(this.maxBindingBytes / Math.max(rowBytes, 1)));
+    const chunks: WeightChunk[] = [];
+    for (let row0 = 0; row0 < rows || chunks.length === 0; row0 += rowsPerChunk) {
+      const n = Math.min(rowsPerChunk, rows - row0);
+      const bytes = raw.bytes.subarray(row0 * rowBytes, (row0 + n) * rowBytes);
+      // Padded to 4 bytes: an odd count of 16-bit values leaves half a word.
+      const buffer = this.device.createBuffer({
+        size: Math.max(4, ceilDiv(bytes.length, 4) * 4),
+        usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST,
+        mappedAtCreation: true,
+      });
+      new Uint8Array(buffer.getMappedRange()).set(bytes);
+      buffer.unmap();
+      chunks.push({ buffer, row0, rows: n });
+    }
+    return new GpuWeight(raw.name, [...raw.shape], dtype, chunks);
+  }
+
+  freeWeight(weight: Weight): void {
+    for (const c of w(weight).chunks) c.buffer.destroy();
+    w(weight).chunks.length = 0;
+  }
+
+  tensor(data: Float32Array, shape: readonly number[]): Tensor {
+    if (data.length !== numelOf(shape)) {
+      throw new Error(
+        `tensor data has ${data.length} entries, shape [${shape}] needs ${numelOf(shape)}`,
+      );
+    }
+    const out = this.newTensor(shape);
+    if (data.length > 0) {
+      this.device.queue.writeBuffer(
+        out.buffer,
+        0,
+        data.buffer as ArrayBuffer,
+        data.byteOffset,
+        data.byteLength,
+      );
+    }
+    return out;
+  }
+
+  async read(x: Tensor): Promise<Float32Array> {
+    const bytes = t(x).bytes;
+    this.throwIfFailed();
+    if (bytes === 0) return new Float32Array(0);
+    const staging = this.device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    const encoder = this.device.createCommandEncoder();
+    encoder.copyBufferToBuffer(t(x).buffer, 0, staging, 0, bytes);
+    this.device.queue.submit([encoder.finish()]);
+    await staging.mapAsync(GPUMapMode.READ);
+    const out = new Float32Array(staging.getMappedRange().slice(0));
+    staging.unmap();
+    staging.destroy();
+    this.throwIfFailed();
+    return out;
+  }
+
+  free(x: Tensor): void {
+    this.release(t(x).buffer);
+  }
+
+  /** WebGPU reports validation errors asynchronously; surface the first at the next read. */
+  private throwIfFailed(): void {
+    if (this.firstError !== null) throw new Error(`webgpu: ${this.firstError}`);
+  }
+
+  // ---- dispatch -----------------------------------------------------------------------
+
+  private pipeline(d: Dispatch): GPUComputePipeline {
+    const kinds = d.bindings.map((b) => (b.write ? "w" : "r")).join("");
+    const key = `${d.kernel}:${d.entry}:${kinds}:${JSON.stringify(d.constants ?? {})}`;
+    let pipeline = this.pipelines.get(key);
+    if (pipeline) return pipeline;
+    let module = this.modules.get(d.kernel);
+    if (!module) {
+      const src = kernelSources.get(d.kernel)!;
+      const code = USES_WEIGHTS.has(d.kernel) ? `${kernelSources.get("weights")}\n${src}` : src;
+      module = this.device.createShaderModule({ label: d.kernel, code });
+      this.modules.set(d.kernel, module);
+    }
+    pipeline = this.device.createComputePipeline({
+      label: `${d.kernel}.${d.entry}`,
+      layout: this.layout(kinds)[1],
+      compute: { module, entryPoint: d.entry, constants: d.constants ?? {} },
+    });
+    this.pipelines.set(key, pipeline);
+    return pipeline;
+  }
+
+  /** Explicit layouts (binding 0 uniform, then storage) so unused bindings are harmless. */
+  private layout(kinds: string): [GPUBindGroupLayout, GPUPipelineLayout] {
+    let layout = this.layouts.get(kinds);
+    if (layout) return layout;
+    const entries: GPUBindGroupLayoutEntry[] = [
+      { binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: { type: "uniform" } },
+    ];
+    [...kinds].forEach((k, i) =>
+      entries.push({
+        binding: i + 1,
+        visibility: GPUShaderStage.COMPUTE,
+        buffer: { type: k === "w" ? "storage" : "read-only-storage" },
+      })
+    );
+    const group = this.device.createBindGroupLayout({ entries });
+    layout = [group, this.device.createPipelineLayout({ bindGroupLayouts: [group] })];
+    this.layouts.set(kinds, layout);
+    return layout;
+  }
+
+  private run(d: Dispatch): void {
+    const params = new DataView(new ArrayBuffer(UNIFORM_BYTES));
+    d.params.forEach((v, i) => {
+      if (typeof v === "number") params.setUint32(4 * i, v, true);
+      else params.setFloat32(4 * i, v.f32, true);
+    });
+    for (const b of d.bindings) {
+      const size = b.size ?? b.buffer.size;
+      // The invariant chunking exists for; with a test-sized limit it proves the split.
+      if (size > this.maxBindingBytes) {
+        throw new Error(
+          `webgpu: ${d.kernel}.${d.entry} binds ${size} bytes, over the limit ` +
+            `${this.maxBindingBytes}`,
+        );
+      }
+    }
+    const uniform = this.upload(params);
+    const pipeline = this.pipeline(d);
+    const kinds = d.bindings.map((b) => (b.write ? "w" : "r")).join("");
+    const bindGroup = this.device.createBindGroup({
+      layout: this.layout(kinds)[0],
+      entries: [
+        { binding: 0, resource: { buffer: uniform, size: UNIFORM_BYTES } },
+        ...d.bindings.map((b, i) => ({
+          binding: i + 1,
+          resource: { buffer: b.buffer, offset: b.offset ?? 0, size: b.size ?? b.buffer.size },
+        })),
+      ],
+    });
+    let [x, y] = typeof d.workgroups === "number" ? [d.workgroups, 1] : d.workgroups;
+    if (typeof d.workgroups === "number" && x > MAX_WORKGROUPS_PER_DIM) {
+      // Flat kernels recover their index as (wg.y * num_workgroups.x + wg.x); the extra
+      // workgroups of the last row find an index past the end and return.
+      y = ceilDiv(x, MAX_WORKGROUPS_PER_DIM);
+      x = MAX_WORKGROUPS_PER_DIM;
+    }
+    const encoder = this.device.createCommandEncoder();
+    const pass = encoder.beginComputePass();
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bindGroup);
+    pass.dispatchWorkgroups(x, y);
+    pass.end();
+    this.device.queue.submit([encoder.finish()]);
+    this.release(uniform);
+    this.dispatches++;
+  }
+
+  /**
+   * Split `rows` rows into ranges whose bindings stay under maxBindingBytes, for tensors
+   * with the given bytes per row. A range is bound from the aligned offset at or below its
+   * start (rowRange), so each binding may carry up to offsetAlign - 4 leading bytes.
+   * Returns [firstRow, rowCount] pairs.
+   */
+  private rowChunks(rows: number, bytesPerRow: number[]): [number, number][] {
+    if (rows === 0) return [];
+    if (bytesPerRow.every((b) => rows * b <= this.maxBindingBytes)) return [[0, rows]];
+    const usable = this.maxBindingBytes - (this.offsetAlign - 4);
+    const perChunk = Math.min(...bytesPerRow.map((b) => Math.floor(usable / b)));
+    if (perChunk < 1) {
+      throw new Error(
+        `webgpu: a row of [${bytesPerRow}] bytes does not fit the binding limit ` +
+          `${this.maxBindingBytes}`,
+      );
+    }
+    const out: [number, number][] = [];
+    for (let r = 0; r < rows; r += perChunk) out.push([r, Math.min(perChunk, rows - r)]);
+    return out;
+  }
+
+  /**
+   * Rows [r0, r0 + n) of a row-major f32/i32 buffer with `rowBytes` bytes per row, bound
+   * from the aligned offset at or below the first row; `skip` is the number of 4-byte
+   * entries before row r0 within the binding, passed to the kernel.
+   */
+  private rowRange(
+    buffer: GPUBuffer,
+    r0: number,
+    n: number,
+    rowBytes: number,
+    write = false,
+  ): Binding & { skip: number } {
+    const start = r0 * rowBytes;
+    const offset = start - (start % this.offsetAlign);
+    return {
+      buffer,
+      offset,
+      size: start + n * rowBytes - offset,
+      write,
+      skip: (start - offset) / 4,
+    };
+  }
+
+  // ---- ops ----------------------------------------------------------------------------
+
+  embedding(table: Weight, ids: Int32Array): Tensor {
+    const [vocab, h] = table.shape;
+    for (const id of ids) {
+      if (id < 0 || id >= vocab) throw new Error(`token id ${id} out of range [0, ${vocab})`);
+    }
+    const out = this.newTensor([ids.length, h]); // [tokens, hidden]
+    const idsBuf = this.upload(ids);
+    for (const chunk of w(table).chunks) {
+      for (const [r0, n] of this.rowChunks(ids.length, [h * 4])) {
+        const outRange = this.rowRange(out.buffer, r0, n, h * 4, true);
+        this.run({
+          kernel: "embedding",
+          entry: "embedding",
+          constants: { W_DTYPE: DTYPE_CODE[table.dtype] },
+          params: [n, h, chunk.row0, chunk.rows, r0, outRange.skip],
+          bindings: [{ buffer: idsBuf }, { buffer: chunk.buffer }, outRange],
+          workgroups: ceilDiv(n * h, 64),
+        });
+      }
+    }
+    this.release(idsBuf);
+    return out;
+  }
+
+  rmsNorm(x: Tensor, weight: Weight, eps: number): Tensor {
+    const [n, d] = rowsCols(x);
+    if (numelOf(weight.shape) !== d) {
+      throw new Error(`rmsNorm: rows of ${d} but weight "${weight.name}" is [${weight.shape}]`);
+    }
+    const out = this.newTensor(x.shape);
+    for (const [r0, rows] of this.rowChunks(n, [d * 4])) {
+      const xRange = this.rowRange(t(x).buffer, r0, rows, d * 4);
+      const outRange = this.rowRange(out.buffer, r0, rows, d * 4, true);
+      this.run({
+        kernel: "norm",
+        entry: "rms_norm",
+        constants: { W_DTYPE: DTYPE_CODE[weight.dtype] },
+        params: [rows, d, { f32: eps }, xRange.skip, outRange.skip],
+        bindings: [xRange, { buffer: w(weight).chunks[0].buffer }, outRange],
+        workgroups: rows,
+      });
+    }
+    return out;
+  }
+
+  matmul(x: Tensor, weight: Weight, bias?: Weight): Tensor {
+    const [n, k] = rowsCols(x);
+    const [m, k2] = weight.shape;
+    if (weight.shape.length !== 2 || k !== k2) {
+      throw new Error(
+        `matmul: x has ${k} columns but weight "${weight.name}" is [${weight.shape}]`,
+      );
+    }
+    if (bias && numelOf(bias.shape) !== m) {
+      throw new Error(`matmul: bias "${bias.name}" is [${bias.shape}], want [${m}]`);
+    }
+    const out = this.newTensor([n, m]); // [tokens, out features]
+    const constants = {
+      W_DTYPE: DTYPE_CODE[weight.dtype],
+      B_DTYPE: bias ? DTYPE_CODE[bias.dtype] : 0,
+      HAS_BIAS: bias ? 1 : 0,
+    };
+    const biasBuffer = bias ? w(bias).chunks[0].buffer : this.emptyBuffer;
+    // Each weight chunk writes its own band of output columns.
+    for (const chunk of w(weight).chunks) {
+      for (const [r0, rows] of this.rowChunks(n, [k * 4, m * 4])) {
+        const xRange = this.rowRange(t(x).buffer, r0, rows, k * 4);
+        const outRange = this.rowRange(out.buffer, r0, rows, m * 4, true);
+        this.run({
+          kernel: "matmul",
+          entry: "main",
+          constants,
+          params: [rows, k, chunk.rows, m, chunk.row0, xRange.skip, outRange.skip],
+          bindings: [xRange, { buffer: chunk.buffer }, { buffer: biasBuffer }, outRange],
+          workgroups: [ceilDiv(chunk.rows, 16), ceilDiv(rows, 16)],
+        });
+      }
+    }
+    return out;
+  }
+
+  /** out = entry(a, b) elementwise over flat ranges. */
+  private elementwise(entry: string, a: Tensor, b: Tensor | null, scalar: number): Tensor {
+    const out = this.newTensor(a.shape);
+    const count = numelOf(a.shape);
+    for (const [i0, n] of this.rowChunks(count, [4])) {
+      const aRange = this.rowRange(t(a).buffer, i0, n, 4);
+      const bRange = b
+        ? this.rowRange(t(b).buffer, i0, n, 4)
+        : { buffer: this.emptyBuffer, skip: 0 };
+      const outRange = this.rowRange(out.buffer, i0, n, 4, true);
+      this.run({
+        kernel: "elementwise",
+        entry,
+        params: [n, 1, { f32: scalar }, aRange.skip, bRange.skip, outRange.skip],
+        bindings: [aRange, bRange, outRange],
+        workgroups: ceilDiv(n, 64),
+      });
+    }
+    return out;
+  }
+
+  private sameSize(op: string, a: Tensor, b: Tensor): void {
+    if (numelOf(a.shape) !== numelOf(b.shape)) {
+      throw new Error(`${op}: shapes [${a.shape}] and [${b.shape}] differ`);
+    }
+  }
+
+  add(a: Tensor, b: Tensor): Tensor {
+    this.sameSize("add", a, b);
+    return this.elementwise("add", a, b, 0);
+  }
+
+  swiglu(gate: Tensor, up: Tensor): Tensor {
+    this.sameSize("swiglu", gate, up);
+    return this.elementwise("swiglu", gate, up, 0);
+  }
+
+  clamp(x: Tensor, limit: number): Tensor {
+    return this.elementwise("clamp_abs", x, null, limit);
+  }
+
+  scale(y: Tensor, s: number): Tensor {
+    return this.elementwise("scale", y, null, s);
+  }
+
+  sigmoidScaleRows(y: Tensor, g: Tensor): Tensor {
+    const [n, d] = rowsCols(y);
+    if (numelOf(g.shape) !== n) {
+      throw new Error(`sigmoidScaleRows: gate [${g.shape}] for ${n} rows`);
+    }
+    const out = this.newTensor(y.shape);
+    for (const [r0, rows] of this.rowChunks(n, [d * 4, 4])) {
+      const yRange = this.rowRange(t(y).buffer, r0, rows, d * 4);
+      const gRange = this.rowRange(t(g).buffer, r0, rows, 4);
+      const outRange = this.rowRange(out.buffer, r0, rows, d * 4, true);
+      this.run({
+        kernel: "elementwise",
+        entry: "sigmoid_scale_rows",
+        params: [rows * d, d, { f32: 0 }, yRange.skip, gRange.skip, outRange.skip],
+        bindings: [yRange, gRange, outRange],
+        workgroups: ceilDiv(rows * d, 64),
+      });
+    }
+    return out;
+  }
+
+  rope(
+    x: Tensor,
+    positions: Int32Array,
+    heads: number,
+    headDim: number,
+    theta: number,
+    linearFactor: number,
+  ): Tensor {
+    const [n, d] = rowsCols(x);
+    if (d !== heads * headDim) {
+      throw new Error(`rope: row width ${d} != ${heads} heads x ${headDim}`);
+    }
+    if (positions.length !== n) throw new Error(`rope: ${positions.length} positions, ${n} rows`);
+    // cos/sin tables [rows, half], the same f32 arithmetic as the CPU reference and HF.
+    const half = headDim / 2;
+    const cos = new Float32Array(n * half), sin = new Float32Array(n * half);
+    for (let i = 0; i < half; i++) {
+      const invFreq = Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim)));
+      for (let r = 0; r < n; r++) {
+        const angle = Math.fround((positions[r] / linearFactor) * invFreq);
+        cos[r * half + i] = Math.cos(angle);
+        sin[r * half + i] = Math.sin(angle);
+      }
+    }
+    const out = this.newTensor(x.shape);
+    for (const [r0, rows] of this.rowChunks(n, [d * 4])) {
+      const cosBuf = this.upload(cos.subarray(r0 * half, (r0 + rows) * half));
+      const sinBuf = this.upload(sin.subarray(r0 * half, (r0 + rows) * half));
+      const xRange = this.rowRange(t(x).buffer, r0, rows, d * 4);
+      const outRange = this.rowRange(out.buffer, r0, rows, d * 4, true);
+      this.run({
+        kernel: "rope",
+        entry: "rope",
+        params: [rows, heads, headDim, xRange.skip, outRange.skip],
+        bindings: [xRange, { buffer: cosBuf }, { buffer: sinBuf }, outRange],
+        workgroups: ceilDiv(rows * heads * half, 64),
+      });
+      this.release(cosBuf);
+      this.release(sinBuf);
+    }
+    return out;
+  }
+
+  attention(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape): Tensor {
+    const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
+    const qw = heads * headDim, kw = kvHeads * headDim;
+    if (heads % kvHeads !== 0) throw new Error(`attention: ${heads} heads, ${kvHeads} kv heads`);
+    if (qLen > kvLen) throw new Error(`attention: qLen ${qLen} > kvLen ${kvLen}`);
+    if (numelOf(q.shape) !== batch * qLen * qw || numelOf(k.shape) !== batch * kvLen * kw) {
+      throw new Error(`attention: q [${q.shape}] / k [${k.shape}] do not match the shape`);
+    }
+    const out = this.newTensor([batch * qLen, qw]); // [tokens, heads * headDim]
+    // Chunks are whole sequences: a query needs every key of its own sequence.
+    const qBytes = qLen * qw * 4, kvBytes = kvLen * kw * 4;
+    for (const [b0, seqs] of this.rowChunks(batch, [qBytes, kvBytes])) {
+      const qRange = this.rowRange(t(q).buffer, b0, seqs, qBytes);
+      const kRange = this.rowRange(t(k).buffer, b0, seqs, kvBytes);
+      const vRange = this.rowRange(t(v).buffer, b0, seqs, kvBytes);
+      const outRange = this.rowRange(out.buffer, b0, seqs, qBytes, true);
+      this.run({
+        kernel: "attention",
+        entry: "attention",
+        params: [
+          seqs,
+          qLen,
+          kvLen,
+          heads,
+          kvHeads,
+          headDim,
+          window ?? 0,
+          { f32: 1 / Math.sqrt(headDim) },
+          qRange.skip,
+          kRange.skip,
+          vRange.skip,
+          outRange.skip,
+        ],
+        bindings: [qRange, kRange, vRange, outRange],
+        workgroups: ceilDiv(seqs * heads * qLen, 64),
+      });
+    }
+    return out;
+  }
+
+  async routeTopK(logits: Tensor, k: number, normalize: boolean, eps: number): Promise<Routing> {
+    const [n, e] = rowsCols(logits);
+    if (k < 1 || k > e) throw new Error(`routeTopK: k = ${k} with ${e} experts`);
+    const result = this.newTensor([n, 2 * k]); // [tokens, k ids | k weights]
+    for (const [r0, rows] of this.rowChunks(n, [e * 4, 2 * k * 4])) {
+      const inRange = this.rowRange(t(logits).buffer, r0, rows, e * 4);
+      const outRange = this.rowRange(result.buffer, r0, rows, 2 * k * 4, true);
+      this.run({
+        kernel: "moe",
+        entry: "route_topk",
+        params: [rows, e, k, normalize ? 1 : 0, { f32: eps }, inRange.skip, outRange.skip],
+        bindings: [inRange, outRange],
+        workgroups: ceilDiv(rows, 64),
+      });
+    }
+    const packed = await this.read(result);
+    this.free(result);
+    const bits = new Int32Array(packed.buffer);
+    const indices = new Int32Array(n * k), weights = new Float32Array(n * k);
+    for (let r = 0; r < n; r++) {
+      indices.set(bits.subarray(r * 2 * k, r * 2 * k + k), r * k);
+      weights.set(packed.subarray(r * 2 * k + k, (r + 1) * 2 * k), r * k);
+    }
+    return { indices, weights };
+  }
+
+  private checkRows(op: string, rows: Int32Array, limit: number): void {
+    for (const r of rows) {
+      if (r < 0 || r >= limit) throw new Error(`${op}: row ${r} out of range [0, ${limit})`);
+    }
+  }
+
+  gatherRows(x: Tensor, rows: Int32Array): Tensor {
+    const [n, h] = rowsCols(x);
+    this.checkRows("gatherRows", rows, n);
+    const out = this.newTensor([rows.length, h]); // [selected rows, hidden]
+    const rowsBuf = this.upload(rows);
+    // Source chunks x output chunks: each dispatch copies the selected rows that lie in
+    // its source chunk.
+    for (const [s0, srcRows] of this.rowChunks(n, [h * 4])) {
+      const srcRange = this.rowRange(t(x).buffer, s0, srcRows, h * 4);
+      for (const [i0, count] of this.rowChunks(rows.length, [h * 4])) {
+        const outRange = this.rowRange(out.buffer, i0, count, h * 4, true);
+        this.run({
+          kernel: "moe",
+          entry: "gather_rows",
+          params: [count, h, s0, srcRows, i0, srcRange.skip, outRange.skip],
+          bindings: [{ buffer: rowsBuf }, srcRange, outRange],
+          workgroups: ceilDiv(count * h, 64),
+        });
+      }
+    }
+    this.release(rowsBuf);
+    return out;
+  }
+
+  scatterAddRows(out: Tensor, y: Tensor, rows: Int32Array, scales: Float32Array): void {
+    const [n, h] = rowsCols(out);
+    this.checkRows("scatterAddRows", rows, n);
+    if (numelOf(y.shape) !== rows.length * h || scales.length !== rows.length) {
+      throw new Error(
+        `scatterAddRows: y [${y.shape}], ${rows.length} rows, ${scales.length} scales`,
+      );
+    }
+    const rowsBuf = this.upload(rows), scalesBuf = this.upload(scales);
+    for (const [d0, dstRows] of this.rowChunks(n, [h * 4])) {
+      const dstRange = this.rowRange(t(out).buffer, d0, dstRows, h * 4, true);
+      for (const [i0, count] of this.rowChunks(rows.length, [h * 4])) {
+        const yRange = this.rowRange(t(y).buffer, i0, count, h * 4);
+        this.run({
+          kernel: "moe",
+          entry: "scatter_add_rows",
+          params: [count, h, d0, dstRows, i0, yRange.skip, dstRange.skip],
+          bindings: [{ buffer: rowsBuf }, { buffer: scalesBuf }, yRange, dstRange],
+          workgroups: ceilDiv(count * h, 64),
+        });
+      }
+    }
+    this.release(rowsBuf);
+    this.release(scalesBuf);
+  }
+
+  /** Release every pooled buffer and the device. The backend is unusable afterwards. */
+  destroy(): void {
+    for (const list of this.pool.values()) for (const b of list) b.destroy();
+    this.pool.clear();
+    this.pooledBytes = 0;
+    this.device.destroy();
+  }
+}

@@ -1,0 +1,281 @@
+// deno task bench: speed and memory, measured side by side in one run, written to
+// results/bench/<date>.json. Sections:
+//   matmul    GFLOP/s per backend and weight dtype (and the machine's BLAS peak)
+//   forward   default-model forward tokens/s per backend
+//   layerwise peak memory of the layer-wise mode vs all weights resident, on a generated
+//             multi-GB sharded checkpoint (each mode in its own process, peak RSS from /proc)
+
+import type { Backend } from "../lib/backend/backend.ts";
+import { createBackend, parseCli, positiveInt, runMain, UsageError } from "../lib/cli.ts";
+import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
+import { forward } from "../lib/model/decoder.ts";
+import { Model } from "../lib/model/model.ts";
+import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
+import { loadBlas } from "../lib/backend/blas.ts";
+import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
+
+const USAGE = `Usage: deno task bench [options]
+
+  --only LIST        sections to run: matmul,forward,layerwise (default all)
+  --backends LIST    cpu,cpu-reference,webgpu (default all; an unavailable one is recorded, not fatal)
+  --model DIR        model for the forward section (default data/models/tiny-deepseek-moe)
+  --repeats N        timed repeats per measurement, median reported (default 3)
+  --synthetic-dir D  where the generated checkpoint is cached (default results/tmp/synthetic-moe)
+  --out FILE         result JSON (default results/bench/<date>.json)`;
+
+const SCHEMA_VERSION = 1;
+const DEFAULT_MODEL = new URL("../data/models/tiny-deepseek-moe", import.meta.url).pathname;
+
+// A DeepSeekMoE-shaped model of 2.4 GB in bf16 (13 shards): big enough that "one layer resident"
+// and "all resident" differ by an order of magnitude.
+const SYNTHETIC_CONFIG = {
+  vocab_size: 32000,
+  hidden_size: 1024,
+  intermediate_size: 4096,
+  moe_intermediate_size: 512,
+  num_hidden_layers: 12,
+  num_attention_heads: 8,
+  num_key_value_heads: 8,
+  n_routed_experts: 64,
+  n_shared_experts: 2,
+  num_experts_per_tok: 6,
+  first_k_dense_replace: 1,
+  max_position_embeddings: 512,
+};
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)];
+}
+
+async function timeIt(repeats: number, fn: () => Promise<void>): Promise<number> {
+  await fn(); // warm-up (pipeline compilation, page faults)
+  const times: number[] = [];
+  for (let i = 0; i < repeats; i++) {
+    const t0 = performance.now();
+    await fn();
+    times.push((performance.now() - t0) / 1000);
+  }
+  return median(times);
+}
+
+function weightOf(dtype: "F32" | "BF16" | "F16", m: number, k: number): RawTensor {
+  const f = new Float32Array(m * k).map((_, i) => Math.sin(i) * 0.05);
+  if (dtype === "F32") return { name: "w", dtype, shape: [m, k], bytes: new Uint8Array(f.buffer) };
+  if (dtype === "BF16") {
+    return { name: "w", dtype, shape: [m, k], bytes: new Uint8Array(f32ToBf16Bits(f).buffer) };
+  }
+  // f16 bytes: scale into range and round via a DataView-free bit trick is overkill here;
+  // small values widen exactly from bf16-like patterns, so encode through Math.fround.
+  const h = new Uint16Array(f.length);
+  for (let i = 0; i < f.length; i++) h[i] = toF16Bits(f[i]);
+  return { name: "w", dtype, shape: [m, k], bytes: new Uint8Array(h.buffer) };
+}
+
+function toF16Bits(x: number): number {
+  const sign = x < 0 ? 0x8000 : 0;
+  const a = Math.abs(x);
+  if (a < 2 ** -24) return sign;
+  if (a < 2 ** -14) return sign | Math.round(a / 2 ** -24);
+  const e = Math.floor(Math.log2(a));
+  const m = Math.round((a / 2 ** e - 1) * 1024);
+  return sign | ((e + 15) << 10) | Math.min(m, 1023);
+}
+
+async function benchMatmul(backends: Map<string, Backend>, repeats: number) {
+  const rows: Record<string, unknown>[] = [];
+  const blas = loadBlas();
+  if (blas) {
+    // The machine's f32 matmul peak, as the issue's reference (PyTorch, 2048^2) measured it.
+    const n = 2048, a = new Float32Array(n * n).fill(0.5), c = new Float32Array(n * n);
+    const s = await timeIt(repeats, () => Promise.resolve(blas.matmulTransB(a, a, c, n, n, n)));
+    rows.push({
+      backend: `blas (${blas.library})`,
+      dtype: "F32",
+      n,
+      k: n,
+      m: n,
+      seconds: s,
+      gflops: (2 * n ** 3) / s / 1e9,
+    });
+  }
+  for (const [name, be] of backends) {
+    for (const dtype of ["F32", "BF16", "F16"] as const) {
+      if (name.startsWith("cpu") && dtype !== "F32" && name !== "cpu") continue;
+      // Plain loops get a smaller problem so the run stays short.
+      const [n, k, m] = name === "cpu-reference" ? [64, 512, 512] : [512, 1024, 1024];
+      const x = be.tensor(new Float32Array(n * k).fill(0.1), [n, k]);
+      const w = be.uploadWeight(weightOf(dtype, m, k));
+      const s = await timeIt(repeats, async () => {
+        const y = be.matmul(x, w);
+        await be.read(y);
+        be.free(y);
+      });
+      be.free(x), be.freeWeight(w);
+      rows.push({
+        backend: name,
+        device: be.description,
+        dtype,
+        n,
+        k,
+        m,
+        seconds: s,
+        gflops: (2 * n * k * m) / s / 1e9,
+      });
+      console.error(
+        `matmul ${name} ${dtype} ${n}x${k}x${m}: ${((2 * n * k * m) / s / 1e9).toFixed(2)} GFLOP/s`,
+      );
+    }
+  }
+  return rows;
+}
+
+async function benchForward(backends: Map<string, Backend>, modelDir: string, repeats: number) {
+  const rows: Record<string, unknown>[] = [];
+  for (const [name, be] of backends) {
+    // The issue's reference shape is 16 x 256; the plain loops and the software GPU get fewer rows.
+    const batch = name === "cpu" ? 16 : 2, seqLen = 256;
+    const model = await Model.load(modelDir, be);
+    const ids = new Int32Array(batch * seqLen).map((_, i) => (i * 7919 + 13) % 256);
+    const s = await timeIt(name === "cpu" ? repeats : 1, async () => {
+      await forward(model, ids, { batch, seqLen });
+    });
+    model.close();
+    rows.push({
+      backend: name,
+      device: be.description,
+      batch,
+      seqLen,
+      seconds: s,
+      tokensPerSecond: (batch * seqLen) / s,
+    });
+    console.error(`forward ${name} ${batch}x${seqLen}: ${((batch * seqLen) / s).toFixed(0)} tok/s`);
+  }
+  return rows;
+}
+
+/** Peak RSS of this process so far (VmHWM), in bytes. */
+async function peakRss(): Promise<number> {
+  const status = await Deno.readTextFile("/proc/self/status");
+  return Number(/VmHWM:\s+(\d+) kB/.exec(status)![1]) * 1024;
+}
+
+async function layerwiseChild(mode: string, dir: string): Promise<void> {
+  const model = await Model.load(dir, await createBackend("cpu"));
+  const batch = 2, seqLen = 128;
+  const ids = new Int32Array(batch * seqLen).map((_, i) => (i * 31) % 32000);
+  const t0 = performance.now();
+  await forward(model, ids, { batch, seqLen }, { layerwise: mode === "layerwise" });
+  const seconds = (performance.now() - t0) / 1000;
+  console.log(
+    JSON.stringify({
+      mode,
+      seconds,
+      peakRssBytes: await peakRss(),
+      peakResidentWeightBytes: model.peakResidentBytes,
+    }),
+  );
+}
+
+async function benchLayerwise(dir: string) {
+  console.error(`layerwise: generating/reusing the synthetic checkpoint in ${dir} ...`);
+  const totalBytes = await writeSyntheticDeepseek(dir, SYNTHETIC_CONFIG);
+  const rows: Record<string, unknown>[] = [];
+  for (const mode of ["layerwise", "resident"]) {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        new URL(import.meta.url).pathname,
+        "--child",
+        mode,
+        "--synthetic-dir",
+        dir,
+      ],
+      stderr: "inherit",
+    }).output();
+    if (!out.success) throw new Error(`layerwise child (${mode}) failed`);
+    rows.push(JSON.parse(new TextDecoder().decode(out.stdout)));
+    console.error(
+      `layerwise ${mode}: peak RSS ${
+        (rows.at(-1)!.peakRssBytes as number / 2 ** 30).toFixed(2)
+      } GiB`,
+    );
+  }
+  // One layer's weights (the largest shard) for comparison.
+  let largestLayer = 0;
+  for (const e of Deno.readDirSync(dir)) {
+    if (e.name.endsWith(".safetensors") && !e.name.startsWith("model-00001")) {
+      largestLayer = Math.max(largestLayer, Deno.statSync(`${dir}/${e.name}`).size);
+    }
+  }
+  return {
+    config: SYNTHETIC_CONFIG,
+    checkpointBytes: totalBytes,
+    largestLayerBytes: largestLayer,
+    runs: rows,
+  };
+}
+
+await runMain(async () => {
+  const args = parseCli(USAGE, {
+    only: { type: "string" },
+    backends: { type: "string" },
+    model: { type: "string" },
+    repeats: { type: "string" },
+    "synthetic-dir": { type: "string" },
+    out: { type: "string" },
+    child: { type: "string" },
+  });
+  const syntheticDir = args["synthetic-dir"] ??
+    new URL("../results/tmp/synthetic-moe", import.meta.url).pathname;
+  if (args.child) return await layerwiseChild(args.child, syntheticDir);
+
+  const sections = (args.only ?? "matmul,forward,layerwise").split(",");
+  for (const s of sections) {
+    if (!["matmul", "forward", "layerwise"].includes(s)) {
+      throw new UsageError(`unknown section "${s}"`);
+    }
+  }
+  const repeats = positiveInt("repeats", args.repeats, 3);
+  const backends = new Map<string, Backend>();
+  const unavailable: Record<string, string> = {};
+  for (const name of (args.backends ?? "cpu,cpu-reference,webgpu").split(",")) {
+    try {
+      backends.set(name, await createBackend(name));
+    } catch (e) {
+      if (e instanceof UsageError) throw e;
+      unavailable[name] = (e as Error).message;
+      console.error(`backend ${name} unavailable: ${(e as Error).message}`);
+    }
+  }
+  const t0 = performance.now();
+  const result: Record<string, unknown> = {
+    schema_version: SCHEMA_VERSION,
+    kind: "bench",
+    git_commit: await gitCommit(),
+    date: new Date().toISOString(),
+    host: {
+      os: Deno.build.os,
+      arch: Deno.build.arch,
+      deno: Deno.version.deno,
+      cpus: navigator.hardwareConcurrency,
+    },
+    backends: Object.fromEntries([...backends].map(([n, b]) => [n, b.description])),
+    unavailable,
+    settings: { sections, repeats, model: args.model ?? DEFAULT_MODEL },
+  };
+  if (sections.includes("matmul")) result.matmul = await benchMatmul(backends, repeats);
+  if (sections.includes("forward")) {
+    result.forward = await benchForward(backends, args.model ?? DEFAULT_MODEL, repeats);
+  }
+  if (sections.includes("layerwise")) result.layerwise = await benchLayerwise(syntheticDir);
+  result.wall_seconds = (performance.now() - t0) / 1000;
+  const out = args.out ??
+    new URL(
+      `../results/bench/${result.date!.toString().replace(/[:.]/g, "-")}.json`,
+      import.meta.url,
+    ).pathname;
+  await writeJsonAtomic(out, result);
+  console.error(`wrote ${out}`);
+});

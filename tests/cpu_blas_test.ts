@@ -1,0 +1,59 @@
+// The BLAS fast path of the CPU backend against its plain loops, on odd sizes.
+import assert from "node:assert";
+import { CpuBackend } from "../lib/backend/cpu.ts";
+import { loadBlas } from "../lib/backend/blas.ts";
+import { f32Tensor } from "../lib/io/safetensors.ts";
+import { maxRelError, randn } from "./util.ts";
+
+const reference = new CpuBackend({ reference: true });
+const fast = new CpuBackend();
+
+Deno.test("BLAS is found (CI installs libopenblas0)", () => {
+  if (Deno.env.get("CI") === "true") {
+    assert(loadBlas(), "no BLAS library found; .ci/run installs libopenblas0-pthread");
+  }
+});
+
+Deno.test("cpu matmul: BLAS equals plain loops on odd sizes, with bias", async () => {
+  for (const [n, k, m] of [[1, 5, 3], [7, 63, 65], [33, 129, 17]]) {
+    const x = randn(n * k, 1), wt = randn(m * k, 2), b = randn(m, 3);
+    const outs = await Promise.all([reference, fast].map((be) => {
+      const y = be.matmul(
+        be.tensor(x, [n, k]),
+        be.uploadWeight(f32Tensor("w", [m, k], wt)),
+        be.uploadWeight(f32Tensor("b", [m], b)),
+      );
+      return be.read(y);
+    }));
+    assert(
+      maxRelError(outs[1], outs[0]) < 1e-5,
+      `matmul ${n}x${k}x${m}: ${maxRelError(outs[1], outs[0])}`,
+    );
+  }
+});
+
+Deno.test("cpu attention: BLAS equals plain loops (GQA, qLen < kvLen, window)", async () => {
+  for (
+    const s of [
+      { batch: 2, qLen: 7, kvLen: 7, heads: 4, kvHeads: 2, headDim: 8, window: null },
+      { batch: 1, qLen: 3, kvLen: 11, heads: 6, kvHeads: 3, headDim: 16, window: null },
+      { batch: 3, qLen: 9, kvLen: 9, heads: 2, kvHeads: 1, headDim: 8, window: 4 },
+    ]
+  ) {
+    const q = randn(s.batch * s.qLen * s.heads * s.headDim, 4);
+    const k = randn(s.batch * s.kvLen * s.kvHeads * s.headDim, 5);
+    const v = randn(s.batch * s.kvLen * s.kvHeads * s.headDim, 6);
+    const outs = await Promise.all([reference, fast].map((be) =>
+      be.read(be.attention(
+        be.tensor(q, [s.batch * s.qLen, s.heads * s.headDim]),
+        be.tensor(k, [s.batch * s.kvLen, s.kvHeads * s.headDim]),
+        be.tensor(v, [s.batch * s.kvLen, s.kvHeads * s.headDim]),
+        s,
+      ))
+    ));
+    assert(
+      maxRelError(outs[1], outs[0]) < 1e-5,
+      `attention ${JSON.stringify(s)}: ${maxRelError(outs[1], outs[0])}`,
+    );
+  }
+});

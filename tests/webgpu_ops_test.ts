@@ -1,0 +1,390 @@
+// Every WebGPU op against the CPU reference on fresh random inputs: sizes that are not
+// multiples of the tiles, every weight dtype, and a backend with a tiny binding limit so
+// weights and activations go through the chunked paths.
+
+import assert from "node:assert";
+import type { AttentionShape, Backend, Tensor, WeightDType } from "../lib/backend/backend.ts";
+import { CpuBackend } from "../lib/backend/cpu.ts";
+import { NoWebGpuAdapterError } from "../lib/backend/webgpu.ts";
+import { f16ToF32, f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
+import { f32ToF16Bits, webgpuForTests } from "./webgpu_helper.ts";
+
+const gpu = await webgpuForTests();
+const ignore = gpu === null;
+const cpu = new CpuBackend({ reference: true }); // the oracle: plain loops, no BLAS
+// 4 KiB bindings: a [300, 64] bf16 table becomes 10 chunks, a [40, 64] activation 3,
+// a [7, 300] one 3 (ranges start mid-row, bound from the 256-byte offset below).
+const SMALL_BINDING = 4096;
+const chunked = gpu?.withMaxBindingBytes(SMALL_BINDING);
+/** The same sizes on the plain backend and on the chunked one. */
+function backends<T>(sizes: T[]): [Backend, T[]][] {
+  return [[gpu!, sizes], [chunked!, sizes]];
+}
+
+// Worst error seen per op, printed at the end for the report.
+const maxErrors = new Map<string, number>();
+
+// Seeded so a failure reproduces; every test draws fresh values from the stream.
+let seed = 0x9e3779b9;
+function random(): number {
+  seed = (seed + 0x6d2b79f5) >>> 0;
+  let z = seed;
+  z = Math.imul(z ^ (z >>> 15), z | 1);
+  z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
+  return ((z ^ (z >>> 14)) >>> 0) / 4294967296;
+}
+function randn(n: number, scale = 1): Float32Array {
+  return Float32Array.from({ length: n }, () => (random() * 2 - 1) * scale);
+}
+function randInts(n: number, limit: number): Int32Array {
+  return Int32Array.from({ length: n }, () => Math.floor(random() * limit));
+}
+/** k distinct values in [0, limit), shuffled. */
+function distinctRows(k: number, limit: number): Int32Array {
+  const all = Array.from({ length: limit }, (_, i) => i);
+  for (let i = limit - 1; i > 0; i--) {
+    const j = Math.floor(random() * (i + 1));
+    [all[i], all[j]] = [all[j], all[i]];
+  }
+  return Int32Array.from(all.slice(0, k));
+}
+
+function rawWeight(name: string, shape: number[], values: Float32Array, dtype: WeightDType) {
+  const halves = dtype === "BF16" ? f32ToBf16Bits(values) : f32ToF16Bits(values);
+  const bytes = dtype === "F32"
+    ? new Uint8Array(values.slice().buffer)
+    : new Uint8Array(halves.buffer);
+  return { name, dtype, shape, bytes } as RawTensor;
+}
+
+/** Max |a - b| over max |b| (b the reference); records the worst per op. */
+function relError(op: string, got: Float32Array, want: Float32Array): number {
+  assert.equal(got.length, want.length, `${op}: length ${got.length} != ${want.length}`);
+  let maxAbs = 0, maxDiff = 0;
+  for (let i = 0; i < want.length; i++) {
+    assert(Number.isFinite(got[i]), `${op}: entry ${i} is ${got[i]}`);
+    maxAbs = Math.max(maxAbs, Math.abs(want[i]));
+    maxDiff = Math.max(maxDiff, Math.abs(got[i] - want[i]));
+  }
+  const err = maxAbs === 0 ? maxDiff : maxDiff / maxAbs;
+  maxErrors.set(op, Math.max(maxErrors.get(op) ?? 0, err));
+  return err;
+}
+
+async function expectClose(op: string, got: Tensor, want: Tensor, tol: number) {
+  assert.deepEqual([...got.shape], [...want.shape], `${op}: shape`);
+  const err = relError(op, await gpu!.read(got), await cpu.read(want));
+  assert(err <= tol, `${op}: relative error ${err} > ${tol}`);
+}
+
+/** The same f32 data as a tensor on both backends. */
+function both(be: Backend, data: Float32Array, shape: number[]): [Tensor, Tensor] {
+  return [be.tensor(data, shape), cpu.tensor(data, shape)];
+}
+
+// f32 sums of up to a few hundred terms against the CPU's double sums.
+const MATMUL_TOL = 1e-5;
+const ELEMENTWISE_TOL = 1e-6;
+
+async function checkMatmul(
+  be: Backend,
+  n: number,
+  k: number,
+  m: number,
+  dtype: WeightDType,
+  withBias: boolean,
+) {
+  const rawW = rawWeight("w", [m, k], randn(m * k), dtype);
+  const rawB = withBias ? rawWeight("b", [m], randn(m), dtype) : undefined;
+  const [gx, cx] = both(be, randn(n * k), [n, k]);
+  const gw = be.uploadWeight(rawW), cw = cpu.uploadWeight(rawW);
+  const gb = rawB && be.uploadWeight(rawB), cb = rawB && cpu.uploadWeight(rawB);
+  await expectClose(`matmul ${dtype}`, be.matmul(gx, gw, gb), cpu.matmul(cx, cw, cb), MATMUL_TOL);
+  be.freeWeight(gw);
+  if (gb) be.freeWeight(gb);
+  be.free(gx);
+}
+
+const MATMUL_SIZES: [number, number, number][] = [
+  [1, 5, 3],
+  [7, 63, 65],
+  [33, 129, 3],
+  [33, 129, 65],
+  [16, 16, 16],
+  [1, 256, 300],
+  [50, 17, 1],
+];
+
+for (const dtype of ["F32", "F16", "BF16"] as const) {
+  Deno.test({
+    name: `webgpu matmul ${dtype} matches cpu for ragged N, K, M, with and without bias`,
+    ignore,
+    async fn() {
+      for (const [n, k, m] of MATMUL_SIZES) {
+        await checkMatmul(gpu!, n, k, m, dtype, false);
+        await checkMatmul(gpu!, n, k, m, dtype, true);
+      }
+    },
+  });
+}
+
+Deno.test({
+  name: "webgpu matmul with chunked weights and activations matches cpu",
+  ignore,
+  async fn() {
+    const be = chunked!;
+    // [33, 63] f16 at 126 B/row: chunks of 32 rows and 1 row (63 values, an odd count).
+    await checkMatmul(be, 7, 63, 33, "F16", true);
+    // [320, 64] bf16 at 128 B/row: 10 chunks of 32 rows; x [150, 64] and out [150, 320]
+    // bound in row ranges.
+    await checkMatmul(be, 150, 64, 320, "BF16", false);
+    await checkMatmul(be, 70, 64, 20, "F32", true);
+    // Ragged everything: [65, 129] bf16 (15 rows a chunk), x [33, 129], out [33, 65].
+    await checkMatmul(be, 33, 129, 65, "BF16", true);
+    // The weights really were split, and so were the activations: 10 weight chunks times
+    // 50 row ranges of out [150, 320] (1280-byte rows, 3 to a 4 KiB binding).
+    const w = be.uploadWeight(rawWeight("w", [33, 63], randn(33 * 63), "F16"));
+    assert.equal((w as unknown as { chunks: unknown[] }).chunks.length, 2);
+    be.freeWeight(w);
+    const before = chunked!.dispatches;
+    await checkMatmul(be, 150, 64, 320, "BF16", false);
+    assert.equal(chunked!.dispatches - before, 10 * 50);
+  },
+});
+
+Deno.test({
+  name: "webgpu embedding matches cpu for every dtype, plain and chunked",
+  ignore,
+  async fn() {
+    for (const be of [gpu!, chunked!]) {
+      for (const dtype of ["F32", "F16", "BF16"] as const) {
+        for (const [vocab, h] of [[300, 64], [11, 7]]) {
+          const raw = rawWeight("embed", [vocab, h], randn(vocab * h), dtype);
+          const ids = randInts(20, vocab);
+          const gw = be.uploadWeight(raw);
+          await expectClose(
+            `embedding ${dtype}`,
+            be.embedding(gw, ids),
+            cpu.embedding(cpu.uploadWeight(raw), ids),
+            0,
+          );
+          be.freeWeight(gw);
+        }
+      }
+      const w = be.uploadWeight(rawWeight("embed", [4, 4], randn(16), "F32"));
+      assert.throws(() => be.embedding(w, new Int32Array([4])), /out of range/);
+      be.freeWeight(w);
+    }
+  },
+});
+
+Deno.test({
+  name: "webgpu rmsNorm matches cpu for every weight dtype and odd widths",
+  ignore,
+  async fn() {
+    for (const [be, sizes] of backends([[1, 5], [7, 300], [40, 64]])) {
+      for (const dtype of ["F32", "F16", "BF16"] as const) {
+        for (const [n, d] of sizes) {
+          const raw = rawWeight("norm", [d], randn(d, 2), dtype);
+          const [gx, cx] = both(be, randn(n * d, 3), [n, d]);
+          await expectClose(
+            `rmsNorm ${dtype}`,
+            be.rmsNorm(gx, be.uploadWeight(raw), 1e-6),
+            cpu.rmsNorm(cx, cpu.uploadWeight(raw), 1e-6),
+            ELEMENTWISE_TOL * 4,
+          );
+        }
+      }
+    }
+  },
+});
+
+Deno.test({
+  name: "webgpu elementwise ops (add, swiglu, clamp, scale, sigmoidScaleRows) match cpu",
+  ignore,
+  async fn() {
+    for (const [be, sizes] of backends([[1, 3], [33, 65], [40, 64]])) {
+      for (const [n, d] of sizes) {
+        // Wide range so silu/sigmoid see large negative and positive inputs.
+        const [ga, ca] = both(be, randn(n * d, 30), [n, d]);
+        const [gb, cb] = both(be, randn(n * d, 3), [n, d]);
+        // Gates up to +-20 reach both branches of the stable sigmoid; beyond ~87,
+        // sigmoid(-g) is an f32 denormal that GPUs flush to zero.
+        const [gg, cg] = both(be, randn(n, 20), [n, 1]);
+        await expectClose("add", be.add(ga, gb), cpu.add(ca, cb), ELEMENTWISE_TOL);
+        await expectClose("swiglu", be.swiglu(ga, gb), cpu.swiglu(ca, cb), ELEMENTWISE_TOL);
+        await expectClose("clamp", be.clamp(ga, 7.5), cpu.clamp(ca, 7.5), 0);
+        await expectClose("scale", be.scale(ga, -0.37), cpu.scale(ca, -0.37), ELEMENTWISE_TOL);
+        await expectClose(
+          "sigmoidScaleRows",
+          be.sigmoidScaleRows(ga, gg),
+          cpu.sigmoidScaleRows(ca, cg),
+          ELEMENTWISE_TOL,
+        );
+      }
+    }
+  },
+});
+
+Deno.test({
+  name: "webgpu rope matches cpu (positions with offsets, linear scaling, headDim 8 and 64)",
+  ignore,
+  async fn() {
+    const plain = [[5, 3, 8, 1], [40, 4, 16, 1], [9, 2, 64, 4]];
+    for (const [be, sizes] of backends(plain)) {
+      for (const [n, heads, hd, factor] of sizes) {
+        const d = heads * hd;
+        const positions = Int32Array.from({ length: n }, (_, i) => 1000 + 7 * i);
+        const [gx, cx] = both(be, randn(n * d, 2), [n, d]);
+        await expectClose(
+          "rope",
+          be.rope(gx, positions, heads, hd, 10000, factor),
+          cpu.rope(cx, positions, heads, hd, 10000, factor),
+          ELEMENTWISE_TOL * 4,
+        );
+      }
+    }
+  },
+});
+
+async function checkAttention(be: Backend, s: AttentionShape) {
+  const qw = s.heads * s.headDim, kw = s.kvHeads * s.headDim;
+  const [gq, cq] = both(be, randn(s.batch * s.qLen * qw, 2), [s.batch * s.qLen, qw]);
+  const [gk, ck] = both(be, randn(s.batch * s.kvLen * kw, 2), [s.batch * s.kvLen, kw]);
+  const [gv, cv] = both(be, randn(s.batch * s.kvLen * kw), [s.batch * s.kvLen, kw]);
+  await expectClose(
+    "attention",
+    be.attention(gq, gk, gv, s),
+    cpu.attention(cq, ck, cv, s),
+    ELEMENTWISE_TOL * 10,
+  );
+}
+
+Deno.test({
+  name: "webgpu attention matches cpu: causal, GQA, qLen < kvLen, sliding window, headDim 8/64",
+  ignore,
+  async fn() {
+    const shapes: AttentionShape[] = [
+      { batch: 1, qLen: 1, kvLen: 1, heads: 1, kvHeads: 1, headDim: 8, window: null },
+      { batch: 2, qLen: 7, kvLen: 7, heads: 4, kvHeads: 4, headDim: 8, window: null },
+      { batch: 3, qLen: 5, kvLen: 33, heads: 8, kvHeads: 2, headDim: 64, window: null },
+      { batch: 2, qLen: 1, kvLen: 40, heads: 4, kvHeads: 1, headDim: 64, window: null },
+      { batch: 2, qLen: 17, kvLen: 17, heads: 4, kvHeads: 2, headDim: 16, window: 4 },
+      { batch: 1, qLen: 6, kvLen: 30, heads: 2, kvHeads: 1, headDim: 8, window: 9 },
+      { batch: 1, qLen: 3, kvLen: 3, heads: 2, kvHeads: 2, headDim: 128, window: 1 },
+    ];
+    for (const s of shapes) await checkAttention(gpu!, s);
+    // 6 sequences of 1 KiB queries: bound as 2 chunks of 3 sequences at 4 KiB.
+    const split: AttentionShape[] = [
+      { batch: 6, qLen: 4, kvLen: 6, heads: 4, kvHeads: 2, headDim: 16, window: null },
+      // 288-byte query blocks: chunks of 13 sequences starting at unaligned offsets.
+      { batch: 20, qLen: 3, kvLen: 7, heads: 3, kvHeads: 1, headDim: 8, window: 5 },
+    ];
+    for (const s of split) await checkAttention(chunked!, s);
+  },
+});
+
+async function checkRoute(be: Backend, logits: Float32Array, e: number, k: number) {
+  const n = logits.length / e;
+  for (const normalize of [false, true]) {
+    const got = await be.routeTopK(be.tensor(logits, [n, e]), k, normalize, 1e-20);
+    const want = await cpu.routeTopK(cpu.tensor(logits, [n, e]), k, normalize, 1e-20);
+    assert.deepEqual(got.indices, want.indices, `routeTopK: experts differ (k ${k})`);
+    const err = relError(`routeTopK normalize=${normalize}`, got.weights, want.weights);
+    assert(err <= ELEMENTWISE_TOL, `routeTopK: weights differ by ${err}`);
+    if (normalize) {
+      for (let r = 0; r < n; r++) {
+        const sum = got.weights.subarray(r * k, (r + 1) * k).reduce((a, b) => a + b, 0);
+        assert(Math.abs(sum - 1) < 1e-6, `routeTopK: renormalised weights sum to ${sum}`);
+      }
+    }
+  }
+}
+
+Deno.test({
+  name: "webgpu routeTopK matches cpu: k 1..8, renorm on and off, ties to the lower index",
+  ignore,
+  async fn() {
+    for (const [n, e, k] of [[1, 4, 1], [33, 16, 4], [7, 60, 4], [70, 64, 8], [5, 8, 8]]) {
+      await checkRoute(gpu!, randn(n * e, 4), e, k);
+    }
+    // Exact ties: every row has repeated values; order must be by index among equals.
+    const ties = new Float32Array([0, 1, 1, 0, 2, 2, 0, 1, 3, 3, 3, 3, 0, 0, 0, 0]);
+    await checkRoute(gpu!, ties, 8, 5);
+    const got = await gpu!.routeTopK(gpu!.tensor(ties, [2, 8]), 5, false, 0);
+    assert.deepEqual([...got.indices.subarray(0, 5)], [4, 5, 1, 2, 7]);
+    assert.deepEqual([...got.indices.subarray(5)], [0, 1, 2, 3, 4]);
+    await checkRoute(chunked!, randn(100 * 16, 4), 16, 4);
+    await checkRoute(chunked!, randn(70 * 60, 4), 60, 8);
+  },
+});
+
+Deno.test({
+  name: "webgpu gatherRows and scatterAddRows match cpu, plain and chunked",
+  ignore,
+  async fn() {
+    const plain = [[1, 3, 1], [33, 65, 9], [40, 64, 25]];
+    for (const [be, sizes] of backends(plain)) {
+      for (const [n, h, picked] of sizes) {
+        const [gx, cx] = both(be, randn(n * h), [n, h]);
+        const rows = distinctRows(picked, n);
+        await expectClose("gatherRows", be.gatherRows(gx, rows), cpu.gatherRows(cx, rows), 0);
+
+        const outData = randn(n * h);
+        const [gout, cout] = both(be, outData, [n, h]);
+        const [gy, cy] = both(be, randn(picked * h), [picked, h]);
+        const scales = randn(picked);
+        be.scatterAddRows(gout, gy, rows, scales);
+        cpu.scatterAddRows(cout, cy, rows, scales);
+        await expectClose("scatterAddRows", gout, cout, ELEMENTWISE_TOL);
+      }
+    }
+  },
+});
+
+Deno.test({
+  name: "webgpu tensors round-trip and the backend names its adapter",
+  ignore,
+  async fn() {
+    const data = randn(1001);
+    assert.deepEqual(await gpu!.read(gpu!.tensor(data, [7, 143])), data);
+    assert.equal((await gpu!.read(gpu!.tensor(new Float32Array(0), [0, 4]))).length, 0);
+    assert.equal(gpu!.name, "webgpu");
+    assert(gpu!.description.length > 0);
+  },
+});
+
+Deno.test("f32ToF16Bits rounds to nearest half (checked against f16ToF32)", () => {
+  const x = new Float32Array([0, -0, 1, -2.5, 65504, 1e6, 6e-8, 1 + 2 ** -11, 1 + 3 * 2 ** -11]);
+  const back = Array.from(f32ToF16Bits(x), f16ToF32);
+  assert.deepEqual(back, [0, -0, 1, -2.5, 65504, Infinity, 2 ** -24, 1, 1 + 2 ** -9]);
+  for (const v of randn(1000, 100)) {
+    const h = f16ToF32(f32ToF16Bits(new Float32Array([v]))[0]);
+    assert(Math.abs(h - v) <= Math.abs(v) * 2 ** -11 + 2 ** -25, `${v} -> ${h}`);
+  }
+});
+
+Deno.test("no adapter: fails under CI=true, ignored with a warning elsewhere", async () => {
+  const noAdapter = () => Promise.reject(new NoWebGpuAdapterError("no WebGPU adapter found"));
+  await assert.rejects(webgpuForTests(noAdapter, "true"), /CI=true/);
+  const warn = console.warn;
+  let warned = "";
+  console.warn = (msg: string) => (warned = msg);
+  try {
+    assert.equal(await webgpuForTests(noAdapter, "false"), null);
+  } finally {
+    console.warn = warn;
+  }
+  assert.match(warned, /IGNORED/);
+  // Any other failure is never swallowed.
+  const broken = () => Promise.reject(new Error("device lost"));
+  await assert.rejects(webgpuForTests(broken, "false"), /device lost/);
+});
+
+Deno.test({
+  name: "webgpu worst errors per op (report)",
+  ignore,
+  fn() {
+    for (const [op, err] of [...maxErrors].sort()) console.log(`  ${op}: ${err.toExponential(2)}`);
+  },
+});
