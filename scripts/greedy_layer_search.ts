@@ -20,7 +20,7 @@ const HELP = `Usage: deno task search [options]
 
 CD-MoE (methods.md section 1): routing profile, greedy expert selection per MoE layer,
 then greedy layer search, on calibration text. With no options: the shipped default
-model and calibration data, variant sr. Progress on stderr; results in
+model and calibration data, all four variants. Progress on stderr; results in
 results/search/<date>-<name>.json; a state file results/search/<name>.state.json is
 written after every finished step, and a rerun with the same settings resumes from it.
 
@@ -31,7 +31,7 @@ Options:
   --max-len N          tokens per document, BOS included (default ${DEFAULT_MAX_LEN})
   --batch-size N       documents per batch (default ${DEFAULT_BATCH_SIZE})
   --bos MODE           auto|yes|no (default auto: prepend the config's bos_token_id if any)
-  --variant LIST       comma list of ${VARIANTS.join(", ")}, or "all" (default sr)
+  --variant LIST       comma list of ${VARIANTS.join(", ")}, or "all" (default all)
                          sr        CD-MoE-SR: shared + first k greedy experts per layer
                          s         CD-MoE-S: shared experts only
                          layerdrop remove the MoE block, residual passes
@@ -80,9 +80,9 @@ await runMain(async () => {
     backend: { type: "string" },
   });
   const model = (values.model ?? DEFAULT_MODEL).replace(/\/+$/, "");
-  const variants = (values.variant ?? "sr") === "all"
+  const variants = (values.variant ?? "all") === "all"
     ? [...VARIANTS]
-    : (values.variant ?? "sr").split(",").map((v) =>
+    : (values.variant ?? "all").split(",").map((v) =>
       choiceFlag<Variant>(v.trim(), "--variant", VARIANTS, "sr")
     );
   if (new Set(variants).size !== variants.length) {

@@ -124,7 +124,7 @@ export function makeBatches(docs: Int32Array[], batchSize: number): CalibrationB
 }
 
 /** Defaults shared by the profile and search scripts (see docs/cd-moe.md for the timing). */
-export const DEFAULT_DOCS = 8;
+export const DEFAULT_DOCS = 32;
 export const DEFAULT_MAX_LEN = 256;
 export const DEFAULT_BATCH_SIZE = 8;
 
