@@ -133,15 +133,26 @@ export class Reference {
   }
 }
 
-/** JS(P||Q) with Q = softmax(cond row) + eps; P precomputed with its sum p log p. */
-function jsRow(p: Float32Array, plogp: number, cond: Float32Array, o: number, dim: number) {
+// Scratch for one row's exponentials, so each element costs one exp (the divergence loop is
+// the largest part of the fast expert search once matmuls are BLAS-fast).
+let expScratch = new Float64Array(0);
+function expsOf(cond: Float32Array, o: number, dim: number): { e: Float64Array; sum: number } {
+  if (expScratch.length < dim) expScratch = new Float64Array(dim);
+  const e = expScratch;
   let max = -Infinity;
   for (let i = 0; i < dim; i++) if (cond[o + i] > max) max = cond[o + i];
   let sum = 0;
-  for (let i = 0; i < dim; i++) sum += Math.exp(cond[o + i] - max);
+  for (let i = 0; i < dim; i++) sum += e[i] = Math.exp(cond[o + i] - max);
+  return { e, sum };
+}
+
+/** JS(P||Q) with Q = softmax(cond row) + eps; P precomputed with its sum p log p. */
+function jsRow(p: Float32Array, plogp: number, cond: Float32Array, o: number, dim: number) {
+  const { e, sum } = expsOf(cond, o, dim);
+  const inv = 1 / sum;
   let qlogq = 0, mlogm = 0;
   for (let i = 0; i < dim; i++) {
-    const q = Math.exp(cond[o + i] - max) / sum + JS_EPS;
+    const q = e[i] * inv + JS_EPS;
     const m = 0.5 * (p[o + i] + q);
     qlogq += q * Math.log(q);
     mlogm += m * Math.log(m);
