@@ -166,12 +166,6 @@ async function brokenCopy(name: string, edit: (dir: string) => Promise<void>): P
   return dir;
 }
 
-async function editConfig(dir: string, change: (c: Record<string, unknown>) => void) {
-  const c = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
-  change(c);
-  await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(c));
-}
-
 Deno.test("sharded checkpoint loads and computes the same as the single file", async () => {
   const src = `${FIXTURE_ROOT}deepseek-bf16`;
   const single = await openCheckpoint(src);

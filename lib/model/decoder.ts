@@ -2,7 +2,7 @@
 // GQA attention, dense / MoE / condensed / dropped MLPs). Per-architecture behaviour
 // comes from ModelSpec; nothing here branches on model_type.
 
-import type { Backend, Routing, Tensor } from "../backend/backend.ts";
+import type { Routing, Tensor } from "../backend/backend.ts";
 import {
   denseName,
   expertName,
