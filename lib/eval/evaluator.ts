@@ -315,9 +315,8 @@ export function buildResults(
   cfg.requested.forEach((n) => setDepth(n, 0));
   const alias = (name: string) => {
     const d = depth.get(name) ?? 0;
-    let short = name;
-    const parent = [...GROUPS.entries()].find(([, kids]) => kids.includes(name));
-    if (parent && d > 0) short = name.slice(parent[0] === "mmlu" ? 5 : parent[0].length + 1);
+    // Under a group the harness shows "stem" for mmlu_stem, "abstract_algebra" for mmlu_abstract_algebra.
+    const short = name.startsWith("mmlu_") ? name.slice(5) : name;
     return d === 0 ? name : `${" ".repeat(d - 1)} - ${short}`;
   };
 
