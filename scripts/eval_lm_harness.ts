@@ -52,7 +52,9 @@ async function createBackend(name: string): Promise<Backend> {
   try {
     await Deno.stat(path);
   } catch {
-    throw new TaskDataError(`--backend webgpu: ${path} does not exist yet (WebGPU backend not built)`);
+    throw new TaskDataError(
+      `--backend webgpu: ${path} does not exist yet (WebGPU backend not built)`,
+    );
   }
   const mod = await import(path);
   return await mod.createWebGpuBackend();
@@ -60,7 +62,10 @@ async function createBackend(name: string): Promise<Backend> {
 
 async function gitHash(): Promise<string | null> {
   try {
-    const out = await new Deno.Command("git", { args: ["rev-parse", "--short", "HEAD"], cwd: REPO_ROOT })
+    const out = await new Deno.Command("git", {
+      args: ["rev-parse", "--short", "HEAD"],
+      cwd: REPO_ROOT,
+    })
       .output();
     return out.success ? new TextDecoder().decode(out.stdout).trim() : null;
   } catch {
@@ -71,7 +76,9 @@ async function gitHash(): Promise<string | null> {
 function positiveInt(name: string, v: string | undefined, dflt: number | null): number | null {
   if (v === undefined) return dflt;
   const n = Number(v);
-  if (!Number.isInteger(n) || n < 0) throw new TaskDataError(`--${name} must be a non-negative integer, not "${v}"`);
+  if (!Number.isInteger(n) || n < 0) {
+    throw new TaskDataError(`--${name} must be a non-negative integer, not "${v}"`);
+  }
   return n;
 }
 
@@ -99,20 +106,26 @@ async function main(): Promise<void> {
     console.log(`groups: ${[...GROUPS.keys()].join(", ")}`);
     return;
   }
-  const requested = (args.tasks ?? DEFAULT_TASKS.join(",")).split(",").map((s) => s.trim()).filter(Boolean);
+  const requested = (args.tasks ?? DEFAULT_TASKS.join(",")).split(",").map((s) => s.trim()).filter(
+    Boolean,
+  );
   const batchSize = positiveInt("batch-size", args["batch-size"], 8)!;
   if (batchSize < 1) throw new TaskDataError("--batch-size must be at least 1");
   const numFewshot = positiveInt("num-fewshot", args["num-fewshot"], 0)!;
   let limit: number | null = null;
   if (args.limit !== undefined) {
     limit = Number(args.limit);
-    if (!(limit > 0)) throw new TaskDataError(`--limit must be a positive number, not "${args.limit}"`);
+    if (!(limit > 0)) {
+      throw new TaskDataError(`--limit must be a positive number, not "${args.limit}"`);
+    }
   }
 
   // Everything that can be wrong with the input is checked before any scoring.
   const leafNames = resolveTasks(requested);
   const tasks = [];
-  for (const name of leafNames) tasks.push(await loadTask(name, args["data-dir"]!, limit, numFewshot));
+  for (const name of leafNames) {
+    tasks.push(await loadTask(name, args["data-dir"]!, limit, numFewshot));
+  }
 
   const start = Date.now();
   const backend = await createBackend(args.backend!);
@@ -150,9 +163,14 @@ async function main(): Promise<void> {
     scored,
     { gitHash: await gitHash(), startTime: start, seconds },
   );
-  const truncated = Object.values(results.truncated_requests as Record<string, number>).reduce((a, b) => a + b, 0);
+  const truncated = Object.values(results.truncated_requests as Record<string, number>).reduce(
+    (a, b) => a + b,
+    0,
+  );
   if (truncated > 0) {
-    console.error(`warning: ${truncated} requests were longer than ${maxLength} tokens and left-truncated`);
+    console.error(
+      `warning: ${truncated} requests were longer than ${maxLength} tokens and left-truncated`,
+    );
   }
 
   const stamp = new Date(start).toISOString().replaceAll(":", "-").replace(/\.\d+Z$/, "");
@@ -168,13 +186,19 @@ async function main(): Promise<void> {
   }
   await writeJsonAtomic(file, results);
 
-  console.log(`moe-condense (${modelArgs}), limit: ${limit}, num_fewshot: ${numFewshot}, batch_size: ${batchSize}`);
+  console.log(
+    `moe-condense (${modelArgs}), limit: ${limit}, num_fewshot: ${numFewshot}, batch_size: ${batchSize}`,
+  );
   console.log(formatTable(results));
-  if (Object.keys(results.groups as object).length > 0) console.log("\n" + formatTable(results, "groups"));
+  if (Object.keys(results.groups as object).length > 0) {
+    console.log("\n" + formatTable(results, "groups"));
+  }
   const st = lm.stats;
   console.log(
     `\n${seconds.toFixed(1)} s, ${st.tokens} tokens in ${st.batches} forwards ` +
-      `(${(st.tokens / seconds).toFixed(0)} tokens/s, padding ${(100 * (1 - st.tokens / Math.max(1, st.paddedTokens))).toFixed(1)}%)`,
+      `(${(st.tokens / seconds).toFixed(0)} tokens/s, padding ${
+        (100 * (1 - st.tokens / Math.max(1, st.paddedTokens))).toFixed(1)
+      }%)`,
   );
   console.log(`results: ${file}`);
   model.close();
@@ -184,6 +208,8 @@ try {
   await main();
 } catch (e) {
   console.error(`error: ${(e as Error).message}`);
-  if (!(e instanceof TaskDataError)) console.error((e as Error).stack);
+  // Bad input gets one line; anything else is a bug worth a stack trace.
+  const argError = (e as { code?: string }).code?.startsWith("ERR_PARSE_ARGS");
+  if (!(e instanceof TaskDataError) && !argError) console.error((e as Error).stack);
   Deno.exit(1);
 }

@@ -107,7 +107,9 @@ function continuationItems(texts: string[], count: number, rnd: PyRandom): Item[
   const picked = rnd.sample(slots, Math.min(count, slots.length));
   return picked.map((s) => {
     let other = slots[rnd.randbelow(slots.length)];
-    while (other.text === s.text || other.next === s.next) other = slots[rnd.randbelow(slots.length)];
+    while (other.text === s.text || other.next === s.next) {
+      other = slots[rnd.randbelow(slots.length)];
+    }
     const item = shuffleIn(rnd, s.next, [other.next]);
     return { ...item, query: tail(texts[s.text].slice(0, s.at), CONTEXT_CHARS) };
   });
@@ -124,7 +126,9 @@ const valid = await passages("data/valid_sotu.jsonl");
 const calib = await passages("data/calib_sotu.jsonl");
 const moby = await passages("data/test_mobydick.jsonl");
 const mobyTest = moby.slice(0, moby.length - 20), mobyDev = moby.slice(moby.length - 20);
-const nCloze = Number(args.cloze), nCont = Number(args.continuation), nPpl = Number(args["ppl-docs"]);
+const nCloze = Number(args.cloze),
+  nCont = Number(args.continuation),
+  nPpl = Number(args["ppl-docs"]);
 
 // Each file gets its own RNG so changing one task's size leaves the others as they were.
 await writeJsonl(`${out}/sotu_cloze/test.jsonl`, clozeItems(valid, nCloze, new PyRandom(seed)));
@@ -137,7 +141,16 @@ await writeJsonl(
   `${out}/sotu_continuation/dev.jsonl`,
   continuationItems(calib, 50, new PyRandom(seed + 3)),
 );
-await writeJsonl(`${out}/mobydick_cloze/test.jsonl`, clozeItems(mobyTest, nCloze, new PyRandom(seed + 4)));
-await writeJsonl(`${out}/mobydick_cloze/dev.jsonl`, clozeItems(mobyDev, 50, new PyRandom(seed + 5)));
+await writeJsonl(
+  `${out}/mobydick_cloze/test.jsonl`,
+  clozeItems(mobyTest, nCloze, new PyRandom(seed + 4)),
+);
+await writeJsonl(
+  `${out}/mobydick_cloze/dev.jsonl`,
+  clozeItems(mobyDev, 50, new PyRandom(seed + 5)),
+);
 await writeJsonl(`${out}/sotu_ppl/test.jsonl`, valid.slice(0, nPpl).map((text) => ({ text })));
-await writeJsonl(`${out}/mobydick_ppl/test.jsonl`, mobyTest.slice(0, nPpl).map((text) => ({ text })));
+await writeJsonl(
+  `${out}/mobydick_ppl/test.jsonl`,
+  mobyTest.slice(0, nPpl).map((text) => ({ text })),
+);

@@ -7,7 +7,12 @@ import {
   modelInput,
   prefixTokenId,
 } from "../lib/eval/requests.ts";
-import { meanStderr, multipleChoiceScores, pooledSampleStderr, pyLen } from "../lib/eval/metrics.ts";
+import {
+  meanStderr,
+  multipleChoiceScores,
+  pooledSampleStderr,
+  pyLen,
+} from "../lib/eval/metrics.ts";
 import { PyRandom } from "../lib/eval/pyrandom.ts";
 import { hellaswagPreprocess, pyCapitalize } from "../lib/eval/tasks.ts";
 
@@ -48,9 +53,15 @@ Deno.test("empty context becomes the prefix token (BOS, else EOS)", () => {
 });
 
 Deno.test("model input is (ctx + cont)[-(max+1):][:-1] with left truncation", () => {
-  assert.deepStrictEqual(modelInput([1, 2, 3], [4, 5], 10), { input: [1, 2, 3, 4], truncated: false });
+  assert.deepStrictEqual(modelInput([1, 2, 3], [4, 5], 10), {
+    input: [1, 2, 3, 4],
+    truncated: false,
+  });
   assert.deepStrictEqual(modelInput([1, 2, 3], [4, 5], 3), { input: [2, 3, 4], truncated: true });
-  assert.deepStrictEqual(modelInput([1, 2, 3], [4, 5], 4), { input: [1, 2, 3, 4], truncated: false });
+  assert.deepStrictEqual(modelInput([1, 2, 3], [4, 5], 4), {
+    input: [1, 2, 3, 4],
+    truncated: false,
+  });
 });
 
 Deno.test("rolling windows: hand-worked, context_len 1 (loglikelihood_rolling)", () => {

@@ -3,7 +3,13 @@
 
 import assert from "node:assert";
 import { parquetWriteBuffer } from "npm:hyparquet-writer@0.17.0";
-import { buildResults, formatTable, loadTask, resolveTasks, scoreTasks } from "../lib/eval/evaluator.ts";
+import {
+  buildResults,
+  formatTable,
+  loadTask,
+  resolveTasks,
+  scoreTasks,
+} from "../lib/eval/evaluator.ts";
 import type { LanguageModel, LoglikelihoodRequest } from "../lib/eval/lm.ts";
 import { MMLU_CATEGORIES } from "../lib/eval/tasks.ts";
 
@@ -14,7 +20,9 @@ class FakeLM implements LanguageModel {
   constructor(readonly score: (r: LoglikelihoodRequest) => number) {}
   loglikelihood(reqs: LoglikelihoodRequest[]) {
     this.seen.push(...reqs);
-    return Promise.resolve(reqs.map((r) => ({ logprob: this.score(r), isGreedy: false, truncated: false })));
+    return Promise.resolve(
+      reqs.map((r) => ({ logprob: this.score(r), isGreedy: false, truncated: false })),
+    );
   }
   loglikelihoodRolling(texts: string[]) {
     return Promise.resolve(texts.map((t) => -t.length));
@@ -68,14 +76,27 @@ Deno.test("every harness task loads from its hub layout and builds the harness's
       label: "1",
     }]),
   );
-  await write(`${dir}/piqa/validation.jsonl`, jsonl([{ goal: "open a jar", sol1: "twist", sol2: "bite", label: 0 }]));
+  await write(
+    `${dir}/piqa/validation.jsonl`,
+    jsonl([{ goal: "open a jar", sol1: "twist", sol2: "bite", label: 0 }]),
+  );
   await write(
     `${dir}/allenai/winogrande/winogrande_xl/validation.parquet`,
-    parquet([{ sentence: "The cup fell off the table because _ was tilted.", option1: "the cup", option2: "the table", answer: "2" }]),
+    parquet([{
+      sentence: "The cup fell off the table because _ was tilted.",
+      option1: "the cup",
+      option2: "the table",
+      answer: "2",
+    }]),
   );
   await write(
     `${dir}/openbookqa/main/test.jsonl`,
-    jsonl([{ id: "7", question_stem: "The sun is a", choices: { text: ["star", "planet"], label: ["A", "B"] }, answerKey: " A" }]),
+    jsonl([{
+      id: "7",
+      question_stem: "The sun is a",
+      choices: { text: ["star", "planet"], label: ["A", "B"] },
+      answerKey: " A",
+    }]),
   );
   await write(
     `${dir}/rte/validation.json`,
@@ -83,17 +104,33 @@ Deno.test("every harness task loads from its hub layout and builds the harness's
   );
   await write(
     `${dir}/cais/mmlu/abstract_algebra/test-00000-of-00001.parquet`,
-    parquet([{ question: " What is 1+1? ", subject: "abstract_algebra", choices: ["1", "2", "3", "4"], answer: 1n }], {
+    parquet([{
+      question: " What is 1+1? ",
+      subject: "abstract_algebra",
+      choices: ["1", "2", "3", "4"],
+      answer: 1n,
+    }], {
       answer: "INT64",
     }),
   );
 
-  const names = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "winogrande", "openbookqa", "rte", "mmlu_abstract_algebra"];
+  const names = [
+    "arc_easy",
+    "arc_challenge",
+    "boolq",
+    "hellaswag",
+    "piqa",
+    "winogrande",
+    "openbookqa",
+    "rte",
+    "mmlu_abstract_algebra",
+  ];
   const tasks = [];
   for (const n of names) tasks.push(await loadTask(n, dir, null, 0));
   const lm = new FakeLM((r) => -r.continuation.length);
   const scored = await scoreTasks(lm, tasks, 0);
-  const reqs = (ctx: string, conts: string[]) => conts.map((c) => ({ context: ctx, continuation: c }));
+  const reqs = (ctx: string, conts: string[]) =>
+    conts.map((c) => ({ context: ctx, continuation: c }));
   assert.deepStrictEqual(lm.seen, [
     ...reqs("Question: Which is a gas?\nAnswer:", [" rock", " steam", " ice"]),
     ...reqs("Question: Which is a gas?\nAnswer:", [" rock", " steam", " ice"]),
@@ -141,7 +178,14 @@ Deno.test("winogrande scores the shared continuation under each option's context
 Deno.test("results: hand-computed acc/acc_norm/stderr, harness keys and table", async () => {
   const dir = await Deno.makeTempDir();
   // lls come from the continuation: a=-1, bbb=-2, cc=-3, d=-4, e=-5, f=-1 (see requests test)
-  const ll: Record<string, number> = { " a": -1, " bbb": -2, " cc": -3, " d": -4, " e": -5, " f": -1 };
+  const ll: Record<string, number> = {
+    " a": -1,
+    " bbb": -2,
+    " cc": -3,
+    " d": -4,
+    " e": -5,
+    " f": -1,
+  };
   await write(
     `${dir}/sotu_cloze/test.jsonl`,
     jsonl([
@@ -153,7 +197,15 @@ Deno.test("results: hand-computed acc/acc_norm/stderr, harness keys and table", 
   const task = await loadTask("sotu_cloze", dir, null, 0);
   const scored = await scoreTasks(new FakeLM((r) => ll[r.continuation]), [task], 0);
   const res = buildResults(
-    { model: "m", modelArgs: "", batchSize: 1, device: "cpu", limit: null, numFewshot: 0, requested: ["sotu_cloze"] },
+    {
+      model: "m",
+      modelArgs: "",
+      batchSize: 1,
+      device: "cpu",
+      limit: null,
+      numFewshot: 0,
+      requested: ["sotu_cloze"],
+    },
     [task],
     scored,
     { gitHash: null, startTime: 0, seconds: 1 },
@@ -165,10 +217,27 @@ Deno.test("results: hand-computed acc/acc_norm/stderr, harness keys and table", 
   assert.ok(Math.abs(r["acc_stderr,none"] - 1 / 3) < 1e-12);
   assert.ok(Math.abs(r["acc_norm_stderr,none"] - 1 / 3) < 1e-12);
   assert.strictEqual(r.alias, "sotu_cloze");
-  for (const k of ["groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples", "config", "git_hash", "date", "total_evaluation_time_seconds"]) {
+  for (
+    const k of [
+      "groups",
+      "group_subtasks",
+      "configs",
+      "versions",
+      "n-shot",
+      "higher_is_better",
+      "n-samples",
+      "config",
+      "git_hash",
+      "date",
+      "total_evaluation_time_seconds",
+    ]
+  ) {
     assert.ok(k in res, k);
   }
-  assert.deepStrictEqual((res["n-samples"] as Record<string, unknown>).sotu_cloze, { original: 3, effective: 3 });
+  assert.deepStrictEqual((res["n-samples"] as Record<string, unknown>).sotu_cloze, {
+    original: 3,
+    effective: 3,
+  });
   const table = formatTable(res);
   assert.match(table, /\|sotu_cloze\|\s+1\|none\s*\|\s+0\|acc\s*\|↑\|0\.3333\|±\|0\.3333\|/);
 });
@@ -180,10 +249,18 @@ Deno.test("mmlu: 57 subjects, groups weighted by size, first-n few-shot from dev
   let total = 0, correct = 0;
   for (const [i, s] of subjects.entries()) {
     // Sizes 1..3; the fake LM always answers "B"; gold B for some docs.
-    const docs = Array.from({ length: 1 + (i % 3) }, (_, j) => ({ question: `${s} ${j}`, choices: ["w", "x", "y", "z"], answer: (i + j) % 2 }));
+    const docs = Array.from(
+      { length: 1 + (i % 3) },
+      (_, j) => ({ question: `${s} ${j}`, choices: ["w", "x", "y", "z"], answer: (i + j) % 2 }),
+    );
     total += docs.length, correct += docs.filter((d) => d.answer === 1).length;
     await write(`${dir}/mmlu/${s}/test.jsonl`, jsonl(docs));
-    await write(`${dir}/mmlu/${s}/dev.jsonl`, jsonl([0, 1, 2].map((k) => ({ question: `dev${k}`, choices: ["a", "b", "c", "d"], answer: k }))));
+    await write(
+      `${dir}/mmlu/${s}/dev.jsonl`,
+      jsonl(
+        [0, 1, 2].map((k) => ({ question: `dev${k}`, choices: ["a", "b", "c", "d"], answer: k })),
+      ),
+    );
   }
   const names = resolveTasks(["mmlu"]);
   assert.strictEqual(names.length, 57);
@@ -196,7 +273,15 @@ Deno.test("mmlu: 57 subjects, groups weighted by size, first-n few-shot from dev
       "dev0\nA. a\nB. b\nC. c\nD. d\nAnswer: A\n\ndev1\nA. a\nB. b\nC. c\nD. d\nAnswer: B\n\nabstract_algebra 0\n",
   ));
   const res = buildResults(
-    { model: "m", modelArgs: "", batchSize: 1, device: "cpu", limit: null, numFewshot: 2, requested: ["mmlu"] },
+    {
+      model: "m",
+      modelArgs: "",
+      batchSize: 1,
+      device: "cpu",
+      limit: null,
+      numFewshot: 2,
+      requested: ["mmlu"],
+    },
     tasks,
     scored,
     { gitHash: null, startTime: 0, seconds: 1 },
@@ -212,10 +297,18 @@ Deno.test("mmlu: 57 subjects, groups weighted by size, first-n few-shot from dev
 
 Deno.test("few-shot: default sampler draws like random.Random(1234).sample", async () => {
   const dir = await Deno.makeTempDir();
-  await write(`${dir}/piqa/validation.jsonl`, jsonl([{ goal: "G", sol1: "s1", sol2: "s2", label: 0 }]));
+  await write(
+    `${dir}/piqa/validation.jsonl`,
+    jsonl([{ goal: "G", sol1: "s1", sol2: "s2", label: 0 }]),
+  );
   await write(
     `${dir}/piqa/train.jsonl`,
-    jsonl(Array.from({ length: 10 }, (_, k) => ({ goal: `g${k}`, sol1: `a${k}`, sol2: `b${k}`, label: k % 2 }))),
+    jsonl(
+      Array.from(
+        { length: 10 },
+        (_, k) => ({ goal: `g${k}`, sol1: `a${k}`, sol2: `b${k}`, label: k % 2 }),
+      ),
+    ),
   );
   const task = await loadTask("piqa", dir, null, 3);
   const lm = new FakeLM(() => -1);
@@ -229,14 +322,19 @@ Deno.test("few-shot: default sampler draws like random.Random(1234).sample", asy
 
 Deno.test("--limit takes the first docs (a fraction < 1 takes a share)", async () => {
   const dir = await Deno.makeTempDir();
-  await write(`${dir}/piqa/validation.jsonl`, jsonl(Array.from({ length: 10 }, () => ({ goal: "g", sol1: "a", sol2: "b", label: 0 }))));
+  await write(
+    `${dir}/piqa/validation.jsonl`,
+    jsonl(Array.from({ length: 10 }, () => ({ goal: "g", sol1: "a", sol2: "b", label: 0 }))),
+  );
   assert.strictEqual((await loadTask("piqa", dir, 4, 0)).docs.length, 4);
   assert.strictEqual((await loadTask("piqa", dir, 0.25, 0)).docs.length, 3);
   assert.strictEqual((await loadTask("piqa", dir, 4, 0)).originalSize, 10);
 });
 
 Deno.test("shipped tasks load from data/tasks", async () => {
-  for (const n of ["sotu_cloze", "sotu_continuation", "mobydick_cloze", "sotu_ppl", "mobydick_ppl"]) {
+  for (
+    const n of ["sotu_cloze", "sotu_continuation", "mobydick_cloze", "sotu_ppl", "mobydick_ppl"]
+  ) {
     const t = await loadTask(n, "/nonexistent", null, 0);
     assert.ok(t.docs.length >= 16, n);
   }

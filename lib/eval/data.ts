@@ -47,7 +47,9 @@ export async function splitFilesIn(dir: string, split: string): Promise<string[]
   for (const name of [`${split}.jsonl`, `${split}.json`, `${split}.parquet`]) {
     if (await exists(`${dir}/${name}`)) return [`${dir}/${name}`];
   }
-  const shards = (await listDir(dir)).filter((n) => n.startsWith(`${split}-`) && n.endsWith(".parquet"));
+  const shards = (await listDir(dir)).filter((n) =>
+    n.startsWith(`${split}-`) && n.endsWith(".parquet")
+  );
   return shards.map((n) => `${dir}/${n}`);
 }
 

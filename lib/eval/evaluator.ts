@@ -33,7 +33,9 @@ export function resolveTasks(names: string[]): string[] {
     if (GROUPS.has(name)) return GROUPS.get(name)!.forEach(visit);
     if (!TASKS.has(name)) {
       throw new TaskDataError(
-        `unknown task "${name}" (see --help for the list; groups: ${[...GROUPS.keys()].join(", ")})`,
+        `unknown task "${name}" (see --help for the list; groups: ${
+          [...GROUPS.keys()].join(", ")
+        })`,
       );
     }
     if (!out.includes(name)) out.push(name);
@@ -116,6 +118,10 @@ export async function loadTask(
       );
     }
   }
+  // Choices and gold are checked for every doc now, so bad data fails before any scoring.
+  if (def.outputType === "multiple_choice") {
+    for (const d of [...docs, ...fewshotDocs]) choicesAndGold(def, d);
+  }
   return { def, docs, fewshotDocs, originalSize: all.length };
 }
 
@@ -160,7 +166,9 @@ function fewshotPrefix(task: LoadedTask, doc: SourcedDoc, n: number, rnd: PyRand
   }
   return selected.map((x) => {
     const { choices, gold } = choicesAndGold(def, x);
-    const target = def.multipleInputContinuation ? def.multipleInputContinuation(x.doc) : choices[gold];
+    const target = def.multipleInputContinuation
+      ? def.multipleInputContinuation(x.doc)
+      : choices[gold];
     return def.docToText(x.doc) + " " + target;
   }).join("\n\n") + "\n\n";
 }
@@ -204,7 +212,9 @@ export async function scoreTasks(
   const llRequests = flat.flatMap((i) => i.requests);
   const llResults = await lm.loglikelihood(llRequests);
   const rollingTexts = tasks.flatMap((t, k) =>
-    t.def.outputType === "loglikelihood_rolling" ? instances[k].map((i) => t.def.docToText(i.doc.doc)) : []
+    t.def.outputType === "loglikelihood_rolling"
+      ? instances[k].map((i) => t.def.docToText(i.doc.doc))
+      : []
   );
   const rollingResults = await lm.loglikelihoodRolling(rollingTexts);
 
@@ -352,7 +362,11 @@ export function buildResults(
       num_fewshot: cfg.numFewshot,
       metric_list: t.def.metrics.map((m) => ({
         metric: m,
-        aggregation: t.def.outputType === "multiple_choice" ? "mean" : m === "bits_per_byte" ? "bits_per_byte" : "weighted_perplexity",
+        aggregation: t.def.outputType === "multiple_choice"
+          ? "mean"
+          : m === "bits_per_byte"
+          ? "bits_per_byte"
+          : "weighted_perplexity",
         higher_is_better: t.def.outputType === "multiple_choice",
       })),
       output_type: t.def.outputType,
@@ -424,12 +438,25 @@ export function buildResults(
 }
 
 /** The harness's markdown table (make_table): one row per metric, groups in their own table. */
-export function formatTable(res: Record<string, unknown>, which: "results" | "groups" = "results"): string {
+export function formatTable(
+  res: Record<string, unknown>,
+  which: "results" | "groups" = "results",
+): string {
   const table = res[which] as Record<string, Record<string, unknown>>;
   const versions = res.versions as Record<string, number>;
   const nShot = res["n-shot"] as Record<string, number>;
   const hib = res.higher_is_better as Record<string, Record<string, boolean>>;
-  const header = [which === "groups" ? "Groups" : "Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr"];
+  const header = [
+    which === "groups" ? "Groups" : "Tasks",
+    "Version",
+    "Filter",
+    "n-shot",
+    "Metric",
+    "",
+    "Value",
+    "",
+    "Stderr",
+  ];
   const rows: string[][] = [];
   for (const [name, entry] of Object.entries(table)) {
     let first = true;
@@ -456,7 +483,10 @@ export function formatTable(res: Record<string, unknown>, which: "results" | "gr
   const right = new Set([1, 3, 6, 8]);
   const widths = header.map((h, c) => Math.max(h.length, ...rows.map((r) => r[c].length)));
   const line = (cells: string[]) =>
-    "|" + cells.map((x, c) => (right.has(c) ? x.padStart(widths[c]) : x.padEnd(widths[c]))).join("|") + "|";
-  const sep = "|" + widths.map((w, c) => (right.has(c) ? "-".repeat(w - 1) + ":" : "-".repeat(w))).join("|") + "|";
+    "|" +
+    cells.map((x, c) => (right.has(c) ? x.padStart(widths[c]) : x.padEnd(widths[c]))).join("|") +
+    "|";
+  const sep = "|" +
+    widths.map((w, c) => (right.has(c) ? "-".repeat(w - 1) + ":" : "-".repeat(w))).join("|") + "|";
   return [line(header), sep, ...rows.map(line)].join("\n");
 }

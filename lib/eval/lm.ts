@@ -183,7 +183,9 @@ export class ModelLM implements LanguageModel {
       const until = [...r.until];
       if (eosText !== null) until.push(eosText);
       const maxCtx = this.maxLength - maxGen;
-      if (maxCtx < 1) throw new Error(`request ${i}: max_gen_toks ${maxGen} leaves no room for context`);
+      if (maxCtx < 1) {
+        throw new Error(`request ${i}: max_gen_toks ${maxGen} leaves no room for context`);
+      }
       let ctx = r.context === "" ? [this.prefixToken] : this.encode(r.context);
       if (ctx.length > maxCtx) ctx = ctx.slice(ctx.length - maxCtx);
       return { i, ctx, maxGen, until };
@@ -218,7 +220,12 @@ export class ModelLM implements LanguageModel {
 }
 
 /** log_softmax(logits[row])[token], in float64. */
-export function logSoftmaxAt(logits: Float32Array, row: number, vocab: number, token: number): number {
+export function logSoftmaxAt(
+  logits: Float32Array,
+  row: number,
+  vocab: number,
+  token: number,
+): number {
   const o = row * vocab;
   let max = -Infinity;
   for (let j = 0; j < vocab; j++) if (logits[o + j] > max) max = logits[o + j];
