@@ -79,7 +79,10 @@ async function measureModel(dir: string, backendName: string, opts: Record<strin
   sample();
   const { batch, prompt, decode, repeats } = opts;
   const vocab = model.spec.vocab;
-  const ids = Int32Array.from({ length: batch * prompt }, (_, i) => (i * 7919 + 13) % Math.min(vocab, 256));
+  const ids = Int32Array.from(
+    { length: batch * prompt },
+    (_, i) => (i * 7919 + 13) % Math.min(vocab, 256),
+  );
 
   const prefillTimes: number[] = [], decodeTimes: number[] = [];
   for (let r = 0; r <= repeats; r++) {
@@ -106,7 +109,10 @@ async function measureModel(dir: string, backendName: string, opts: Record<strin
     device: backend.description,
     params: countParams(model),
     weight_bytes_resident: model.residentBytes,
-    weight_bytes_on_disk: [...new Set(model.ckpt.files.values())].reduce((s, f) => s + fileBytes(f), 0),
+    weight_bytes_on_disk: [...new Set(model.ckpt.files.values())].reduce(
+      (s, f) => s + fileBytes(f),
+      0,
+    ),
     peak_rss_bytes: peakRss,
     prefill_tokens_per_s: (batch * prompt) / (median(prefillTimes) / 1000),
     decode_tokens_per_s: (batch * decode) / (median(decodeTimes) / 1000),
@@ -119,7 +125,9 @@ async function measureModel(dir: string, backendName: string, opts: Record<strin
 
 function argmax(logits: Float32Array, row: number, vocab: number): number {
   let best = 0;
-  for (let j = 1; j < vocab; j++) if (logits[row * vocab + j] > logits[row * vocab + best]) best = j;
+  for (let j = 1; j < vocab; j++) {
+    if (logits[row * vocab + j] > logits[row * vocab + best]) best = j;
+  }
   return best;
 }
 
@@ -185,19 +193,34 @@ async function main() {
       "max of Deno.memoryUsage().rss sampled after loading and after each timed phase; process-wide, so later models in one run include what earlier ones left (run one model per process for exact numbers)",
     models: rows,
   };
-  const file = args.output ?? `results/measure/measure_${out.date.replaceAll(":", "-").replace(/\.\d+Z$/, "")}.json`;
+  const file = args.output ??
+    `results/measure/measure_${out.date.replaceAll(":", "-").replace(/\.\d+Z$/, "")}.json`;
   await writeJsonAtomic(file, out);
 
   const mb = (b: number) => (b / 2 ** 20).toFixed(1);
-  const header = ["model", "total params", "active", "weights MiB", "peak RSS MiB", "prefill tok/s", "decode tok/s"];
-  console.log(`batch ${opts.batch}, prompt ${opts.prompt}, decode ${opts.decode}, median of ${opts.repeats} (${args.backend})`);
+  const header = [
+    "model",
+    "total params",
+    "active",
+    "weights MiB",
+    "peak RSS MiB",
+    "prefill tok/s",
+    "decode tok/s",
+  ];
+  console.log(
+    `batch ${opts.batch}, prompt ${opts.prompt}, decode ${opts.decode}, median of ${opts.repeats} (${args.backend})`,
+  );
   console.log(`|${header.join("|")}|\n|${header.map((_, i) => (i ? "---:" : "---")).join("|")}|`);
   for (const m of rows) {
     const r = m.ratios_vs_first;
     console.log(
       `|${m.model.split("/").pop()}|${m.params.total.toLocaleString("en")} (${r.total_params}x)|` +
-        `${m.params.active.toLocaleString("en")} (${r.active_params}x)|${mb(m.weight_bytes_resident)} (${r.weight_bytes_resident}x)|` +
-        `${mb(m.peak_rss_bytes)}|${m.prefill_tokens_per_s.toFixed(0)} (${r.prefill_tokens_per_s}x)|` +
+        `${m.params.active.toLocaleString("en")} (${r.active_params}x)|${
+          mb(m.weight_bytes_resident)
+        } (${r.weight_bytes_resident}x)|` +
+        `${mb(m.peak_rss_bytes)}|${
+          m.prefill_tokens_per_s.toFixed(0)
+        } (${r.prefill_tokens_per_s}x)|` +
         `${m.decode_tokens_per_s.toFixed(1)} (${r.decode_tokens_per_s}x)|`,
     );
   }
