@@ -3,7 +3,7 @@
 // {query, choices, gold} JSON-lines layout the evaluator reads.
 //
 //   sotu_cloze          next word after a passage prefix: true word vs a corpus word of similar length
-//   sotu_continuation   next sentence opening vs the opening of a sentence from another passage
+//   sotu_continuation   next words mid-sentence vs a mid-sentence phrase from another passage
 //   mobydick_cloze      sotu_cloze on Moby-Dick (out of domain)
 //   sotu_ppl / mobydick_ppl   whole passages for perplexity / bits per byte
 //
@@ -84,32 +84,34 @@ function clozeItems(texts: string[], count: number, rnd: PyRandom): Item[] {
   });
 }
 
-/** Opening words of a sentence, at least 16 characters. */
-function opening(sentence: string): string {
-  const words = sentence.split(" ");
+/** The next words after position `at` (a space), at least 12 characters, or null. */
+function nextWords(text: string, at: number): string | null {
+  const words = text.slice(at + 1).split(" ");
   let out = "";
   for (const w of words) {
     out = out ? `${out} ${w}` : w;
-    if (out.length >= 16) break;
+    if (out.length >= 12) break;
   }
-  return out;
+  // Lower-case words only, no sentence punctuation: no cue but the context itself.
+  return out.length >= 12 && /^[a-z][a-z' ]*[a-z]$/.test(out) ? out : null;
 }
 
-/** Next-sentence opening vs the opening of a sentence from another passage. */
+/**
+ * Mid-sentence continuation: the next words of the passage vs a phrase taken from the
+ * middle of a sentence of another passage (both lower case, about the same length).
+ */
 function continuationItems(texts: string[], count: number, rnd: PyRandom): Item[] {
   const slots: { text: number; at: number; next: string }[] = [];
   texts.forEach((t, ti) => {
-    for (const m of t.matchAll(/[.!?] ([A-Z][^.!?]{15,})/g)) {
-      const at = m.index! + 1; // context ends with the punctuation
-      if (at >= CONTEXT_CHARS) slots.push({ text: ti, at, next: opening(m[1]) });
+    for (const m of t.matchAll(/ (?=[a-z])/g)) {
+      const next = nextWords(t, m.index!);
+      if (m.index! >= CONTEXT_CHARS && next) slots.push({ text: ti, at: m.index!, next });
     }
   });
   const picked = rnd.sample(slots, Math.min(count, slots.length));
   return picked.map((s) => {
     let other = slots[rnd.randbelow(slots.length)];
-    while (other.text === s.text || other.next === s.next) {
-      other = slots[rnd.randbelow(slots.length)];
-    }
+    while (other.text === s.text || other.next === s.next) other = slots[rnd.randbelow(slots.length)];
     const item = shuffleIn(rnd, s.next, [other.next]);
     return { ...item, query: tail(texts[s.text].slice(0, s.at), CONTEXT_CHARS) };
   });
