@@ -334,7 +334,7 @@ Deno.test("--limit takes the first docs (a fraction < 1 takes a share)", async (
 
 Deno.test("shipped tasks load from data/tasks", async () => {
   for (
-    const n of ["sotu_cloze", "sotu_continuation", "mobydick_cloze", "sotu_ppl", "mobydick_ppl"]
+    const n of ["sotu_cloze", "sotu_word_order", "mobydick_cloze", "sotu_ppl", "mobydick_ppl"]
   ) {
     const t = await loadTask(n, "/nonexistent", null, 0);
     assert.ok(t.docs.length >= 16, n);

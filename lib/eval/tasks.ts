@@ -386,7 +386,7 @@ function shippedPerplexityTask(name: string): TaskDef {
   };
 }
 
-export const SHIPPED_TASKS = ["sotu_cloze", "sotu_continuation", "mobydick_cloze"];
+export const SHIPPED_TASKS = ["sotu_cloze", "sotu_word_order", "mobydick_cloze"];
 export const SHIPPED_PERPLEXITY_TASKS = ["sotu_ppl", "mobydick_ppl"];
 
 export const TASKS = new Map<string, TaskDef>();
