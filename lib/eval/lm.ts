@@ -38,7 +38,7 @@ export interface GenerateRequest {
 export interface LanguageModel {
   readonly maxLength: number;
   loglikelihood(requests: LoglikelihoodRequest[]): Promise<LoglikelihoodResult[]>;
-  /** One summed log-likelihood per text, and how many of its windows were truncated (never). */
+  /** One summed log-likelihood per text (rolling windows never need truncation). */
   loglikelihoodRolling(texts: string[]): Promise<number[]>;
   generateUntil(requests: GenerateRequest[]): Promise<string[]>;
 }
