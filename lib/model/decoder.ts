@@ -32,6 +32,19 @@ export interface ForwardHooks {
   onLayerOutput?: (layer: number, h: Tensor) => void | Promise<void>;
 }
 
+/**
+ * Per-layer key/value cache for incremental decoding (see generate.ts). k[l], v[l] are
+ * zero-initialised [batch * capacity, kvHeads * headDim] tensors (row b * capacity + t);
+ * `length` positions are filled. runLayer writes the new rows; the caller advances `length`.
+ */
+export interface KvCache {
+  batch: number;
+  capacity: number;
+  length: number;
+  k: Tensor[];
+  v: Tensor[];
+}
+
 export function positionsFor(shape: BatchShape, offset = 0): Int32Array {
   const pos = new Int32Array(shape.batch * shape.seqLen);
   for (let i = 0; i < pos.length; i++) pos[i] = offset + (i % shape.seqLen);
@@ -49,13 +62,14 @@ export async function runLayer(
   h: Tensor,
   shape: BatchShape,
   hooks: ForwardHooks = {},
+  cache?: KvCache,
 ): Promise<Tensor> {
   const be = model.backend, layer = model.spec.layers[l];
   const p = layerPrefix(l);
   let x = h;
   if (layer.attention) {
     const xn = be.rmsNorm(x, await model.weight(`${p}input_layernorm.weight`), model.spec.eps);
-    const attn = await attentionBlock(model, l, xn, shape);
+    const attn = await attentionBlock(model, l, xn, shape, cache);
     be.free(xn);
     x = be.add(h, attn);
     be.free(attn);
@@ -84,6 +98,7 @@ export async function attentionBlock(
   l: number,
   xn: Tensor,
   shape: BatchShape,
+  cache?: KvCache,
 ): Promise<Tensor> {
   const be = model.backend, s = model.spec, p = `${layerPrefix(l)}self_attn.`;
   const bias = async (
@@ -103,13 +118,32 @@ export async function attentionBlock(
     k = replace(k, be.clamp(k, s.clipQkv));
     v = replace(v, be.clamp(v, s.clipQkv));
   }
-  const pos = positionsFor(shape);
+  const past = cache ? cache.length : 0;
+  const pos = positionsFor(shape, past);
   q = replace(q, be.rope(q, pos, s.heads, s.headDim, s.ropeTheta, s.ropeLinearFactor));
   k = replace(k, be.rope(k, pos, s.kvHeads, s.headDim, s.ropeTheta, s.ropeLinearFactor));
+  if (cache) {
+    // Write the new rows into the zeroed cache (add == copy), then attend over all of it.
+    const kvLen = past + shape.seqLen;
+    if (kvLen > cache.capacity) throw new Error(`KV cache full (${kvLen} > ${cache.capacity})`);
+    const newRows = new Int32Array(shape.batch * shape.seqLen);
+    const allRows = new Int32Array(shape.batch * kvLen);
+    for (let b = 0; b < shape.batch; b++) {
+      for (let t = 0; t < shape.seqLen; t++) {
+        newRows[b * shape.seqLen + t] = b * cache.capacity + past + t;
+      }
+      for (let t = 0; t < kvLen; t++) allRows[b * kvLen + t] = b * cache.capacity + t;
+    }
+    const ones = new Float32Array(newRows.length).fill(1);
+    be.scatterAddRows(cache.k[l], k, newRows, ones);
+    be.scatterAddRows(cache.v[l], v, newRows, ones);
+    k = replace(k, be.gatherRows(cache.k[l], allRows));
+    v = replace(v, be.gatherRows(cache.v[l], allRows));
+  }
   const a = be.attention(q, k, v, {
     batch: shape.batch,
     qLen: shape.seqLen,
-    kvLen: shape.seqLen,
+    kvLen: cache ? cache.length + shape.seqLen : shape.seqLen,
     heads: s.heads,
     kvHeads: s.kvHeads,
     headDim: s.headDim,
