@@ -16,7 +16,7 @@ import {
 } from "../lib/eval/evaluator.ts";
 import { ModelLM } from "../lib/eval/lm.ts";
 import { GROUPS, SHIPPED_PERPLEXITY_TASKS, SHIPPED_TASKS, TASKS } from "../lib/eval/tasks.ts";
-import { writeJsonAtomic, writeTextAtomic } from "../lib/eval/write_json.ts";
+import { writeJsonAtomic, writeTextAtomic } from "../lib/io/results.ts";
 import { loadTokenizer } from "../lib/io/tokenizer.ts";
 import { Model } from "../lib/model/model.ts";
 

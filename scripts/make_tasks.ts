@@ -12,7 +12,7 @@
 
 import { parseArgs } from "node:util";
 import { PyRandom } from "../lib/eval/pyrandom.ts";
-import { writeTextAtomic } from "../lib/eval/write_json.ts";
+import { writeTextAtomic } from "../lib/io/results.ts";
 
 const HELP = `usage: deno run -A scripts/make_tasks.ts [--out data/tasks] [--seed 1234]
   [--cloze N] [--word-order N] [--ppl-docs N] [--context-chars N]

@@ -11,7 +11,7 @@
 import { parseArgs } from "node:util";
 import type { Backend } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
-import { writeJsonAtomic } from "../lib/eval/write_json.ts";
+import { writeJsonAtomic } from "../lib/io/results.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { createKvCache, forwardCached, freeKvCache } from "../lib/model/generate.ts";
 import { Model } from "../lib/model/model.ts";

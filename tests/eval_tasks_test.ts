@@ -2,8 +2,7 @@
 // gold per task, few-shot sampling, aggregation and the results shape, all with a fake LM.
 
 import assert from "node:assert";
-// deno-lint-ignore no-import-prefix
-import { parquetWriteBuffer } from "npm:hyparquet-writer@0.17.0";
+import { parquetWriteBuffer } from "hyparquet-writer";
 import {
   buildResults,
   formatTable,

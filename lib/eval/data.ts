@@ -3,9 +3,7 @@
 // `{split}-00000-of-0000N.parquet` shards). Every doc remembers its file and line (row)
 // so that bad input can be reported precisely.
 
-// Inline until deno.json imports gets "hyparquet": "npm:hyparquet@1.31.5".
-// deno-lint-ignore no-import-prefix
-import { parquetReadObjects } from "npm:hyparquet@1.31.5";
+import { parquetReadObjects } from "hyparquet";
 
 export type Doc = Record<string, unknown>;
 

@@ -31,13 +31,25 @@ export async function gitCommit(): Promise<string | null> {
   }
 }
 
-/** Write JSON to `path.tmp`, then rename over `path` (same directory, so atomic). */
-export async function writeJsonAtomic(path: string, value: unknown): Promise<void> {
-  const dir = path.substring(0, path.lastIndexOf("/"));
-  if (dir) await Deno.mkdir(dir, { recursive: true });
-  const tmp = `${path}.tmp`;
-  await Deno.writeTextFile(tmp, JSON.stringify(value, null, 2) + "\n");
-  await Deno.rename(tmp, path);
+/**
+ * Write text to a unique temp file beside `path`, then rename over it (same directory, so
+ * atomic): readers never see half a file, and a failed write leaves nothing behind.
+ */
+export async function writeTextAtomic(path: string, text: string): Promise<void> {
+  const dir = path.includes("/") ? path.slice(0, path.lastIndexOf("/")) : ".";
+  await Deno.mkdir(dir, { recursive: true });
+  const tmp = `${path}.tmp-${Deno.pid}-${Date.now()}`;
+  try {
+    await Deno.writeTextFile(tmp, text);
+    await Deno.rename(tmp, path);
+  } catch (e) {
+    await Deno.remove(tmp).catch(() => {});
+    throw e;
+  }
+}
+
+export function writeJsonAtomic(path: string, value: unknown): Promise<void> {
+  return writeTextAtomic(path, JSON.stringify(value, null, 2) + "\n");
 }
 
 /** Header for a new results/state file of `kind`. */
