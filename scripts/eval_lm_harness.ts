@@ -3,8 +3,7 @@
 // with the harness's keys. See docs/evaluation.md.
 
 import { parseArgs } from "node:util";
-import type { Backend } from "../lib/backend/backend.ts";
-import { CpuBackend } from "../lib/backend/cpu.ts";
+import { createBackend, UsageError } from "../lib/cli.ts";
 import { TaskDataError } from "../lib/eval/data.ts";
 import {
   buildResults,
@@ -44,21 +43,6 @@ Scores tasks like lm-evaluation-harness (loglikelihood / loglikelihood_rolling r
 Tasks: arc_easy arc_challenge boolq hellaswag piqa winogrande openbookqa rte mmlu
 (groups mmlu_stem, mmlu_other, mmlu_social_sciences, mmlu_humanities, or mmlu_<subject>),
 shipped: ${[...SHIPPED_TASKS, ...SHIPPED_PERPLEXITY_TASKS].join(" ")}`;
-
-async function createBackend(name: string): Promise<Backend> {
-  if (name === "cpu") return new CpuBackend();
-  if (name !== "webgpu") throw new TaskDataError(`--backend must be cpu or webgpu, not "${name}"`);
-  const path = `${REPO_ROOT}/lib/backend/webgpu.ts`;
-  try {
-    await Deno.stat(path);
-  } catch {
-    throw new TaskDataError(
-      `--backend webgpu: ${path} does not exist yet (WebGPU backend not built)`,
-    );
-  }
-  const mod = await import(path);
-  return await mod.createWebGpuBackend();
-}
 
 async function gitHash(): Promise<string | null> {
   try {
@@ -210,6 +194,8 @@ try {
   console.error(`error: ${(e as Error).message}`);
   // Bad input gets one line; anything else is a bug worth a stack trace.
   const argError = (e as { code?: string }).code?.startsWith("ERR_PARSE_ARGS");
-  if (!(e instanceof TaskDataError) && !argError) console.error((e as Error).stack);
+  if (!(e instanceof TaskDataError) && !(e instanceof UsageError) && !argError) {
+    console.error((e as Error).stack);
+  }
   Deno.exit(1);
 }
