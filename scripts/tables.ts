@@ -1,0 +1,270 @@
+// deno task tables: the CD-MoE paper's comparison on one model and task set. For each
+// configuration (unpruned; LayerDrop, BlockDrop, CD-MoE-S, CD-MoE-SR with n changed
+// layers, orders from a search result) it writes a real checkpoint, scores the tasks
+// like lm-evaluation-harness, and measures weight bytes, active parameters and prefill
+// speed side by side in one run. Output: a Markdown table in the paper's columns, an SVG
+// plot of average score against memory (the paper's Figure 2), and versioned JSON.
+
+import { createBackend, parseCli, runMain, UsageError } from "../lib/cli.ts";
+import { loadTask, REPO_ROOT, scoreTasks } from "../lib/eval/evaluator.ts";
+import { ModelLM } from "../lib/eval/lm.ts";
+import { countParams, measureModel } from "../lib/eval/measure.ts";
+import { SHIPPED_TASKS, TASKS } from "../lib/eval/tasks.ts";
+import { readResults, resultsHeader, writeJsonAtomic, writeTextAtomic } from "../lib/io/results.ts";
+import { loadTokenizer } from "../lib/io/tokenizer.ts";
+import { Model } from "../lib/model/model.ts";
+import { condenseFromSearch } from "../lib/methods/condense_job.ts";
+import { type Variant, VARIANTS } from "../lib/methods/layer_search.ts";
+import { SEARCH_KIND, SEARCH_SCHEMA } from "../lib/methods/search_job.ts";
+
+const USAGE = `Usage: deno task tables [options]
+
+Runs the grid unpruned + {variants} x {layers} and writes results/tables/<date>-<model>.{md,svg,json}.
+
+  --search FILE      search results (default: the newest results/search/*-<model>.json)
+  --variants LIST    layerdrop,blockdrop,s,sr (default all four)
+  --layers LIST      numbers of changed layers (default 1,2,3)
+  --tasks LIST       harness task names (default the shipped tasks: ${SHIPPED_TASKS.join(",")})
+  --data-dir DIR     downloaded HF datasets for non-shipped tasks (default data/hf)
+  --limit N          documents per task (default all)
+  --batch-size N     loglikelihood batch (default 8)
+  --backend NAME     cpu (default), cpu-reference, webgpu
+  --work-dir DIR     where the grid's checkpoints are written (default results/tmp/tables)
+  --out-dir DIR      default results/tables`;
+
+const KIND = "tables", SCHEMA_VERSION = 1;
+const LABEL: Record<Variant | "unpruned", string> = {
+  unpruned: "Unpruned",
+  layerdrop: "LayerDrop",
+  blockdrop: "BlockDrop",
+  s: "CD-MoE-S",
+  sr: "CD-MoE-SR",
+};
+// The paper reports acc_norm for these and acc for the rest (docs/evaluation.md).
+const ACC_NORM_TASKS = new Set(["arc_challenge", "hellaswag", "openbookqa"]);
+
+interface Row {
+  method: Variant | "unpruned";
+  layers: number;
+  dir: string;
+  activeParams: number;
+  weightBytes: number;
+  prefillTokensPerSecond: number;
+  scores: Record<string, number>;
+  stderrs: Record<string, number>;
+}
+
+function newestSearch(modelName: string): string {
+  const dir = `${REPO_ROOT}/results/search`;
+  const files: string[] = [];
+  try {
+    for (const e of Deno.readDirSync(dir)) {
+      if (e.name.endsWith(`-${modelName}.json`)) files.push(e.name);
+    }
+  } catch { /* no results yet */ }
+  if (!files.length) {
+    throw new UsageError(
+      `no search results for ${modelName} in ${dir}: run \`deno task search\` first or pass --search`,
+    );
+  }
+  return `${dir}/${files.sort().at(-1)}`;
+}
+
+function list(value: string | undefined, fallback: string): string[] {
+  return (value ?? fallback).split(",").map((s) => s.trim()).filter(Boolean);
+}
+
+await runMain(async () => {
+  const args = parseCli(USAGE, {
+    search: { type: "string" },
+    variants: { type: "string" },
+    layers: { type: "string" },
+    tasks: { type: "string" },
+    "data-dir": { type: "string" },
+    limit: { type: "string" },
+    "batch-size": { type: "string" },
+    backend: { type: "string" },
+    "work-dir": { type: "string" },
+    "out-dir": { type: "string" },
+  });
+  const variants = list(args.variants, "layerdrop,blockdrop,s,sr") as Variant[];
+  for (const v of variants) {
+    if (!VARIANTS.includes(v)) {
+      throw new UsageError(`unknown variant "${v}" (${VARIANTS.join(", ")})`);
+    }
+  }
+  const layerCounts = list(args.layers, "1,2,3").map(Number);
+  if (layerCounts.some((n) => !Number.isInteger(n) || n < 1)) {
+    throw new UsageError(`--layers must list positive integers`);
+  }
+  const taskNames = list(args.tasks, SHIPPED_TASKS.join(","));
+  for (const t of taskNames) if (!TASKS.has(t)) throw new UsageError(`unknown task "${t}"`);
+  const limit = args.limit === undefined ? null : Number(args.limit);
+  const batchSize = Number(args["batch-size"] ?? 8);
+
+  const defaultModel = `${REPO_ROOT}/data/models/tiny-deepseek-moe`;
+  const search = args.search ?? newestSearch(defaultModel.split("/").pop()!);
+  const searchResult = await readResults(search, SEARCH_KIND, SEARCH_SCHEMA);
+  const source = (searchResult.model as { path: string }).path;
+  const modelName = source.replace(/\/+$/, "").split("/").pop()!;
+  const workDir = args["work-dir"] ?? `${REPO_ROOT}/results/tmp/tables`;
+  const outDir = args["out-dir"] ?? `${REPO_ROOT}/results/tables`;
+  const tasks = await Promise.all(
+    taskNames.map((t) => loadTask(t, args["data-dir"] ?? "data/hf", limit, 0)),
+  );
+
+  // Every configuration becomes a real checkpoint, so bytes and speed are what a user ships.
+  const grid: { method: Variant | "unpruned"; layers: number; dir: string }[] = [
+    { method: "unpruned", layers: 0, dir: source },
+  ];
+  await Deno.remove(workDir, { recursive: true }).catch(() => {});
+  for (const variant of variants) {
+    for (const n of layerCounts) {
+      const dir = `${workDir}/${variant}-${n}`;
+      await condenseFromSearch({ search, variant, layers: n }, dir);
+      grid.push({ method: variant, layers: n, dir });
+    }
+  }
+
+  const backend = await createBackend(args.backend);
+  const tokenizer = await loadTokenizer(source);
+  const rows: Row[] = [];
+  const t0 = performance.now();
+  for (const [i, cfg] of grid.entries()) {
+    console.error(
+      `[${i + 1}/${grid.length}] ${LABEL[cfg.method]} ${cfg.layers || ""}: scoring ${
+        taskNames.join(", ")
+      }`,
+    );
+    const model = await Model.load(cfg.dir, backend);
+    const scored = await scoreTasks(new ModelLM(model, tokenizer, { batchSize }), tasks, 0);
+    const params = countParams(model);
+    model.close();
+    const speed = await measureModel(cfg.dir, backend, {
+      batch: 4,
+      prompt: 128,
+      decode: 1,
+      repeats: 3,
+    });
+    const metricOf = (t: string) => (ACC_NORM_TASKS.has(t) ? "acc_norm" : "acc");
+    rows.push({
+      ...cfg,
+      activeParams: params.active,
+      weightBytes: speed.weight_bytes_resident,
+      prefillTokensPerSecond: speed.prefill_tokens_per_s,
+      scores: Object.fromEntries(taskNames.map((t) => [t, scored.get(t)!.metrics[metricOf(t)]])),
+      stderrs: Object.fromEntries(
+        taskNames.map((t) => [t, scored.get(t)!.stderrs[metricOf(t)] as number]),
+      ),
+    });
+    const elapsed = (performance.now() - t0) / 1000;
+    console.error(
+      `  done; elapsed ${elapsed.toFixed(0)} s, ETA ${
+        ((elapsed / (i + 1)) * (grid.length - i - 1)).toFixed(0)
+      } s`,
+    );
+  }
+
+  const stem = `${new Date().toISOString().slice(0, 10)}-${modelName}`;
+  const markdown = markdownTable(rows, taskNames, search, backend.description);
+  await writeTextAtomic(`${outDir}/${stem}.md`, markdown);
+  await writeTextAtomic(`${outDir}/${stem}.svg`, svgPlot(rows, modelName));
+  await writeJsonAtomic(`${outDir}/${stem}.json`, {
+    ...(await resultsHeader(KIND, SCHEMA_VERSION)),
+    settings: {
+      search,
+      variants,
+      layers: layerCounts,
+      tasks: taskNames,
+      limit,
+      batch_size: batchSize,
+      backend: backend.description,
+    },
+    metric_per_task: Object.fromEntries(
+      taskNames.map((t) => [t, ACC_NORM_TASKS.has(t) ? "acc_norm" : "acc"]),
+    ),
+    rows,
+    wall_seconds: (performance.now() - t0) / 1000,
+  });
+  console.log(markdown);
+  console.error(`wrote ${outDir}/${stem}.{md,svg,json}`);
+});
+
+const average = (r: Row) =>
+  Object.values(r.scores).reduce((a, b) => a + b, 0) / Object.values(r.scores).length;
+
+function markdownTable(rows: Row[], tasks: string[], search: string, device: string): string {
+  const base = rows[0], baseAvg = average(base);
+  const pct = (x: number) => `${(100 * x).toFixed(1)}`;
+  const head = ["Method", "#L", "Active params", "MEM", "Speed", ...tasks, "AVG", "% of unpruned"];
+  const lines = [
+    `| ${head.join(" | ")} |`,
+    `|${head.map((_, i) => (i < 2 ? "---" : "---:")).join("|")}|`,
+    ...rows.map((r) =>
+      `| ${LABEL[r.method]} | ${r.layers || "–"} | ${(r.activeParams / 1e6).toFixed(2)}M | ` +
+      `${pct(r.weightBytes / base.weightBytes)}% | ` +
+      `${(r.prefillTokensPerSecond / base.prefillTokensPerSecond).toFixed(2)}× | ` +
+      tasks.map((t) => `${pct(r.scores[t])} ±${pct(r.stderrs[t])}`).join(" | ") +
+      ` | ${pct(average(r))} | ${pct(average(r) / baseAvg)}% |`
+    ),
+  ];
+  return `${
+    lines.join("\n")
+  }\n\nScores in % (acc; acc_norm for ARC-C, HellaSwag, OBQA) ± standard error. ` +
+    `MEM: weight bytes relative to the unpruned model. Speed: prefill tokens/s relative to unpruned ` +
+    `(batch 4 × 128, median of 3, ${device}). Layer orders from ${search.split("/").pop()}.\n`;
+}
+
+/** Average score against memory, one line per method (the paper's Figure 2). */
+function svgPlot(rows: Row[], modelName: string): string {
+  const W = 640, H = 420, L = 60, R = 150, T = 40, B = 50;
+  const xs = rows.map((r) => r.weightBytes / rows[0].weightBytes), ys = rows.map(average);
+  const xMin = Math.min(...xs) - 0.05, xMax = 1.02;
+  const yMin = Math.floor(Math.min(...ys) * 20) / 20, yMax = Math.ceil(Math.max(...ys) * 20) / 20;
+  const px = (x: number) => L + ((x - xMin) / (xMax - xMin)) * (W - L - R);
+  const py = (y: number) => H - B - ((y - yMin) / (yMax - yMin || 1)) * (H - T - B);
+  const colors: Record<string, string> = {
+    layerdrop: "#d62728",
+    blockdrop: "#ff7f0e",
+    s: "#1f77b4",
+    sr: "#2ca02c",
+  };
+  const parts: string[] = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+    `<text x="${L}" y="20" font-size="14">${modelName}: average score vs memory</text>`,
+    `<line x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}" stroke="black"/>`,
+    `<line x1="${L}" y1="${T}" x2="${L}" y2="${H - B}" stroke="black"/>`,
+    `<text x="${(L + W - R) / 2}" y="${
+      H - 12
+    }" text-anchor="middle">memory (weight bytes, fraction of unpruned)</text>`,
+    `<text x="16" y="${(T + H - B) / 2}" transform="rotate(-90 16 ${
+      (T + H - B) / 2
+    })" text-anchor="middle">average score</text>`,
+  ];
+  for (let i = 0; i <= 5; i++) {
+    const x = xMin + ((xMax - xMin) * i) / 5, y = yMin + ((yMax - yMin) * i) / 5;
+    parts.push(`<text x="${px(x)}" y="${H - B + 16}" text-anchor="middle">${x.toFixed(2)}</text>`);
+    parts.push(`<text x="${L - 6}" y="${py(y) + 4}" text-anchor="end">${y.toFixed(3)}</text>`);
+  }
+  const base = rows[0];
+  Object.entries(colors).forEach(([method, color], i) => {
+    const pts = [base, ...rows.filter((r) => r.method === method)];
+    if (pts.length < 2) return;
+    const coords = pts.map((r) => `${px(r.weightBytes / base.weightBytes)},${py(average(r))}`);
+    parts.push(
+      `<polyline points="${coords.join(" ")}" fill="none" stroke="${color}" stroke-width="2"/>`,
+    );
+    for (const c of coords) {
+      parts.push(
+        `<circle cx="${c.split(",")[0]}" cy="${c.split(",")[1]}" r="3.5" fill="${color}"/>`,
+      );
+    }
+    parts.push(
+      `<rect x="${W - R + 15}" y="${T + i * 20}" width="12" height="12" fill="${color}"/>`,
+    );
+    parts.push(`<text x="${W - R + 32}" y="${T + i * 20 + 10}">${LABEL[method as Variant]}</text>`);
+  });
+  parts.push("</svg>\n");
+  return parts.join("\n");
+}
