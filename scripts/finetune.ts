@@ -62,6 +62,7 @@ Options:
   --eval-docs N      documents of --eval to use (default 32)
   --save-every N     save the training state every N steps (default 10)
   --fresh            ignore an existing training state
+  --eval-only        only print the --eval loss of --model (no training, no --out)
   --backend B        cpu (default), cpu-reference or webgpu (when it has the backward ops)
   --results DIR      where to record the run (default results; writes results/finetune/)
   -h, --help         this help
@@ -119,9 +120,29 @@ await runMain(async () => {
     "eval-docs": { type: "string" },
     "save-every": { type: "string" },
     fresh: { type: "boolean" },
+    "eval-only": { type: "boolean" },
     backend: { type: "string" },
     results: { type: "string" },
   });
+  if (v["eval-only"]) {
+    if (!v.eval) throw new UsageError("--eval-only needs --eval FILE");
+    const dir = v.model ?? DEFAULT_MODEL;
+    const model = await Model.load(dir, await createBackend(v.backend));
+    const tok = await loadTokenizer(dir);
+    const texts = (await readTrainingTexts(v.eval)).slice(
+      0,
+      positive("eval-docs", v["eval-docs"], 32, true),
+    );
+    const seqs = makeSequences(tok, texts, {
+      length: positive("length", v.length, 256, true),
+      pack: false,
+      maskPadding: true,
+      bosTokenId: model.spec.bosTokenId,
+    });
+    const r = await evaluate(model, tok, seqs, 8);
+    console.log(JSON.stringify({ model: dir, eval: v.eval, ...r }));
+    return;
+  }
   if (!v.out) throw new UsageError("--out is required (see --help)");
   const out = v.out.replace(/\/+$/, "");
   const lr = positive("lr", v.lr, 1e-5, false);
