@@ -38,6 +38,145 @@ export interface AttentionShape {
   window: number | null;
 }
 
+/** AdamW hyper-parameters for one optimizer step (decoupled weight decay, as torch.optim.AdamW). */
+export interface AdamWHyper {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  /** 1-based step number, for the bias corrections 1 - beta^step. */
+  step: number;
+  /** The gradient is used as gradScale * grad (1 / accumulation steps times the clip factor). */
+  gradScale: number;
+}
+
+/**
+ * Backward ops for training, op-level as in llm.c: one backward per forward op, the
+ * model-level backward (lib/train/) chains them by hand. Conventions:
+ * - Gradients are f32 Tensors with the shape of what they are the gradient of.
+ * - Outputs named `...Grad` passed in by the caller (weight, bias, table gradients) are
+ *   ACCUMULATED (+=) so gradient accumulation over micro-batches and weights used twice
+ *   (tied embeddings) need no extra adds; the caller zeroes them with `zero`.
+ * - Every other output is a NEW tensor the caller frees.
+ * - Inputs are the same tensors (same values) the forward op received; ops that need the
+ *   forward output recompute it (cheap) unless it is passed explicitly.
+ * - Small per-token routing quantities (routing weights and their gradients) live on the
+ *   host, like the forward `routeTopK` result.
+ */
+export interface BackwardOps {
+  // (Kept apart from Backend so a backend without them still type-checks; training code
+  // asks for TrainingBackend.)
+  /**
+   * A weight the optimizer trains: its values are kept as an f32 master copy on the device
+   * (whatever raw.dtype is; the returned Weight reports dtype "F32") and used by every
+   * forward/backward op like any weight. `adamwStep` updates it in place. Frozen weights
+   * keep using uploadWeight (checkpoint dtype).
+   */
+  uploadTrainableWeight(raw: RawTensor): Weight;
+  /** The current f32 values of a weight (the master copy for a trainable one), [numel]. */
+  readWeight(w: Weight): Promise<Float32Array>;
+  /** Set every entry of t to 0, in place. */
+  zero(t: Tensor): void;
+  /** dst += src, elementwise, in place (same numel). */
+  addInPlace(dst: Tensor, src: Tensor): void;
+  /** sum of squares of all entries (for the global gradient norm), read to host. */
+  sumSquares(t: Tensor): Promise<number>;
+
+  /**
+   * Backward of y = x @ w^T (+ bias): x [N, K], w [M, K] (any dtype, trainable or not),
+   * dy [N, M].
+   * - returns dx = dy @ w, [N, K], when opts.needInput, else null;
+   * - opts.weightGrad [M, K] f32: += dy^T @ x;
+   * - opts.biasGrad [M]: += column sums of dy.
+   */
+  matmulBackward(
+    x: Tensor,
+    w: Weight,
+    dy: Tensor,
+    opts: { needInput: boolean; weightGrad?: Tensor; biasGrad?: Tensor },
+  ): Tensor | null;
+  /**
+   * Backward of y = w * x / rms(x) (row-wise, x [N, D], w [D]): returns dx [N, D];
+   * weightGrad [D] (optional) += sum over rows of dy * x / rms(x).
+   */
+  rmsNormBackward(x: Tensor, w: Weight, dy: Tensor, eps: number, weightGrad?: Tensor): Tensor;
+  /** Backward of silu(gate) * up: returns dGate, dUp with the shape of gate. */
+  swigluBackward(gate: Tensor, up: Tensor, dy: Tensor): { dGate: Tensor; dUp: Tensor };
+  /** Backward of clamp(x, limit): dx = dy where -limit <= x <= limit, else 0. */
+  clampBackward(x: Tensor, dy: Tensor, limit: number): Tensor;
+  /** Backward of rope (same arguments as rope): the inverse rotation of dy, [N, heads*headDim]. */
+  ropeBackward(
+    dy: Tensor,
+    positions: Int32Array,
+    heads: number,
+    headDim: number,
+    theta: number,
+    linearFactor: number,
+  ): Tensor;
+  /**
+   * Backward of attention (q, k, v after RoPE, same shape arguments as the forward): the
+   * probabilities are recomputed from q and k. Returns dq [B*qLen, heads*hd] and
+   * dk, dv [B*kvLen, kvHeads*hd] (summed over the query heads of each GQA group).
+   */
+  attentionBackward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dOut: Tensor,
+    shape: AttentionShape,
+  ): { dq: Tensor; dk: Tensor; dv: Tensor };
+  /** Backward of embedding: tableGrad [V, H] row ids[i] += dy[i] (dy [ids.length, H]). */
+  embeddingBackward(ids: Int32Array, dy: Tensor, tableGrad: Tensor): void;
+  /**
+   * Backward of scatterAddRows(out, y, rows, scales) with respect to y and the scales
+   * (the gradient to `out` passes through unchanged): dOut [N, H], y [rows.length, H].
+   * dy[i] = scales[i] * dOut[rows[i]]; dScales[i] = dot(dOut[rows[i]], y[i]) (host).
+   * (gatherRows' backward is scatterAddRows(dx, dxe, rows, ones).)
+   */
+  scatterAddRowsBackward(
+    dOut: Tensor,
+    y: Tensor,
+    rows: Int32Array,
+    scales: Float32Array,
+  ): Promise<{ dy: Tensor; dScales: Float32Array }>;
+  /**
+   * Backward of routeTopK for a fixed selection (the top-k choice is piecewise constant):
+   * logits [N, E], routing from the forward, dWeights [N, k] (host). The gradient flows
+   * through the softmax over all E experts into the selected weights only (renormalised
+   * by (sum of selected + eps) when normalize). Returns dLogits [N, E].
+   */
+  routeTopKBackward(
+    logits: Tensor,
+    routing: Routing,
+    dWeights: Float32Array,
+    normalize: boolean,
+    eps: number,
+  ): Tensor;
+  /** Backward of y * sigmoid(g): y [N, D], g [N, 1]; returns dy [N, D], dg [N, 1]. */
+  sigmoidScaleRowsBackward(y: Tensor, g: Tensor, dOut: Tensor): { dy: Tensor; dg: Tensor };
+  /**
+   * Softmax cross-entropy of logits [N, V] against targets [N]; rows whose target is
+   * ignoreIndex count neither in the loss nor the gradient. loss = mean over the `count`
+   * counted rows (0 when none); dLogits [N, V] = gradScale * (softmax - onehot) on counted
+   * rows, 0 elsewhere, with gradScale defaulting to 1 / count (pass 1 / total counted
+   * tokens of the whole accumulated batch to get its mean).
+   */
+  crossEntropy(
+    logits: Tensor,
+    targets: Int32Array,
+    ignoreIndex: number,
+    gradScale?: number,
+  ): Promise<{ loss: number; count: number; dLogits: Tensor }>;
+  /**
+   * One AdamW step in place on a trainable weight (from uploadTrainableWeight) with
+   * grad, m, v f32 tensors of its shape (m, v start at 0 and are updated in place):
+   * g = gradScale * grad; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+   * p -= lr * (wd * p + (m / (1-b1^step)) / (sqrt(v / (1-b2^step)) + eps)).
+   */
+  adamwStep(param: Weight, grad: Tensor, m: Tensor, v: Tensor, hyper: AdamWHyper): void;
+}
+
 export interface Backend {
   readonly name: "cpu" | "webgpu";
   /** Human-readable device description (adapter name for WebGPU). */
@@ -81,6 +220,13 @@ export interface Backend {
   sigmoidScaleRows(y: Tensor, g: Tensor): Tensor;
   /** y [N, D] * s, elementwise by a scalar. */
   scale(y: Tensor, s: number): Tensor;
+}
+
+/** A backend that can train: the forward ops plus the backward ops (CPU; WebGPU when it has them). */
+export interface TrainingBackend extends Backend, BackwardOps {}
+
+export function supportsTraining(be: Backend): be is TrainingBackend {
+  return typeof (be as Partial<BackwardOps>).matmulBackward === "function";
 }
 
 export function numelOf(shape: readonly number[]): number {

@@ -5,12 +5,13 @@
 import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import { type Blas, loadBlas } from "./blas.ts";
 import {
+  type AdamWHyper,
   type AttentionShape,
-  type Backend,
   numelOf,
   type Routing,
   rowsCols,
   type Tensor,
+  type TrainingBackend,
   type Weight,
   type WeightDType,
 } from "./backend.ts";
@@ -46,7 +47,7 @@ export interface CpuOptions {
   reference?: boolean;
 }
 
-export class CpuBackend implements Backend {
+export class CpuBackend implements TrainingBackend {
   readonly name = "cpu" as const;
   readonly description: string;
   private blas: Blas | null;
@@ -160,25 +161,9 @@ export class CpuBackend implements Backend {
     }
     const xs = t(x).data, out = new Float32Array(xs.length);
     const half = headDim / 2;
-    // cos/sin per distinct position (positions repeat across the batch), with HF's f32
-    // inv_freq = 1 / theta^(2i/d) and f32 angle.
-    const invFreq = Array.from(
-      { length: half },
-      (_, i) => Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim))),
-    );
-    const tables = new Map<number, [Float64Array, Float64Array]>();
+    const table = ropeTable(headDim, theta, linearFactor);
     for (let r = 0; r < n; r++) {
-      let cs = tables.get(positions[r]);
-      if (!cs) {
-        const pos = positions[r] / linearFactor;
-        cs = [new Float64Array(half), new Float64Array(half)];
-        for (let i = 0; i < half; i++) {
-          const angle = Math.fround(pos * invFreq[i]);
-          cs[0][i] = Math.cos(angle), cs[1][i] = Math.sin(angle);
-        }
-        tables.set(positions[r], cs);
-      }
-      const [cos, sin] = cs;
+      const [cos, sin] = table(positions[r]);
       for (let h = 0; h < heads; h++) {
         const o = r * d + h * headDim;
         for (let i = 0; i < half; i++) {
@@ -319,6 +304,472 @@ export class CpuBackend implements Backend {
   scale(y: Tensor, s: number): Tensor {
     return new CpuTensor(t(y).data.map((v) => v * s), y.shape);
   }
+
+  // ---- training: backward ops (see BackwardOps in backend.ts for the contract) ----
+
+  uploadTrainableWeight(raw: RawTensor): Weight {
+    // toFloat32 always returns a fresh array, so the master copy owns its values.
+    return new CpuWeight(raw.name, toFloat32(raw), raw.shape, "F32");
+  }
+  readWeight(x: Weight): Promise<Float32Array> {
+    return Promise.resolve(w(x).data.slice());
+  }
+  zero(x: Tensor): void {
+    t(x).data.fill(0);
+  }
+  addInPlace(dst: Tensor, src: Tensor): void {
+    const ds = t(dst).data, ss = t(src).data;
+    if (ds.length !== ss.length) {
+      throw new Error(`addInPlace: shapes [${dst.shape}] and [${src.shape}] differ`);
+    }
+    for (let i = 0; i < ds.length; i++) ds[i] += ss[i];
+  }
+  sumSquares(x: Tensor): Promise<number> {
+    let s = 0;
+    for (const v of t(x).data) s += v * v;
+    return Promise.resolve(s);
+  }
+
+  matmulBackward(
+    x: Tensor,
+    weight: Weight,
+    dy: Tensor,
+    opts: { needInput: boolean; weightGrad?: Tensor; biasGrad?: Tensor },
+  ): Tensor | null {
+    const [n, k] = rowsCols(x);
+    const [m] = weight.shape;
+    const xs = t(x).data, ws = w(weight).data, dys = t(dy).data;
+    if (dys.length !== n * m) throw new Error(`matmulBackward: dy [${dy.shape}] != [${n}, ${m}]`);
+    let dx: CpuTensor | null = null;
+    if (opts.needInput) dx = new CpuTensor(new Float32Array(n * k), [n, k]); // [N, K]
+    if (opts.biasGrad) {
+      const bg = t(opts.biasGrad).data;
+      for (let c = 0; c < m; c++) {
+        let s = 0;
+        for (let r = 0; r < n; r++) s += dys[r * m + c];
+        bg[c] += s;
+      }
+    }
+    if (n === 0) return dx;
+    if (this.blas) {
+      // dx[N, K] = dy[N, M] @ w[M, K]; dW[M, K] += dy^T @ x
+      if (dx) this.blas.sgemm(false, false, n, k, m, 1, dys, m, ws, k, 0, dx.data, k);
+      if (opts.weightGrad) {
+        this.blas.sgemm(true, false, m, k, n, 1, dys, m, xs, k, 1, t(opts.weightGrad).data, k);
+      }
+      return dx;
+    }
+    if (dx) {
+      const dxs = dx.data;
+      for (let r = 0; r < n; r++) {
+        for (let i = 0; i < k; i++) {
+          let s = 0;
+          for (let c = 0; c < m; c++) s += dys[r * m + c] * ws[c * k + i];
+          dxs[r * k + i] = s;
+        }
+      }
+    }
+    if (opts.weightGrad) {
+      const wg = t(opts.weightGrad).data;
+      for (let c = 0; c < m; c++) {
+        for (let i = 0; i < k; i++) {
+          let s = 0;
+          for (let r = 0; r < n; r++) s += dys[r * m + c] * xs[r * k + i];
+          wg[c * k + i] += s;
+        }
+      }
+    }
+    return dx;
+  }
+
+  rmsNormBackward(x: Tensor, weight: Weight, dy: Tensor, eps: number, weightGrad?: Tensor): Tensor {
+    const [n, d] = rowsCols(x);
+    const xs = t(x).data, ws = w(weight).data, dys = t(dy).data;
+    const dx = new Float32Array(n * d); // [N, D]
+    const wg = weightGrad ? t(weightGrad).data : null;
+    for (let r = 0; r < n; r++) {
+      const o = r * d;
+      let ss = 0;
+      for (let i = 0; i < d; i++) ss += xs[o + i] * xs[o + i];
+      const inv = 1 / Math.sqrt(ss / d + eps);
+      // y_i = w_i x_i inv  =>  dx_i = inv (w_i dy_i) - inv^3 x_i sum_j(w_j dy_j x_j) / D
+      let dot = 0;
+      for (let i = 0; i < d; i++) dot += ws[i] * dys[o + i] * xs[o + i];
+      const c = (inv * inv * inv * dot) / d;
+      for (let i = 0; i < d; i++) {
+        dx[o + i] = inv * ws[i] * dys[o + i] - c * xs[o + i];
+        if (wg) wg[i] += dys[o + i] * xs[o + i] * inv;
+      }
+    }
+    return new CpuTensor(dx, x.shape);
+  }
+
+  swigluBackward(gate: Tensor, up: Tensor, dy: Tensor): { dGate: Tensor; dUp: Tensor } {
+    const g = t(gate).data, u = t(up).data, dys = t(dy).data;
+    const dGate = new Float32Array(g.length), dUp = new Float32Array(g.length);
+    for (let i = 0; i < g.length; i++) {
+      const sig = 1 / (1 + Math.exp(-g[i]));
+      // d silu(g)/dg = sig (1 + g (1 - sig))
+      dGate[i] = dys[i] * u[i] * sig * (1 + g[i] * (1 - sig));
+      dUp[i] = dys[i] * g[i] * sig;
+    }
+    return { dGate: new CpuTensor(dGate, gate.shape), dUp: new CpuTensor(dUp, gate.shape) };
+  }
+
+  clampBackward(x: Tensor, dy: Tensor, limit: number): Tensor {
+    const xs = t(x).data, dys = t(dy).data, dx = new Float32Array(xs.length);
+    for (let i = 0; i < xs.length; i++) dx[i] = xs[i] >= -limit && xs[i] <= limit ? dys[i] : 0;
+    return new CpuTensor(dx, x.shape);
+  }
+
+  ropeBackward(
+    dy: Tensor,
+    positions: Int32Array,
+    heads: number,
+    headDim: number,
+    theta: number,
+    linearFactor: number,
+  ): Tensor {
+    const [n, d] = rowsCols(dy);
+    const dys = t(dy).data, dx = new Float32Array(dys.length);
+    const half = headDim / 2;
+    const table = ropeTable(headDim, theta, linearFactor);
+    for (let r = 0; r < n; r++) {
+      const [cos, sin] = table(positions[r]);
+      for (let h = 0; h < heads; h++) {
+        const o = r * d + h * headDim;
+        for (let i = 0; i < half; i++) {
+          // transpose of [[cos, -sin], [sin, cos]]
+          const da = dys[o + i], db = dys[o + i + half];
+          dx[o + i] = da * cos[i] + db * sin[i];
+          dx[o + i + half] = db * cos[i] - da * sin[i];
+        }
+      }
+    }
+    return new CpuTensor(dx, dy.shape);
+  }
+
+  attentionBackward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dOut: Tensor,
+    s: AttentionShape,
+  ): { dq: Tensor; dk: Tensor; dv: Tensor } {
+    const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
+    const qs = t(q).data, ks = t(k).data, vs = t(v).data, dos = t(dOut).data;
+    const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
+    const dq = new Float32Array(batch * qLen * qw); // [B*qLen, heads*hd]
+    const dk = new Float32Array(batch * kvLen * kw); // [B*kvLen, kvHeads*hd]
+    const dv = new Float32Array(batch * kvLen * kw);
+    const scale = 1 / Math.sqrt(headDim);
+    const result = () => ({
+      dq: new CpuTensor(dq, [batch * qLen, qw]),
+      dk: new CpuTensor(dk, [batch * kvLen, kw]),
+      dv: new CpuTensor(dv, [batch * kvLen, kw]),
+    });
+    if (this.blas) {
+      this.attentionBackwardBlas(qs, ks, vs, dos, dq, dk, dv, s, scale);
+      return result();
+    }
+    const p = new Float64Array(kvLen), dp = new Float64Array(kvLen);
+    for (let b = 0; b < batch; b++) {
+      for (let h = 0; h < heads; h++) {
+        const kh = Math.floor(h / group);
+        for (let i = 0; i < qLen; i++) {
+          const pos = kvLen - qLen + i;
+          const lo = window === null ? 0 : Math.max(0, pos - window + 1);
+          const qo = (b * qLen + i) * qw + h * headDim;
+          // recompute the probabilities of this query row
+          let max = -Infinity;
+          for (let j = lo; j <= pos; j++) {
+            const ko = (b * kvLen + j) * kw + kh * headDim;
+            let dot = 0;
+            for (let e = 0; e < headDim; e++) dot += qs[qo + e] * ks[ko + e];
+            p[j] = dot * scale;
+            if (p[j] > max) max = p[j];
+          }
+          let sum = 0;
+          for (let j = lo; j <= pos; j++) sum += p[j] = Math.exp(p[j] - max);
+          // dv_j += p_j dOut; dp_j = dOut . v_j; ds_j = p_j (dp_j - sum_l p_l dp_l)
+          let pdp = 0;
+          for (let j = lo; j <= pos; j++) {
+            p[j] /= sum;
+            const vo = (b * kvLen + j) * kw + kh * headDim;
+            let dot = 0;
+            for (let e = 0; e < headDim; e++) {
+              dot += dos[qo + e] * vs[vo + e];
+              dv[vo + e] += p[j] * dos[qo + e];
+            }
+            dp[j] = dot;
+            pdp += p[j] * dot;
+          }
+          for (let j = lo; j <= pos; j++) {
+            const ds = p[j] * (dp[j] - pdp) * scale;
+            const ko = (b * kvLen + j) * kw + kh * headDim;
+            for (let e = 0; e < headDim; e++) {
+              dq[qo + e] += ds * ks[ko + e];
+              dk[ko + e] += ds * qs[qo + e];
+            }
+          }
+        }
+      }
+    }
+    return result();
+  }
+
+  // Per (sequence, head): P recomputed as in attentionBlas, then dV += P^T dO,
+  // dP = dO V^T, dS = P (dP - rowsum(P dP)), dQ = scale dS K, dK += scale dS^T Q.
+  private attentionBackwardBlas(
+    qs: Float32Array,
+    ks: Float32Array,
+    vs: Float32Array,
+    dos: Float32Array,
+    dq: Float32Array,
+    dk: Float32Array,
+    dv: Float32Array,
+    s: AttentionShape,
+    scale: number,
+  ): void {
+    const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
+    const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
+    const blas = this.blas!;
+    const p = new Float32Array(qLen * kvLen); // [qLen, kvLen]
+    const dp = new Float32Array(qLen * kvLen); // [qLen, kvLen]
+    for (let b = 0; b < batch; b++) {
+      for (let h = 0; h < heads; h++) {
+        const kh = Math.floor(h / group);
+        const qOff = b * qLen * qw + h * headDim, kOff = b * kvLen * kw + kh * headDim;
+        const q = qs.subarray(qOff), k = ks.subarray(kOff), v = vs.subarray(kOff);
+        const dO = dos.subarray(qOff);
+        blas.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, p, kvLen);
+        for (let i = 0; i < qLen; i++) {
+          const pos = kvLen - qLen + i;
+          const lo = window === null ? 0 : Math.max(0, pos - window + 1);
+          const row = p.subarray(i * kvLen, (i + 1) * kvLen);
+          let max = -Infinity;
+          for (let j = lo; j <= pos; j++) if (row[j] > max) max = row[j];
+          let sum = 0;
+          for (let j = lo; j <= pos; j++) sum += row[j] = Math.exp(row[j] - max);
+          for (let j = 0; j < kvLen; j++) row[j] = j >= lo && j <= pos ? row[j] / sum : 0;
+        }
+        blas.sgemm(
+          true,
+          false,
+          kvLen,
+          headDim,
+          qLen,
+          1,
+          p,
+          kvLen,
+          dO,
+          qw,
+          1,
+          dv.subarray(kOff),
+          kw,
+        );
+        blas.sgemm(false, true, qLen, kvLen, headDim, 1, dO, qw, v, kw, 0, dp, kvLen);
+        for (let i = 0; i < qLen; i++) {
+          const o = i * kvLen;
+          let pdp = 0;
+          for (let j = 0; j < kvLen; j++) pdp += p[o + j] * dp[o + j];
+          for (let j = 0; j < kvLen; j++) dp[o + j] = p[o + j] * (dp[o + j] - pdp); // dS
+        }
+        blas.sgemm(
+          false,
+          false,
+          qLen,
+          headDim,
+          kvLen,
+          scale,
+          dp,
+          kvLen,
+          k,
+          kw,
+          0,
+          dq.subarray(qOff),
+          qw,
+        );
+        blas.sgemm(
+          true,
+          false,
+          kvLen,
+          headDim,
+          qLen,
+          scale,
+          dp,
+          kvLen,
+          q,
+          qw,
+          1,
+          dk.subarray(kOff),
+          kw,
+        );
+      }
+    }
+  }
+
+  embeddingBackward(ids: Int32Array, dy: Tensor, tableGrad: Tensor): void {
+    const [, h] = rowsCols(dy);
+    const dys = t(dy).data, tg = t(tableGrad).data;
+    for (let i = 0; i < ids.length; i++) {
+      const o = ids[i] * h;
+      for (let c = 0; c < h; c++) tg[o + c] += dys[i * h + c];
+    }
+  }
+
+  scatterAddRowsBackward(
+    dOut: Tensor,
+    y: Tensor,
+    rows: Int32Array,
+    scales: Float32Array,
+  ): Promise<{ dy: Tensor; dScales: Float32Array }> {
+    const [, h] = rowsCols(dOut);
+    const dos = t(dOut).data, ys = t(y).data;
+    const dy = new Float32Array(rows.length * h); // [rows, H]
+    const dScales = new Float32Array(rows.length);
+    for (let i = 0; i < rows.length; i++) {
+      const o = rows[i] * h;
+      let dot = 0;
+      for (let c = 0; c < h; c++) {
+        dy[i * h + c] = scales[i] * dos[o + c];
+        dot += dos[o + c] * ys[i * h + c];
+      }
+      dScales[i] = dot;
+    }
+    return Promise.resolve({ dy: new CpuTensor(dy, [rows.length, h]), dScales });
+  }
+
+  routeTopKBackward(
+    logits: Tensor,
+    routing: Routing,
+    dWeights: Float32Array,
+    normalize: boolean,
+    eps: number,
+  ): Tensor {
+    const [n, e] = rowsCols(logits);
+    const k = routing.indices.length / n;
+    const ls = t(logits).data, dl = new Float32Array(n * e); // [N, E]
+    const p = new Float64Array(e), dp = new Float64Array(e);
+    for (let r = 0; r < n; r++) {
+      let max = -Infinity;
+      for (let j = 0; j < e; j++) max = Math.max(max, ls[r * e + j]);
+      let sum = 0;
+      for (let j = 0; j < e; j++) sum += p[j] = Math.exp(ls[r * e + j] - max);
+      for (let j = 0; j < e; j++) p[j] /= sum;
+      // gradient to the probabilities: only the selected ones receive any
+      dp.fill(0);
+      if (normalize) {
+        // w_j = p_sj / (S + eps), S = sum of the selected p
+        let chosen = 0, dotWp = 0;
+        for (let j = 0; j < k; j++) {
+          const pj = p[routing.indices[r * k + j]];
+          chosen += pj, dotWp += dWeights[r * k + j] * pj;
+        }
+        const z = chosen + eps;
+        for (let j = 0; j < k; j++) {
+          dp[routing.indices[r * k + j]] += dWeights[r * k + j] / z - dotWp / (z * z);
+        }
+      } else {
+        for (let j = 0; j < k; j++) dp[routing.indices[r * k + j]] += dWeights[r * k + j];
+      }
+      // softmax backward: dlogit_j = p_j (dp_j - sum_l p_l dp_l)
+      let pdp = 0;
+      for (let j = 0; j < e; j++) pdp += p[j] * dp[j];
+      for (let j = 0; j < e; j++) dl[r * e + j] = p[j] * (dp[j] - pdp);
+    }
+    return new CpuTensor(dl, logits.shape);
+  }
+
+  sigmoidScaleRowsBackward(y: Tensor, g: Tensor, dOut: Tensor): { dy: Tensor; dg: Tensor } {
+    const [n, d] = rowsCols(y);
+    const ys = t(y).data, gs = t(g).data, dos = t(dOut).data;
+    const dy = new Float32Array(ys.length), dg = new Float32Array(n); // [N, D], [N, 1]
+    for (let r = 0; r < n; r++) {
+      const sig = 1 / (1 + Math.exp(-gs[r]));
+      let dot = 0;
+      for (let c = 0; c < d; c++) {
+        dy[r * d + c] = dos[r * d + c] * sig;
+        dot += dos[r * d + c] * ys[r * d + c];
+      }
+      dg[r] = dot * sig * (1 - sig);
+    }
+    return { dy: new CpuTensor(dy, y.shape), dg: new CpuTensor(dg, g.shape) };
+  }
+
+  crossEntropy(
+    logits: Tensor,
+    targets: Int32Array,
+    ignoreIndex: number,
+    gradScale?: number,
+  ): Promise<{ loss: number; count: number; dLogits: Tensor }> {
+    const [n, vocab] = rowsCols(logits);
+    const ls = t(logits).data, dl = new Float32Array(n * vocab); // [N, V]
+    let count = 0;
+    for (let r = 0; r < n; r++) if (targets[r] !== ignoreIndex) count++;
+    const g = gradScale ?? (count > 0 ? 1 / count : 0);
+    let lossSum = 0;
+    for (let r = 0; r < n; r++) {
+      const target = targets[r];
+      if (target === ignoreIndex) continue;
+      if (target < 0 || target >= vocab) throw new Error(`target ${target} out of range`);
+      const o = r * vocab;
+      let max = -Infinity;
+      for (let j = 0; j < vocab; j++) max = Math.max(max, ls[o + j]);
+      let sum = 0;
+      for (let j = 0; j < vocab; j++) sum += Math.exp(ls[o + j] - max);
+      lossSum += Math.log(sum) + max - ls[o + target];
+      for (let j = 0; j < vocab; j++) dl[o + j] = g * (Math.exp(ls[o + j] - max) / sum);
+      dl[o + target] -= g;
+    }
+    const loss = count > 0 ? lossSum / count : 0;
+    return Promise.resolve({ loss, count, dLogits: new CpuTensor(dl, logits.shape) });
+  }
+
+  adamwStep(param: Weight, grad: Tensor, m: Tensor, v: Tensor, hp: AdamWHyper): void {
+    const ps = w(param).data, gs = t(grad).data, ms = t(m).data, vs = t(v).data;
+    if (param.dtype !== "F32" || gs.length !== ps.length) {
+      throw new Error(`adamwStep: "${param.name}" is not a trainable weight of grad's size`);
+    }
+    const bc1 = 1 - hp.beta1 ** hp.step, bc2 = 1 - hp.beta2 ** hp.step;
+    for (let i = 0; i < ps.length; i++) {
+      const g = hp.gradScale * gs[i];
+      ms[i] = hp.beta1 * ms[i] + (1 - hp.beta1) * g;
+      vs[i] = hp.beta2 * vs[i] + (1 - hp.beta2) * g * g;
+      const update = ms[i] / bc1 / (Math.sqrt(vs[i] / bc2) + hp.eps);
+      ps[i] -= hp.lr * (hp.weightDecay * ps[i] + update);
+    }
+  }
+}
+
+/**
+ * cos/sin per distinct position (positions repeat across the batch), with HF's f32
+ * inv_freq = 1 / theta^(2i/d) and f32 angle. Shared by rope and ropeBackward.
+ */
+function ropeTable(
+  headDim: number,
+  theta: number,
+  linearFactor: number,
+): (position: number) => [Float64Array, Float64Array] {
+  const half = headDim / 2;
+  const invFreq = Array.from(
+    { length: half },
+    (_, i) => Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim))),
+  );
+  const tables = new Map<number, [Float64Array, Float64Array]>();
+  return (position) => {
+    let cs = tables.get(position);
+    if (!cs) {
+      const pos = position / linearFactor;
+      cs = [new Float64Array(half), new Float64Array(half)];
+      for (let i = 0; i < half; i++) {
+        const angle = Math.fround(pos * invFreq[i]);
+        cs[0][i] = Math.cos(angle), cs[1][i] = Math.sin(angle);
+      }
+      tables.set(position, cs);
+    }
+    return cs;
+  };
 }
 
 /** Indices of the k largest values, largest first; ties keep the lower index first. */

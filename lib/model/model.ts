@@ -2,7 +2,7 @@
 // a backend. Weights are uploaded on first use; the layer-wise mode releases each
 // layer's weights after use so only one layer is resident at a time.
 
-import type { Backend, Weight } from "../backend/backend.ts";
+import { type Backend, supportsTraining, type Weight } from "../backend/backend.ts";
 import {
   type Checkpoint,
   CheckpointError,
@@ -20,6 +20,8 @@ export class Model {
   /** Bytes of weights currently resident on the backend (checkpoint dtype). */
   residentBytes = 0;
   peakResidentBytes = 0;
+  /** Names uploaded as f32 trainable weights (lib/train); the rest stay in checkpoint dtype. */
+  readonly trainable = new Set<string>();
 
   constructor(readonly spec: ModelSpec, readonly ckpt: Checkpoint, readonly backend: Backend) {}
 
@@ -62,7 +64,15 @@ export class Model {
       );
     }
     const raw = this.extra.get(name) ?? await readTensor(this.ckpt, name);
-    const w = this.backend.uploadWeight(raw);
+    let w: Weight;
+    if (this.trainable.has(name)) {
+      if (!supportsTraining(this.backend)) {
+        throw new Error(`backend ${this.backend.name} has no backward ops: cannot train`);
+      }
+      w = this.backend.uploadTrainableWeight(raw);
+    } else {
+      w = this.backend.uploadWeight(raw);
+    }
     this.weights.set(name, w);
     this.residentBytes += raw.bytes.length;
     this.peakResidentBytes = Math.max(this.peakResidentBytes, this.residentBytes);

@@ -1,0 +1,515 @@
+// Hand-written backward through the decoder (llm.c style): a training forward that
+// mirrors lib/model/decoder.ts op for op while keeping what the backward needs in a
+// per-layer tape, and one backward function per block that chains the backend's
+// backward ops. Only trainable tensors (model.trainable) get a gradient; frozen ones
+// are skipped, and the backward stops below the lowest layer that holds a trainable
+// tensor. With `recompute`, only each layer's input is kept during the forward and the
+// layer is re-run (bit-identically: same ops, same routing) just before its backward.
+
+import type { Routing, Tensor, TrainingBackend, Weight } from "../backend/backend.ts";
+import {
+  denseName,
+  expertName,
+  layerPrefix,
+  routerName,
+  sharedGateName,
+  sharedName,
+} from "../model/config.ts";
+import { type BatchShape, positionsFor } from "../model/decoder.ts";
+import type { Model } from "../model/model.ts";
+
+/** Gradients of the trainable tensors, f32, by tensor name (accumulated across micro-batches). */
+export type Grads = Map<string, Tensor>;
+
+interface SwigluTape {
+  x: Tensor; // [N, H] input (owned by the caller's tape, not freed here)
+  g: Tensor; // [N, W] gate projection
+  u: Tensor; // [N, W] up projection
+  a: Tensor; // [N, W] silu(g) * u
+  y: Tensor; // [N, H] down projection
+  names: [string, string, string];
+}
+
+interface AttentionTape {
+  xn: Tensor; // [N, H] input_layernorm(h)
+  q0: Tensor; // [N, heads*hd] q_proj output
+  k0: Tensor; // [N, kvHeads*hd]
+  v0: Tensor;
+  qn?: Tensor; // q_norm / k_norm outputs (OLMoE)
+  kn?: Tensor;
+  q: Tensor; // after RoPE: attention inputs
+  k: Tensor;
+  v: Tensor; // after clamp
+  a: Tensor; // [N, heads*hd] attention output, o_proj input
+}
+
+interface ExpertTape {
+  expert: number;
+  rows: Int32Array; // token rows routed to this expert
+  slots: Int32Array; // index into routing.indices/weights for each row
+  scales: Float32Array;
+  mlp: SwigluTape;
+}
+
+interface MlpTape {
+  xn: Tensor; // [N, H] post_attention_layernorm(x)
+  dense?: SwigluTape;
+  shared?: SwigluTape;
+  sharedGate?: { g: Tensor; y: Tensor }; // gate logit [N, 1] and the gated output [N, H]
+  logits?: Tensor; // [N, E] router logits
+  routing?: Routing;
+  experts?: ExpertTape[];
+}
+
+interface LayerTape {
+  h: Tensor; // [N, H] layer input (residual stream)
+  attn?: AttentionTape;
+  x: Tensor; // [N, H] residual after attention (h itself when there is no attention)
+  mlp?: MlpTape;
+}
+
+async function w(model: Model, name: string): Promise<Weight> {
+  return await model.weight(name);
+}
+
+function be(model: Model): TrainingBackend {
+  return model.backend as TrainingBackend;
+}
+
+async function swigluForward(
+  model: Model,
+  x: Tensor,
+  names: [string, string, string],
+): Promise<SwigluTape> {
+  const b = be(model);
+  const g = b.matmul(x, await w(model, names[0]));
+  const u = b.matmul(x, await w(model, names[1]));
+  const a = b.swiglu(g, u);
+  const y = b.matmul(a, await w(model, names[2]));
+  return { x, g, u, a, y, names };
+}
+
+/** Backward of down(silu(gate x) * up x): returns dx [N, H]; frees the tape's g, u, a. */
+async function swigluBackward(
+  model: Model,
+  t: SwigluTape,
+  dy: Tensor,
+  grads: Grads,
+): Promise<Tensor> {
+  const b = be(model);
+  const [gate, up, down] = t.names;
+  const da = b.matmulBackward(t.a, await w(model, down), dy, {
+    needInput: true,
+    weightGrad: grads.get(down),
+  })!;
+  const { dGate, dUp } = b.swigluBackward(t.g, t.u, da);
+  b.free(da);
+  const dx = b.matmulBackward(t.x, await w(model, gate), dGate, {
+    needInput: true,
+    weightGrad: grads.get(gate),
+  })!;
+  const dx2 = b.matmulBackward(t.x, await w(model, up), dUp, {
+    needInput: true,
+    weightGrad: grads.get(up),
+  })!;
+  b.addInPlace(dx, dx2);
+  b.free(dx2), b.free(dGate), b.free(dUp), b.free(t.g), b.free(t.u), b.free(t.a);
+  return dx;
+}
+
+async function attentionForward(
+  model: Model,
+  l: number,
+  h: Tensor,
+  shape: BatchShape,
+): Promise<AttentionTape> {
+  const b = be(model), s = model.spec, p = `${layerPrefix(l)}self_attn.`;
+  const bias = async (name: string, on: boolean) =>
+    on ? await w(model, `${p}${name}.bias`) : undefined;
+  const xn = b.rmsNorm(h, await w(model, `${layerPrefix(l)}input_layernorm.weight`), s.eps);
+  const q0 = b.matmul(xn, await w(model, `${p}q_proj.weight`), await bias("q_proj", s.qkvBias));
+  const k0 = b.matmul(xn, await w(model, `${p}k_proj.weight`), await bias("k_proj", s.qkvBias));
+  const v0 = b.matmul(xn, await w(model, `${p}v_proj.weight`), await bias("v_proj", s.qkvBias));
+  const t: AttentionTape = { xn, q0, k0, v0 } as AttentionTape;
+  let q = q0, k = k0, v = v0;
+  if (s.qkNorm) {
+    q = t.qn = b.rmsNorm(q0, await w(model, `${p}q_norm.weight`), s.eps);
+    k = t.kn = b.rmsNorm(k0, await w(model, `${p}k_norm.weight`), s.eps);
+  }
+  if (s.clipQkv !== null) q = b.clamp(q, s.clipQkv), k = b.clamp(k, s.clipQkv);
+  if (s.clipQkv !== null) v = b.clamp(v0, s.clipQkv);
+  const pos = positionsFor(shape);
+  const qr = b.rope(q, pos, s.heads, s.headDim, s.ropeTheta, s.ropeLinearFactor);
+  const kr = b.rope(k, pos, s.kvHeads, s.headDim, s.ropeTheta, s.ropeLinearFactor);
+  if (s.clipQkv !== null) b.free(q), b.free(k);
+  t.q = qr, t.k = kr, t.v = v;
+  t.a = b.attention(qr, kr, v, attentionShape(model, l, shape));
+  return t;
+}
+
+function attentionShape(model: Model, l: number, shape: BatchShape) {
+  const s = model.spec;
+  return {
+    batch: shape.batch,
+    qLen: shape.seqLen,
+    kvLen: shape.seqLen,
+    heads: s.heads,
+    kvHeads: s.kvHeads,
+    headDim: s.headDim,
+    window: s.layers[l].window,
+  };
+}
+
+/** Backward of the attention block (from dOut of o_proj) down to dh; frees the tape. */
+async function attentionBackward(
+  model: Model,
+  l: number,
+  h: Tensor,
+  t: AttentionTape,
+  dOut: Tensor,
+  shape: BatchShape,
+  grads: Grads,
+): Promise<Tensor> {
+  const b = be(model), s = model.spec, p = `${layerPrefix(l)}self_attn.`;
+  const proj = (name: string) => `${p}${name}.weight`;
+  const biasGrad = (name: string, on: boolean) => on ? grads.get(`${p}${name}.bias`) : undefined;
+  const da = b.matmulBackward(t.a, await w(model, proj("o_proj")), dOut, {
+    needInput: true,
+    weightGrad: grads.get(proj("o_proj")),
+    biasGrad: biasGrad("o_proj", s.oBias),
+  })!;
+  const { dq, dk, dv } = b.attentionBackward(t.q, t.k, t.v, da, attentionShape(model, l, shape));
+  b.free(da);
+  const pos = positionsFor(shape);
+  let gq = b.ropeBackward(dq, pos, s.heads, s.headDim, s.ropeTheta, s.ropeLinearFactor);
+  let gk = b.ropeBackward(dk, pos, s.kvHeads, s.headDim, s.ropeTheta, s.ropeLinearFactor);
+  let gv = dv;
+  b.free(dq), b.free(dk);
+  const replace = (old: Tensor, next: Tensor) => (b.free(old), next);
+  if (s.clipQkv !== null) {
+    // the clamp inputs: q/k after their norm (if any), v straight from v_proj
+    gq = replace(gq, b.clampBackward(t.qn ?? t.q0, gq, s.clipQkv));
+    gk = replace(gk, b.clampBackward(t.kn ?? t.k0, gk, s.clipQkv));
+    gv = replace(gv, b.clampBackward(t.v0, gv, s.clipQkv));
+  }
+  if (s.qkNorm) {
+    gq = replace(
+      gq,
+      b.rmsNormBackward(
+        t.q0,
+        await w(model, `${p}q_norm.weight`),
+        gq,
+        s.eps,
+        grads.get(`${p}q_norm.weight`),
+      ),
+    );
+    gk = replace(
+      gk,
+      b.rmsNormBackward(
+        t.k0,
+        await w(model, `${p}k_norm.weight`),
+        gk,
+        s.eps,
+        grads.get(`${p}k_norm.weight`),
+      ),
+    );
+  }
+  let dxn: Tensor | null = null;
+  for (const [name, g] of [["q_proj", gq], ["k_proj", gk], ["v_proj", gv]] as const) {
+    const dx = b.matmulBackward(t.xn, await w(model, proj(name)), g, {
+      needInput: true,
+      weightGrad: grads.get(proj(name)),
+      biasGrad: biasGrad(name, s.qkvBias),
+    })!;
+    if (dxn) b.addInPlace(dxn, dx), b.free(dx);
+    else dxn = dx;
+    b.free(g);
+  }
+  const ln = `${layerPrefix(l)}input_layernorm.weight`;
+  const dh = b.rmsNormBackward(h, await w(model, ln), dxn!, s.eps, grads.get(ln));
+  b.free(dxn!);
+  for (const x of [t.xn, t.q0, t.k0, t.v0, t.qn, t.kn, t.q, t.k, t.a]) if (x) b.free(x);
+  if (t.v !== t.v0) b.free(t.v);
+  return dh;
+}
+
+/** The MLP block of layer l on x (residual after attention); returns the tape and output. */
+async function mlpForward(model: Model, l: number, x: Tensor): Promise<[MlpTape, Tensor]> {
+  const b = be(model), s = model.spec, mlp = s.layers[l].mlp;
+  const xn = b.rmsNorm(
+    x,
+    await w(model, `${layerPrefix(l)}post_attention_layernorm.weight`),
+    s.eps,
+  );
+  const t: MlpTape = { xn };
+  const gatedShared = async (): Promise<Tensor> => {
+    t.shared = await swigluForward(model, xn, [
+      sharedName(s, l, "gate"),
+      sharedName(s, l, "up"),
+      sharedName(s, l, "down"),
+    ]);
+    const g = b.matmul(xn, await w(model, sharedGateName(l))); // [N, 1]
+    const y = b.sigmoidScaleRows(t.shared.y, g);
+    t.sharedGate = { g, y };
+    return y;
+  };
+  if (mlp.kind === "dense") {
+    if (mlp.width === 0 && mlp.gatedShared) return [t, b.scale(await gatedShared(), 1)];
+    t.dense = await swigluForward(model, xn, [
+      denseName(l, "gate"),
+      denseName(l, "up"),
+      denseName(l, "down"),
+    ]);
+    if (!mlp.gatedShared) return [t, b.scale(t.dense.y, 1)];
+    return [t, b.add(t.dense.y, await gatedShared())];
+  }
+  if (mlp.kind !== "moe") throw new Error(`layer ${l}: no MLP to run`);
+  t.logits = b.matmul(xn, await w(model, routerName(s, l)));
+  t.routing = await b.routeTopK(t.logits, mlp.topK, mlp.renorm.normalize, mlp.renorm.eps);
+  let out: Tensor;
+  if (mlp.sharedWidth > 0 && mlp.sharedGate) out = b.scale(await gatedShared(), 1);
+  else if (mlp.sharedWidth > 0) {
+    t.shared = await swigluForward(model, xn, [
+      sharedName(s, l, "gate"),
+      sharedName(s, l, "up"),
+      sharedName(s, l, "down"),
+    ]);
+    out = b.scale(t.shared.y, 1);
+  } else {
+    out = b.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
+  }
+  t.experts = [];
+  const { indices, weights } = t.routing;
+  for (let e = 0; e < mlp.experts; e++) {
+    const slots: number[] = [];
+    for (let i = 0; i < indices.length; i++) if (indices[i] === e) slots.push(i);
+    if (slots.length === 0) continue;
+    const rows = Int32Array.from(slots, (i) => Math.floor(i / mlp.topK));
+    const scales = Float32Array.from(slots, (i) => weights[i]);
+    const xe = b.gatherRows(xn, rows);
+    const tape = await swigluForward(model, xe, [
+      expertName(s, l, e, "gate"),
+      expertName(s, l, e, "up"),
+      expertName(s, l, e, "down"),
+    ]);
+    b.scatterAddRows(out, tape.y, rows, scales);
+    t.experts.push({ expert: e, rows, slots: Int32Array.from(slots), scales, mlp: tape });
+  }
+  return [t, out];
+}
+
+/** Backward of the MLP block from dOut down to dx (through post_attention_layernorm); frees the tape. */
+async function mlpBackward(
+  model: Model,
+  l: number,
+  x: Tensor,
+  t: MlpTape,
+  dOut: Tensor,
+  grads: Grads,
+): Promise<Tensor> {
+  const b = be(model), s = model.spec, mlp = s.layers[l].mlp;
+  const dxn = b.tensor(new Float32Array(x.shape[0] * s.hidden), [x.shape[0], s.hidden]);
+  const addFree = (d: Tensor) => (b.addInPlace(dxn, d), b.free(d));
+  const plain = async (tape: SwigluTape, dy: Tensor) => {
+    addFree(await swigluBackward(model, tape, dy, grads));
+    b.free(tape.y);
+  };
+  if (t.dense) await plain(t.dense, dOut);
+  if (t.shared && t.sharedGate) {
+    const { dy, dg } = b.sigmoidScaleRowsBackward(t.shared.y, t.sharedGate.g, dOut);
+    const gate = sharedGateName(l);
+    addFree(
+      b.matmulBackward(t.xn, await w(model, gate), dg, {
+        needInput: true,
+        weightGrad: grads.get(gate),
+      })!,
+    );
+    await plain(t.shared, dy);
+    b.free(dy), b.free(dg), b.free(t.sharedGate.g), b.free(t.sharedGate.y);
+  } else if (t.shared) {
+    await plain(t.shared, dOut);
+  }
+  if (t.experts && mlp.kind === "moe") {
+    const dWeights = new Float32Array(t.routing!.weights.length); // [N, k]
+    const ones = new Float32Array(x.shape[0]).fill(1);
+    for (const e of t.experts) {
+      const { dy, dScales } = await b.scatterAddRowsBackward(dOut, e.mlp.y, e.rows, e.scales);
+      for (let j = 0; j < e.slots.length; j++) dWeights[e.slots[j]] = dScales[j];
+      const dxe = await swigluBackward(model, e.mlp, dy, grads);
+      b.scatterAddRows(dxn, dxe, e.rows, ones.subarray(0, e.rows.length)); // gatherRows backward
+      b.free(dy), b.free(dxe), b.free(e.mlp.x), b.free(e.mlp.y);
+    }
+    // the router: gradient through the selected routing weights only
+    const dLogits = b.routeTopKBackward(
+      t.logits!,
+      t.routing!,
+      dWeights,
+      mlp.renorm.normalize,
+      mlp.renorm.eps,
+    );
+    const router = routerName(s, l);
+    addFree(
+      b.matmulBackward(t.xn, await w(model, router), dLogits, {
+        needInput: true,
+        weightGrad: grads.get(router),
+      })!,
+    );
+    b.free(dLogits), b.free(t.logits!);
+  }
+  const ln = `${layerPrefix(l)}post_attention_layernorm.weight`;
+  const dx = b.rmsNormBackward(x, await w(model, ln), dxn, s.eps, grads.get(ln));
+  b.free(dxn), b.free(t.xn);
+  return dx;
+}
+
+/** One decoder layer with its tape; the output is a new tensor, the tape owns the rest. */
+async function layerForward(
+  model: Model,
+  l: number,
+  h: Tensor,
+  shape: BatchShape,
+): Promise<[LayerTape, Tensor]> {
+  const b = be(model), layer = model.spec.layers[l];
+  const tape: LayerTape = { h, x: h };
+  if (layer.attention) {
+    tape.attn = await attentionForward(model, l, h, shape);
+    const o = b.matmul(
+      tape.attn.a,
+      await w(model, `${layerPrefix(l)}self_attn.o_proj.weight`),
+      model.spec.oBias ? await w(model, `${layerPrefix(l)}self_attn.o_proj.bias`) : undefined,
+    );
+    tape.x = b.add(h, o);
+    b.free(o);
+  }
+  if (layer.mlp.kind === "none") return [tape, b.scale(tape.x, 1)];
+  const [mlpTape, y] = await mlpForward(model, l, tape.x);
+  tape.mlp = mlpTape;
+  const out = b.add(tape.x, y);
+  b.free(y);
+  return [tape, out];
+}
+
+/** Backward of one layer from dOut (gradient of its output) to dh; frees the tape except h. */
+async function layerBackward(
+  model: Model,
+  l: number,
+  tape: LayerTape,
+  dOut: Tensor,
+  shape: BatchShape,
+  grads: Grads,
+): Promise<Tensor> {
+  const b = be(model);
+  // residual: dx = dOut + mlp path
+  const dx = b.scale(dOut, 1);
+  if (tape.mlp) {
+    const d = await mlpBackward(model, l, tape.x, tape.mlp, dOut, grads);
+    b.addInPlace(dx, d), b.free(d);
+  }
+  if (tape.attn) {
+    const d = await attentionBackward(model, l, tape.h, tape.attn, dx, shape, grads);
+    b.addInPlace(dx, d), b.free(d);
+    b.free(tape.x);
+  }
+  return dx;
+}
+
+export interface LossResult {
+  /** Mean cross-entropy over the counted targets of this micro-batch. */
+  loss: number;
+  count: number;
+}
+
+/**
+ * Forward and backward of one micro-batch: ids [batch*seqLen], targets (same shape,
+ * ignoreIndex = not counted). Gradients are accumulated into `grads` (only the names it
+ * holds are computed) with dLogits scaled by gradScale (1 / counted tokens of the whole
+ * accumulated batch gives its mean). With `recompute`, layers are re-run in the backward.
+ */
+export async function lossAndGrad(
+  model: Model,
+  ids: Int32Array,
+  targets: Int32Array,
+  shape: BatchShape,
+  grads: Grads,
+  opts: { gradScale?: number; recompute?: boolean; ignoreIndex?: number } = {},
+): Promise<LossResult> {
+  const b = be(model), s = model.spec;
+  const ignore = opts.ignoreIndex ?? -100;
+  const lowest = lowestTrainableLayer(model, grads);
+  const embedName = "model.embed_tokens.weight";
+  const inputs: Tensor[] = []; // layer inputs
+  const tapes: (LayerTape | null)[] = [];
+  let h = b.embedding(await w(model, embedName), ids);
+  for (let l = 0; l < s.numLayers; l++) {
+    inputs.push(h);
+    const [tape, out] = await layerForward(model, l, h, shape);
+    if (opts.recompute || l < lowest) {
+      freeTape(model, tape);
+      tapes.push(null);
+    } else tapes.push(tape);
+    h = out;
+  }
+  const normW = await w(model, "model.norm.weight");
+  const hn = b.rmsNorm(h, normW, s.eps);
+  const head = await w(model, model.lmHeadName());
+  const logits = b.matmul(hn, head); // [N, V]
+  const ce = await b.crossEntropy(logits, targets, ignore, opts.gradScale);
+  b.free(logits);
+  // backward: lm head, final norm, layers from the top
+  const dhn = b.matmulBackward(hn, head, ce.dLogits, {
+    needInput: true,
+    weightGrad: grads.get(model.lmHeadName()),
+  })!;
+  b.free(ce.dLogits);
+  let dh = b.rmsNormBackward(h, normW, dhn, s.eps, grads.get("model.norm.weight"));
+  b.free(dhn), b.free(hn), b.free(h);
+  for (let l = s.numLayers - 1; l >= 0; l--) {
+    if (l < lowest) break;
+    let tape = tapes[l];
+    if (!tape) {
+      const [t, out] = await layerForward(model, l, inputs[l], shape); // recompute
+      b.free(out);
+      tape = t;
+    }
+    const next = await layerBackward(model, l, tape, dh, shape, grads);
+    b.free(dh);
+    dh = next;
+  }
+  const tableGrad = grads.get(embedName);
+  if (tableGrad && lowest === 0) b.embeddingBackward(ids, dh, tableGrad);
+  b.free(dh);
+  for (const x of inputs) b.free(x);
+  return { loss: ce.loss, count: ce.count };
+}
+
+/** The lowest layer the backward must reach: 0 when the embedding trains, numLayers when none. */
+function lowestTrainableLayer(model: Model, grads: Grads): number {
+  if (grads.has("model.embed_tokens.weight")) return 0;
+  let lowest = model.spec.numLayers;
+  for (const name of grads.keys()) {
+    const m = /^model\.layers\.(\d+)\./.exec(name);
+    if (m) lowest = Math.min(lowest, Number(m[1]));
+  }
+  return lowest;
+}
+
+function freeTape(model: Model, t: LayerTape): void {
+  const b = be(model);
+  const sw = (s?: SwigluTape) => {
+    if (s) { for (const x of [s.g, s.u, s.a, s.y]) b.free(x); }
+  };
+  if (t.attn) {
+    const a = t.attn;
+    for (const x of [a.xn, a.q0, a.k0, a.v0, a.qn, a.kn, a.q, a.k, a.a]) if (x) b.free(x);
+    if (a.v !== a.v0) b.free(a.v);
+    b.free(t.x);
+  }
+  if (t.mlp) {
+    const m = t.mlp;
+    sw(m.dense), sw(m.shared);
+    if (m.sharedGate) b.free(m.sharedGate.g), b.free(m.sharedGate.y);
+    if (m.logits) b.free(m.logits);
+    for (const e of m.experts ?? []) sw(e.mlp), b.free(e.mlp.x);
+    b.free(m.xn);
+  }
+}

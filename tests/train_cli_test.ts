@@ -1,0 +1,106 @@
+// scripts/finetune.ts end to end on the shipped tiny model (small shapes): bad input
+// gives one clear error line, non-zero exit and no output; a run killed mid-way and
+// rerun gives the same checkpoint bytes as an uninterrupted run; the output loads.
+import assert from "node:assert";
+import { CpuBackend } from "../lib/backend/cpu.ts";
+import { Model } from "../lib/model/model.ts";
+import { learningRate, shuffledOrder } from "../lib/train/trainer.ts";
+
+const SCRIPT = new URL("../scripts/finetune.ts", import.meta.url).pathname;
+const SMALL = [
+  "--trainable",
+  "model.layers.5.mlp.shared_experts.*",
+  "--length",
+  "24",
+  "--batch",
+  "2",
+  "--micro-batch",
+  "1",
+  "--lr",
+  "1e-3",
+];
+
+async function finetune(args: string[]) {
+  const r = await new Deno.Command("deno", {
+    args: ["run", "-A", SCRIPT, ...args],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return { code: r.code, stderr: new TextDecoder().decode(r.stderr) };
+}
+
+Deno.test("finetune: bad input is a one-line error, exit 1, nothing written", async () => {
+  const dir = await Deno.makeTempDir();
+  const empty = `${dir}/empty.jsonl`;
+  await Deno.writeTextFile(empty, '{"instances": [{"text": ""}]}\n');
+  const cases: [string[], RegExp][] = [
+    [["--trainable", "no.such.tensor.*"], /matches no tensor/],
+    [["--lr", "0"], /--lr must be a positive number/],
+    [["--batch=-2"], /--batch must be a positive integer/],
+    [["--data", empty], /no "instances" entry has a non-empty "text"/],
+  ];
+  for (const [args, message] of cases) {
+    const out = `${dir}/out`;
+    const r = await finetune([...SMALL, "--out", out, "--results", dir, ...args]);
+    assert.strictEqual(r.code, 1, r.stderr);
+    assert.match(r.stderr, message);
+    assert.doesNotMatch(r.stderr, /\n\s+at /, "no stack trace");
+    await assert.rejects(Deno.stat(out));
+  }
+  await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("finetune: killed and rerun equals one uninterrupted run; a foreign state file is refused", async () => {
+  const dir = await Deno.makeTempDir();
+  const common = [...SMALL, "--steps", "4", "--save-every", "1", "--results", dir];
+  const a = await finetune([...common, "--out", `${dir}/a`]);
+  assert.strictEqual(a.code, 0, a.stderr);
+
+  // run b, killed once it reports step 2 (the state holds step 1, 2 or 3), then rerun
+  const child = new Deno.Command("deno", {
+    args: ["run", "-A", SCRIPT, ...common, "--out", `${dir}/b`],
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  let seen = "";
+  while (!seen.includes("step 2/4")) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    seen += value;
+  }
+  child.kill("SIGKILL");
+  await child.status;
+  reader.releaseLock();
+  await child.stderr.cancel().catch(() => {});
+  await Deno.stat(`${dir}/b.train-state.safetensors`);
+  const b = await finetune([...common, "--out", `${dir}/b`]);
+  assert.strictEqual(b.code, 0, b.stderr);
+  assert.match(b.stderr, /resuming from .* at step [1-3]\/4/);
+  const bytesA = await Deno.readFile(`${dir}/a/model.safetensors`);
+  const bytesB = await Deno.readFile(`${dir}/b/model.safetensors`);
+  assert.deepStrictEqual(bytesA, bytesB, "resumed checkpoint differs");
+
+  // a state file that is not a training state is refused before anything is written
+  await Deno.copyFile(`${dir}/b/model.safetensors`, `${dir}/x.train-state.safetensors`);
+  const bad = await finetune([...common, "--out", `${dir}/x`]);
+  assert.strictEqual(bad.code, 1);
+  assert.match(bad.stderr, /not a moe-condense training state/);
+  await assert.rejects(Deno.stat(`${dir}/x`));
+
+  // the output loads like any other checkpoint and keeps the source dtype
+  const model = await Model.load(`${dir}/a`, new CpuBackend());
+  assert.strictEqual(model.ckpt.files.size > 0, true);
+  model.close();
+  await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("train schedules and data order", () => {
+  assert.strictEqual(learningRate(1, 4, 1, "linear"), 1);
+  assert.strictEqual(learningRate(3, 4, 1, "linear"), 0.5);
+  assert(Math.abs(learningRate(3, 4, 1, "cosine") - 0.5) < 1e-12);
+  assert.strictEqual(learningRate(2, 10, 1, "linear", 4), 0.5);
+  assert.deepStrictEqual(shuffledOrder(10, 3, 0), shuffledOrder(10, 3, 0));
+  assert.notDeepStrictEqual(shuffledOrder(10, 3, 0), shuffledOrder(10, 3, 1));
+  assert.deepStrictEqual([...shuffledOrder(10, 3, 0)].sort((a, b) => a - b), [...Array(10).keys()]);
+});

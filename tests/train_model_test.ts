@@ -1,0 +1,133 @@
+// The whole-model backward (lib/train/backward.ts) against central finite differences of
+// the loss computed by the ordinary decoder forward, on the f32 golden fixtures, for a
+// handful of entries in every kind of tensor: routed expert, shared expert, attention,
+// norms, router (through the selected weights), gated shared expert, tied embedding.
+import assert from "node:assert";
+import type { Tensor } from "../lib/backend/backend.ts";
+import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
+import { forward } from "../lib/model/decoder.ts";
+import { Model } from "../lib/model/model.ts";
+import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
+import { finiteDifference } from "./train_fd.ts";
+
+const FIXTURES = new URL("./fixtures/hf-golden/", import.meta.url).pathname;
+// The fixtures' weights are ~0.02 and their gradients ~1e-3, so a small step drowns in the
+// f32 rounding of the loss (~1e-7 of 5.5): a step of 1e-2 keeps that noise near 1e-3 relative.
+const H = 1e-2;
+const VERBOSE = Deno.env.get("TRAIN_FD_VERBOSE") === "1";
+
+/** Mean next-token cross-entropy of the decoder forward, in doubles, plus its routing. */
+async function decoderLoss(model: Model, ids: Int32Array, targets: Int32Array, shape: {
+  batch: number;
+  seqLen: number;
+}) {
+  const r = await forward(model, ids, shape, { collectRouter: true });
+  const v = model.spec.vocab;
+  let sum = 0, n = 0;
+  for (let i = 0; i < targets.length; i++) {
+    if (targets[i] < 0) continue;
+    let max = -Infinity;
+    for (let j = 0; j < v; j++) max = Math.max(max, r.logits[i * v + j]);
+    let s = 0;
+    for (let j = 0; j < v; j++) s += Math.exp(r.logits[i * v + j] - max);
+    sum += Math.log(s) + max - r.logits[i * v + targets[i]];
+    n++;
+  }
+  const routing = [...r.routing!.values()].map((x) => Array.from(x.indices).join()).join("|");
+  return { loss: sum / n, routing };
+}
+
+async function checkModel(fixture: string, names: string[], recompute: boolean) {
+  const be = new CpuBackend();
+  const model = await Model.load(`${FIXTURES}${fixture}`, be);
+  for (const n of names) model.trainable.add(n);
+  const shape = { batch: 2, seqLen: 7 };
+  const ids = Int32Array.from({ length: 14 }, (_, i) => (i * 37 + 11) % model.spec.vocab);
+  const targets = Int32Array.from(ids, (_, i) => (i % 7 === 6 ? -100 : ids[i + 1]));
+  const grads: Grads = new Map();
+  for (const n of names) {
+    const wt = await model.weight(n);
+    grads.set(n, be.tensor(new Float32Array(wt.shape.reduce((a, b) => a * b, 1)), wt.shape));
+  }
+  const { loss } = await lossAndGrad(model, ids, targets, shape, grads, { recompute });
+  const base = await decoderLoss(model, ids, targets, shape);
+  assert(
+    Math.abs(loss - base.loss) < 1e-5,
+    `training forward loss ${loss} != decoder ${base.loss}`,
+  );
+  const errors: string[] = [];
+  let worst = 0;
+  for (const n of names) {
+    const data = (await model.weight(n) as CpuWeight).data;
+    const g = await be.read(grads.get(n) as Tensor);
+    // the 10 largest-gradient entries (clear signal) plus 2 fixed others
+    const order = Array.from(g.keys()).sort((a, b) => Math.abs(g[b]) - Math.abs(g[a]));
+    const entries = [...order.slice(0, 10), order[Math.floor(order.length / 2)], 0];
+    // Entries whose FD step changes any top-k choice are skipped (the loss jumps there).
+    const fd = new Map<number, number>();
+    for (const i of entries) {
+      // near-tied router probabilities: retry with a 4x smaller step before skipping
+      for (const h of [H, H / 4]) {
+        let flipped = false;
+        const one = await finiteDifference(
+          data,
+          async () => {
+            const r = await decoderLoss(model, ids, targets, shape);
+            if (r.routing !== base.routing) flipped = true;
+            return r.loss;
+          },
+          h,
+          [i],
+        );
+        if (!flipped) {
+          fd.set(i, one.get(i)!);
+          break;
+        }
+      }
+    }
+    assert(fd.size >= 2, `${n}: only ${fd.size} entries without a routing flip`);
+    let gmax = 0;
+    for (const v of g) gmax = Math.max(gmax, Math.abs(v));
+    let err = 0;
+    for (const [i, f] of fd) err = Math.max(err, Math.abs(f - g[i]) / gmax);
+    worst = Math.max(worst, err);
+    if (VERBOSE) {
+      console.log(
+        `${fixture} ${n}: max |grad| ${gmax.toExponential(2)}, FD error ${err.toExponential(2)}`,
+      );
+    }
+    if (err > 1e-2) errors.push(`${n}: ${err}`);
+  }
+  model.close();
+  assert.deepStrictEqual(errors, [], `FD mismatches: ${errors.join(", ")}`);
+  return worst;
+}
+
+Deno.test("train model: deepseek-a gradient vs FD of the decoder loss (tape)", async () => {
+  await checkModel("deepseek-a", [
+    "model.layers.1.mlp.experts.3.gate_proj.weight",
+    "model.layers.2.mlp.experts.0.down_proj.weight",
+    "model.layers.2.mlp.shared_experts.up_proj.weight",
+    "model.layers.1.mlp.gate.weight",
+    "model.layers.2.self_attn.q_proj.weight",
+    "model.layers.1.self_attn.k_proj.weight",
+    "model.layers.3.self_attn.v_proj.weight",
+    "model.layers.3.self_attn.o_proj.weight",
+    "model.layers.0.mlp.up_proj.weight",
+    "model.layers.2.input_layernorm.weight",
+    "model.layers.3.post_attention_layernorm.weight",
+    "model.norm.weight",
+    "model.embed_tokens.weight",
+  ], false);
+});
+
+Deno.test("train model: qwen2_moe-a gradient vs FD (gated shared expert, recompute)", async () => {
+  await checkModel("qwen2_moe-a", [
+    "model.layers.0.mlp.shared_expert_gate.weight",
+    "model.layers.1.mlp.shared_expert.down_proj.weight",
+    "model.layers.1.mlp.experts.2.up_proj.weight",
+    "model.layers.2.mlp.gate.weight",
+    "model.layers.1.self_attn.q_proj.bias",
+    "model.layers.2.self_attn.k_proj.weight",
+  ], true);
+});
