@@ -5,14 +5,15 @@
 // limit are bound in row ranges. Each dispatch is submitted on its own: WebGPU orders
 // queue writes and submits, so pooled buffers can be reused as soon as a submit is queued.
 
-import type { RawTensor } from "../io/safetensors.ts";
+import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import {
+  type AdamWHyper,
   type AttentionShape,
-  type Backend,
   numelOf,
   type Routing,
   rowsCols,
   type Tensor,
+  type TrainingBackend,
   type Weight,
   type WeightDType,
 } from "./backend.ts";
@@ -42,11 +43,25 @@ const KERNEL_FILES = [
   "attention",
   "embedding",
   "moe",
+  // backward (training)
+  "matmul_backward",
+  "norm_backward",
+  "elementwise_backward",
+  "attention_backward",
+  "moe_backward",
+  "loss",
+  "adamw",
 ] as const;
 type KernelFile = (typeof KERNEL_FILES)[number];
 
 // Kernels that decode weights get kernels/weights.wgsl prepended.
-const USES_WEIGHTS: ReadonlySet<KernelFile> = new Set(["matmul", "norm", "embedding"]);
+const USES_WEIGHTS: ReadonlySet<KernelFile> = new Set([
+  "matmul",
+  "norm",
+  "embedding",
+  "matmul_backward",
+  "norm_backward",
+]);
 
 const kernelSources = new Map<KernelFile, string>();
 
@@ -145,7 +160,7 @@ const MAX_WORKGROUPS_PER_DIM = 65535;
 // Freed buffers kept for reuse, at most this many bytes in all; the rest are destroyed.
 const POOL_BYTES = 256 * 1024 * 1024;
 
-export class WebGpuBackend implements Backend {
+export class WebGpuBackend implements TrainingBackend {
   readonly name = "webgpu" as const;
   readonly maxBindingBytes: number;
   private readonly offsetAlign: number;
@@ -269,7 +284,8 @@ export class WebGpuBackend implements Backend {
       // Padded to 4 bytes: an odd count of 16-bit values leaves half a word.
       const buffer = this.device.createBuffer({
         size: Math.max(4, ceilDiv(bytes.length, 4) * 4),
-        usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST,
+        // COPY_SRC: readWeight copies chunks out (trainable master weights, checks).
+        usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC,
         mappedAtCreation: true,
       });
       new Uint8Array(buffer.getMappedRange()).set(bytes);
@@ -305,17 +321,25 @@ export class WebGpuBackend implements Backend {
 
   async read(x: Tensor): Promise<Float32Array> {
     const bytes = t(x).bytes;
+    if (bytes === 0) {
+      this.throwIfFailed();
+      return new Float32Array(0);
+    }
+    return new Float32Array(await this.readBytes(t(x).buffer, bytes));
+  }
+
+  /** The first `bytes` bytes (a multiple of 4) of a buffer, copied to the host. */
+  private async readBytes(buffer: GPUBuffer, bytes: number): Promise<ArrayBuffer> {
     this.throwIfFailed();
-    if (bytes === 0) return new Float32Array(0);
     const staging = this.device.createBuffer({
       size: bytes,
       usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
     });
     const encoder = this.device.createCommandEncoder();
-    encoder.copyBufferToBuffer(t(x).buffer, 0, staging, 0, bytes);
+    encoder.copyBufferToBuffer(buffer, 0, staging, 0, bytes);
     this.device.queue.submit([encoder.finish()]);
     await staging.mapAsync(GPUMapMode.READ);
-    const out = new Float32Array(staging.getMappedRange().slice(0));
+    const out = staging.getMappedRange().slice(0);
     staging.unmap();
     staging.destroy();
     this.throwIfFailed();
@@ -623,6 +647,19 @@ export class WebGpuBackend implements Backend {
     theta: number,
     linearFactor: number,
   ): Tensor {
+    return this.rotate(x, positions, heads, headDim, theta, linearFactor, 1);
+  }
+
+  /** RoPE with the sin table times `sinSign`: -1 rotates backwards (the transpose). */
+  private rotate(
+    x: Tensor,
+    positions: Int32Array,
+    heads: number,
+    headDim: number,
+    theta: number,
+    linearFactor: number,
+    sinSign: 1 | -1,
+  ): Tensor {
     const [n, d] = rowsCols(x);
     if (d !== heads * headDim) {
       throw new Error(`rope: row width ${d} != ${heads} heads x ${headDim}`);
@@ -636,7 +673,7 @@ export class WebGpuBackend implements Backend {
       for (let r = 0; r < n; r++) {
         const angle = Math.fround((positions[r] / linearFactor) * invFreq);
         cos[r * half + i] = Math.cos(angle);
-        sin[r * half + i] = Math.sin(angle);
+        sin[r * half + i] = sinSign * Math.sin(angle);
       }
     }
     const out = this.newTensor(x.shape);
@@ -778,6 +815,571 @@ export class WebGpuBackend implements Backend {
     }
     this.release(rowsBuf);
     this.release(scalesBuf);
+  }
+
+  // ---- training: backward ops (see BackwardOps in backend.ts for the contract) -------
+
+  uploadTrainableWeight(raw: RawTensor): Weight {
+    // The f32 master copy is an ordinary F32 weight (same row chunks), updated in place
+    // by adamwStep.
+    const values = toFloat32(raw);
+    return this.uploadWeight({
+      name: raw.name,
+      dtype: "F32",
+      shape: [...raw.shape],
+      bytes: new Uint8Array(values.buffer, values.byteOffset, values.byteLength),
+    });
+  }
+
+  async readWeight(weight: Weight): Promise<Float32Array> {
+    const gw = w(weight);
+    const rows = weight.shape.length >= 2 ? weight.shape[0] : 1;
+    const rowBytes = (numelOf(weight.shape) / Math.max(rows, 1)) * DTYPE_BYTES[weight.dtype];
+    const bytes = new Uint8Array(numelOf(weight.shape) * DTYPE_BYTES[weight.dtype]);
+    for (const chunk of gw.chunks) {
+      const got = await this.readBytes(chunk.buffer, chunk.buffer.size);
+      bytes.set(new Uint8Array(got, 0, chunk.rows * rowBytes), chunk.row0 * rowBytes);
+    }
+    return toFloat32({ name: weight.name, dtype: weight.dtype, shape: [...weight.shape], bytes });
+  }
+
+  zero(x: Tensor): void {
+    if (t(x).bytes === 0) return;
+    const encoder = this.device.createCommandEncoder();
+    encoder.clearBuffer(t(x).buffer, 0, t(x).bytes);
+    this.device.queue.submit([encoder.finish()]);
+  }
+
+  addInPlace(dst: Tensor, src: Tensor): void {
+    this.sameSize("addInPlace", dst, src);
+    for (const [i0, n] of this.rowChunks(numelOf(dst.shape), [4])) {
+      const srcRange = this.rowRange(t(src).buffer, i0, n, 4);
+      const dstRange = this.rowRange(t(dst).buffer, i0, n, 4, true);
+      this.run({
+        kernel: "elementwise_backward",
+        entry: "add_in_place",
+        params: [n, 1, { f32: 0 }, srcRange.skip, dstRange.skip, 0, 0, 0],
+        bindings: [srcRange, dstRange],
+        workgroups: ceilDiv(n, 64),
+      });
+    }
+  }
+
+  async sumSquares(x: Tensor): Promise<number> {
+    const BLOCK = 4096; // entries per workgroup, as in the kernel
+    let sum = 0;
+    for (const [i0, n] of this.rowChunks(numelOf(x.shape), [4])) {
+      const xRange = this.rowRange(t(x).buffer, i0, n, 4);
+      const groups = ceilDiv(n, BLOCK);
+      const partials = this.newTensor([groups]);
+      this.run({
+        kernel: "elementwise_backward",
+        entry: "sum_squares",
+        params: [n, 1, { f32: 0 }, xRange.skip, 0, 0, 0, 0],
+        bindings: [xRange, { buffer: partials.buffer, size: groups * 4, write: true }],
+        workgroups: groups,
+      });
+      for (const v of await this.read(partials)) sum += v;
+      this.free(partials);
+    }
+    return sum;
+  }
+
+  matmulBackward(
+    x: Tensor,
+    weight: Weight,
+    dy: Tensor,
+    opts: { needInput: boolean; weightGrad?: Tensor; biasGrad?: Tensor },
+  ): Tensor | null {
+    const [n, k] = rowsCols(x);
+    const [m, k2] = weight.shape;
+    if (weight.shape.length !== 2 || k !== k2) {
+      throw new Error(
+        `matmulBackward: x has ${k} columns but weight "${weight.name}" is [${weight.shape}]`,
+      );
+    }
+    if (numelOf(dy.shape) !== n * m) {
+      throw new Error(`matmulBackward: dy [${dy.shape}] != [${n}, ${m}]`);
+    }
+    if (opts.weightGrad && numelOf(opts.weightGrad.shape) !== m * k) {
+      throw new Error(`matmulBackward: weightGrad [${opts.weightGrad.shape}] != [${m}, ${k}]`);
+    }
+    if (opts.biasGrad && numelOf(opts.biasGrad.shape) !== m) {
+      throw new Error(`matmulBackward: biasGrad [${opts.biasGrad.shape}] != [${m}]`);
+    }
+    const dyBuf = t(dy).buffer;
+    let dx: GpuTensor | null = null;
+    if (opts.needInput) {
+      // dx [N, K] = sum over weight chunks of dy[:, chunk columns] @ chunk; the first
+      // chunk writes, the later ones add.
+      dx = this.newTensor([n, k]);
+      w(weight).chunks.forEach((chunk, ci) => {
+        for (const [r0, rows] of this.rowChunks(n, [k * 4, m * 4])) {
+          const dyRange = this.rowRange(dyBuf, r0, rows, m * 4);
+          const dxRange = this.rowRange(dx!.buffer, r0, rows, k * 4, true);
+          this.run({
+            kernel: "matmul_backward",
+            entry: "input_grad",
+            constants: { W_DTYPE: DTYPE_CODE[weight.dtype] },
+            params: [
+              rows,
+              k,
+              chunk.rows,
+              m,
+              chunk.row0,
+              dyRange.skip,
+              0,
+              dxRange.skip,
+              ci > 0 ? 1 : 0,
+            ],
+            bindings: [dyRange, { buffer: chunk.buffer }, dxRange],
+            workgroups: [ceilDiv(k, 16), ceilDiv(rows, 16)],
+          });
+        }
+      });
+    }
+    if (opts.weightGrad) {
+      // dW [M, K] += dy^T @ x, in bands of dW rows times row ranges of dy and x.
+      const dwBuf = t(opts.weightGrad).buffer;
+      for (const [c0, cols] of this.rowChunks(m, [k * 4])) {
+        const dwRange = this.rowRange(dwBuf, c0, cols, k * 4, true);
+        for (const [r0, rows] of this.rowChunks(n, [k * 4, m * 4])) {
+          const dyRange = this.rowRange(dyBuf, r0, rows, m * 4);
+          const xRange = this.rowRange(t(x).buffer, r0, rows, k * 4);
+          this.run({
+            kernel: "matmul_backward",
+            entry: "weight_grad",
+            params: [rows, k, cols, m, c0, dyRange.skip, xRange.skip, dwRange.skip, 1],
+            bindings: [dyRange, xRange, dwRange],
+            workgroups: [ceilDiv(k, 16), ceilDiv(cols, 16)],
+          });
+        }
+      }
+    }
+    if (opts.biasGrad) {
+      for (const [r0, rows] of this.rowChunks(n, [m * 4])) {
+        const dyRange = this.rowRange(dyBuf, r0, rows, m * 4);
+        this.run({
+          kernel: "matmul_backward",
+          entry: "bias_grad",
+          params: [rows, k, m, m, 0, dyRange.skip, 0, 0, 1],
+          bindings: [dyRange, { buffer: t(opts.biasGrad).buffer, size: m * 4, write: true }],
+          workgroups: ceilDiv(m, 64),
+        });
+      }
+    }
+    return dx;
+  }
+
+  rmsNormBackward(x: Tensor, weight: Weight, dy: Tensor, eps: number, weightGrad?: Tensor): Tensor {
+    const [n, d] = rowsCols(x);
+    if (numelOf(weight.shape) !== d) {
+      throw new Error(
+        `rmsNormBackward: rows of ${d} but weight "${weight.name}" is [${weight.shape}]`,
+      );
+    }
+    this.sameSize("rmsNormBackward", x, dy);
+    const dx = this.newTensor(x.shape);
+    const inv = this.newTensor([n]); // 1 / rms per row, for the weight gradient
+    for (const [r0, rows] of this.rowChunks(n, [d * 4, 4])) {
+      const xRange = this.rowRange(t(x).buffer, r0, rows, d * 4);
+      const dyRange = this.rowRange(t(dy).buffer, r0, rows, d * 4);
+      const dxRange = this.rowRange(dx.buffer, r0, rows, d * 4, true);
+      const invRange = this.rowRange(inv.buffer, r0, rows, 4, true);
+      const params = [
+        rows,
+        d,
+        { f32: eps },
+        xRange.skip,
+        dyRange.skip,
+        dxRange.skip,
+        invRange.skip,
+      ];
+      this.run({
+        kernel: "norm_backward",
+        entry: "rms_norm_backward",
+        constants: { W_DTYPE: DTYPE_CODE[weight.dtype] },
+        params,
+        bindings: [xRange, dyRange, { buffer: w(weight).chunks[0].buffer }, dxRange, invRange],
+        workgroups: rows,
+      });
+      if (weightGrad) {
+        this.run({
+          kernel: "norm_backward",
+          entry: "rms_norm_weight_grad",
+          params,
+          bindings: [
+            xRange,
+            dyRange,
+            { ...invRange, write: false },
+            { buffer: t(weightGrad).buffer, size: d * 4, write: true },
+          ],
+          workgroups: ceilDiv(d, 64),
+        });
+      }
+    }
+    this.free(inv);
+    return dx;
+  }
+
+  swigluBackward(gate: Tensor, up: Tensor, dy: Tensor): { dGate: Tensor; dUp: Tensor } {
+    this.sameSize("swigluBackward", gate, up);
+    this.sameSize("swigluBackward", gate, dy);
+    const dGate = this.newTensor(gate.shape), dUp = this.newTensor(gate.shape);
+    for (const [i0, n] of this.rowChunks(numelOf(gate.shape), [4])) {
+      const ranges = [
+        this.rowRange(t(gate).buffer, i0, n, 4),
+        this.rowRange(t(up).buffer, i0, n, 4),
+        this.rowRange(t(dy).buffer, i0, n, 4),
+        this.rowRange(dGate.buffer, i0, n, 4, true),
+        this.rowRange(dUp.buffer, i0, n, 4, true),
+      ];
+      this.run({
+        kernel: "elementwise_backward",
+        entry: "swiglu_backward",
+        params: [n, 1, { f32: 0 }, ...ranges.map((r) => r.skip)],
+        bindings: ranges,
+        workgroups: ceilDiv(n, 64),
+      });
+    }
+    return { dGate, dUp };
+  }
+
+  clampBackward(x: Tensor, dy: Tensor, limit: number): Tensor {
+    this.sameSize("clampBackward", x, dy);
+    const dx = this.newTensor(x.shape);
+    for (const [i0, n] of this.rowChunks(numelOf(x.shape), [4])) {
+      const xRange = this.rowRange(t(x).buffer, i0, n, 4);
+      const dyRange = this.rowRange(t(dy).buffer, i0, n, 4);
+      const dxRange = this.rowRange(dx.buffer, i0, n, 4, true);
+      this.run({
+        kernel: "elementwise_backward",
+        entry: "clamp_backward",
+        params: [n, 1, { f32: limit }, xRange.skip, dyRange.skip, 0, dxRange.skip, 0],
+        bindings: [xRange, dyRange, dxRange],
+        workgroups: ceilDiv(n, 64),
+      });
+    }
+    return dx;
+  }
+
+  ropeBackward(
+    dy: Tensor,
+    positions: Int32Array,
+    heads: number,
+    headDim: number,
+    theta: number,
+    linearFactor: number,
+  ): Tensor {
+    // The rotation is orthogonal: its transpose is the rotation by the negated angle.
+    return this.rotate(dy, positions, heads, headDim, theta, linearFactor, -1);
+  }
+
+  attentionBackward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dOut: Tensor,
+    s: AttentionShape,
+  ): { dq: Tensor; dk: Tensor; dv: Tensor } {
+    const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
+    const qw = heads * headDim, kw = kvHeads * headDim;
+    if (heads % kvHeads !== 0) {
+      throw new Error(`attentionBackward: ${heads} heads, ${kvHeads} kv heads`);
+    }
+    if (qLen > kvLen) throw new Error(`attentionBackward: qLen ${qLen} > kvLen ${kvLen}`);
+    if (
+      numelOf(q.shape) !== batch * qLen * qw || numelOf(k.shape) !== batch * kvLen * kw ||
+      numelOf(v.shape) !== batch * kvLen * kw || numelOf(dOut.shape) !== batch * qLen * qw
+    ) {
+      throw new Error(`attentionBackward: q [${q.shape}] / k [${k.shape}] do not match the shape`);
+    }
+    const dq = this.newTensor([batch * qLen, qw]); // [B*qLen, heads*hd]
+    const dk = this.newTensor([batch * kvLen, kw]); // [B*kvLen, kvHeads*hd]
+    const dv = this.newTensor([batch * kvLen, kw]);
+    // Chunks are whole sequences, as in the forward; (m, l, D) per query row and head.
+    const qBytes = qLen * qw * 4, kvBytes = kvLen * kw * 4, statBytes = heads * qLen * 12;
+    for (const [b0, seqs] of this.rowChunks(batch, [qBytes, kvBytes, statBytes])) {
+      const qRange = this.rowRange(t(q).buffer, b0, seqs, qBytes);
+      const kRange = this.rowRange(t(k).buffer, b0, seqs, kvBytes);
+      const vRange = this.rowRange(t(v).buffer, b0, seqs, kvBytes);
+      const doRange = this.rowRange(t(dOut).buffer, b0, seqs, qBytes);
+      const dqRange = this.rowRange(dq.buffer, b0, seqs, qBytes, true);
+      const dkRange = this.rowRange(dk.buffer, b0, seqs, kvBytes, true);
+      const dvRange = this.rowRange(dv.buffer, b0, seqs, kvBytes, true);
+      const stats = this.acquire(seqs * statBytes);
+      const params = [
+        seqs,
+        qLen,
+        kvLen,
+        heads,
+        kvHeads,
+        headDim,
+        window ?? 0,
+        { f32: 1 / Math.sqrt(headDim) },
+        qRange.skip,
+        kRange.skip,
+        vRange.skip,
+        doRange.skip,
+        dqRange.skip,
+        dkRange.skip,
+        dvRange.skip,
+      ];
+      const inputs = [qRange, kRange, vRange, doRange];
+      this.run({
+        kernel: "attention_backward",
+        entry: "attention_backward_query",
+        params,
+        bindings: [...inputs, { buffer: stats, size: seqs * statBytes, write: true }, dqRange],
+        workgroups: ceilDiv(seqs * heads * qLen, 64),
+      });
+      this.run({
+        kernel: "attention_backward",
+        entry: "attention_backward_kv",
+        params,
+        bindings: [...inputs, { buffer: stats, size: seqs * statBytes }, dkRange, dvRange],
+        workgroups: ceilDiv(seqs * kvLen * kvHeads, 64),
+      });
+      this.release(stats);
+    }
+    return { dq, dk, dv };
+  }
+
+  embeddingBackward(ids: Int32Array, dy: Tensor, tableGrad: Tensor): void {
+    const [vocab, h] = rowsCols(tableGrad);
+    this.checkRows("embeddingBackward", ids, vocab);
+    if (numelOf(dy.shape) !== ids.length * h) {
+      throw new Error(`embeddingBackward: dy [${dy.shape}] for ${ids.length} ids of width ${h}`);
+    }
+    if (ids.length === 0) return;
+    // Group the positions by id (ascending id, positions in order): CSR arrays.
+    const order = Int32Array.from(ids.keys()).sort((a, b) => ids[a] - ids[b] || a - b);
+    const distinct: number[] = [], starts: number[] = [];
+    order.forEach((pos, s) => {
+      if (s === 0 || ids[pos] !== ids[order[s - 1]]) distinct.push(ids[pos]), starts.push(s);
+    });
+    starts.push(order.length);
+    const idsBuf = this.upload(Int32Array.from(distinct));
+    const startsBuf = this.upload(Uint32Array.from(starts));
+    const posBuf = this.upload(order);
+    let u0 = 0; // first distinct id in the current band of table rows
+    for (const [g0, rowsInBand] of this.rowChunks(vocab, [h * 4])) {
+      let u1 = u0;
+      while (u1 < distinct.length && distinct[u1] < g0 + rowsInBand) u1++;
+      if (u1 > u0) {
+        const gRange = this.rowRange(t(tableGrad).buffer, g0, rowsInBand, h * 4, true);
+        for (const [d0, dyRows] of this.rowChunks(ids.length, [h * 4])) {
+          const dyRange = this.rowRange(t(dy).buffer, d0, dyRows, h * 4);
+          this.run({
+            kernel: "moe_backward",
+            entry: "embedding_backward",
+            params: [u1 - u0, h, g0, u0, d0, dyRows, dyRange.skip, gRange.skip],
+            bindings: [
+              { buffer: idsBuf },
+              { buffer: startsBuf },
+              { buffer: posBuf },
+              dyRange,
+              gRange,
+            ],
+            workgroups: ceilDiv((u1 - u0) * h, 64),
+          });
+        }
+      }
+      u0 = u1;
+    }
+    this.release(idsBuf);
+    this.release(startsBuf);
+    this.release(posBuf);
+  }
+
+  async scatterAddRowsBackward(
+    dOut: Tensor,
+    y: Tensor,
+    rows: Int32Array,
+    scales: Float32Array,
+  ): Promise<{ dy: Tensor; dScales: Float32Array }> {
+    const [n, h] = rowsCols(dOut);
+    this.checkRows("scatterAddRowsBackward", rows, n);
+    if (numelOf(y.shape) !== rows.length * h || scales.length !== rows.length) {
+      throw new Error(
+        `scatterAddRowsBackward: y [${y.shape}], ${rows.length} rows, ${scales.length} scales`,
+      );
+    }
+    const dy = this.newTensor([rows.length, h]); // [rows, H]
+    const dScales = this.newTensor([rows.length]);
+    const rowsBuf = this.upload(rows), scalesBuf = this.upload(scales);
+    // dOut chunks x selected-row chunks, as gatherRows.
+    for (const [s0, srcRows] of this.rowChunks(n, [h * 4])) {
+      const srcRange = this.rowRange(t(dOut).buffer, s0, srcRows, h * 4);
+      for (const [i0, count] of this.rowChunks(rows.length, [h * 4])) {
+        const dyRange = this.rowRange(dy.buffer, i0, count, h * 4, true);
+        this.run({
+          kernel: "moe_backward",
+          entry: "scatter_rows_backward_dy",
+          params: [count, h, s0, srcRows, i0, srcRange.skip, dyRange.skip],
+          bindings: [{ buffer: rowsBuf }, { buffer: scalesBuf }, srcRange, dyRange],
+          workgroups: ceilDiv(count * h, 64),
+        });
+        const yRange = this.rowRange(t(y).buffer, i0, count, h * 4);
+        this.run({
+          kernel: "moe_backward",
+          entry: "scatter_rows_backward_scales",
+          params: [count, h, s0, srcRows, i0, srcRange.skip, yRange.skip],
+          bindings: [
+            { buffer: rowsBuf },
+            yRange,
+            srcRange,
+            { buffer: dScales.buffer, size: rows.length * 4, write: true },
+          ],
+          workgroups: ceilDiv(count, 64),
+        });
+      }
+    }
+    this.release(rowsBuf);
+    this.release(scalesBuf);
+    const ds = await this.read(dScales);
+    this.free(dScales);
+    return { dy, dScales: ds };
+  }
+
+  routeTopKBackward(
+    logits: Tensor,
+    routing: Routing,
+    dWeights: Float32Array,
+    normalize: boolean,
+    eps: number,
+  ): Tensor {
+    const [n, e] = rowsCols(logits);
+    const dLogits = this.newTensor(logits.shape); // [N, E]
+    if (n === 0) return dLogits;
+    const k = routing.indices.length / n;
+    if (!Number.isInteger(k) || dWeights.length !== n * k) {
+      throw new Error(
+        `routeTopKBackward: ${routing.indices.length} indices, ${dWeights.length} dWeights, ${n} rows`,
+      );
+    }
+    this.checkRows("routeTopKBackward", routing.indices, e);
+    for (const [r0, rows] of this.rowChunks(n, [e * 4, k * 4])) {
+      const idxBuf = this.upload(routing.indices.subarray(r0 * k, (r0 + rows) * k));
+      const dwBuf = this.upload(dWeights.subarray(r0 * k, (r0 + rows) * k));
+      const inRange = this.rowRange(t(logits).buffer, r0, rows, e * 4);
+      const outRange = this.rowRange(dLogits.buffer, r0, rows, e * 4, true);
+      this.run({
+        kernel: "moe_backward",
+        entry: "route_topk_backward",
+        params: [rows, e, k, normalize ? 1 : 0, { f32: eps }, inRange.skip, outRange.skip],
+        bindings: [inRange, { buffer: idxBuf }, { buffer: dwBuf }, outRange],
+        workgroups: ceilDiv(rows, 64),
+      });
+      this.release(idxBuf);
+      this.release(dwBuf);
+    }
+    return dLogits;
+  }
+
+  sigmoidScaleRowsBackward(y: Tensor, g: Tensor, dOut: Tensor): { dy: Tensor; dg: Tensor } {
+    const [n, d] = rowsCols(y);
+    this.sameSize("sigmoidScaleRowsBackward", y, dOut);
+    // dy = dOut * sigmoid(g): the forward op applied to dOut.
+    const dy = this.sigmoidScaleRows(dOut, g);
+    const dg = this.newTensor(g.shape); // [N, 1]
+    for (const [r0, rows] of this.rowChunks(n, [d * 4, 4])) {
+      const yRange = this.rowRange(t(y).buffer, r0, rows, d * 4);
+      const gRange = this.rowRange(t(g).buffer, r0, rows, 4);
+      const doRange = this.rowRange(t(dOut).buffer, r0, rows, d * 4);
+      const dgRange = this.rowRange(dg.buffer, r0, rows, 4, true);
+      this.run({
+        kernel: "elementwise_backward",
+        entry: "sigmoid_gate_backward",
+        params: [rows, d, { f32: 0 }, yRange.skip, gRange.skip, doRange.skip, dgRange.skip, 0],
+        bindings: [yRange, gRange, doRange, dgRange],
+        workgroups: ceilDiv(rows, 64),
+      });
+    }
+    return { dy, dg };
+  }
+
+  async crossEntropy(
+    logits: Tensor,
+    targets: Int32Array,
+    ignoreIndex: number,
+    gradScale?: number,
+  ): Promise<{ loss: number; count: number; dLogits: Tensor }> {
+    const [n, vocab] = rowsCols(logits);
+    if (targets.length !== n) throw new Error(`crossEntropy: ${targets.length} targets, ${n} rows`);
+    let count = 0;
+    for (const target of targets) {
+      if (target === ignoreIndex) continue;
+      if (target < 0 || target >= vocab) throw new Error(`target ${target} out of range`);
+      count++;
+    }
+    const g = gradScale ?? (count > 0 ? 1 / count : 0);
+    const dLogits = this.newTensor(logits.shape); // [N, V]
+    const losses = this.newTensor([n]); // per row, 0 on ignored rows
+    const targetsBuf = this.upload(targets);
+    for (const [r0, rows] of this.rowChunks(n, [vocab * 4])) {
+      const inRange = this.rowRange(t(logits).buffer, r0, rows, vocab * 4);
+      const outRange = this.rowRange(dLogits.buffer, r0, rows, vocab * 4, true);
+      this.run({
+        kernel: "loss",
+        entry: "cross_entropy",
+        params: [rows, vocab, { f32: g }, ignoreIndex >>> 0, r0, inRange.skip, outRange.skip],
+        bindings: [inRange, { buffer: targetsBuf }, outRange, {
+          buffer: losses.buffer,
+          size: n * 4,
+          write: true,
+        }],
+        workgroups: rows,
+      });
+    }
+    this.release(targetsBuf);
+    let sum = 0;
+    if (n > 0) { for (const l of await this.read(losses)) sum += l; }
+    this.free(losses);
+    return { loss: count > 0 ? sum / count : 0, count, dLogits };
+  }
+
+  adamwStep(param: Weight, grad: Tensor, m: Tensor, v: Tensor, hp: AdamWHyper): void {
+    const numel = numelOf(param.shape);
+    if (param.dtype !== "F32" || numelOf(grad.shape) !== numel) {
+      throw new Error(`adamwStep: "${param.name}" is not a trainable weight of grad's size`);
+    }
+    this.sameSize("adamwStep", grad, m);
+    this.sameSize("adamwStep", grad, v);
+    const rowsTotal = param.shape.length >= 2 ? param.shape[0] : 1;
+    const rowElems = numel / Math.max(rowsTotal, 1);
+    const bc1 = 1 - hp.beta1 ** hp.step, bc2 = 1 - hp.beta2 ** hp.step;
+    // Each weight chunk is its own buffer; grad, m and v are bound at the same entries.
+    for (const chunk of w(param).chunks) {
+      const base = chunk.row0 * rowElems;
+      for (const [e0, n] of this.rowChunks(chunk.rows * rowElems, [4])) {
+        const pRange = this.rowRange(chunk.buffer, e0, n, 4, true);
+        const gRange = this.rowRange(t(grad).buffer, base + e0, n, 4);
+        const mRange = this.rowRange(t(m).buffer, base + e0, n, 4, true);
+        const vRange = this.rowRange(t(v).buffer, base + e0, n, 4, true);
+        this.run({
+          kernel: "adamw",
+          entry: "adamw",
+          params: [
+            n,
+            { f32: hp.lr },
+            { f32: hp.beta1 },
+            { f32: hp.beta2 },
+            { f32: hp.eps },
+            { f32: hp.weightDecay },
+            { f32: bc1 },
+            { f32: bc2 },
+            { f32: hp.gradScale },
+            pRange.skip,
+            gRange.skip,
+            mRange.skip,
+            vRange.skip,
+          ],
+          bindings: [pRange, gRange, mRange, vRange],
+          workgroups: ceilDiv(n, 64),
+        });
+      }
+    }
   }
 
   /** Release every pooled buffer and the device. The backend is unusable afterwards. */
