@@ -190,8 +190,10 @@ await runMain(async () => {
   console.error(`wrote ${outDir}/${stem}.{md,svg,json}`);
 });
 
-const average = (r: Row) =>
-  Object.values(r.scores).reduce((a, b) => a + b, 0) / Object.values(r.scores).length;
+function average(r: Row): number {
+  const xs = Object.values(r.scores);
+  return xs.reduce((a, b) => a + b, 0) / xs.length;
+}
 
 function markdownTable(rows: Row[], tasks: string[], search: string, device: string): string {
   const base = rows[0], baseAvg = average(base);
