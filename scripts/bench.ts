@@ -106,8 +106,12 @@ async function benchMatmul(backends: Map<string, Backend>, repeats: number) {
   for (const [name, be] of backends) {
     for (const dtype of ["F32", "BF16", "F16"] as const) {
       if (name.startsWith("cpu") && dtype !== "F32" && name !== "cpu") continue;
-      // Plain loops get a smaller problem so the run stays short.
-      const [n, k, m] = name === "cpu-reference" ? [64, 512, 512] : [512, 1024, 1024];
+      // Plain loops and a software GPU adapter get smaller problems so the run stays short.
+      const [n, k, m] = name === "cpu"
+        ? [512, 1024, 1024]
+        : name === "webgpu"
+        ? [128, 1024, 1024]
+        : [64, 512, 512];
       const x = be.tensor(new Float32Array(n * k).fill(0.1), [n, k]);
       const w = be.uploadWeight(weightOf(dtype, m, k));
       const s = await timeIt(repeats, async () => {
@@ -162,8 +166,8 @@ async function benchTrain(backends: Map<string, Backend>, modelDir: string, repe
   const rows: Record<string, unknown>[] = [];
   for (const [name, be] of backends) {
     if (!supportsTraining(be)) continue;
-    // One optimizer step on batch x 256 tokens; the plain loops and the software GPU get fewer rows.
-    const batch = name === "cpu" ? 8 : 1, seqLen = 256;
+    // One optimizer step on 8 x 256 tokens; the plain loops and the software GPU get 1 x 128.
+    const batch = name === "cpu" ? 8 : 1, seqLen = name === "cpu" ? 256 : 128;
     const model = await Model.load(modelDir, be);
     const opt = await Optimizer.create(model, selectTrainable(model, "experts"), {
       lr: 1e-5,
@@ -273,9 +277,9 @@ await runMain(async () => {
     new URL("../results/tmp/synthetic-moe", import.meta.url).pathname;
   if (args.child) return await layerwiseChild(args.child, syntheticDir);
 
-  const sections = (args.only ?? "matmul,forward,layerwise").split(",");
+  const sections = (args.only ?? "matmul,forward,train,layerwise").split(",");
   for (const s of sections) {
-    if (!["matmul", "forward", "layerwise"].includes(s)) {
+    if (!["matmul", "forward", "train", "layerwise"].includes(s)) {
       throw new UsageError(`unknown section "${s}"`);
     }
   }
