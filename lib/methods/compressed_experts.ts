@@ -154,3 +154,20 @@ export function computeTheta(
   }
   return { t0, t1, t2 };
 }
+
+/** Names of the ces tensors of the compressed-experts layers (checkpoint or in memory). */
+export function cesNames(model: Model): string[] {
+  const out: string[] = [];
+  model.spec.layers.forEach((layer, l) => {
+    if (layer.mlp.kind === "moe" && layer.mlp.mainExperts !== undefined) {
+      out.push(cesName(model.spec, l));
+    }
+  });
+  return out;
+}
+
+/** The config.json section recording k_m, or null when compressed experts are off. */
+export function compressedExpertsConfig(model: Model): { main_experts: number } | null {
+  const layer = model.spec.layers.find((l) => l.mlp.kind === "moe" && l.mlp.mainExperts);
+  return layer ? { main_experts: (layer.mlp as MoeSpec).mainExperts! } : null;
+}
