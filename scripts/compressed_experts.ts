@@ -22,7 +22,7 @@ Compares top-k, top-k_m, top-k_m + compressed experts (trained) and top-1 on one
   --main-experts K    k_m (default k/2)
   --train-data FILE   data to train the ces on (default data/calib_sotu.jsonl)
   --trainable SET     ces or ces+main (default ces)
-  --lr X              peak learning rate, cosine schedule, AdamW (default 1e-2; the
+  --lr X              peak learning rate, cosine schedule, AdamW (default 1e-1; the
                       paper's 2e-5 is for full SFT of OLMoE, far too small for ces alone)
   --epochs N          training passes (default 2, the paper's)
   --eval FILE         held-out text for bits/byte (default data/valid_sotu.jsonl)
@@ -92,7 +92,7 @@ await runMain(async () => {
   if (!["ces", "ces+main"].includes(trainable)) {
     throw new UsageError(`--trainable must be ces or ces+main, got "${trainable}"`);
   }
-  const lr = Number(v.lr ?? "1e-2");
+  const lr = Number(v.lr ?? "1e-1");
   if (!(lr > 0)) throw new UsageError(`--lr must be a positive number, got "${v.lr}"`);
   const epochs = positiveInt("epochs", v.epochs, 2);
   const evalFile = v.eval ?? `${ROOT}data/valid_sotu.jsonl`;
