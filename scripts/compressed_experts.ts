@@ -190,19 +190,23 @@ await runMain(async () => {
   // "% of full top-k": task metrics as score / full score; bits/byte as the share of the
   // top-k_m -> top-k gap that the variant closes (full = 100, top-k_m = 0).
   const full = rows[0], reduced = rows[1];
-  const metric = (r: typeof full, task: string) => {
+  // acc (higher is better) or bits_per_byte (lower is better, so full / variant)
+  const metric = (r: typeof full, task: string): [number, boolean] | null => {
     const t = r.tasks?.[task];
     if (!t) return null;
     for (const key of ["acc,none", "acc_norm,none"]) {
-      if (typeof t[key] === "number") return t[key] as number;
+      if (typeof t[key] === "number") return [t[key] as number, true];
     }
-    return null;
+    return typeof t["bits_per_byte,none"] === "number"
+      ? [t["bits_per_byte,none"] as number, false]
+      : null;
   };
   const summary = rows.map((r) => {
     const pct: Record<string, number | null> = {};
     for (const task of Object.keys(full.tasks ?? {})) {
       const a = metric(r, task), b = metric(full, task);
-      pct[task] = a !== null && b !== null && b !== 0 ? (100 * a) / b : null;
+      if (a === null || b === null || a[0] === 0 || b[0] === 0) pct[task] = null;
+      else pct[task] = a[1] ? (100 * a[0]) / b[0] : (100 * b[0]) / a[0];
     }
     const gap = reduced.held_out.bitsPerByte - full.held_out.bitsPerByte;
     return {

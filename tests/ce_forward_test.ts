@@ -145,6 +145,16 @@ Deno.test("ce: bad main_experts and dense models are config errors", async () =>
       `main_experts ${bad}`,
     );
   }
+  // DeepSeek top-1 never renormalises, so neither do CE main weights with k_m = 1
+  const dsRaw = await readJson(`${FIXTURE_ROOT}deepseek-a/config.json`);
+  for (const [km, normalize] of [[1, false], [2, true]] as const) {
+    const spec = parseModelConfig({
+      ...dsRaw,
+      norm_topk_prob: true,
+      compressed_experts: { main_experts: km },
+    });
+    assert.equal((spec.layers[1].mlp as Moe).renorm.normalize, normalize, `k_m=${km}`);
+  }
   const ok = parseModelConfig({ ...raw, compressed_experts: { main_experts: 3 } });
   assert.equal((ok.layers[0].mlp as Moe).mainExperts, 3);
   const ds = await readJson(`${FIXTURE_ROOT}deepseek-a/config.json`);

@@ -4,7 +4,8 @@
 
 import assert from "node:assert";
 import { CpuBackend } from "../lib/backend/cpu.ts";
-import type { Backend } from "../lib/backend/backend.ts";
+import type { Backend, TrainingBackend } from "../lib/backend/backend.ts";
+import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { Model } from "../lib/model/model.ts";
 import type { MlpSpec } from "../lib/model/config.ts";
@@ -74,3 +75,38 @@ for (const dir of MODELS) {
     },
   });
 }
+
+Deno.test({
+  name: "ce webgpu: CE training gradients (ces, router, expert) match the CPU",
+  ignore,
+  async fn() {
+    const names = [
+      "model.layers.1.mlp.ces",
+      "model.layers.0.mlp.ces",
+      "model.layers.1.mlp.gate.weight",
+      "model.layers.1.mlp.experts.3.up_proj.weight",
+    ];
+    const grads = async (be: TrainingBackend) => {
+      const model = await loadCe(`${FIXTURE_ROOT}olmoe-a`, be, 2, 900);
+      for (const n of names) model.trainable.add(n);
+      const g: Grads = new Map();
+      for (const n of names) {
+        const w = await model.weight(n);
+        g.set(n, be.tensor(new Float32Array(w.shape.reduce((a, b) => a * b, 1)), w.shape));
+      }
+      const targets = Int32Array.from(INPUT, (_, i) => (i % 7 === 6 ? -100 : INPUT[i + 1]));
+      const { loss } = await lossAndGrad(model, INPUT, targets, SHAPE, g);
+      const out = new Map<string, Float32Array>();
+      for (const n of names) out.set(n, (await be.read(g.get(n)!)).slice());
+      model.close();
+      return { loss, out };
+    };
+    const c = await grads(cpu), w = await grads(gpu! as unknown as TrainingBackend);
+    assert(Math.abs(c.loss - w.loss) < 1e-5, `loss ${w.loss} vs ${c.loss}`);
+    for (const n of names) {
+      const err = relMaxDiff(w.out.get(n)!, c.out.get(n)!);
+      console.log(`  ${n}: rel max diff ${err.toExponential(2)}`);
+      assert(err < 1e-4, `${n}: ${err}`);
+    }
+  },
+});

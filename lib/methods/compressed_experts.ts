@@ -41,7 +41,7 @@ export function cesShape(model: Model, mlp: MoeSpec): [number, number, number] {
  * names it in errors), then load or initialise the ces tensors.
  */
 export function enableOnModel(model: Model, mainExperts: number, flag: string): void {
-  enableCompressedExperts(model.spec.layers, mainExperts, flag);
+  enableCompressedExperts(model.spec.layers, mainExperts, flag, model.spec.modelType);
   prepareCompressedExperts(model);
 }
 

@@ -384,7 +384,12 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
     if (typeof ce !== "object" || Array.isArray(ce)) {
       throw new ConfigError(path, `"compressed_experts" must be {"main_experts": k_m}`);
     }
-    enableCompressedExperts(layers, ce.main_experts, `${path}: "compressed_experts.main_experts"`);
+    enableCompressedExperts(
+      layers,
+      ce.main_experts,
+      `${path}: "compressed_experts.main_experts"`,
+      modelType,
+    );
   }
 
   return {
@@ -478,6 +483,7 @@ export function enableCompressedExperts(
   layers: LayerSpec[],
   mainExperts: unknown,
   where: string,
+  modelType?: ModelType,
 ): void {
   const moe = layers.filter((l) => l.mlp.kind === "moe");
   if (moe.length === 0) {
@@ -496,6 +502,10 @@ export function enableCompressedExperts(
       );
     }
     mlp.mainExperts = mainExperts as number;
+    // The main weights follow plain top-k_m routing, and DeepSeek never renormalises top-1.
+    if (modelType === "deepseek" && mainExperts === 1) {
+      mlp.renorm = { ...mlp.renorm, normalize: false };
+    }
   }
 }
 
