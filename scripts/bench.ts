@@ -2,6 +2,8 @@
 // results/bench/<date>.json. Sections:
 //   matmul    GFLOP/s per backend and weight dtype (and the machine's BLAS peak)
 //   forward   default-model forward tokens/s per backend
+//   train     training tokens/s (forward + backward + AdamW, routed and shared experts
+//             trainable) per backend
 //   layerwise peak memory of the layer-wise mode vs all weights resident, on a generated
 //             multi-GB sharded checkpoint (each mode in its own process, peak RSS from /proc)
 
@@ -13,10 +15,12 @@ import { Model } from "../lib/model/model.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
 import { loadBlas } from "../lib/backend/blas.ts";
 import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
+import { supportsTraining } from "../lib/backend/backend.ts";
+import { Optimizer, selectTrainable, trainStep } from "../lib/train/trainer.ts";
 
 const USAGE = `Usage: deno task bench [options]
 
-  --only LIST        sections to run: matmul,forward,layerwise (default all)
+  --only LIST        sections to run: matmul,forward,train,layerwise (default all)
   --backends LIST    cpu,cpu-reference,webgpu (default all; an unavailable one is recorded, not fatal)
   --model DIR        model for the forward section (default data/models/tiny-deepseek-moe)
   --repeats N        timed repeats per measurement, median reported (default 3)
@@ -154,6 +158,44 @@ async function benchForward(backends: Map<string, Backend>, modelDir: string, re
   return rows;
 }
 
+async function benchTrain(backends: Map<string, Backend>, modelDir: string, repeats: number) {
+  const rows: Record<string, unknown>[] = [];
+  for (const [name, be] of backends) {
+    if (!supportsTraining(be)) continue;
+    // One optimizer step on batch x 256 tokens; the plain loops and the software GPU get fewer rows.
+    const batch = name === "cpu" ? 8 : 1, seqLen = 256;
+    const model = await Model.load(modelDir, be);
+    const opt = await Optimizer.create(model, selectTrainable(model, "experts"), {
+      lr: 1e-5,
+      schedule: "constant",
+      warmup: 0,
+      beta1: 0.9,
+      beta2: 0.999,
+      eps: 1e-8,
+      weightDecay: 0,
+      clip: 1,
+    });
+    const ids = new Int32Array(batch * seqLen).map((_, i) => (i * 7919 + 13) % 256);
+    const targets = ids.map((_, i) => ids[(i + 1) % ids.length]);
+    const s = await timeIt(name === "cpu" ? repeats : 1, async () => {
+      await trainStep(opt, [{ ids, targets, shape: { batch, seqLen } }], 1e-5, false);
+    });
+    model.close();
+    rows.push({
+      backend: name,
+      device: be.description,
+      batch,
+      seqLen,
+      trainable: "experts",
+      trainableParams: opt.numParams,
+      seconds: s,
+      tokensPerSecond: (batch * seqLen) / s,
+    });
+    console.error(`train ${name} ${batch}x${seqLen}: ${((batch * seqLen) / s).toFixed(0)} tok/s`);
+  }
+  return rows;
+}
+
 /** Peak RSS of this process so far (VmHWM), in bytes. */
 async function peakRss(): Promise<number> {
   const status = await Deno.readTextFile("/proc/self/status");
@@ -268,6 +310,9 @@ await runMain(async () => {
   if (sections.includes("matmul")) result.matmul = await benchMatmul(backends, repeats);
   if (sections.includes("forward")) {
     result.forward = await benchForward(backends, args.model ?? DEFAULT_MODEL, repeats);
+  }
+  if (sections.includes("train")) {
+    result.train = await benchTrain(backends, args.model ?? DEFAULT_MODEL, repeats);
   }
   if (sections.includes("layerwise")) result.layerwise = await benchLayerwise(syntheticDir);
   result.wall_seconds = (performance.now() - t0) / 1000;

@@ -4,7 +4,7 @@
 // under results/measure/.
 
 import { createBackend, parseCli, positiveInt, runMain } from "../lib/cli.ts";
-import { measureModel } from "../lib/eval/measure.ts";
+import { measureModel, median } from "../lib/eval/measure.ts";
 import { writeJsonAtomic } from "../lib/io/results.ts";
 
 const HELP = `usage: deno run -A --unstable-webgpu scripts/measure.ts [options]
@@ -14,7 +14,8 @@ const HELP = `usage: deno run -A --unstable-webgpu scripts/measure.ts [options]
   --batch N           sequences (default: 4)
   --prompt N          prefill length (default: 128)
   --decode N          decode steps with the KV cache (default: 32)
-  --repeats N         timed repeats after one warm-up; the median is reported (default: 3)
+  --repeats N         interleaved rounds (each model once per round, after a warm-up);
+                      the median is reported (default: 3)
   --output PATH       JSON file (default: results/measure/measure_<date>.json)
   -h, --help`;
 
@@ -39,11 +40,24 @@ await runMain(async () => {
   };
   const dirs = (args.models ?? "data/models/tiny-deepseek-moe").split(",").map((s) => s.trim())
     .filter(Boolean);
-  const models = [];
-  for (const dir of dirs) {
-    console.error(`measuring ${dir} ...`);
-    models.push(await measureModel(dir, await createBackend(args.backend), opts));
+  // Interleaved rounds (every model once per round, each with its own warm-up) so JIT
+  // warm-up and machine load do not drift into the ratios; median per model.
+  const backend = await createBackend(args.backend);
+  const runs = dirs.map(() => [] as Awaited<ReturnType<typeof measureModel>>[]);
+  for (let r = 0; r < opts.repeats; r++) {
+    for (const [i, dir] of dirs.entries()) {
+      console.error(`round ${r + 1}/${opts.repeats}: ${dir}`);
+      runs[i].push(await measureModel(dir, backend, { ...opts, repeats: 1 }));
+    }
   }
+  const models = runs.map((rs) => ({
+    ...rs[0],
+    peak_rss_bytes: Math.max(...rs.map((x) => x.peak_rss_bytes)),
+    prefill_tokens_per_s: median(rs.map((x) => x.prefill_tokens_per_s)),
+    decode_tokens_per_s: median(rs.map((x) => x.decode_tokens_per_s)),
+    prefill_ms: rs.flatMap((x) => x.prefill_ms),
+    decode_ms: rs.flatMap((x) => x.decode_ms),
+  }));
   const base = models[0];
   const ratio = (a: number, b: number) => Math.round((a / b) * 1000) / 1000;
   const rows = models.map((m) => ({
@@ -61,7 +75,7 @@ await runMain(async () => {
     schema: SCHEMA,
     date: new Date().toISOString(),
     backend: args.backend,
-    settings: { ...opts, warmup: 1, statistic: "median" },
+    settings: { ...opts, warmup: 1, statistic: "median over interleaved rounds" },
     active_params_convention:
       "all parameters except unselected routed experts (embeddings, attention, norms, dense MLPs, router, shared experts, top-k routed experts, lm_head); active_compute excludes the input embedding",
     peak_rss_note:

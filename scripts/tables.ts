@@ -8,7 +8,7 @@
 import { createBackend, parseCli, runMain, UsageError } from "../lib/cli.ts";
 import { loadTask, REPO_ROOT, scoreTasks } from "../lib/eval/evaluator.ts";
 import { ModelLM } from "../lib/eval/lm.ts";
-import { countParams, measureModel } from "../lib/eval/measure.ts";
+import { countParams, prefillRounds, weightBytes } from "../lib/eval/measure.ts";
 import { SHIPPED_TASKS, TASKS } from "../lib/eval/tasks.ts";
 import { readResults, resultsHeader, writeJsonAtomic, writeTextAtomic } from "../lib/io/results.ts";
 import { loadTokenizer } from "../lib/io/tokenizer.ts";
@@ -40,6 +40,8 @@ const LABEL: Record<Variant | "unpruned", string> = {
   s: "CD-MoE-S",
   sr: "CD-MoE-SR",
 };
+// Prefill speed: batch x prompt tokens, median over interleaved rounds.
+const SPEED = { batch: 4, prompt: 128, rounds: 5 };
 // The paper reports acc_norm for these and acc for the rest (docs/evaluation.md).
 const ACC_NORM_TASKS = new Set(["arc_challenge", "hellaswag", "openbookqa"]);
 
@@ -138,20 +140,14 @@ await runMain(async () => {
     );
     const model = await Model.load(cfg.dir, backend);
     const scored = await scoreTasks(new ModelLM(model, tokenizer, { batchSize }), tasks, 0);
-    const params = countParams(model);
+    const params = countParams(model), bytes = weightBytes(model);
     model.close();
-    const speed = await measureModel(cfg.dir, backend, {
-      batch: 4,
-      prompt: 128,
-      decode: 1,
-      repeats: 3,
-    });
     const metricOf = (t: string) => (ACC_NORM_TASKS.has(t) ? "acc_norm" : "acc");
     rows.push({
       ...cfg,
       activeParams: params.active,
-      weightBytes: speed.weight_bytes_resident,
-      prefillTokensPerSecond: speed.prefill_tokens_per_s,
+      weightBytes: bytes,
+      prefillTokensPerSecond: 0, // measured below, all models side by side
       scores: Object.fromEntries(taskNames.map((t) => [t, scored.get(t)!.metrics[metricOf(t)]])),
       stderrs: Object.fromEntries(
         taskNames.map((t) => [t, scored.get(t)!.stderrs[metricOf(t)] as number]),
@@ -164,6 +160,10 @@ await runMain(async () => {
       } s`,
     );
   }
+
+  console.error(`speed: ${SPEED.rounds} interleaved rounds of every model ...`);
+  const speeds = await prefillRounds(grid.map((g) => g.dir), backend, SPEED);
+  rows.forEach((r, i) => (r.prefillTokensPerSecond = speeds[i]));
 
   const stem = `${new Date().toISOString().slice(0, 10)}-${modelName}`;
   const markdown = markdownTable(rows, taskNames, search, backend.description);
@@ -190,8 +190,10 @@ await runMain(async () => {
   console.error(`wrote ${outDir}/${stem}.{md,svg,json}`);
 });
 
-const average = (r: Row) =>
-  Object.values(r.scores).reduce((a, b) => a + b, 0) / Object.values(r.scores).length;
+function average(r: Row): number {
+  const xs = Object.values(r.scores);
+  return xs.reduce((a, b) => a + b, 0) / xs.length;
+}
 
 function markdownTable(rows: Row[], tasks: string[], search: string, device: string): string {
   const base = rows[0], baseAvg = average(base);
@@ -212,7 +214,9 @@ function markdownTable(rows: Row[], tasks: string[], search: string, device: str
     lines.join("\n")
   }\n\nScores in % (acc; acc_norm for ARC-C, HellaSwag, OBQA) ± standard error. ` +
     `MEM: weight bytes relative to the unpruned model. Speed: prefill tokens/s relative to unpruned ` +
-    `(batch 4 × 128, median of 3, ${device}). Layer orders from ${search.split("/").pop()}.\n`;
+    `(batch ${SPEED.batch} × ${SPEED.prompt}, median of ${SPEED.rounds} interleaved rounds, ${device}). Layer orders from ${
+      search.split("/").pop()
+    }.\n`;
 }
 
 /** Average score against memory, one line per method (the paper's Figure 2). */

@@ -134,3 +134,44 @@ function fileBytes(f: unknown): number {
     return 0;
   }
 }
+
+/** Bytes of every weight tensor in the checkpoint (its dtype, headers excluded). */
+export function weightBytes(model: Model): number {
+  let bytes = 0;
+  for (const [name, file] of model.ckpt.files) {
+    const t = file.tensors.get(name)!;
+    bytes += t.end - t.begin;
+  }
+  return bytes;
+}
+
+/**
+ * Prefill tokens/s of several model folders, measured in interleaved rounds: each round
+ * loads every model (untimed), runs one warm-up forward and one timed forward. Timing
+ * model after model lets JIT warm-up and machine load drift into the ratios (seen here:
+ * the same model measured first and last differed 1.7x); rounds spread that drift over
+ * all of them. Returns the median per model.
+ */
+export async function prefillRounds(
+  dirs: string[],
+  backend: Backend,
+  opts: { batch: number; prompt: number; rounds: number },
+): Promise<number[]> {
+  const times: number[][] = dirs.map(() => []);
+  for (let r = 0; r < opts.rounds; r++) {
+    for (const [i, dir] of dirs.entries()) {
+      const model = await Model.load(dir, backend);
+      const ids = Int32Array.from(
+        { length: opts.batch * opts.prompt },
+        (_, j) => (j * 7919 + 13) % Math.min(model.spec.vocab, 256),
+      );
+      const shape = { batch: opts.batch, seqLen: opts.prompt };
+      await forward(model, ids, shape);
+      const t0 = performance.now();
+      await forward(model, ids, shape);
+      times[i].push((performance.now() - t0) / 1000);
+      model.close();
+    }
+  }
+  return times.map((t) => (opts.batch * opts.prompt) / median(t));
+}
