@@ -5,7 +5,7 @@
 // versioned JSON under results/compressed_experts/. See docs/compressed-experts.md.
 
 import { createBackend, parseCli, positiveInt, runMain, UsageError } from "../lib/cli.ts";
-import { measureModel } from "../lib/eval/measure.ts";
+import { measureModel, prefillRounds } from "../lib/eval/measure.ts";
 import { readJson } from "../lib/io/checkpoint.ts";
 import { resultsHeader, writeJsonAtomic } from "../lib/io/results.ts";
 import { loadTokenizer } from "../lib/io/tokenizer.ts";
@@ -182,10 +182,20 @@ await runMain(async () => {
       tasks,
       params: measured.params,
       prefill_tokens_per_s: measured.prefill_tokens_per_s,
+      prefill_tokens_per_s_interleaved: 0,
       decode_tokens_per_s: measured.decode_tokens_per_s,
       device: measured.device,
     });
   }
+
+  // Prefill again in interleaved rounds (every variant once per round): timing variant
+  // after variant lets JIT warm-up and machine load drift into the ratios.
+  const interleaved = await prefillRounds(
+    variants.map((vt) => vt.dir),
+    await createBackend(backendName),
+    { batch: speed.batch, prompt: speed.prompt, rounds: 2 * speed.repeats + 1 },
+  );
+  rows.forEach((r, i) => (r.prefill_tokens_per_s_interleaved = interleaved[i]));
 
   // "% of full top-k": task metrics as score / full score; bits/byte as the share of the
   // top-k_m -> top-k gap that the variant closes (full = 100, top-k_m = 0).
@@ -220,6 +230,7 @@ await runMain(async () => {
       active_params: r.params.active,
       active_params_pct: (100 * r.params.active) / full.params.active,
       prefill_tokens_per_s: r.prefill_tokens_per_s,
+      prefill_tokens_per_s_interleaved: r.prefill_tokens_per_s_interleaved,
       decode_tokens_per_s: r.decode_tokens_per_s,
     };
   });
