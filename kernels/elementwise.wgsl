@@ -37,6 +37,15 @@ fn add(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
   }
 }
 
+@compute @workgroup_size(64)
+fn mul(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+       @builtin(local_invocation_id) lid: vec3u) {
+  let i = flat_index(wg, nwg, lid);
+  if (i < p.count) {
+    out[p.out_off + i] = a[p.a_off + i] * b[p.b_off + i];
+  }
+}
+
 // silu(gate) * up with gate = a, up = b.
 @compute @workgroup_size(64)
 fn swiglu(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,

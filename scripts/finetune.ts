@@ -8,6 +8,7 @@ import { loadTokenizer } from "../lib/io/tokenizer.ts";
 import { DataError } from "../lib/methods/calibration.ts";
 import { DEFAULT_MODEL } from "../lib/methods/cli.ts";
 import { Model } from "../lib/model/model.ts";
+import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 import { supportsTraining } from "../lib/backend/backend.ts";
 import {
   evaluate,
@@ -43,7 +44,12 @@ Options:
   --out DIR          output checkpoint folder (required; must not exist unless resuming)
   --trainable SET    condensed (dense MLPs of condensed layers: shared + kept experts,
                      wbar folded into down_proj), experts, all, or comma-separated tensor
-                     patterns: globs (model.layers.*.mlp.*) or /regex/ (default condensed)
+                     patterns: globs (model.layers.*.mlp.*) or /regex/ (default condensed);
+                     with compressed experts also ces (the scaling vectors only) or
+                     ces+main (ces + every expert); all includes ces
+  --main-experts K   enable compressed experts (He et al. 2025) with K main experts of
+                     the top-k on a checkpoint whose config has none; missing ces start
+                     at ones (= plain top-K). The paper: AdamW, cosine, lr 2e-5 (OLMoE)
   --lr X             peak learning rate (default 1e-5, the reference's)
   --schedule S       linear, cosine or constant (default linear)
   --warmup N         linear warmup steps (default 0)
@@ -123,11 +129,19 @@ await runMain(async () => {
     "eval-only": { type: "boolean" },
     backend: { type: "string" },
     results: { type: "string" },
+    "main-experts": { type: "string" },
   });
+  const mainExperts = v["main-experts"] === undefined
+    ? undefined
+    : positive("main-experts", v["main-experts"], 1, true);
+  const withCe = (model: Model) => {
+    if (mainExperts !== undefined) enableOnModel(model, mainExperts, "--main-experts");
+    return model;
+  };
   if (v["eval-only"]) {
     if (!v.eval) throw new UsageError("--eval-only needs --eval FILE");
     const dir = v.model ?? DEFAULT_MODEL;
-    const model = await Model.load(dir, await createBackend(v.backend));
+    const model = withCe(await Model.load(dir, await createBackend(v.backend)));
     const tok = await loadTokenizer(dir);
     const texts = (await readTrainingTexts(v.eval)).slice(
       0,
@@ -178,7 +192,7 @@ await runMain(async () => {
     throw new UsageError(`backend ${backend.name} has no backward ops yet: use --backend cpu`);
   }
   const modelDir = v.model ?? DEFAULT_MODEL;
-  const model = await Model.load(modelDir, backend);
+  const model = withCe(await Model.load(modelDir, backend));
   const tok = await loadTokenizer(modelDir);
   const trainable = selectTrainable(model, v.trainable ?? "condensed");
 
@@ -296,6 +310,7 @@ await runMain(async () => {
       source: modelDir,
       data: dataPath,
       trainable: v.trainable ?? "condensed",
+      main_experts: mainExperts ?? null,
       steps: total,
       lr,
       schedule,

@@ -195,6 +195,8 @@ export interface Backend {
   /** x [N, K] @ w[M, K]^T (+ bias [M]) -> [N, M], f32 accumulation. */
   matmul(x: Tensor, w: Weight, bias?: Weight): Tensor;
   add(a: Tensor, b: Tensor): Tensor;
+  /** a * b, elementwise (same numel; compressed experts' scaling vectors). */
+  mul(a: Tensor, b: Tensor): Tensor;
   /** silu(gate) * up, elementwise. */
   swiglu(gate: Tensor, up: Tensor): Tensor;
   /** Clamp every entry to [-limit, limit] (OLMoE clip_qkv). */

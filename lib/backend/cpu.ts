@@ -135,6 +135,16 @@ export class CpuBackend implements TrainingBackend {
     return new CpuTensor(out, a.shape);
   }
 
+  mul(a: Tensor, b: Tensor): Tensor {
+    const as = t(a).data, bs = t(b).data;
+    if (as.length !== bs.length) {
+      throw new Error(`mul: shapes [${a.shape}] and [${b.shape}] differ`);
+    }
+    const out = new Float32Array(as.length);
+    for (let i = 0; i < as.length; i++) out[i] = as[i] * bs[i];
+    return new CpuTensor(out, a.shape);
+  }
+
   swiglu(gate: Tensor, up: Tensor): Tensor {
     const g = t(gate).data, u = t(up).data;
     const out = new Float32Array(g.length);

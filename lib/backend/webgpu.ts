@@ -605,6 +605,11 @@ export class WebGpuBackend implements TrainingBackend {
     return this.elementwise("add", a, b, 0);
   }
 
+  mul(a: Tensor, b: Tensor): Tensor {
+    this.sameSize("mul", a, b);
+    return this.elementwise("mul", a, b, 0);
+  }
+
   swiglu(gate: Tensor, up: Tensor): Tensor {
     this.sameSize("swiglu", gate, up);
     return this.elementwise("swiglu", gate, up, 0);

@@ -7,8 +7,11 @@
 // does not use, i.e. embeddings + attention + norms + dense / condensed MLPs + router +
 // shared experts + top-k routed experts + lm_head. `active_compute` leaves out the input
 // embedding table (a lookup, not a matmul); with tied embeddings lm_head counts once.
+// Compressed-experts layers count k_m full experts plus 3 * d per aux expert (He et al.:
+// OLMoE-1B-7B 1.28B -> 0.878B at k_m = 4, checked in tests/ce_params_test.ts).
 
 import type { Backend } from "../backend/backend.ts";
+import { cesWidth } from "../model/config.ts";
 import { forward } from "../model/decoder.ts";
 import { createKvCache, forwardCached, freeKvCache } from "../model/generate.ts";
 import { Model } from "../model/model.ts";
@@ -30,6 +33,7 @@ export function countParams(model: Model) {
   let total = 0, routed = 0, embedding = 0;
   const perExpert = new Map<number, number>(); // layer -> params of one routed expert
   for (const [name, file] of model.ckpt.files) {
+    if (name.endsWith(".ces")) continue; // compressed experts: counted per layer below
     const n = file.tensors.get(name)!.shape.reduce((a, b) => a * b, 1);
     total += n;
     if (name === "model.embed_tokens.weight") embedding = n;
@@ -40,10 +44,22 @@ export function countParams(model: Model) {
     }
   }
   let activeRouted = 0;
+  let compressed = 0;
   model.spec.layers.forEach((layer, l) => {
-    if (layer.mlp.kind === "moe") activeRouted += layer.mlp.topK * (perExpert.get(l) ?? 0);
+    if (layer.mlp.kind !== "moe") return;
+    const km = layer.mlp.mainExperts;
+    if (km === undefined) {
+      activeRouted += layer.mlp.topK * (perExpert.get(l) ?? 0);
+      return;
+    }
+    // Compressed experts (the paper's count): k_m full experts, and 3 * d scaling
+    // entries for each of the k_a aux experts; all E * 3 * d vectors are stored.
+    const d = cesWidth(model.spec, layer.mlp);
+    activeRouted += km * (perExpert.get(l) ?? 0) + (layer.mlp.topK - km) * 3 * d;
+    total += layer.mlp.experts * 3 * d;
+    compressed += layer.mlp.experts * 3 * d;
   });
-  const active = total - routed + activeRouted;
+  const active = total - routed - compressed + activeRouted;
   // Tied embeddings are also the lm_head, so they stay in the compute count.
   const activeCompute = model.spec.tieEmbeddings ? active : active - embedding;
   return { total, routed_experts: routed, active, active_compute: activeCompute, embedding };

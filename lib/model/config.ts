@@ -31,6 +31,12 @@ export type MlpSpec =
     sharedWidth: number;
     /** Qwen2-MoE: shared expert output scaled by sigmoid(x . shared_expert_gate). */
     sharedGate: boolean;
+    /**
+     * Compressed experts (He et al. 2025): the first `mainExperts` of the sorted top-k run
+     * in full, the other topK - mainExperts are replaced by the layer's `ces` scaling
+     * vectors (see lib/methods/compressed_experts.ts). Absent: plain top-k.
+     */
+    mainExperts?: number;
   }
   /** LayerDrop: the MLP block is removed, the residual passes through. */
   | { kind: "none" };
@@ -373,6 +379,18 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
     layers.push({ index: l, attention: true, mlp, window });
   }
   applyCompressedLayers(raw.cdmoe, layers, path);
+  if (raw.compressed_experts !== undefined && raw.compressed_experts !== null) {
+    const ce = raw.compressed_experts as { main_experts?: unknown };
+    if (typeof ce !== "object" || Array.isArray(ce)) {
+      throw new ConfigError(path, `"compressed_experts" must be {"main_experts": k_m}`);
+    }
+    enableCompressedExperts(
+      layers,
+      ce.main_experts,
+      `${path}: "compressed_experts.main_experts"`,
+      modelType,
+    );
+  }
 
   return {
     modelType,
@@ -454,6 +472,51 @@ function applyCompressedLayers(cdmoe: unknown, layers: LayerSpec[], path: string
         );
     }
   }
+}
+
+/**
+ * Turn every MoE layer into a compressed-experts layer with `mainExperts` full experts
+ * (from config.json's "compressed_experts" section or a CLI flag; `where` names it in
+ * errors). k_m must leave at least one auxiliary expert: 1 <= k_m <= topK - 1.
+ */
+export function enableCompressedExperts(
+  layers: LayerSpec[],
+  mainExperts: unknown,
+  where: string,
+  modelType?: ModelType,
+): void {
+  const moe = layers.filter((l) => l.mlp.kind === "moe");
+  if (moe.length === 0) {
+    throw new ConfigError(where, "compressed experts need MoE layers, but the model has none");
+  }
+  for (const layer of moe) {
+    const mlp = layer.mlp as Extract<MlpSpec, { kind: "moe" }>;
+    if (
+      !Number.isSafeInteger(mainExperts) || (mainExperts as number) < 1 ||
+      (mainExperts as number) > mlp.topK - 1
+    ) {
+      throw new ConfigError(
+        where,
+        `main experts must be an integer in [1, ${mlp.topK - 1}] ` +
+          `(layer ${layer.index} routes top-${mlp.topK}), got ${JSON.stringify(mainExperts)}`,
+      );
+    }
+    mlp.mainExperts = mainExperts as number;
+    // The main weights follow plain top-k_m routing, and DeepSeek never renormalises top-1.
+    if (modelType === "deepseek" && mainExperts === 1) {
+      mlp.renorm = { ...mlp.renorm, normalize: false };
+    }
+  }
+}
+
+/** Width d of the `ces` vectors [E, 3, d]: max(hidden, expert width) so every slot fits. */
+export function cesWidth(spec: ModelSpec, mlp: { expertWidth: number }): number {
+  return Math.max(spec.hidden, mlp.expertWidth);
+}
+
+/** `model.layers.{l}.mlp.ces` (Mixtral: `block_sparse_moe.ces`), shape [E, 3, d]. */
+export function cesName(spec: ModelSpec, l: number): string {
+  return `${layerPrefix(l)}${spec.names.moeBlock}.ces`;
 }
 
 // eos_token_id may be a list in newer configs; the first is the primary one.

@@ -4,6 +4,13 @@
 
 import type { Routing, Tensor } from "../backend/backend.ts";
 import {
+  cesValues,
+  computeTheta,
+  type MoeSpec,
+  splitRouting,
+} from "../methods/compressed_experts.ts";
+import {
+  cesWidth,
   denseName,
   expertName,
   layerPrefix,
@@ -200,7 +207,11 @@ export async function mlpBlock(
   if (mlp.kind !== "moe") throw new Error(`layer ${l}: no MLP to run`);
 
   const logits = be.matmul(xn, await model.weight(routerName(s, l)));
-  const routing = await be.routeTopK(logits, mlp.topK, mlp.renorm.normalize, mlp.renorm.eps);
+  // Compressed experts split the raw (unnormalised) top-k probabilities themselves.
+  const ce = mlp.mainExperts !== undefined;
+  const routing = ce
+    ? await be.routeTopK(logits, mlp.topK, false, 0)
+    : await be.routeTopK(logits, mlp.topK, mlp.renorm.normalize, mlp.renorm.eps);
   await hooks.onRouter?.(l, logits, routing);
   be.free(logits);
 
@@ -217,8 +228,62 @@ export async function mlpBlock(
   } else {
     out = be.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
   }
-  await dispatchExperts(model, l, xn, routing, mlp.topK, mlp.experts, out);
+  if (ce) await dispatchCompressedExperts(model, l, mlp, xn, routing, out);
+  else await dispatchExperts(model, l, xn, routing, mlp.topK, mlp.experts, out);
   return out;
+}
+
+/**
+ * Compressed experts (lib/methods/compressed_experts.ts): theta per token from the aux
+ * experts' ces vectors, then each main expert on its tokens with scaled inputs and
+ * intermediate: out[t] += w_m * down(silu(gate(x*theta0)) * up(x*theta2) * theta1).
+ */
+export async function dispatchCompressedExperts(
+  model: Model,
+  l: number,
+  mlp: MoeSpec,
+  xn: Tensor,
+  raw: Routing,
+  out: Tensor,
+): Promise<void> {
+  const be = model.backend, s = model.spec, n = xn.shape[0], W = mlp.expertWidth;
+  const ce = splitRouting(raw, mlp);
+  const theta = computeTheta(await cesValues(model, l), ce, s.hidden, W, cesWidth(s, mlp));
+  const t0 = be.tensor(theta.t0, [n, s.hidden]); // [N, H] gate input scale
+  const t1 = be.tensor(theta.t1, [n, W]); // [N, W] intermediate scale
+  const t2 = be.tensor(theta.t2, [n, s.hidden]); // [N, H] up input scale
+  const main = { indices: ce.mainIndices, weights: ce.mainWeights };
+  const { rows, scales } = groupByExpert(main, mlp.mainExperts!, mlp.experts);
+  for (let e = 0; e < mlp.experts; e++) {
+    if (rows[e].length === 0) continue;
+    const xe = be.gatherRows(xn, rows[e]);
+    const th = [t0, t1, t2].map((x) => be.gatherRows(x, rows[e]));
+    const y = await scaledExpert(model, l, e, xe, th[0], th[1], th[2]);
+    be.scatterAddRows(out, y, rows[e], scales[e]);
+    be.free(xe), be.free(y), th.forEach((x) => be.free(x));
+  }
+  be.free(t0), be.free(t1), be.free(t2);
+}
+
+/** down(silu(gate(x*t0)) * up(x*t2) * t1) for expert e: x, t0, t2 [n, H], t1 [n, W]. */
+export async function scaledExpert(
+  model: Model,
+  l: number,
+  e: number,
+  x: Tensor,
+  t0: Tensor,
+  t1: Tensor,
+  t2: Tensor,
+): Promise<Tensor> {
+  const be = model.backend, s = model.spec;
+  const xg = be.mul(x, t0), xu = be.mul(x, t2);
+  const g = be.matmul(xg, await model.weight(expertName(s, l, e, "gate")));
+  const u = be.matmul(xu, await model.weight(expertName(s, l, e, "up")));
+  const a = be.swiglu(g, u);
+  const as = be.mul(a, t1);
+  const y = be.matmul(as, await model.weight(expertName(s, l, e, "down")));
+  be.free(xg), be.free(xu), be.free(g), be.free(u), be.free(a), be.free(as);
+  return y;
 }
 
 /** Qwen2-MoE: sigmoid(x . shared_expert_gate) * shared_expert(x). */

@@ -11,6 +11,7 @@ import {
   readTensor,
 } from "../io/checkpoint.ts";
 import type { RawTensor } from "../io/safetensors.ts";
+import { prepareCompressedExperts } from "../methods/compressed_experts.ts";
 import { layerPrefix, type ModelSpec, parseModelConfig } from "./config.ts";
 
 export class Model {
@@ -34,11 +35,23 @@ export class Model {
       closeCheckpoint(ckpt);
       throw e;
     }
-    return new Model(spec, ckpt, backend);
+    const model = new Model(spec, ckpt, backend);
+    try {
+      prepareCompressedExperts(model); // ces shape checks, or ones when the checkpoint has none
+    } catch (e) {
+      closeCheckpoint(ckpt);
+      throw e;
+    }
+    return model;
   }
 
   has(name: string): boolean {
     return this.extra.has(name) || this.ckpt.files.has(name);
+  }
+
+  /** The tensor's raw values: the in-memory one if put, else the checkpoint's. */
+  async rawTensor(name: string): Promise<RawTensor> {
+    return this.extra.get(name) ?? await readTensor(this.ckpt, name);
   }
 
   /** Put an in-memory tensor under `name` (used instead of the checkpoint's). */

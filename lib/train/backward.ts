@@ -8,6 +8,15 @@
 
 import type { Routing, Tensor, TrainingBackend, Weight } from "../backend/backend.ts";
 import {
+  type CeRouting,
+  cesValues,
+  computeTheta,
+  type MoeSpec,
+  splitRouting,
+} from "../methods/compressed_experts.ts";
+import {
+  cesName,
+  cesWidth,
   denseName,
   expertName,
   layerPrefix,
@@ -51,6 +60,31 @@ interface ExpertTape {
   mlp: SwigluTape;
 }
 
+/** A compressed-experts main expert: down(silu(gate(x*t0)) * up(x*t2) * t1). */
+interface CeExpertTape {
+  expert: number;
+  rows: Int32Array; // token rows
+  slots: Int32Array; // index into the [N, k_m] main arrays for each row
+  scales: Float32Array; // w_m per row
+  x: Tensor; // [n, H] gathered xn
+  t0: Tensor; // [n, H], t1 [n, W], t2 [n, H]: gathered theta
+  t1: Tensor;
+  t2: Tensor;
+  xg: Tensor; // x * t0, x * t2
+  xu: Tensor;
+  g: Tensor; // [n, W] gate, up, silu(g) * u, and a * t1
+  u: Tensor;
+  a: Tensor;
+  as: Tensor;
+  y: Tensor; // [n, H]
+}
+
+interface CeTape {
+  split: CeRouting;
+  ces: Float32Array; // [E, 3, d] values the forward used
+  experts: CeExpertTape[];
+}
+
 interface MlpTape {
   xn: Tensor; // [N, H] post_attention_layernorm(x)
   dense?: SwigluTape;
@@ -59,6 +93,7 @@ interface MlpTape {
   logits?: Tensor; // [N, E] router logits
   routing?: Routing;
   experts?: ExpertTape[];
+  ce?: CeTape;
 }
 
 interface LayerTape {
@@ -265,7 +300,10 @@ async function mlpForward(model: Model, l: number, x: Tensor): Promise<[MlpTape,
   }
   if (mlp.kind !== "moe") throw new Error(`layer ${l}: no MLP to run`);
   t.logits = b.matmul(xn, await w(model, routerName(s, l)));
-  t.routing = await b.routeTopK(t.logits, mlp.topK, mlp.renorm.normalize, mlp.renorm.eps);
+  const ce = mlp.mainExperts !== undefined;
+  t.routing = ce // compressed experts split the raw top-k probabilities themselves
+    ? await b.routeTopK(t.logits, mlp.topK, false, 0)
+    : await b.routeTopK(t.logits, mlp.topK, mlp.renorm.normalize, mlp.renorm.eps);
   let out: Tensor;
   if (mlp.sharedWidth > 0 && mlp.sharedGate) out = b.scale(await gatedShared(), 1);
   else if (mlp.sharedWidth > 0) {
@@ -277,6 +315,10 @@ async function mlpForward(model: Model, l: number, x: Tensor): Promise<[MlpTape,
     out = b.scale(t.shared.y, 1);
   } else {
     out = b.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
+  }
+  if (ce) {
+    t.ce = await ceForward(model, l, mlp, xn, t.routing, out);
+    return [t, out];
   }
   t.experts = [];
   const { indices, weights } = t.routing;
@@ -328,6 +370,10 @@ async function mlpBackward(
     b.free(dy), b.free(dg), b.free(t.sharedGate.g), b.free(t.sharedGate.y);
   } else if (t.shared) {
     await plain(t.shared, dOut);
+  }
+  if (t.ce && mlp.kind === "moe") {
+    const dxnCe = await ceBackward(model, l, mlp, t, dOut, grads);
+    addFree(dxnCe);
   }
   if (t.experts && mlp.kind === "moe") {
     const dWeights = new Float32Array(t.routing!.weights.length); // [N, k]
@@ -510,6 +556,177 @@ function freeTape(model: Model, t: LayerTape): void {
     if (m.sharedGate) b.free(m.sharedGate.g), b.free(m.sharedGate.y);
     if (m.logits) b.free(m.logits);
     for (const e of m.experts ?? []) sw(e.mlp), b.free(e.mlp.x);
+    for (const e of m.ce?.experts ?? []) freeCeExpert(model, e);
     b.free(m.xn);
   }
+}
+
+// ---- compressed experts (lib/methods/compressed_experts.ts) -------------------------
+
+/** CE main experts on their tokens, accumulated into out; returns the tape. */
+async function ceForward(
+  model: Model,
+  l: number,
+  mlp: MoeSpec,
+  xn: Tensor,
+  raw: Routing,
+  out: Tensor,
+): Promise<CeTape> {
+  const b = be(model), s = model.spec, n = xn.shape[0], W = mlp.expertWidth;
+  const split = splitRouting(raw, mlp);
+  const ces = await cesValues(model, l);
+  const theta = computeTheta(ces, split, s.hidden, W, cesWidth(s, mlp));
+  const t0 = b.tensor(theta.t0, [n, s.hidden]);
+  const t1 = b.tensor(theta.t1, [n, W]);
+  const t2 = b.tensor(theta.t2, [n, s.hidden]);
+  const km = mlp.mainExperts!, experts: CeExpertTape[] = [];
+  for (let e = 0; e < mlp.experts; e++) {
+    const slots: number[] = [];
+    for (let i = 0; i < split.mainIndices.length; i++) {
+      if (split.mainIndices[i] === e) slots.push(i);
+    }
+    if (slots.length === 0) continue;
+    const rows = Int32Array.from(slots, (i) => Math.floor(i / km));
+    const scales = Float32Array.from(slots, (i) => split.mainWeights[i]);
+    const x = b.gatherRows(xn, rows);
+    const [e0, e1, e2] = [t0, t1, t2].map((th) => b.gatherRows(th, rows));
+    const xg = b.mul(x, e0), xu = b.mul(x, e2);
+    const g = b.matmul(xg, await w(model, expertName(s, l, e, "gate")));
+    const u = b.matmul(xu, await w(model, expertName(s, l, e, "up")));
+    const a = b.swiglu(g, u);
+    const as = b.mul(a, e1);
+    const y = b.matmul(as, await w(model, expertName(s, l, e, "down")));
+    b.scatterAddRows(out, y, rows, scales);
+    experts.push({
+      expert: e,
+      rows,
+      slots: Int32Array.from(slots),
+      scales,
+      x,
+      t0: e0,
+      t1: e1,
+      t2: e2,
+      xg,
+      xu,
+      g,
+      u,
+      a,
+      as,
+      y,
+    });
+  }
+  b.free(t0), b.free(t1), b.free(t2);
+  return { split, ces, experts };
+}
+
+function freeCeExpert(model: Model, e: CeExpertTape): void {
+  const b = be(model);
+  for (const x of [e.x, e.t0, e.t1, e.t2, e.xg, e.xu, e.g, e.u, e.a, e.as, e.y]) b.free(x);
+}
+
+/**
+ * Backward of the CE routed part from dOut: returns dxn [N, H]; accumulates the expert
+ * weight grads, the ces grad (through theta) and the router grad (through the main
+ * weights w_m and the aux alphas). Frees the CE tape and the router logits.
+ */
+async function ceBackward(
+  model: Model,
+  l: number,
+  mlp: MoeSpec,
+  t: MlpTape,
+  dOut: Tensor,
+  grads: Grads,
+): Promise<Tensor> {
+  const b = be(model), s = model.spec, ce = t.ce!, split = ce.split;
+  const n = dOut.shape[0], H = s.hidden, W = mlp.expertWidth, d = cesWidth(s, mlp);
+  const k = mlp.topK, km = mlp.mainExperts!, ka = k - km;
+  const zeros = (cols: number) => b.tensor(new Float32Array(n * cols), [n, cols]);
+  const dxn = zeros(H), dT0 = zeros(H), dT1 = zeros(W), dT2 = zeros(H);
+  const dMain = new Float32Array(n * km); // dL/dw_m
+  const ones = new Float32Array(n).fill(1);
+  for (const e of ce.experts) {
+    const one = ones.subarray(0, e.rows.length);
+    const { dy, dScales } = await b.scatterAddRowsBackward(dOut, e.y, e.rows, e.scales);
+    for (let j = 0; j < e.slots.length; j++) dMain[e.slots[j]] = dScales[j];
+    const down = expertName(s, l, e.expert, "down");
+    const das = b.matmulBackward(e.as, await w(model, down), dy, {
+      needInput: true,
+      weightGrad: grads.get(down),
+    })!;
+    const da = b.mul(das, e.t1), dt1 = b.mul(das, e.a);
+    const { dGate, dUp } = b.swigluBackward(e.g, e.u, da);
+    const gate = expertName(s, l, e.expert, "gate"), up = expertName(s, l, e.expert, "up");
+    const dxg = b.matmulBackward(e.xg, await w(model, gate), dGate, {
+      needInput: true,
+      weightGrad: grads.get(gate),
+    })!;
+    const dxu = b.matmulBackward(e.xu, await w(model, up), dUp, {
+      needInput: true,
+      weightGrad: grads.get(up),
+    })!;
+    const dx = b.mul(dxg, e.t0), dx2 = b.mul(dxu, e.t2);
+    b.addInPlace(dx, dx2);
+    const dt0 = b.mul(dxg, e.x), dt2 = b.mul(dxu, e.x);
+    // gatherRows backward (rows of one expert are distinct)
+    b.scatterAddRows(dxn, dx, e.rows, one);
+    b.scatterAddRows(dT0, dt0, e.rows, one);
+    b.scatterAddRows(dT1, dt1, e.rows, one);
+    b.scatterAddRows(dT2, dt2, e.rows, one);
+    for (const x of [dy, das, da, dt1, dGate, dUp, dxg, dxu, dx, dx2, dt0, dt2]) b.free(x);
+    freeCeExpert(model, e);
+  }
+  // theta_v = sum_j alpha_j ces[i_j][v]: dces[i_j][v] += alpha_j dtheta_v and
+  // dL/dalpha_j = sum_v dtheta_v . ces[i_j][v] (on the host: [N, ka] small loops).
+  const g0 = await b.read(dT0), g1 = await b.read(dT1), g2 = await b.read(dT2);
+  const cesGrad = grads.get(cesName(s, l));
+  const dces = cesGrad ? new Float32Array(mlp.experts * 3 * d) : null;
+  const dRaw = new Float32Array(n * k); // dL/dp over the sorted top-k (raw probabilities)
+  for (let tok = 0; tok < n; tok++) {
+    const dAlpha = new Float64Array(ka);
+    let mean = 0;
+    for (let j = 0; j < ka; j++) {
+      const i = split.auxIndices[tok * ka + j], a = split.auxAlpha[tok * ka + j];
+      const c0 = i * 3 * d, c1 = c0 + d, c2 = c0 + 2 * d;
+      let dot = 0;
+      for (let c = 0; c < H; c++) {
+        dot += g0[tok * H + c] * ce.ces[c0 + c] + g2[tok * H + c] * ce.ces[c2 + c];
+      }
+      for (let c = 0; c < W; c++) dot += g1[tok * W + c] * ce.ces[c1 + c];
+      dAlpha[j] = dot;
+      mean += a * dot;
+      if (dces) {
+        for (let c = 0; c < H; c++) {
+          dces[c0 + c] += a * g0[tok * H + c];
+          dces[c2 + c] += a * g2[tok * H + c];
+        }
+        for (let c = 0; c < W; c++) dces[c1 + c] += a * g1[tok * W + c];
+      }
+    }
+    // alpha_j = p_j / S_aux: dp_j = (dalpha_j - sum_i alpha_i dalpha_i) / S_aux
+    const auxSum = split.auxSum[tok];
+    for (let j = 0; j < ka; j++) {
+      dRaw[tok * k + km + j] = auxSum > 0 ? (dAlpha[j] - mean) / auxSum : 0;
+    }
+    // w_m = p_m / Z (Z = sum of main p + eps when renormalising, else 1)
+    let wdw = 0;
+    for (let j = 0; j < km; j++) wdw += split.mainWeights[tok * km + j] * dMain[tok * km + j];
+    for (let j = 0; j < km; j++) {
+      const dw = dMain[tok * km + j];
+      dRaw[tok * k + j] = mlp.renorm.normalize ? (dw - wdw) / split.mainSum[tok] : dw;
+    }
+  }
+  if (dces && cesGrad) {
+    const tmp = b.tensor(dces, cesGrad.shape);
+    b.addInPlace(cesGrad, tmp), b.free(tmp);
+  }
+  const dLogits = b.routeTopKBackward(t.logits!, t.routing!, dRaw, false, 0);
+  const router = routerName(s, l);
+  const dxr = b.matmulBackward(t.xn, await w(model, router), dLogits, {
+    needInput: true,
+    weightGrad: grads.get(router),
+  })!;
+  b.addInPlace(dxn, dxr);
+  for (const x of [dxr, dLogits, dT0, dT1, dT2, t.logits!]) b.free(x);
+  t.logits = undefined;
+  return dxn;
 }

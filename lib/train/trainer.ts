@@ -18,6 +18,7 @@ import {
 import type { TextTokenizer } from "../io/tokenizer.ts";
 import { UsageError } from "../cli.ts";
 import { DataError, readCalibrationTexts } from "../methods/calibration.ts";
+import { cesNames, compressedExpertsConfig } from "../methods/compressed_experts.ts";
 import { denseName, layerPrefix, sharedGateName } from "../model/config.ts";
 import type { Model } from "../model/model.ts";
 import { type Grads, lossAndGrad } from "./backward.ts";
@@ -32,15 +33,28 @@ export const IGNORE_INDEX = -100;
  *   "condense" (shared + kept experts with wbar folded into down), plus a Qwen gated
  *   shared expert kept beside it;
  * - "experts": every routed and shared expert tensor (not routers);
- * - "all": every tensor;
+ * - "all": every tensor (with compressed experts: their ces too);
+ * - "ces": the compressed-experts vectors only; "ces+main": ces plus every expert tensor;
  * - otherwise comma-separated patterns: /regex/ or a glob (* = any run of characters).
  * A selection matching nothing is a UsageError.
  */
 export function selectTrainable(model: Model, selection: string): string[] {
-  const names = [...model.ckpt.files.keys()].sort();
+  // ces of compressed experts may exist only in memory (initialised to ones)
+  const ces = cesNames(model);
+  const names = [...new Set([...model.ckpt.files.keys(), ...ces])].sort();
+  const experts = () =>
+    names.filter((n) => /\.(experts\.\d+|shared_experts?)\.[a-z_]+\.weight$/.test(n));
   let out: string[];
   if (selection === "all") out = names;
-  else if (selection === "experts") {
+  else if (selection === "ces" || selection === "ces+main") {
+    if (ces.length === 0) {
+      throw new UsageError(
+        `--trainable ${selection}: ${model.ckpt.dir} has no compressed experts ` +
+          `(add "compressed_experts" to its config.json or pass --main-experts K)`,
+      );
+    }
+    out = selection === "ces" ? ces : [...ces, ...experts()].sort();
+  } else if (selection === "experts") {
     out = names.filter((n) => /\.(experts\.\d+|shared_experts?)\.[a-z_]+\.weight$/.test(n));
   } else if (selection === "condensed") {
     const condensed = condensedLayers(model);
@@ -492,6 +506,16 @@ export async function writeTrainedCheckpoint(
   await Deno.mkdir(tmp, { recursive: true });
   try {
     const tensors: RawTensor[] = [];
+    // ces kept only in memory (compressed experts enabled by a flag) are written in f32
+    for (const name of cesNames(model)) {
+      if (model.ckpt.files.has(name)) continue;
+      const p = trained.get(name);
+      tensors.push(
+        p
+          ? castTensor(name, [...p.weight.shape], await be.readWeight(p.weight), "F32")
+          : await model.rawTensor(name),
+      );
+    }
     for (const name of model.ckpt.files.keys()) {
       const p = trained.get(name);
       if (!p) {
@@ -509,7 +533,12 @@ export async function writeTrainedCheckpoint(
         if (!(e instanceof Deno.errors.NotFound)) throw e;
       }
     }
-    const config = { ...model.ckpt.config, ...configExtra };
+    const ce = compressedExpertsConfig(model);
+    const config = {
+      ...model.ckpt.config,
+      ...(ce ? { compressed_experts: ce } : {}),
+      ...configExtra,
+    };
     await Deno.writeTextFile(`${tmp}/config.json`, JSON.stringify(config, null, 2) + "\n");
     await Deno.remove(outDir, { recursive: true }).catch(() => {});
     await Deno.rename(tmp, outDir);

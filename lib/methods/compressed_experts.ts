@@ -1,0 +1,173 @@
+// Compressed Experts (He et al. 2025, arXiv 2503.00634): of each token's sorted top-k
+// experts, the first k_m ("main") run in full; the other k_a = k - k_m ("auxiliary") are
+// replaced by learned scaling vectors that modulate the main experts.
+//
+// Per MoE layer one tensor `ces` [E, 3, d] (release layout, d = max(hidden, expert
+// width) so that expert width > hidden also fits): slot 0 scales the gate_proj input
+// (first `hidden` entries used), slot 1 the intermediate activation (first `expertWidth`
+// entries), slot 2 the up_proj input (first `hidden` entries). Ones = plain top-k_m.
+//
+// Per token, with p the softmax probabilities of the sorted top-k:
+//   alpha'_i = p_i / sum_{j in aux} p_j                      (i in aux)
+//   theta_v  = sum_{i in aux} alpha'_i * ces[i][v]            (v = 0, 1, 2)
+//   y        = sum_{m in main} w_m * down(silu(gate(x*theta_0)) * up(x*theta_2) * theta_1)
+// w_m is the raw probability p_m when the architecture does not renormalise (OLMoE, the
+// release: norm_topk_prob=false; DeepSeek/Qwen by default), and p_m / (sum_{main} p + eps)
+// when it does (Mixtral, norm_topk_prob=true): exactly the weights plain top-k_m routing
+// would give, so ces = ones reproduces the top-k_m model on every architecture. The aux
+// experts' probability mass is dropped. Shared experts are unchanged.
+
+import type { Routing } from "../backend/backend.ts";
+import { toFloat32 } from "../io/safetensors.ts";
+import {
+  cesName,
+  cesWidth,
+  ConfigError,
+  enableCompressedExperts,
+  type MlpSpec,
+} from "../model/config.ts";
+import type { Model } from "../model/model.ts";
+import type { TrainingBackend } from "../backend/backend.ts";
+
+export type MoeSpec = Extract<MlpSpec, { kind: "moe" }>;
+
+/** Expected shape of layer l's ces tensor. */
+export function cesShape(model: Model, mlp: MoeSpec): [number, number, number] {
+  return [mlp.experts, 3, cesWidth(model.spec, mlp)];
+}
+
+/**
+ * Enable compressed experts with k_m main experts on every MoE layer (a CLI flag; `flag`
+ * names it in errors), then load or initialise the ces tensors.
+ */
+export function enableOnModel(model: Model, mainExperts: number, flag: string): void {
+  enableCompressedExperts(model.spec.layers, mainExperts, flag, model.spec.modelType);
+  prepareCompressedExperts(model);
+}
+
+/**
+ * For every compressed-experts layer: check the checkpoint's ces shape, or put a ces of
+ * ones in memory when the checkpoint has none (the model then equals plain top-k_m).
+ */
+export function prepareCompressedExperts(model: Model): void {
+  model.spec.layers.forEach((layer, l) => {
+    if (layer.mlp.kind !== "moe" || layer.mlp.mainExperts === undefined) return;
+    const name = cesName(model.spec, l), want = cesShape(model, layer.mlp);
+    const file = model.ckpt.files.get(name);
+    if (file) {
+      const shape = file.tensors.get(name)!.shape;
+      if (shape.join(",") !== want.join(",")) {
+        throw new ConfigError(
+          `${model.ckpt.dir}: tensor "${name}"`,
+          `shape [${shape}] does not match the config's compressed experts [${want}] ` +
+            `(experts, 3, max(hidden, expert width))`,
+        );
+      }
+      return;
+    }
+    if (model.has(name)) return; // already put in memory
+    const ones = new Float32Array(want[0] * want[1] * want[2]).fill(1);
+    model.putTensor({
+      name,
+      dtype: "F32",
+      shape: want,
+      bytes: new Uint8Array(ones.buffer),
+    });
+  });
+}
+
+/** Current ces values of layer l on the host, [E * 3 * d] (trainable: the master copy). */
+export async function cesValues(model: Model, l: number): Promise<Float32Array> {
+  const name = cesName(model.spec, l);
+  const w = await model.weight(name);
+  if (model.trainable.has(name)) return await (model.backend as TrainingBackend).readWeight(w);
+  return toFloat32(await model.rawTensor(name));
+}
+
+/** Per token: main experts with their output weights, aux experts with alpha'. */
+export interface CeRouting {
+  /** [N, km] main expert ids and weights w_m. */
+  mainIndices: Int32Array;
+  mainWeights: Float32Array;
+  /** [N, ka] aux expert ids and alpha' (sum to 1 per token). */
+  auxIndices: Int32Array;
+  auxAlpha: Float32Array;
+  /** Per token sum of aux probabilities / main renormaliser (for the backward). */
+  auxSum: Float32Array;
+  mainSum: Float32Array;
+}
+
+/** Split a raw-probability top-k routing (sorted, not renormalised) into main and aux. */
+export function splitRouting(raw: Routing, mlp: MoeSpec): CeRouting {
+  const k = mlp.topK, km = mlp.mainExperts!, ka = k - km, n = raw.indices.length / k;
+  const r: CeRouting = {
+    mainIndices: new Int32Array(n * km),
+    mainWeights: new Float32Array(n * km),
+    auxIndices: new Int32Array(n * ka),
+    auxAlpha: new Float32Array(n * ka),
+    auxSum: new Float32Array(n),
+    mainSum: new Float32Array(n).fill(1),
+  };
+  for (let t = 0; t < n; t++) {
+    let mainSum = 0, auxSum = 0;
+    for (let j = 0; j < km; j++) mainSum += raw.weights[t * k + j];
+    for (let j = km; j < k; j++) auxSum += raw.weights[t * k + j];
+    const z = mlp.renorm.normalize ? mainSum + mlp.renorm.eps : 1;
+    if (mlp.renorm.normalize) r.mainSum[t] = z;
+    r.auxSum[t] = auxSum;
+    for (let j = 0; j < km; j++) {
+      r.mainIndices[t * km + j] = raw.indices[t * k + j];
+      r.mainWeights[t * km + j] = raw.weights[t * k + j] / z;
+    }
+    for (let j = 0; j < ka; j++) {
+      r.auxIndices[t * ka + j] = raw.indices[t * k + km + j];
+      // auxSum is a sum of softmax outputs, > 0 unless every aux probability underflows.
+      r.auxAlpha[t * ka + j] = auxSum > 0 ? raw.weights[t * k + km + j] / auxSum : 1 / ka;
+    }
+  }
+  return r;
+}
+
+/**
+ * theta per token: t0 [N, hidden] (gate input), t1 [N, expertWidth] (intermediate),
+ * t2 [N, hidden] (up input), from ces [E, 3, d] and the aux alphas.
+ */
+export function computeTheta(
+  ces: Float32Array,
+  ce: CeRouting,
+  hidden: number,
+  width: number,
+  d: number,
+): { t0: Float32Array; t1: Float32Array; t2: Float32Array } {
+  const n = ce.auxSum.length, ka = ce.auxIndices.length / n;
+  const t0 = new Float32Array(n * hidden), t1 = new Float32Array(n * width);
+  const t2 = new Float32Array(n * hidden);
+  for (let t = 0; t < n; t++) {
+    for (let j = 0; j < ka; j++) {
+      const a = ce.auxAlpha[t * ka + j], base = ce.auxIndices[t * ka + j] * 3 * d;
+      for (let c = 0; c < hidden; c++) {
+        t0[t * hidden + c] += a * ces[base + c];
+        t2[t * hidden + c] += a * ces[base + 2 * d + c];
+      }
+      for (let c = 0; c < width; c++) t1[t * width + c] += a * ces[base + d + c];
+    }
+  }
+  return { t0, t1, t2 };
+}
+
+/** Names of the ces tensors of the compressed-experts layers (checkpoint or in memory). */
+export function cesNames(model: Model): string[] {
+  const out: string[] = [];
+  model.spec.layers.forEach((layer, l) => {
+    if (layer.mlp.kind === "moe" && layer.mlp.mainExperts !== undefined) {
+      out.push(cesName(model.spec, l));
+    }
+  });
+  return out;
+}
+
+/** The config.json section recording k_m, or null when compressed experts are off. */
+export function compressedExpertsConfig(model: Model): { main_experts: number } | null {
+  const layer = model.spec.layers.find((l) => l.mlp.kind === "moe" && l.mlp.mainExperts);
+  return layer ? { main_experts: (layer.mlp as MoeSpec).mainExperts! } : null;
+}

@@ -1,0 +1,253 @@
+// Compressed-experts training: the backward (lib/train/backward.ts ceBackward) against
+// central finite differences of the decoder's CE forward loss, for the ces vectors, the
+// router (through the main weights and the aux alphas), a main expert and a tensor below
+// the MoE block; plus finetune selections and a checkpoint round trip.
+
+import assert from "node:assert";
+import type { Tensor } from "../lib/backend/backend.ts";
+import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
+import { cesName, type MlpSpec } from "../lib/model/config.ts";
+import { forward } from "../lib/model/decoder.ts";
+import { Model } from "../lib/model/model.ts";
+import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
+import {
+  Optimizer,
+  selectTrainable,
+  trainStep,
+  writeTrainedCheckpoint,
+} from "../lib/train/trainer.ts";
+import { enableOnModel } from "../lib/methods/compressed_experts.ts";
+import { loadCe, relMaxDiff } from "./ce_util.ts";
+import { finiteDifference } from "./train_fd.ts";
+import { FIXTURE_ROOT } from "./golden.ts";
+
+type Moe = Extract<MlpSpec, { kind: "moe" }>;
+const SHAPE = { batch: 2, seqLen: 7 };
+
+async function decoderLoss(model: Model, ids: Int32Array, targets: Int32Array) {
+  const r = await forward(model, ids, SHAPE, { collectRouter: true });
+  const v = model.spec.vocab;
+  let sum = 0, n = 0;
+  for (let i = 0; i < targets.length; i++) {
+    if (targets[i] < 0) continue;
+    let max = -Infinity;
+    for (let j = 0; j < v; j++) max = Math.max(max, r.logits[i * v + j]);
+    let s = 0;
+    for (let j = 0; j < v; j++) s += Math.exp(r.logits[i * v + j] - max);
+    sum += Math.log(s) + max - r.logits[i * v + targets[i]];
+    n++;
+  }
+  const routing = [...r.routing!.values()].map((x) => Array.from(x.indices).join()).join("|");
+  return { loss: sum / n, routing };
+}
+
+async function checkCe(
+  fixture: string,
+  km: number,
+  names: string[],
+  recompute: boolean,
+  normalize = false,
+) {
+  const be = new CpuBackend();
+  const model = await loadCe(`${FIXTURE_ROOT}${fixture}`, be, km, 900);
+  // norm_topk_prob=true on OLMoE: w_m = p_m / sum of main p (the renormalised path)
+  if (normalize) { for (const l of model.spec.layers) (l.mlp as Moe).renorm.normalize = true; }
+  for (const n of names) model.trainable.add(n);
+  const ids = Int32Array.from({ length: 14 }, (_, i) => (i * 37 + 11) % model.spec.vocab);
+  const targets = Int32Array.from(ids, (_, i) => (i % 7 === 6 ? -100 : ids[i + 1]));
+  const grads: Grads = new Map();
+  for (const n of names) {
+    const wt = await model.weight(n);
+    grads.set(n, be.tensor(new Float32Array(wt.shape.reduce((a, b) => a * b, 1)), wt.shape));
+  }
+  const { loss } = await lossAndGrad(model, ids, targets, SHAPE, grads, { recompute });
+  const base = await decoderLoss(model, ids, targets);
+  assert(Math.abs(loss - base.loss) < 1e-5, `training loss ${loss} != decoder ${base.loss}`);
+  let worst = 0;
+  for (const n of names) {
+    const data = (await model.weight(n) as CpuWeight).data;
+    const g = await be.read(grads.get(n) as Tensor);
+    const order = Array.from(g.keys()).sort((a, b) => Math.abs(g[b]) - Math.abs(g[a]));
+    const entries = [...order.slice(0, 8), order[Math.floor(order.length / 2)], 0];
+    const fd = new Map<number, number>();
+    for (const i of entries) {
+      // ces entries are O(1) (weights ~0.02): a larger step keeps f32 loss noise small
+      for (const h of n.endsWith(".ces") ? [5e-2, 1e-2, 2.5e-3] : [1e-2, 2.5e-3, 6e-4]) {
+        let flipped = false;
+        const one = await finiteDifference(
+          data,
+          async () => {
+            const r = await decoderLoss(model, ids, targets);
+            if (r.routing !== base.routing) flipped = true;
+            return r.loss;
+          },
+          h,
+          [i],
+        );
+        if (!flipped) {
+          fd.set(i, one.get(i)!);
+          break;
+        }
+      }
+    }
+    assert(fd.size >= 2, `${n}: only ${fd.size} entries without a routing flip`);
+    let gmax = 0;
+    for (const v of g) gmax = Math.max(gmax, Math.abs(v));
+    assert(gmax > 0, `${n}: zero gradient`);
+    let err = 0;
+    for (const [i, f] of fd) err = Math.max(err, Math.abs(f - g[i]) / gmax);
+    worst = Math.max(worst, err);
+    if (Deno.env.get("CE_FD_VERBOSE")) {
+      console.log(`    ${n}: ${err.toExponential(2)} (max grad ${gmax.toExponential(2)})`);
+    }
+    assert(err < 1e-2, `${fixture} ${n}: FD error ${err}`);
+  }
+  model.close();
+  console.log(
+    `  ${fixture} k_m=${km}${recompute ? " (recompute)" : ""}: max FD error ${
+      worst.toExponential(2)
+    }`,
+  );
+}
+
+for (const recompute of [false, true]) {
+  const tag = recompute ? " (recompute)" : "";
+  Deno.test(`ce train: olmoe-a (top-4, k_m=2) grads vs FD${tag}`, async () => {
+    await checkCe("olmoe-a", 2, [
+      "model.layers.1.mlp.ces",
+      "model.layers.0.mlp.ces",
+      "model.layers.1.mlp.gate.weight",
+      "model.layers.1.mlp.experts.3.up_proj.weight",
+      "model.layers.1.post_attention_layernorm.weight",
+    ], recompute);
+  });
+}
+Deno.test("ce train: deepseek-a (shared experts, k_m=1) grads vs FD", async () => {
+  await checkCe("deepseek-a", 1, [
+    "model.layers.2.mlp.ces",
+    "model.layers.2.mlp.gate.weight",
+    "model.layers.2.mlp.shared_experts.up_proj.weight",
+    "model.layers.1.mlp.experts.0.down_proj.weight",
+  ], false);
+});
+// (its router gradient is ~5e-4, where FD of the f32 loss is too noisy to judge; the
+// router path is checked on olmoe-a and deepseek-a)
+Deno.test("ce train: qwen2_moe-a (gated shared) grads vs FD", async () => {
+  await checkCe("qwen2_moe-a", 1, [
+    "model.layers.1.mlp.ces",
+    "model.layers.1.mlp.experts.5.gate_proj.weight",
+    "model.layers.0.mlp.shared_expert_gate.weight",
+  ], false);
+});
+// top-2, k_m=1: one aux (alpha = 1) and w = 1, so the router gets no gradient there
+Deno.test("ce train: mixtral-a grads vs FD", async () => {
+  await checkCe("mixtral-a", 1, [
+    "model.layers.1.block_sparse_moe.ces",
+    "model.layers.0.block_sparse_moe.experts.2.w1.weight",
+  ], false);
+});
+Deno.test("ce train: olmoe-a with renormalised main weights grads vs FD", async () => {
+  await checkCe(
+    "olmoe-a",
+    2,
+    ["model.layers.1.mlp.ces", "model.layers.1.mlp.gate.weight"],
+    false,
+    true,
+  );
+});
+Deno.test("ce train: olmoe-a k_m=3 (one aux) and k_m=1 (three aux) grads vs FD", async () => {
+  for (const km of [1, 3]) {
+    await checkCe(
+      "olmoe-a",
+      km,
+      ["model.layers.1.mlp.ces", "model.layers.1.mlp.gate.weight"],
+      false,
+    );
+  }
+});
+
+Deno.test("ce train: selections, a few steps lower the loss, checkpoint round trip", async () => {
+  const be = new CpuBackend();
+  const dir = `${FIXTURE_ROOT}olmoe-a`;
+  const plain = await Model.load(dir, be);
+  assert.throws(() => selectTrainable(plain, "ces"), /no compressed experts.*--main-experts/);
+  plain.close();
+  const model = await Model.load(dir, be);
+  enableOnModel(model, 2, "--main-experts");
+  const ces = selectTrainable(model, "ces");
+  assert.deepEqual(ces, model.spec.layers.map((_, l) => cesName(model.spec, l)));
+  const cesMain = selectTrainable(model, "ces+main");
+  const moe = model.spec.layers[0].mlp as Moe;
+  assert.equal(cesMain.length, ces.length + model.spec.numLayers * moe.experts * 3);
+  assert(selectTrainable(model, "all").includes(ces[0]));
+
+  const opt = await Optimizer.create(model, ces, {
+    lr: 5e-2,
+    schedule: "constant",
+    warmup: 0,
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-8,
+    weightDecay: 0,
+    clip: 1,
+  });
+  const ids = Int32Array.from({ length: 14 }, (_, i) => (i * 37 + 11) % model.spec.vocab);
+  const targets = Int32Array.from(ids, (_, i) => (i % 7 === 6 ? -100 : ids[i + 1]));
+  const batch = { ids, targets, shape: SHAPE };
+  const losses: number[] = [];
+  for (let s = 0; s < 5; s++) losses.push((await trainStep(opt, [batch], 5e-2, false)).loss);
+  assert(losses[4] < losses[0], `loss did not fall: ${losses}`);
+  const out = await Deno.makeTempDir();
+  await writeTrainedCheckpoint(opt, `${out}/ce`, {});
+  const before = await forward(model, ids, SHAPE);
+  model.close();
+  const reloaded = await Model.load(`${out}/ce`, be); // config now has compressed_experts
+  assert.equal((reloaded.spec.layers[0].mlp as Moe).mainExperts, 2);
+  const after = await forward(reloaded, ids, SHAPE);
+  assert(relMaxDiff(after.logits, before.logits) < 1e-6);
+  reloaded.close();
+  await Deno.remove(out, { recursive: true });
+});
+
+Deno.test("ce train: finetune --main-experts 2 --trainable ces writes a CE checkpoint", async () => {
+  const tmp = await Deno.makeTempDir();
+  const script = new URL("../scripts/finetune.ts", import.meta.url).pathname;
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      script,
+      "--main-experts",
+      "2",
+      "--trainable",
+      "ces",
+      "--steps",
+      "2",
+      "--batch",
+      "2",
+      "--length",
+      "32",
+      "--lr",
+      "1e-2",
+      "--schedule",
+      "cosine",
+      "--out",
+      `${tmp}/ce`,
+      "--results",
+      `${tmp}/results`,
+    ],
+  }).output();
+  assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+  const model = await Model.load(`${tmp}/ce`, new CpuBackend());
+  assert.equal((model.spec.layers[1].mlp as Moe).mainExperts, 2);
+  const ces = await model.rawTensor(cesName(model.spec, 1));
+  assert.deepEqual(ces.shape, [16, 3, 256]);
+  assert.equal(ces.dtype, "F32");
+  model.close();
+  const bad = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", script, "--main-experts", "4", "--trainable", "ces", "--out", `${tmp}/x`],
+  }).output();
+  assert.notEqual(bad.code, 0);
+  assert.match(new TextDecoder().decode(bad.stderr), /--main-experts.*\[1, 3\]/);
+  await Deno.remove(tmp, { recursive: true });
+});
