@@ -29,6 +29,8 @@ Runs the grid unpruned + {variants} x {layers} and writes results/tables/<date>-
   --limit N          documents per task (default all)
   --batch-size N     loglikelihood batch (default 8)
   --backend NAME     cpu (default), cpu-reference, webgpu
+  --models LIST      extra rows LABEL=DIR,... (e.g. compressed-expert variants from
+                     scripts/compressed_experts.ts), scored and measured with the grid
   --work-dir DIR     where the grid's checkpoints are written (default results/tmp/tables)
   --out-dir DIR      default results/tables`;
 
@@ -46,7 +48,9 @@ const SPEED = { batch: 4, prompt: 128, rounds: 5 };
 const ACC_NORM_TASKS = new Set(["arc_challenge", "hellaswag", "openbookqa"]);
 
 interface Row {
-  method: Variant | "unpruned";
+  method: Variant | "unpruned" | "model";
+  /** What the table and plot call this row. */
+  label: string;
   layers: number;
   dir: string;
   activeParams: number;
@@ -87,6 +91,7 @@ await runMain(async () => {
     "batch-size": { type: "string" },
     backend: { type: "string" },
     "work-dir": { type: "string" },
+    models: { type: "string" },
     "out-dir": { type: "string" },
   });
   const variants = list(args.variants, "layerdrop,blockdrop,s,sr") as Variant[];
@@ -116,16 +121,22 @@ await runMain(async () => {
   );
 
   // Every configuration becomes a real checkpoint, so bytes and speed are what a user ships.
-  const grid: { method: Variant | "unpruned"; layers: number; dir: string }[] = [
-    { method: "unpruned", layers: 0, dir: source },
+  const grid: { method: Row["method"]; label: string; layers: number; dir: string }[] = [
+    { method: "unpruned", label: LABEL.unpruned, layers: 0, dir: source },
   ];
   await Deno.remove(workDir, { recursive: true }).catch(() => {});
   for (const variant of variants) {
     for (const n of layerCounts) {
       const dir = `${workDir}/${variant}-${n}`;
       await condenseFromSearch({ search, variant, layers: n }, dir);
-      grid.push({ method: variant, layers: n, dir });
+      grid.push({ method: variant, label: LABEL[variant], layers: n, dir });
     }
+  }
+
+  for (const entry of list(args.models, "")) {
+    const [label, dir] = entry.split("=");
+    if (!label || !dir) throw new UsageError(`--models: "${entry}" is not LABEL=DIR`);
+    grid.push({ method: "model", label, layers: 0, dir });
   }
 
   const backend = await createBackend(args.backend);
@@ -134,9 +145,7 @@ await runMain(async () => {
   const t0 = performance.now();
   for (const [i, cfg] of grid.entries()) {
     console.error(
-      `[${i + 1}/${grid.length}] ${LABEL[cfg.method]} ${cfg.layers || ""}: scoring ${
-        taskNames.join(", ")
-      }`,
+      `[${i + 1}/${grid.length}] ${cfg.label} ${cfg.layers || ""}: scoring ${taskNames.join(", ")}`,
     );
     const model = await Model.load(cfg.dir, backend);
     const scored = await scoreTasks(new ModelLM(model, tokenizer, { batchSize }), tasks, 0);
@@ -203,7 +212,7 @@ function markdownTable(rows: Row[], tasks: string[], search: string, device: str
     `| ${head.join(" | ")} |`,
     `|${head.map((_, i) => (i < 2 ? "---" : "---:")).join("|")}|`,
     ...rows.map((r) =>
-      `| ${LABEL[r.method]} | ${r.layers || "–"} | ${(r.activeParams / 1e6).toFixed(2)}M | ` +
+      `| ${r.label} | ${r.layers || "–"} | ${(r.activeParams / 1e6).toFixed(2)}M | ` +
       `${pct(r.weightBytes / base.weightBytes)}% | ` +
       `${(r.prefillTokensPerSecond / base.prefillTokensPerSecond).toFixed(2)}× | ` +
       tasks.map((t) => `${pct(r.scores[t])} ±${pct(r.stderrs[t])}`).join(" | ") +
@@ -269,6 +278,11 @@ function svgPlot(rows: Row[], modelName: string): string {
     );
     parts.push(`<text x="${W - R + 32}" y="${T + i * 20 + 10}">${LABEL[method as Variant]}</text>`);
   });
+  for (const r of rows.filter((r) => r.method === "model")) {
+    const x = px(r.weightBytes / base.weightBytes), y = py(average(r));
+    parts.push(`<rect x="${x - 4}" y="${y - 4}" width="8" height="8" fill="#7f7f7f"/>`);
+    parts.push(`<text x="${x + 7}" y="${y + 4}">${r.label}</text>`);
+  }
   parts.push("</svg>\n");
   return parts.join("\n");
 }
