@@ -1,15 +1,10 @@
 // Small deterministic helpers shared by tests.
 
+import { mulberry32 } from "../lib/random.ts";
+
 /** Deterministic N(0,1) samples (mulberry32 + Box-Muller), so failures reproduce. */
 export function randn(n: number, seed: number, std = 1): Float32Array {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const next = mulberry32(seed);
   const out = new Float32Array(n);
   for (let i = 0; i < n; i++) {
     const u = Math.max(next(), 1e-12), v = next();

@@ -14,10 +14,14 @@ import {
 } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import type { WebGpuBackend } from "../lib/backend/webgpu.ts";
-import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
 import { Model } from "../lib/model/model.ts";
 import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
-import { f32ToF16Bits, webgpuForTests } from "./webgpu_helper.ts";
+import {
+  rawWeight,
+  relError as sharedRelError,
+  seededInputs,
+  webgpuForTests,
+} from "./webgpu_helper.ts";
 
 const gpu = await webgpuForTests();
 const ignore = gpu === null;
@@ -30,51 +34,10 @@ const backends = (): WebGpuBackend[] => [gpu!, chunked!];
 // Worst error seen per op, printed at the end for the report.
 const maxErrors = new Map<string, number>();
 
-// Seeded so a failure reproduces; every test draws fresh values from the stream.
-let seed = 0x1234567;
-function random(): number {
-  seed = (seed + 0x6d2b79f5) >>> 0;
-  let z = seed;
-  z = Math.imul(z ^ (z >>> 15), z | 1);
-  z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
-  return ((z ^ (z >>> 14)) >>> 0) / 4294967296;
-}
-function randn(n: number, scale = 1): Float32Array {
-  return Float32Array.from({ length: n }, () => (random() * 2 - 1) * scale);
-}
-function randInts(n: number, limit: number): Int32Array {
-  return Int32Array.from({ length: n }, () => Math.floor(random() * limit));
-}
-function distinctRows(k: number, limit: number): Int32Array {
-  const all = Array.from({ length: limit }, (_, i) => i);
-  for (let i = limit - 1; i > 0; i--) {
-    const j = Math.floor(random() * (i + 1));
-    [all[i], all[j]] = [all[j], all[i]];
-  }
-  return Int32Array.from(all.slice(0, k));
-}
+const { randn, randInts, distinctRows } = seededInputs(0x1234567);
 
-function rawWeight(name: string, shape: number[], values: Float32Array, dtype: WeightDType) {
-  const halves = dtype === "BF16" ? f32ToBf16Bits(values) : f32ToF16Bits(values);
-  const bytes = dtype === "F32"
-    ? new Uint8Array(values.slice().buffer)
-    : new Uint8Array(halves.buffer);
-  return { name, dtype, shape, bytes } as RawTensor;
-}
-
-/** Max |a - b| over max |b| (b the reference); records the worst per op. */
-function relError(op: string, got: Float32Array, want: Float32Array): number {
-  assert.equal(got.length, want.length, `${op}: length ${got.length} != ${want.length}`);
-  let maxAbs = 0, maxDiff = 0;
-  for (let i = 0; i < want.length; i++) {
-    assert(Number.isFinite(got[i]), `${op}: entry ${i} is ${got[i]}`);
-    maxAbs = Math.max(maxAbs, Math.abs(want[i]));
-    maxDiff = Math.max(maxDiff, Math.abs(got[i] - want[i]));
-  }
-  const err = maxAbs === 0 ? maxDiff : maxDiff / maxAbs;
-  maxErrors.set(op, Math.max(maxErrors.get(op) ?? 0, err));
-  return err;
-}
+const relError = (op: string, got: Float32Array, want: Float32Array) =>
+  sharedRelError(maxErrors, op, got, want);
 
 async function expectClose(op: string, got: Tensor, want: Tensor, tol: number) {
   assert.deepEqual([...got.shape], [...want.shape], `${op}: shape`);

@@ -1,13 +1,18 @@
-// Shared by the WebGPU tests: the no-adapter policy and f16 test data.
+// Shared by the WebGPU tests: the no-adapter policy, seeded inputs, f16 test data and
+// error tracking against the CPU reference.
 //
 // Policy: with CI=true a missing adapter is a failure (a CI runner that silently skips
 // the GPU tests proves nothing). Elsewhere the tests are ignored with a loud warning.
 
+import assert from "node:assert";
+import type { WeightDType } from "../lib/backend/backend.ts";
 import {
   createWebGpuBackend,
   NoWebGpuAdapterError,
   type WebGpuBackend,
 } from "../lib/backend/webgpu.ts";
+import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
+import { mulberry32 } from "../lib/random.ts";
 
 /**
  * The backend for a test file (create it once per file: adapter start-up is slow), or
@@ -65,4 +70,54 @@ export function f32ToF16Bits(x: Float32Array): Uint16Array {
     out[i] = sign | Math.min(r, 0x7c00);
   }
   return out;
+}
+
+/** Seeded random test inputs, so a failure reproduces; each test file draws its own stream. */
+export function seededInputs(seed: number) {
+  const random = mulberry32(seed);
+  return {
+    random,
+    /** Uniform in [-scale, scale). */
+    randn: (n: number, scale = 1) =>
+      Float32Array.from({ length: n }, () => (random() * 2 - 1) * scale),
+    randInts: (n: number, limit: number) =>
+      Int32Array.from({ length: n }, () => Math.floor(random() * limit)),
+    /** k distinct values in [0, limit), shuffled. */
+    distinctRows(k: number, limit: number): Int32Array {
+      const all = Array.from({ length: limit }, (_, i) => i);
+      for (let i = limit - 1; i > 0; i--) {
+        const j = Math.floor(random() * (i + 1));
+        [all[i], all[j]] = [all[j], all[i]];
+      }
+      return Int32Array.from(all.slice(0, k));
+    },
+  };
+}
+
+/** f32 values as a weight in `dtype` (bf16/f16 rounded to nearest-even). */
+export function rawWeight(name: string, shape: number[], values: Float32Array, dtype: WeightDType) {
+  const halves = dtype === "BF16" ? f32ToBf16Bits(values) : f32ToF16Bits(values);
+  const bytes = dtype === "F32"
+    ? new Uint8Array(values.slice().buffer)
+    : new Uint8Array(halves.buffer);
+  return { name, dtype, shape, bytes } as RawTensor;
+}
+
+/** Max |got - want| over max |want| (want the reference); records the worst per op in `worst`. */
+export function relError(
+  worst: Map<string, number>,
+  op: string,
+  got: Float32Array,
+  want: Float32Array,
+): number {
+  assert.equal(got.length, want.length, `${op}: length ${got.length} != ${want.length}`);
+  let maxAbs = 0, maxDiff = 0;
+  for (let i = 0; i < want.length; i++) {
+    assert(Number.isFinite(got[i]), `${op}: entry ${i} is ${got[i]}`);
+    maxAbs = Math.max(maxAbs, Math.abs(want[i]));
+    maxDiff = Math.max(maxDiff, Math.abs(got[i] - want[i]));
+  }
+  const err = maxAbs === 0 ? maxDiff : maxDiff / maxAbs;
+  worst.set(op, Math.max(worst.get(op) ?? 0, err));
+  return err;
 }

@@ -22,6 +22,7 @@ import { cesNames, compressedExpertsConfig } from "../methods/compressed_experts
 import { denseName, layerPrefix, sharedGateName } from "../model/config.ts";
 import type { Model } from "../model/model.ts";
 import { type Grads, lossAndGrad } from "./backward.ts";
+import { mulberry32 } from "../random.ts";
 
 export const IGNORE_INDEX = -100;
 
@@ -211,14 +212,7 @@ export function makeSequences(tok: TextTokenizer, texts: string[], opts: DataOpt
 
 /** Deterministic permutation of [0, n) for a seed and epoch (mulberry32 Fisher-Yates). */
 export function shuffledOrder(n: number, seed: number, epoch: number): number[] {
-  let a = (seed * 0x9e3779b1 + epoch * 0x85ebca6b) >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const next = mulberry32((seed * 0x9e3779b1 + epoch * 0x85ebca6b) >>> 0);
   const order = Array.from({ length: n }, (_, i) => i);
   for (let i = n - 1; i > 0; i--) {
     const j = Math.floor(next() * (i + 1));
