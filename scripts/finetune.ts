@@ -26,6 +26,7 @@ import {
   type Sequence,
   shuffledOrder,
   type StateInfo,
+  TrainingDivergedError,
   trainStep,
   writeTrainedCheckpoint,
 } from "../lib/train/trainer.ts";
@@ -275,7 +276,7 @@ await runMain(async () => {
     const rate = learningRate(step, total, lr, schedule, hyper.warmup);
     const r = await trainStep(opt, microBatches, rate, v.recompute ?? false);
     if (!Number.isFinite(r.loss) || !Number.isFinite(r.gradNorm)) {
-      throw new Error(
+      throw new TrainingDivergedError(
         `step ${step}: loss ${r.loss}, gradient norm ${r.gradNorm} is not finite; stopped ` +
           `(the last good state, step ${
             opt.step - (Number.isFinite(r.loss) ? 1 : 0)

@@ -21,7 +21,7 @@ const SMALL = [
 ];
 
 async function finetune(args: string[]) {
-  const r = await new Deno.Command("deno", {
+  const r = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", SCRIPT, ...args],
     stdout: "piped",
     stderr: "piped",
@@ -57,7 +57,7 @@ Deno.test("finetune: killed and rerun equals one uninterrupted run; a foreign st
   assert.strictEqual(a.code, 0, a.stderr);
 
   // run b, killed once it reports step 2 (the state holds step 1, 2 or 3), then rerun
-  const child = new Deno.Command("deno", {
+  const child = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", SCRIPT, ...common, "--out", `${dir}/b`],
     stdout: "null",
     stderr: "piped",
@@ -103,4 +103,21 @@ Deno.test("train schedules and data order", () => {
   assert.deepStrictEqual(shuffledOrder(10, 3, 0), shuffledOrder(10, 3, 0));
   assert.notDeepStrictEqual(shuffledOrder(10, 3, 0), shuffledOrder(10, 3, 1));
   assert.deepStrictEqual([...shuffledOrder(10, 3, 0)].sort((a, b) => a - b), [...Array(10).keys()]);
+});
+
+Deno.test("finetune: a non-finite loss stops with the step named, keeps the saved state, writes no model", async () => {
+  const dir = await Deno.makeTempDir();
+  // lr 1e30 without clipping: after step 1 the trained weights are ~1e30 and the next
+  // forward overflows.
+  const args = [...SMALL, "--lr", "1e30", "--clip", "0", "--steps", "4", "--save-every", "1"];
+  const r = await finetune([...args, "--results", dir, "--out", `${dir}/out`]);
+  assert.strictEqual(r.code, 1, r.stderr);
+  assert.match(
+    r.stderr,
+    /^error: step [2-4]: loss .* is not finite; stopped \(the last good state, step [1-3]/m,
+  );
+  assert.doesNotMatch(r.stderr, /^\s+at /m, "no stack trace");
+  await assert.rejects(Deno.stat(`${dir}/out`), "no output checkpoint");
+  await Deno.stat(`${dir}/out.train-state.safetensors`); // the last good state is kept
+  await Deno.remove(dir, { recursive: true });
 });

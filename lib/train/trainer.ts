@@ -26,6 +26,14 @@ import { mulberry32 } from "../random.ts";
 
 export const IGNORE_INDEX = -100;
 
+/** Training stopped on a non-finite loss or gradient (reported without a stack trace). */
+export class TrainingDivergedError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "TrainingDivergedError";
+  }
+}
+
 // ---- which tensors train ----------------------------------------------------------
 
 /**
