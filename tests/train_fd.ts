@@ -4,6 +4,11 @@
 // loss carries ~1e-7 relative rounding noise: with h = 1e-2 the central difference is
 // good to ~1e-4 relative, far below the O(1) error of a wrong index or factor.
 
+import { type BatchShape, forward } from "../lib/model/decoder.ts";
+import type { Model } from "../lib/model/model.ts";
+import type { Grads } from "../lib/train/backward.ts";
+import { numelOf } from "../lib/backend/backend.ts";
+
 /** Central-difference gradient of loss() with respect to every entry of `x` (listed in `entries`). */
 export async function finiteDifference(
   x: Float32Array,
@@ -40,4 +45,77 @@ export function dotLoss(y: ArrayLike<number>, r: ArrayLike<number>): number {
   let s = 0;
   for (let i = 0; i < y.length; i++) s += y[i] * r[i];
   return s;
+}
+
+// ---- whole-model checks (tests/train_model_test.ts, tests/ce_train_test.ts) ----------
+
+/** The fixed 2 x 7 batch the model checks use: next-token targets, the last of each row ignored. */
+export function trainingBatch(vocab: number) {
+  const shape = { batch: 2, seqLen: 7 };
+  const ids = Int32Array.from({ length: 14 }, (_, i) => (i * 37 + 11) % vocab);
+  const targets = Int32Array.from(ids, (_, i) => (i % 7 === 6 ? -100 : ids[i + 1]));
+  return { shape, ids, targets };
+}
+
+/** Zeroed f32 gradient buffers for `names` (which must already be marked trainable). */
+export async function zeroGrads(model: Model, names: string[]): Promise<Grads> {
+  const grads: Grads = new Map();
+  for (const n of names) {
+    const wt = await model.weight(n);
+    grads.set(n, model.backend.tensor(new Float32Array(numelOf(wt.shape)), wt.shape));
+  }
+  return grads;
+}
+
+/** Mean next-token cross-entropy of the decoder forward, in doubles, plus its routing. */
+export async function decoderLoss(
+  model: Model,
+  ids: Int32Array,
+  targets: Int32Array,
+  shape: BatchShape,
+) {
+  const r = await forward(model, ids, shape, { collectRouter: true });
+  const v = model.spec.vocab;
+  let sum = 0, n = 0;
+  for (let i = 0; i < targets.length; i++) {
+    if (targets[i] < 0) continue;
+    let max = -Infinity;
+    for (let j = 0; j < v; j++) max = Math.max(max, r.logits[i * v + j]);
+    let s = 0;
+    for (let j = 0; j < v; j++) s += Math.exp(r.logits[i * v + j] - max);
+    sum += Math.log(s) + max - r.logits[i * v + targets[i]];
+    n++;
+  }
+  const routing = [...r.routing!.values()].map((x) => Array.from(x.indices).join()).join("|");
+  return { loss: sum / n, routing };
+}
+
+/**
+ * Finite difference of the decoder loss for entry i of `data`, trying each step in turn
+ * until one changes no top-k choice (the loss jumps where routing flips); undefined if
+ * every step flips.
+ */
+export async function fdWithoutRoutingFlip(
+  model: Model,
+  batch: ReturnType<typeof trainingBatch>,
+  baseRouting: string,
+  data: Float32Array,
+  i: number,
+  steps: number[],
+): Promise<number | undefined> {
+  for (const h of steps) {
+    let flipped = false;
+    const one = await finiteDifference(
+      data,
+      async () => {
+        const r = await decoderLoss(model, batch.ids, batch.targets, batch.shape);
+        if (r.routing !== baseRouting) flipped = true;
+        return r.loss;
+      },
+      h,
+      [i],
+    );
+    if (!flipped) return one.get(i)!;
+  }
+  return undefined;
 }

@@ -5,10 +5,9 @@
 import assert from "node:assert";
 import type { Tensor } from "../lib/backend/backend.ts";
 import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
-import { forward } from "../lib/model/decoder.ts";
 import { Model } from "../lib/model/model.ts";
-import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
-import { finiteDifference } from "./train_fd.ts";
+import { lossAndGrad } from "../lib/train/backward.ts";
+import { decoderLoss, fdWithoutRoutingFlip, trainingBatch, zeroGrads } from "./train_fd.ts";
 
 const FIXTURES = new URL("./fixtures/hf-golden/", import.meta.url).pathname;
 // The fixtures' weights are ~0.02 and their gradients ~1e-3, so a small step drowns in the
@@ -16,39 +15,12 @@ const FIXTURES = new URL("./fixtures/hf-golden/", import.meta.url).pathname;
 const H = 1e-2;
 const VERBOSE = Deno.env.get("TRAIN_FD_VERBOSE") === "1";
 
-/** Mean next-token cross-entropy of the decoder forward, in doubles, plus its routing. */
-async function decoderLoss(model: Model, ids: Int32Array, targets: Int32Array, shape: {
-  batch: number;
-  seqLen: number;
-}) {
-  const r = await forward(model, ids, shape, { collectRouter: true });
-  const v = model.spec.vocab;
-  let sum = 0, n = 0;
-  for (let i = 0; i < targets.length; i++) {
-    if (targets[i] < 0) continue;
-    let max = -Infinity;
-    for (let j = 0; j < v; j++) max = Math.max(max, r.logits[i * v + j]);
-    let s = 0;
-    for (let j = 0; j < v; j++) s += Math.exp(r.logits[i * v + j] - max);
-    sum += Math.log(s) + max - r.logits[i * v + targets[i]];
-    n++;
-  }
-  const routing = [...r.routing!.values()].map((x) => Array.from(x.indices).join()).join("|");
-  return { loss: sum / n, routing };
-}
-
 async function checkModel(fixture: string, names: string[], recompute: boolean) {
   const be = new CpuBackend();
   const model = await Model.load(`${FIXTURES}${fixture}`, be);
   for (const n of names) model.trainable.add(n);
-  const shape = { batch: 2, seqLen: 7 };
-  const ids = Int32Array.from({ length: 14 }, (_, i) => (i * 37 + 11) % model.spec.vocab);
-  const targets = Int32Array.from(ids, (_, i) => (i % 7 === 6 ? -100 : ids[i + 1]));
-  const grads: Grads = new Map();
-  for (const n of names) {
-    const wt = await model.weight(n);
-    grads.set(n, be.tensor(new Float32Array(wt.shape.reduce((a, b) => a * b, 1)), wt.shape));
-  }
+  const batch = trainingBatch(model.spec.vocab), { ids, targets, shape } = batch;
+  const grads = await zeroGrads(model, names);
   const { loss } = await lossAndGrad(model, ids, targets, shape, grads, { recompute });
   const base = await decoderLoss(model, ids, targets, shape);
   assert(
@@ -63,27 +35,12 @@ async function checkModel(fixture: string, names: string[], recompute: boolean) 
     // the 10 largest-gradient entries (clear signal) plus 2 fixed others
     const order = Array.from(g.keys()).sort((a, b) => Math.abs(g[b]) - Math.abs(g[a]));
     const entries = [...order.slice(0, 10), order[Math.floor(order.length / 2)], 0];
-    // Entries whose FD step changes any top-k choice are skipped (the loss jumps there).
+    // Entries whose FD step changes any top-k choice are skipped (the loss jumps there);
+    // near-tied router probabilities get a 4x smaller step first.
     const fd = new Map<number, number>();
     for (const i of entries) {
-      // near-tied router probabilities: retry with a 4x smaller step before skipping
-      for (const h of [H, H / 4]) {
-        let flipped = false;
-        const one = await finiteDifference(
-          data,
-          async () => {
-            const r = await decoderLoss(model, ids, targets, shape);
-            if (r.routing !== base.routing) flipped = true;
-            return r.loss;
-          },
-          h,
-          [i],
-        );
-        if (!flipped) {
-          fd.set(i, one.get(i)!);
-          break;
-        }
-      }
+      const f = await fdWithoutRoutingFlip(model, batch, base.routing, data, i, [H, H / 4]);
+      if (f !== undefined) fd.set(i, f);
     }
     assert(fd.size >= 2, `${n}: only ${fd.size} entries without a routing flip`);
     let gmax = 0;
@@ -153,14 +110,8 @@ Deno.test("train model: tape and recompute modes give identical loss and gradien
       const model = await Model.load(`${FIXTURES}${fixture}`, be);
       const names = [...model.ckpt.files.keys()];
       for (const n of names) model.trainable.add(n);
-      const shape = { batch: 2, seqLen: 7 };
-      const ids = Int32Array.from({ length: 14 }, (_, i) => (i * 37 + 11) % model.spec.vocab);
-      const targets = Int32Array.from(ids, (_, i) => (i % 7 === 6 ? -100 : ids[i + 1]));
-      const grads: Grads = new Map();
-      for (const n of names) {
-        const wt = await model.weight(n);
-        grads.set(n, be.tensor(new Float32Array(wt.shape.reduce((a, b) => a * b, 1)), wt.shape));
-      }
+      const { ids, targets, shape } = trainingBatch(model.spec.vocab);
+      const grads = await zeroGrads(model, names);
       const { loss } = await lossAndGrad(model, ids, targets, shape, grads, { recompute });
       const read = await Promise.all(names.map(async (n) => [n, await be.read(grads.get(n)!)]));
       results.push({ loss, grads: Object.fromEntries(read) });
