@@ -2,8 +2,11 @@
 // Activations are f32 storage buffers. Weights stay in their checkpoint dtype (bf16/f16
 // packed two per u32, decoded in the shader) and are split into row chunks so that no
 // binding exceeds the adapter's maxStorageBufferBindingSize; activations larger than the
-// limit are bound in row ranges. Each dispatch is submitted on its own: WebGPU orders
-// queue writes and submits, so pooled buffers can be reused as soon as a submit is queued.
+// limit are bound in row ranges. Dispatches are recorded into one open command encoder
+// and submitted together when a result is read (or a batch fills up), so a forward pass
+// costs a few submits per layer instead of one per kernel. queue.writeBuffer runs before
+// any unsubmitted command, so a buffer freed while commands are pending is not handed to
+// an upload until the batch is submitted (see release/acquire).
 
 import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import {
@@ -151,11 +154,37 @@ interface Dispatch {
   workgroups: number | [number, number];
 }
 
+/**
+ * What backends on one device share (withMaxBindingBytes): the buffer pool, pipeline
+ * caches and the batch being recorded. The batch: its encoder and open compute pass,
+ * the uniforms of its dispatches (one slot each, written to uniformBuffer just before
+ * the submit) and the buffers freed since it began (GPU-written outputs may reuse them;
+ * uploads may not, as queue.writeBuffer runs before any unsubmitted command).
+ */
+interface SharedState {
+  pipelines: Map<string, GPUComputePipeline>;
+  layouts: Map<string, [GPUBindGroupLayout, GPUPipelineLayout]>;
+  modules: Map<string, GPUShaderModule>;
+  pool: Map<number, GPUBuffer[]>;
+  pooledBytes: number;
+  encoder: GPUCommandEncoder | null;
+  pass: GPUComputePassEncoder | null;
+  uniformBuffer: GPUBuffer;
+  uniformData: ArrayBuffer;
+  batched: number;
+  retiring: Map<number, GPUBuffer[]>;
+  retiringBytes: number;
+}
+
 const t = (x: Tensor) => x as GpuTensor;
 const w = (x: Weight) => x as GpuWeight;
 const ceilDiv = (a: number, b: number) => Math.ceil(a / b);
 
 const UNIFORM_BYTES = 64;
+// Dispatches per submitted batch: their uniforms share one buffer, one slot each.
+const BATCH_DISPATCHES = 1024;
+// Buffers freed while a batch is pending are held back; past this many bytes, submit.
+const RETIRING_BYTES = 256 * 1024 * 1024;
 const MAX_WORKGROUPS_PER_DIM = 65535;
 // Freed buffers kept for reuse, at most this many bytes in all; the rest are destroyed.
 const POOL_BYTES = 256 * 1024 * 1024;
@@ -164,13 +193,11 @@ export class WebGpuBackend implements TrainingBackend {
   readonly name = "webgpu" as const;
   readonly maxBindingBytes: number;
   private readonly offsetAlign: number;
-  private readonly pipelines = new Map<string, GPUComputePipeline>();
-  private readonly layouts = new Map<string, [GPUBindGroupLayout, GPUPipelineLayout]>();
-  private readonly modules = new Map<string, GPUShaderModule>();
-  private readonly pool = new Map<number, GPUBuffer[]>();
-  private pooledBytes = 0;
   private readonly emptyBuffer: GPUBuffer;
   private firstError: string | null = null;
+  private readonly uniformSlot: number;
+  /** Pools, caches and the pending batch, shared by every backend on this device. */
+  private readonly shared: SharedState;
   /** Compute dispatches issued so far (tests check that chunked ops really split). */
   dispatches = 0;
 
@@ -178,11 +205,30 @@ export class WebGpuBackend implements TrainingBackend {
     readonly device: GPUDevice,
     readonly description: string,
     opts: WebGpuOptions = {},
+    shared?: SharedState,
   ) {
     const limit = device.limits.maxStorageBufferBindingSize;
     // Multiple of 4 so every chunk of whole f32 rows or padded 16-bit weights fits.
     this.maxBindingBytes = Math.floor(Math.min(opts.maxBindingBytes ?? limit, limit) / 4) * 4;
     this.offsetAlign = device.limits.minStorageBufferOffsetAlignment;
+    this.uniformSlot = Math.max(UNIFORM_BYTES, device.limits.minUniformBufferOffsetAlignment);
+    this.shared = shared ?? {
+      pipelines: new Map(),
+      layouts: new Map(),
+      modules: new Map(),
+      pool: new Map(),
+      pooledBytes: 0,
+      encoder: null,
+      pass: null,
+      uniformBuffer: device.createBuffer({
+        size: BATCH_DISPATCHES * this.uniformSlot,
+        usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+      }),
+      uniformData: new ArrayBuffer(BATCH_DISPATCHES * this.uniformSlot),
+      batched: 0,
+      retiring: new Map(),
+      retiringBytes: 0,
+    };
     this.emptyBuffer = this.createBuffer(16);
     device.addEventListener("uncapturederror", (e) => {
       const msg = (e as GPUUncapturedErrorEvent).error.message;
@@ -193,7 +239,8 @@ export class WebGpuBackend implements TrainingBackend {
 
   /** A backend on the same device with a smaller binding limit (tests of chunking). */
   withMaxBindingBytes(maxBindingBytes: number): WebGpuBackend {
-    return new WebGpuBackend(this.device, this.description, { maxBindingBytes });
+    // Shared state: tensors pass between the two and their commands stay in one order.
+    return new WebGpuBackend(this.device, this.description, { maxBindingBytes }, this.shared);
   }
 
   // ---- memory -------------------------------------------------------------------------
@@ -206,31 +253,49 @@ export class WebGpuBackend implements TrainingBackend {
     });
   }
 
-  /** A pooled buffer of at least `bytes` (rounded up to 16 so near sizes share a list). */
-  private acquire(bytes: number): GPUBuffer {
+  /**
+   * A pooled buffer of at least `bytes` (rounded up to 16 so near sizes share a list).
+   * `gpuWritten`: only commands recorded from now on write it, so a buffer freed in the
+   * pending batch will do; anything written by queue.writeBuffer must not take one.
+   */
+  private acquire(bytes: number, gpuWritten = false): GPUBuffer {
     const size = Math.max(16, ceilDiv(bytes, 16) * 16);
     if (size > this.device.limits.maxBufferSize) {
       throw new Error(
         `webgpu: a ${size}-byte buffer exceeds maxBufferSize ${this.device.limits.maxBufferSize}`,
       );
     }
-    const list = this.pool.get(size);
+    const retired = gpuWritten ? this.shared.retiring.get(size) : undefined;
+    if (retired && retired.length > 0) {
+      this.shared.retiringBytes -= size;
+      return retired.pop()!;
+    }
+    const list = this.shared.pool.get(size);
     if (list && list.length > 0) {
-      this.pooledBytes -= size;
+      this.shared.pooledBytes -= size;
       return list.pop()!;
     }
     return this.createBuffer(size);
   }
 
   private release(buffer: GPUBuffer): void {
-    if (this.pooledBytes + buffer.size > POOL_BYTES) {
+    if (this.shared.encoder) {
+      // Pending commands may still read it: hold it back until they are submitted.
+      const list = this.shared.retiring.get(buffer.size) ?? [];
+      list.push(buffer);
+      this.shared.retiring.set(buffer.size, list);
+      this.shared.retiringBytes += buffer.size;
+      if (this.shared.retiringBytes > RETIRING_BYTES) this.flush();
+      return;
+    }
+    if (this.shared.pooledBytes + buffer.size > POOL_BYTES) {
       buffer.destroy();
       return;
     }
-    const list = this.pool.get(buffer.size) ?? [];
+    const list = this.shared.pool.get(buffer.size) ?? [];
     list.push(buffer);
-    this.pool.set(buffer.size, list);
-    this.pooledBytes += buffer.size;
+    this.shared.pool.set(buffer.size, list);
+    this.shared.pooledBytes += buffer.size;
   }
 
   /** A pooled buffer holding `data` (padded to 4 bytes); release it after the dispatch. */
@@ -253,8 +318,9 @@ export class WebGpuBackend implements TrainingBackend {
     return buffer;
   }
 
+  /** An output tensor for the next recorded command to write. */
   private newTensor(shape: readonly number[]): GpuTensor {
-    return new GpuTensor(this.acquire(numelOf(shape) * 4), [...shape]);
+    return new GpuTensor(this.acquire(numelOf(shape) * 4, true), [...shape]);
   }
 
   uploadWeight(raw: RawTensor): Weight {
@@ -296,6 +362,7 @@ export class WebGpuBackend implements TrainingBackend {
   }
 
   freeWeight(weight: Weight): void {
+    this.flush(); // pending commands may read it, and a destroyed buffer fails their submit
     for (const c of w(weight).chunks) c.buffer.destroy();
     w(weight).chunks.length = 0;
   }
@@ -306,7 +373,7 @@ export class WebGpuBackend implements TrainingBackend {
         `tensor data has ${data.length} entries, shape [${shape}] needs ${numelOf(shape)}`,
       );
     }
-    const out = this.newTensor(shape);
+    const out = new GpuTensor(this.acquire(data.length * 4), [...shape]);
     if (data.length > 0) {
       this.device.queue.writeBuffer(
         out.buffer,
@@ -335,9 +402,8 @@ export class WebGpuBackend implements TrainingBackend {
       size: bytes,
       usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
     });
-    const encoder = this.device.createCommandEncoder();
-    encoder.copyBufferToBuffer(buffer, 0, staging, 0, bytes);
-    this.device.queue.submit([encoder.finish()]);
+    this.recordOutsidePass().copyBufferToBuffer(buffer, 0, staging, 0, bytes);
+    this.flush();
     await staging.mapAsync(GPUMapMode.READ);
     const out = staging.getMappedRange().slice(0);
     staging.unmap();
@@ -360,27 +426,27 @@ export class WebGpuBackend implements TrainingBackend {
   private pipeline(d: Dispatch): GPUComputePipeline {
     const kinds = d.bindings.map((b) => (b.write ? "w" : "r")).join("");
     const key = `${d.kernel}:${d.entry}:${kinds}:${JSON.stringify(d.constants ?? {})}`;
-    let pipeline = this.pipelines.get(key);
+    let pipeline = this.shared.pipelines.get(key);
     if (pipeline) return pipeline;
-    let module = this.modules.get(d.kernel);
+    let module = this.shared.modules.get(d.kernel);
     if (!module) {
       const src = kernelSources.get(d.kernel)!;
       const code = USES_WEIGHTS.has(d.kernel) ? `${kernelSources.get("weights")}\n${src}` : src;
       module = this.device.createShaderModule({ label: d.kernel, code });
-      this.modules.set(d.kernel, module);
+      this.shared.modules.set(d.kernel, module);
     }
     pipeline = this.device.createComputePipeline({
       label: `${d.kernel}.${d.entry}`,
       layout: this.layout(kinds)[1],
       compute: { module, entryPoint: d.entry, constants: d.constants ?? {} },
     });
-    this.pipelines.set(key, pipeline);
+    this.shared.pipelines.set(key, pipeline);
     return pipeline;
   }
 
   /** Explicit layouts (binding 0 uniform, then storage) so unused bindings are harmless. */
   private layout(kinds: string): [GPUBindGroupLayout, GPUPipelineLayout] {
-    let layout = this.layouts.get(kinds);
+    let layout = this.shared.layouts.get(kinds);
     if (layout) return layout;
     const entries: GPUBindGroupLayoutEntry[] = [
       { binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: { type: "uniform" } },
@@ -394,16 +460,12 @@ export class WebGpuBackend implements TrainingBackend {
     );
     const group = this.device.createBindGroupLayout({ entries });
     layout = [group, this.device.createPipelineLayout({ bindGroupLayouts: [group] })];
-    this.layouts.set(kinds, layout);
+    this.shared.layouts.set(kinds, layout);
     return layout;
   }
 
+  /** Record one dispatch into the pending batch; its uniforms get the next slot. */
   private run(d: Dispatch): void {
-    const params = new DataView(new ArrayBuffer(UNIFORM_BYTES));
-    d.params.forEach((v, i) => {
-      if (typeof v === "number") params.setUint32(4 * i, v, true);
-      else params.setFloat32(4 * i, v.f32, true);
-    });
     for (const b of d.bindings) {
       const size = b.size ?? b.buffer.size;
       // The invariant chunking exists for; with a test-sized limit it proves the split.
@@ -414,13 +476,25 @@ export class WebGpuBackend implements TrainingBackend {
         );
       }
     }
-    const uniform = this.upload(params);
+    const uniformOffset = this.shared.batched * this.uniformSlot;
+    const params = new DataView(this.shared.uniformData, uniformOffset, UNIFORM_BYTES);
+    d.params.forEach((v, i) => {
+      if (typeof v === "number") params.setUint32(4 * i, v, true);
+      else params.setFloat32(4 * i, v.f32, true);
+    });
     const pipeline = this.pipeline(d);
     const kinds = d.bindings.map((b) => (b.write ? "w" : "r")).join("");
     const bindGroup = this.device.createBindGroup({
       layout: this.layout(kinds)[0],
       entries: [
-        { binding: 0, resource: { buffer: uniform, size: UNIFORM_BYTES } },
+        {
+          binding: 0,
+          resource: {
+            buffer: this.shared.uniformBuffer,
+            offset: uniformOffset,
+            size: UNIFORM_BYTES,
+          },
+        },
         ...d.bindings.map((b, i) => ({
           binding: i + 1,
           resource: { buffer: b.buffer, offset: b.offset ?? 0, size: b.size ?? b.buffer.size },
@@ -434,15 +508,45 @@ export class WebGpuBackend implements TrainingBackend {
       y = ceilDiv(x, MAX_WORKGROUPS_PER_DIM);
       x = MAX_WORKGROUPS_PER_DIM;
     }
-    const encoder = this.device.createCommandEncoder();
-    const pass = encoder.beginComputePass();
-    pass.setPipeline(pipeline);
-    pass.setBindGroup(0, bindGroup);
-    pass.dispatchWorkgroups(x, y);
-    pass.end();
-    this.device.queue.submit([encoder.finish()]);
-    this.release(uniform);
+    this.shared.encoder ??= this.device.createCommandEncoder();
+    this.shared.pass ??= this.shared.encoder.beginComputePass();
+    this.shared.pass.setPipeline(pipeline);
+    this.shared.pass.setBindGroup(0, bindGroup);
+    this.shared.pass.dispatchWorkgroups(x, y);
     this.dispatches++;
+    if (++this.shared.batched === BATCH_DISPATCHES) this.flush();
+  }
+
+  /** The pending encoder with no compute pass open, for copies and clears. */
+  private recordOutsidePass(): GPUCommandEncoder {
+    this.shared.pass?.end();
+    this.shared.pass = null;
+    return this.shared.encoder ??= this.device.createCommandEncoder();
+  }
+
+  /**
+   * Submit the pending batch: its uniforms first (writeBuffer is ordered before the
+   * submit), then the commands; buffers freed meanwhile go back to the pool.
+   */
+  flush(): void {
+    if (!this.shared.encoder) return;
+    const encoder = this.recordOutsidePass();
+    if (this.shared.batched > 0) {
+      this.device.queue.writeBuffer(
+        this.shared.uniformBuffer,
+        0,
+        this.shared.uniformData,
+        0,
+        this.shared.batched * this.uniformSlot,
+      );
+    }
+    this.device.queue.submit([encoder.finish()]);
+    this.shared.encoder = null;
+    this.shared.batched = 0;
+    const retired = this.shared.retiring;
+    this.shared.retiring = new Map();
+    this.shared.retiringBytes = 0;
+    for (const list of retired.values()) for (const b of list) this.release(b);
   }
 
   /**
@@ -850,9 +954,7 @@ export class WebGpuBackend implements TrainingBackend {
 
   zero(x: Tensor): void {
     if (t(x).bytes === 0) return;
-    const encoder = this.device.createCommandEncoder();
-    encoder.clearBuffer(t(x).buffer, 0, t(x).bytes);
-    this.device.queue.submit([encoder.finish()]);
+    this.recordOutsidePass().clearBuffer(t(x).buffer, 0, t(x).bytes);
   }
 
   addInPlace(dst: Tensor, src: Tensor): void {
@@ -1389,9 +1491,10 @@ export class WebGpuBackend implements TrainingBackend {
 
   /** Release every pooled buffer and the device. The backend is unusable afterwards. */
   destroy(): void {
-    for (const list of this.pool.values()) for (const b of list) b.destroy();
-    this.pool.clear();
-    this.pooledBytes = 0;
+    this.flush();
+    for (const list of this.shared.pool.values()) for (const b of list) b.destroy();
+    this.shared.pool.clear();
+    this.shared.pooledBytes = 0;
     this.device.destroy();
   }
 }
