@@ -200,7 +200,7 @@ async function benchMatmulLadder(gpu: WebGpuBackend, repeats: number) {
         const s = median(times[i]);
         const gflops = (2 * n * k * m) / s / 1e9, weightGBps = weightBytes / s / 1e9;
         rows.push({ shape, kernel, dtype, n, k, m, seconds: s, gflops, weightGBps });
-        line.push(`${kernel} ${gflops.toFixed(2)} GFLOP/s ${weightGBps.toFixed(2)} GB/s`);
+        line.push(`${kernel} ${gflops.toFixed(2)} GFLOP/s ${weightGBps.toPrecision(3)} GB/s`);
       }
       console.error(`matmul ladder ${shape} ${dtype} ${n}x${k}x${m}: ${line.join(", ")}`);
     }
