@@ -26,3 +26,12 @@ fn decode(word: u32, i: u32, dtype: u32) -> f32 {
   }
   return bitcast<f32>(bits << 16u);
 }
+
+// Both elements of one f16/bf16 word as f32 (element 2j in .x, 2j + 1 in .y): the wide
+// loads of the blocked and gemv matmuls decode whole words instead of single halves.
+fn decode_pair(word: u32, dtype: u32) -> vec2f {
+  if (dtype == DTYPE_F16) {
+    return unpack2x16float(word);
+  }
+  return vec2f(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u));
+}

@@ -1,6 +1,8 @@
 // deno task bench: speed and memory, measured side by side in one run, written to
 // results/bench/<date>.json. Sections:
-//   matmul    GFLOP/s per backend and weight dtype (and the machine's BLAS peak)
+//   matmul    GFLOP/s per backend and weight dtype (and the machine's BLAS peak); for
+//             webgpu also the kernel ladder (naive, tiled, blocked, gemv) at a prefill
+//             and a decode shape, with the adapter's features and limits
 //   forward   default-model forward tokens/s per backend
 //   train     training tokens/s (forward + backward + AdamW, routed and shared experts
 //             trainable) per backend
@@ -13,6 +15,7 @@ import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { Model } from "../lib/model/model.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
+import { MATMUL_KERNELS, WebGpuBackend } from "../lib/backend/webgpu.ts";
 import { loadBlas } from "../lib/backend/blas.ts";
 import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
 import { supportsTraining } from "../lib/backend/backend.ts";
@@ -136,6 +139,73 @@ async function benchMatmul(backends: Map<string, Backend>, repeats: number) {
     }
   }
   return rows;
+}
+
+// The ladder's shapes: prefill is many rows (compute bound), decode one row (bound by
+// reading the weights). Small enough for llvmpipe: a naive prefill round takes seconds.
+const LADDER_SHAPES = { prefill: [128, 512, 1024], decode: [1, 2048, 2048] } as const;
+
+/** The adapter behind the webgpu backend: what the ladder's numbers depend on. */
+async function adapterReport() {
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) return null;
+  const { vendor, architecture, device, description } = adapter.info;
+  const l = adapter.limits;
+  return {
+    info: { vendor, architecture, device, description },
+    features: {
+      "shader-f16": adapter.features.has("shader-f16"),
+      subgroups: adapter.features.has("subgroups"),
+    },
+    limits: {
+      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+      maxBufferSize: l.maxBufferSize,
+      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
+      maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
+      maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
+    },
+  };
+}
+
+/**
+ * Every matmul kernel of the webgpu backend at the prefill and decode shapes, per dtype.
+ * The kernels are timed in interleaved rounds (one call of each, round-robin, then the
+ * median per kernel), so a slow spell on the machine hits them all alike.
+ */
+async function benchMatmulLadder(gpu: WebGpuBackend, repeats: number) {
+  const rows: Record<string, unknown>[] = [];
+  for (const [shape, [n, k, m]] of Object.entries(LADDER_SHAPES)) {
+    for (const dtype of ["F32", "BF16", "F16"] as const) {
+      const x = gpu.tensor(new Float32Array(n * k).fill(0.1), [n, k]);
+      const w = gpu.uploadWeight(weightOf(dtype, m, k));
+      const backends = MATMUL_KERNELS.map((kernel) => gpu.withOptions({ matmulKernel: kernel }));
+      const call = async (be: WebGpuBackend) => {
+        const y = be.matmul(x, w);
+        await be.read(y);
+        be.free(y);
+      };
+      for (const be of backends) await call(be); // warm-up: pipeline compilation
+      const times: number[][] = backends.map(() => []);
+      for (let r = 0; r < repeats; r++) {
+        for (const [i, be] of backends.entries()) {
+          const t0 = performance.now();
+          await call(be);
+          times[i].push((performance.now() - t0) / 1000);
+        }
+      }
+      gpu.free(x), gpu.freeWeight(w);
+      const weightBytes = m * k * (dtype === "F32" ? 4 : 2);
+      const line: string[] = [];
+      for (const [i, kernel] of MATMUL_KERNELS.entries()) {
+        const s = median(times[i]);
+        const gflops = (2 * n * k * m) / s / 1e9, weightGBps = weightBytes / s / 1e9;
+        rows.push({ shape, kernel, dtype, n, k, m, seconds: s, gflops, weightGBps });
+        line.push(`${kernel} ${gflops.toFixed(2)} GFLOP/s ${weightGBps.toPrecision(3)} GB/s`);
+      }
+      console.error(`matmul ladder ${shape} ${dtype} ${n}x${k}x${m}: ${line.join(", ")}`);
+    }
+  }
+  return { device: gpu.description, adapter: await adapterReport(), shapes: LADDER_SHAPES, rows };
 }
 
 async function benchForward(backends: Map<string, Backend>, modelDir: string, repeats: number) {
@@ -311,7 +381,11 @@ await runMain(async () => {
     unavailable,
     settings: { sections, repeats, model: args.model ?? DEFAULT_MODEL },
   };
-  if (sections.includes("matmul")) result.matmul = await benchMatmul(backends, repeats);
+  if (sections.includes("matmul")) {
+    result.matmul = await benchMatmul(backends, repeats);
+    const gpu = backends.get("webgpu");
+    if (gpu instanceof WebGpuBackend) result.matmulLadder = await benchMatmulLadder(gpu, repeats);
+  }
   if (sections.includes("forward")) {
     result.forward = await benchForward(backends, args.model ?? DEFAULT_MODEL, repeats);
   }

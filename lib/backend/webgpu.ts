@@ -35,11 +35,36 @@ export interface WebGpuOptions {
    * it small to exercise chunking.
    */
   maxBindingBytes?: number;
+  /**
+   * Which matmul kernel runs (default "auto": gemv for a few rows, else the fastest
+   * prefill kernel; see MATMUL_AUTO_*). The others are the ladder, for tests and bench.
+   */
+  matmulKernel?: MatmulKernel | "auto";
 }
+
+/** The matmul kernels, simplest first: kernels/matmul_<name>.wgsl ("tiled" is matmul.wgsl). */
+export const MATMUL_KERNELS = ["naive", "tiled", "blocked", "gemv"] as const;
+export type MatmulKernel = (typeof MATMUL_KERNELS)[number];
+
+// "auto": gemv up to this many rows: on llvmpipe it beat blocked 7x at N=4, 4.5x at 8,
+// 1.9x at 16 and tied at 32 (K=M=1024 bf16); a real GPU crosses over sooner (near 8),
+// where gemv's re-read of the weights per 8 rows starts to cost, so 16 errs low.
+export const MATMUL_AUTO_GEMV_MAX_ROWS = 16;
+// "auto" above that: the register-blocked kernel, the fastest prefill kernel measured.
+export const MATMUL_AUTO_PREFILL: MatmulKernel = "blocked";
+// Output rows and columns per workgroup of kernels/matmul_blocked.wgsl (16 x TM, 16 x TN).
+const MATMUL_BLOCKED_TILE = 128;
+// Output columns and most rows of x per workgroup of kernels/matmul_gemv.wgsl (its COLS
+// and MAX_ROWS).
+const MATMUL_GEMV_COLS = 4;
+const MATMUL_GEMV_MAX_ROWS = 8;
 
 const KERNEL_FILES = [
   "weights",
   "matmul",
+  "matmul_naive",
+  "matmul_blocked",
+  "matmul_gemv",
   "norm",
   "elementwise",
   "rope",
@@ -60,6 +85,9 @@ type KernelFile = (typeof KERNEL_FILES)[number];
 // Kernels that decode weights get kernels/weights.wgsl prepended.
 const USES_WEIGHTS: ReadonlySet<KernelFile> = new Set([
   "matmul",
+  "matmul_naive",
+  "matmul_blocked",
+  "matmul_gemv",
   "norm",
   "embedding",
   "matmul_backward",
@@ -192,6 +220,7 @@ const POOL_BYTES = 256 * 1024 * 1024;
 export class WebGpuBackend implements TrainingBackend {
   readonly name = "webgpu" as const;
   readonly maxBindingBytes: number;
+  readonly matmulKernel: MatmulKernel | "auto";
   private readonly offsetAlign: number;
   private readonly emptyBuffer: GPUBuffer;
   private firstError: string | null = null;
@@ -204,7 +233,7 @@ export class WebGpuBackend implements TrainingBackend {
   constructor(
     readonly device: GPUDevice,
     readonly description: string,
-    opts: WebGpuOptions = {},
+    private readonly opts: WebGpuOptions = {},
     shared?: SharedState,
   ) {
     const limit = device.limits.maxStorageBufferBindingSize;
@@ -229,6 +258,10 @@ export class WebGpuBackend implements TrainingBackend {
       retiring: new Map(),
       retiringBytes: 0,
     };
+    this.matmulKernel = opts.matmulKernel ?? "auto";
+    if (this.matmulKernel !== "auto" && !MATMUL_KERNELS.includes(this.matmulKernel)) {
+      throw new Error(`webgpu: unknown matmul kernel "${this.matmulKernel}"`);
+    }
     this.emptyBuffer = this.createBuffer(16);
     device.addEventListener("uncapturederror", (e) => {
       const msg = (e as GPUUncapturedErrorEvent).error.message;
@@ -237,10 +270,20 @@ export class WebGpuBackend implements TrainingBackend {
     });
   }
 
+  /** A backend on the same device with these options changed (the rest kept). */
+  withOptions(opts: WebGpuOptions): WebGpuBackend {
+    // Shared state: tensors pass between the two and their commands stay in one order.
+    return new WebGpuBackend(
+      this.device,
+      this.description,
+      { ...this.opts, ...opts },
+      this.shared,
+    );
+  }
+
   /** A backend on the same device with a smaller binding limit (tests of chunking). */
   withMaxBindingBytes(maxBindingBytes: number): WebGpuBackend {
-    // Shared state: tensors pass between the two and their commands stay in one order.
-    return new WebGpuBackend(this.device, this.description, { maxBindingBytes }, this.shared);
+    return this.withOptions({ maxBindingBytes });
   }
 
   // ---- memory -------------------------------------------------------------------------
@@ -653,6 +696,7 @@ export class WebGpuBackend implements TrainingBackend {
       throw new Error(`matmul: bias "${bias.name}" is [${bias.shape}], want [${m}]`);
     }
     const out = this.newTensor([n, m]); // [tokens, out features]
+    const kernel = this.matmulKernelFor(n);
     const constants = {
       W_DTYPE: DTYPE_CODE[weight.dtype],
       B_DTYPE: bias ? DTYPE_CODE[bias.dtype] : 0,
@@ -664,17 +708,75 @@ export class WebGpuBackend implements TrainingBackend {
       for (const [r0, rows] of this.rowChunks(n, [k * 4, m * 4])) {
         const xRange = this.rowRange(t(x).buffer, r0, rows, k * 4);
         const outRange = this.rowRange(out.buffer, r0, rows, m * 4, true);
-        this.run({
-          kernel: "matmul",
-          entry: "main",
-          constants,
-          params: [rows, k, chunk.rows, m, chunk.row0, xRange.skip, outRange.skip],
-          bindings: [xRange, { buffer: chunk.buffer }, { buffer: biasBuffer }, outRange],
-          workgroups: [ceilDiv(chunk.rows, 16), ceilDiv(rows, 16)],
-        });
+        const params = [rows, k, chunk.rows, m, chunk.row0, xRange.skip, outRange.skip];
+        const bindings: Binding[] = [
+          xRange,
+          { buffer: chunk.buffer },
+          { buffer: biasBuffer },
+          outRange,
+        ];
+        if (kernel === "naive") {
+          this.run({
+            kernel: "matmul_naive",
+            entry: "main",
+            constants,
+            params,
+            bindings,
+            workgroups: [ceilDiv(chunk.rows, 64), ceilDiv(rows, 4)],
+          });
+        } else if (kernel === "tiled") {
+          this.run({
+            kernel: "matmul",
+            entry: "main",
+            constants,
+            params,
+            bindings,
+            workgroups: [ceilDiv(chunk.rows, 16), ceilDiv(rows, 16)],
+          });
+        } else {
+          // blocked and gemv also see x and w as vec4s where K and the offset allow:
+          // x rows start on a vec4 when K and skip are multiples of 4 (the binding then
+          // ends on one); w rows when K is a multiple of the vec4 unit (4 words).
+          const vecX = k % 4 === 0 && xRange.skip % 4 === 0;
+          // Elements in one vec4 of w: f32 runs of 4 (both kernels), f16/bf16 runs of 8
+          // (gemv); blocked reads f16/bf16 runs of 4 as two whole words instead, which
+          // only needs K even.
+          const w4Elements = weight.dtype === "F32" ? 4 : kernel === "gemv" ? 8 : 0;
+          const vecW = w4Elements > 0 ? k % w4Elements === 0 : k % 2 === 0;
+          bindings.push(
+            vecX ? { ...xRange, write: false } : { buffer: this.emptyBuffer },
+            vecW && w4Elements > 0 ? { buffer: chunk.buffer } : { buffer: this.emptyBuffer },
+          );
+          const vecConstants: Record<string, number> = {
+            ...constants,
+            VEC_X: vecX ? 1 : 0,
+            VEC_W: vecW ? 1 : 0,
+          };
+          // gemv: rows of x per workgroup, so that N = 1 does one row's work.
+          const gemvRows = Math.min(rows, MATMUL_GEMV_MAX_ROWS);
+          if (kernel === "gemv") vecConstants.ROWS = gemvRows;
+          this.run({
+            kernel: kernel === "gemv" ? "matmul_gemv" : "matmul_blocked",
+            entry: "main",
+            constants: vecConstants,
+            params,
+            bindings,
+            workgroups: kernel === "gemv"
+              // Flat: one workgroup per MATMUL_GEMV_COLS columns x gemvRows rows.
+              ? ceilDiv(chunk.rows, MATMUL_GEMV_COLS) * ceilDiv(rows, gemvRows)
+              // Output tiles of MATMUL_BLOCKED_TILE (the kernel's BN x BM).
+              : [ceilDiv(chunk.rows, MATMUL_BLOCKED_TILE), ceilDiv(rows, MATMUL_BLOCKED_TILE)],
+          });
+        }
       }
     }
     return out;
+  }
+
+  /** The matmul kernel for n rows of x: the configured one, or the "auto" choice. */
+  matmulKernelFor(n: number): MatmulKernel {
+    if (this.matmulKernel !== "auto") return this.matmulKernel;
+    return n <= MATMUL_AUTO_GEMV_MAX_ROWS ? "gemv" : MATMUL_AUTO_PREFILL;
   }
 
   /** out = entry(a, b) elementwise over flat ranges. */
