@@ -6,6 +6,10 @@
 // weights decoded once per tile. Runs are vec4 loads (VEC_X / VEC_W, set by the host when
 // the offsets and K allow it); ragged edges and unaligned cases use scalar loads.
 //
+// GROUPED (groupedMatmul): w holds a run of experts' [M, k] matrices back to back and each
+// workgroup row takes its rows, matrix and column range from the tile table: one dispatch
+// runs every expert of a layer.
+//
 // Tile sizes, measured on llvmpipe (8-wide SIMD, 2 cores) at 256x1024x512: 8x8 per thread
 // (128x128 tiles) ran 1.5x faster than 4x4 (64x64); BK 32 did not beat 16. A real GPU
 // wants much the same: 128x128 tiles with 8x8 per thread and 16 KiB of workgroup memory is
@@ -39,6 +43,10 @@ override VEC_W: bool = false;
 // The same x and w bindings seen as vec4s (a placeholder when VEC_X / VEC_W is off).
 @group(0) @binding(5) var<storage, read> x4: array<vec4f>;
 @group(0) @binding(6) var<storage, read> w4: array<vec4u>;
+// GROUPED: per workgroup row, (first weight element, first row, row count <= BM, first
+// output column, column count <= p.cols).
+@group(0) @binding(7) var<storage, read> tiles: array<u32>;
+override GROUPED: bool = false;
 
 const TM: u32 = 8u; // output rows per thread (a multiple of 4)
 const TN: u32 = 8u; // output columns per thread (a multiple of 4)
@@ -51,9 +59,9 @@ var<workgroup> x_tile: array<array<vec4f, BM / 4u>, BK>; // [k][row / 4]
 var<workgroup> w_tile: array<array<vec4f, BN / 4u>, BK>; // [k][col / 4]
 
 // x[row, kk .. kk + 3], zero past the edges.
-fn load_x(row: u32, kk: u32) -> vec4f {
+fn load_x(row: u32, kk: u32, row_end: u32) -> vec4f {
   let base = p.x_off + row * p.k + kk;
-  if (row < p.rows && kk + 3u < p.k) {
+  if (row < row_end && kk + 3u < p.k) {
     if (VEC_X) {
       return x4[base / 4u];
     }
@@ -61,7 +69,7 @@ fn load_x(row: u32, kk: u32) -> vec4f {
   }
   var v = vec4f(0.0);
   for (var e = 0u; e < 4u; e++) {
-    if (row < p.rows && kk + e < p.k) {
+    if (row < row_end && kk + e < p.k) {
       v[e] = x[base + e];
     }
   }
@@ -69,9 +77,9 @@ fn load_x(row: u32, kk: u32) -> vec4f {
 }
 
 // w[col, kk .. kk + 3] decoded, zero past the edges.
-fn load_w(col: u32, kk: u32) -> vec4f {
-  let i = col * p.k + kk;
-  if (col < p.cols && kk + 3u < p.k && VEC_W) {
+fn load_w(col: u32, kk: u32, w_base: u32, cols: u32) -> vec4f {
+  let i = w_base + col * p.k + kk;
+  if (col < cols && kk + 3u < p.k && VEC_W) {
     if (W_DTYPE == DTYPE_F32) {
       return bitcast<vec4f>(w4[i / 4u]);
     }
@@ -79,7 +87,7 @@ fn load_w(col: u32, kk: u32) -> vec4f {
   }
   var v = vec4f(0.0);
   for (var e = 0u; e < 4u; e++) {
-    if (col < p.cols && kk + e < p.k) {
+    if (col < cols && kk + e < p.k) {
       v[e] = decode(w[word_index(i + e, W_DTYPE)], i + e, W_DTYPE);
     }
   }
@@ -89,7 +97,18 @@ fn load_w(col: u32, kk: u32) -> vec4f {
 @compute @workgroup_size(16, 16)
 fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec3u) {
   let t = lid.y * 16u + lid.x;
-  let row0 = wg.y * BM;
+  var row0 = wg.y * BM;
+  var row_end = p.rows;
+  var w_base = 0u; // first element of this workgroup's matrix in w
+  var cols = p.cols;
+  var out_col0 = p.col0;
+  if (GROUPED) {
+    w_base = tiles[5u * wg.y];
+    row0 = tiles[5u * wg.y + 1u];
+    row_end = row0 + tiles[5u * wg.y + 2u];
+    out_col0 = tiles[5u * wg.y + 3u];
+    cols = tiles[5u * wg.y + 4u];
+  }
   let col0 = wg.x * BN;
   // Thread (lid.x, lid.y) owns rows row0 + TM lid.y .. + TM - 1 and columns
   // col0 + TN lid.x .. + TN - 1: acc[i * TN / 4 + j] holds row i, columns 4j .. 4j + 3.
@@ -100,7 +119,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
     for (var run = t; run < BM * BK / 4u; run += 256u) {
       let r = run / (BK / 4u);
       let kq = (run % (BK / 4u)) * 4u;
-      let v = load_x(row0 + r, k0 + kq);
+      let v = load_x(row0 + r, k0 + kq, row_end);
       for (var e = 0u; e < 4u; e++) {
         x_tile[kq + e][r / 4u][r % 4u] = v[e];
       }
@@ -108,7 +127,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
     for (var run = t; run < BN * BK / 4u; run += 256u) {
       let c = run / (BK / 4u);
       let kq = (run % (BK / 4u)) * 4u;
-      let v = load_w(col0 + c, k0 + kq);
+      let v = load_w(col0 + c, k0 + kq, w_base, cols);
       for (var e = 0u; e < 4u; e++) {
         w_tile[kq + e][c / 4u][c % 4u] = v[e];
       }
@@ -135,8 +154,8 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
     let row = row0 + lid.y * TM + i;
     for (var j = 0u; j < TN; j++) {
       let col = col0 + lid.x * TN + j;
-      if (row < p.rows && col < p.cols) {
-        let m = p.col0 + col;
+      if (row < row_end && col < cols) {
+        let m = out_col0 + col;
         var v = acc[i * (TN / 4u) + j / 4u][j % 4u];
         if (HAS_BIAS) {
           v += decode(bias[word_index(m, B_DTYPE)], m, B_DTYPE);

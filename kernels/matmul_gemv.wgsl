@@ -36,6 +36,11 @@ override VEC_W: bool = false;
 // The same x and w bindings seen as vec4s (a placeholder when VEC_X / VEC_W is off).
 @group(0) @binding(5) var<storage, read> x4: array<vec4f>;
 @group(0) @binding(6) var<storage, read> w4: array<vec4u>;
+// GROUPED (groupedMatmul): w holds a run of experts' [M, k] matrices back to back; per
+// tile, (first weight element, first row, row count <= ROWS, first output column,
+// column count <= p.cols).
+@group(0) @binding(7) var<storage, read> tiles: array<u32>;
+override GROUPED: bool = false;
 
 const LANES: u32 = 64u; // threads per column
 const COLS: u32 = 4u; // columns per workgroup
@@ -62,14 +67,30 @@ fn main(
   // Flat workgroup index (the host spreads large counts over a 2-D grid).
   let flat = wg.y * nwg.x + wg.x;
   let col_groups = (p.cols + COLS - 1u) / COLS;
-  let row0 = (flat / col_groups) * ROWS;
+  var row0 = (flat / col_groups) * ROWS;
   let lane = t % LANES;
   let col = (flat % col_groups) * COLS + t / LANES;
-  // Whole workgroups past the end return together, before any barrier.
-  if (row0 >= p.rows) {
-    return;
+  var nrows = 0u;
+  var w_base = 0u; // first element of this workgroup's matrix in w
+  var cols = p.cols;
+  var out_col0 = p.col0;
+  if (GROUPED) {
+    let tile = flat / col_groups;
+    // Whole workgroups past the end return together, before any barrier.
+    if (tile >= arrayLength(&tiles) / 5u) {
+      return;
+    }
+    w_base = tiles[5u * tile];
+    row0 = tiles[5u * tile + 1u];
+    nrows = tiles[5u * tile + 2u];
+    out_col0 = tiles[5u * tile + 3u];
+    cols = tiles[5u * tile + 4u];
+  } else {
+    if (row0 >= p.rows) {
+      return;
+    }
+    nrows = min(ROWS, p.rows - row0);
   }
-  let nrows = min(ROWS, p.rows - row0);
   // Row loops run to the pipeline constant ROWS (rows past nrows read row 0 again and are
   // never written), so they unroll and acc stays in registers.
   var acc: array<f32, MAX_ROWS>;
@@ -77,10 +98,10 @@ fn main(
   for (var r = 0u; r < ROWS; r++) {
     xrow[r] = p.x_off + select(0u, (row0 + r) * p.k, r < nrows);
   }
-  if (col < p.cols) {
+  if (col < cols) {
     if (VEC_W && W_DTYPE == DTYPE_F32) {
       for (var u = lane; u < p.k / 4u; u += LANES) {
-        let wv = bitcast<vec4f>(w4[(col * p.k) / 4u + u]);
+        let wv = bitcast<vec4f>(w4[(w_base + col * p.k) / 4u + u]);
         for (var r = 0u; r < ROWS; r++) {
           acc[r] += dot(wv, x_run(xrow[r] + u * 4u));
         }
@@ -88,7 +109,7 @@ fn main(
     } else if (VEC_W) {
       // 8 f16/bf16 elements a load: four words, decoded in pairs.
       for (var u = lane; u < p.k / 8u; u += LANES) {
-        let words = w4[(col * p.k) / 8u + u];
+        let words = w4[(w_base + col * p.k) / 8u + u];
         let lo = vec4f(decode_pair(words.x, W_DTYPE), decode_pair(words.y, W_DTYPE));
         let hi = vec4f(decode_pair(words.z, W_DTYPE), decode_pair(words.w, W_DTYPE));
         for (var r = 0u; r < ROWS; r++) {
@@ -97,7 +118,7 @@ fn main(
       }
     } else {
       for (var kk = lane; kk < p.k; kk += LANES) {
-        let i = col * p.k + kk;
+        let i = w_base + col * p.k + kk;
         let wv = decode(w[word_index(i, W_DTYPE)], i, W_DTYPE);
         for (var r = 0u; r < ROWS; r++) {
           acc[r] += wv * x[xrow[r] + kk];
@@ -117,8 +138,8 @@ fn main(
       }
     }
   }
-  if (lane == 0u && col < p.cols) {
-    let m = p.col0 + col;
+  if (lane == 0u && col < cols) {
+    let m = out_col0 + col;
     var b = 0.0;
     if (HAS_BIAS) {
       b = decode(bias[word_index(m, B_DTYPE)], m, B_DTYPE);

@@ -121,3 +121,42 @@ fn scatter_add_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
     dst[o] += scales[sp.first + i] * y[sp.in_off + t];
   }
 }
+
+// combine_rows: out[r] += sum over j < k of scales[r k + j] * y[sources[r k + j]], in j
+// order, one thread per output element, so a token's k expert outputs never race. When y
+// is bound in row ranges, each dispatch adds the sources that lie in its range.
+struct CombineParams {
+  rows: u32, // output rows in this dispatch
+  cols: u32,
+  k: u32,
+  row0: u32, // first output row of this dispatch (indexes sources and scales)
+  y0: u32, // first row of y in its binding, and how many
+  y_rows: u32,
+  y_off: u32, // y and out are bound from an aligned offset; these skip to their row 0
+  out_off: u32,
+}
+
+@group(0) @binding(0) var<uniform> cp: CombineParams;
+@group(0) @binding(1) var<storage, read> sources: array<i32>; // [all rows, k]
+@group(0) @binding(2) var<storage, read> source_scales: array<f32>; // [all rows, k]
+@group(0) @binding(3) var<storage, read> expert_out: array<f32>; // [y_rows, cols]
+@group(0) @binding(4) var<storage, read_write> combined: array<f32>; // [rows, cols]
+
+@compute @workgroup_size(64)
+fn combine_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                @builtin(local_invocation_id) lid: vec3u) {
+  let t = (wg.y * nwg.x + wg.x) * 64u + lid.x;
+  if (t >= cp.rows * cp.cols) {
+    return;
+  }
+  let r = cp.row0 + t / cp.cols;
+  let c = t % cp.cols;
+  var v = combined[cp.out_off + t];
+  for (var j = 0u; j < cp.k; j++) {
+    let s = u32(sources[r * cp.k + j]);
+    if (s >= cp.y0 && s < cp.y0 + cp.y_rows) {
+      v += source_scales[r * cp.k + j] * expert_out[cp.y_off + (s - cp.y0) * cp.cols + c];
+    }
+  }
+  combined[cp.out_off + t] = v;
+}

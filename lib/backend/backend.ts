@@ -195,6 +195,17 @@ export interface Backend {
   /** x [N, K] @ w[M, K]^T (+ bias [M]) -> [N, M], f32 accumulation. */
   matmul(x: Tensor, w: Weight, bias?: Weight): Tensor;
   add(a: Tensor, b: Tensor): Tensor;
+  /**
+   * All experts of a layer in one call: x [R, K] holds groupRows[g] consecutive rows for
+   * each group g in turn, and each row is multiplied by its group's matrix of `stack`
+   * [G, M, K] (a weight uploaded with the experts stacked): out [R, M].
+   */
+  groupedMatmul(x: Tensor, stack: Weight, groupRows: Int32Array): Tensor;
+  /**
+   * out[t] += sum over j < k, in order, of scales[t k + j] * y[sources[t k + j]]:
+   * each token gathers its k expert outputs (no two threads write one row).
+   */
+  combineRows(out: Tensor, y: Tensor, sources: Int32Array, scales: Float32Array, k: number): void;
   /** a * b, elementwise (same numel; compressed experts' scaling vectors). */
   mul(a: Tensor, b: Tensor): Tensor;
   /** silu(gate) * up, elementwise. */
@@ -240,4 +251,40 @@ export function numelOf(shape: readonly number[]): number {
 export function rowsCols(t: { shape: readonly number[] }): [number, number] {
   const cols = t.shape[t.shape.length - 1];
   return [numelOf(t.shape) / cols, cols];
+}
+
+/** groupedMatmul's contract: stack [G, M, K] matches x's K, and groupRows sums to x's rows. */
+export function checkGrouped(stack: Weight, k: number, groupRows: Int32Array, rows: number) {
+  const [g, , k2] = stack.shape;
+  if (stack.shape.length !== 3 || k2 !== k) {
+    throw new Error(`groupedMatmul: x has ${k} columns but "${stack.name}" is [${stack.shape}]`);
+  }
+  let sum = 0;
+  for (const r of groupRows) {
+    if (r < 0) throw new Error(`groupedMatmul: negative row count ${r}`);
+    sum += r;
+  }
+  if (groupRows.length !== g || sum !== rows) {
+    throw new Error(
+      `groupedMatmul: ${groupRows.length} groups of ${sum} rows for ${g} matrices and ${rows} rows`,
+    );
+  }
+}
+
+/** combineRows' contract: k sources and scales per output row, each a row of y. */
+export function checkCombine(
+  rows: number,
+  yRows: number,
+  sources: Int32Array,
+  scales: Float32Array,
+  k: number,
+) {
+  if (sources.length !== rows * k || scales.length !== rows * k) {
+    throw new Error(
+      `combineRows: ${sources.length} sources, ${scales.length} scales for ${rows} rows x ${k}`,
+    );
+  }
+  for (const s of sources) {
+    if (s < 0 || s >= yRows) throw new Error(`combineRows: source row ${s} out of [0, ${yRows})`);
+  }
 }

@@ -7,6 +7,8 @@ import { type Blas, loadBlas } from "./blas.ts";
 import {
   type AdamWHyper,
   type AttentionShape,
+  checkCombine,
+  checkGrouped,
   numelOf,
   type Routing,
   rowsCols,
@@ -123,6 +125,32 @@ export class CpuBackend implements TrainingBackend {
       }
     }
     return new CpuTensor(out, [n, m]);
+  }
+
+  groupedMatmul(x: Tensor, stack: Weight, groupRows: Int32Array): Tensor {
+    const [r, k] = rowsCols(x);
+    const [g, m] = stack.shape;
+    checkGrouped(stack, k, groupRows, r);
+    const out = new Float32Array(r * m), xs = t(x).data, ws = w(stack).data;
+    for (let e = 0, r0 = 0; e < g; r0 += groupRows[e++]) {
+      if (groupRows[e] === 0) continue;
+      const rows = new CpuTensor(xs.subarray(r0 * k, (r0 + groupRows[e]) * k), [groupRows[e], k]);
+      const we = new CpuWeight(stack.name, ws.subarray(e * m * k, (e + 1) * m * k), [m, k], "F32");
+      out.set(t(this.matmul(rows, we)).data, r0 * m);
+    }
+    return new CpuTensor(out, [r, m]);
+  }
+
+  combineRows(out: Tensor, y: Tensor, sources: Int32Array, scales: Float32Array, k: number): void {
+    const [n, h] = rowsCols(out), [ny] = rowsCols(y);
+    checkCombine(n, ny, sources, scales, k);
+    const os = t(out).data, ys = t(y).data;
+    for (let r = 0; r < n; r++) {
+      for (let j = 0; j < k; j++) {
+        const src = sources[r * k + j] * h, s = scales[r * k + j];
+        for (let c = 0; c < h; c++) os[r * h + c] += s * ys[src + c];
+      }
+    }
   }
 
   add(a: Tensor, b: Tensor): Tensor {

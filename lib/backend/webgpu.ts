@@ -12,6 +12,8 @@ import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import {
   type AdamWHyper,
   type AttentionShape,
+  checkCombine,
+  checkGrouped,
   numelOf,
   type Routing,
   rowsCols,
@@ -207,6 +209,13 @@ interface SharedState {
 const t = (x: Tensor) => x as GpuTensor;
 const w = (x: Weight) => x as GpuWeight;
 const ceilDiv = (a: number, b: number) => Math.ceil(a / b);
+/**
+ * Weights split into chunks of whole rows, a row being the last dimension (a 1-D weight
+ * is one row): a stack of experts [G, M, K] splits like [G * M, K], so one expert larger
+ * than a binding spreads over chunks.
+ */
+const weightRows = (shape: readonly number[]) =>
+  shape.length >= 2 ? numelOf(shape) / shape[shape.length - 1] : 1;
 
 const UNIFORM_BYTES = 64;
 // Dispatches per submitted batch: their uniforms share one buffer, one slot each.
@@ -371,8 +380,7 @@ export class WebGpuBackend implements TrainingBackend {
       throw new Error(`weight "${raw.name}": dtype ${raw.dtype} is not a float type`);
     }
     const dtype = raw.dtype;
-    // 1-D weights (norms, biases) are one row; 2-D and up split along the first dimension.
-    const rows = raw.shape.length >= 2 ? raw.shape[0] : 1;
+    const rows = weightRows(raw.shape);
     const rowBytes = (numelOf(raw.shape) / Math.max(rows, 1)) * DTYPE_BYTES[dtype];
     if (raw.bytes.length !== numelOf(raw.shape) * DTYPE_BYTES[dtype]) {
       throw new Error(
@@ -746,6 +754,7 @@ export class WebGpuBackend implements TrainingBackend {
           bindings.push(
             vecX ? { ...xRange, write: false } : { buffer: this.emptyBuffer },
             vecW && w4Elements > 0 ? { buffer: chunk.buffer } : { buffer: this.emptyBuffer },
+            { buffer: this.emptyBuffer }, // the tile table of groupedMatmul
           );
           const vecConstants: Record<string, number> = {
             ...constants,
@@ -777,6 +786,99 @@ export class WebGpuBackend implements TrainingBackend {
   matmulKernelFor(n: number): MatmulKernel {
     if (this.matmulKernel !== "auto") return this.matmulKernel;
     return n <= MATMUL_AUTO_GEMV_MAX_ROWS ? "gemv" : MATMUL_AUTO_PREFILL;
+  }
+
+  groupedMatmul(x: Tensor, stack: Weight, groupRows: Int32Array): Tensor {
+    const [r, k] = rowsCols(x);
+    const [, m] = stack.shape;
+    checkGrouped(stack, k, groupRows, r);
+    const out = this.newTensor([r, m]); // [rows of all groups, out features]
+    const groupStart = new Int32Array(groupRows.length + 1);
+    groupRows.forEach((n, g) => groupStart[g + 1] = groupStart[g] + n);
+    const active = groupRows.filter((n) => n > 0).length;
+    // Few rows per expert (decode): gemv tiles of up to 8 rows; else blocked 128-row tiles.
+    const gemv = r <= MATMUL_AUTO_GEMV_MAX_ROWS * Math.max(active, 1);
+    const tileRows = gemv ? MATMUL_GEMV_MAX_ROWS : MATMUL_BLOCKED_TILE;
+    const vecX = k % 4 === 0;
+    const w4Elements = stack.dtype === "F32" ? 4 : gemv ? 8 : 0;
+    const vecW = w4Elements > 0 ? k % w4Elements === 0 : k % 2 === 0;
+    // Stack chunks may hold many experts or part of one; x and out may be bound in row ranges.
+    for (const chunk of w(stack).chunks) {
+      for (const [r0, rows] of this.rowChunks(r, [k * 4, m * 4])) {
+        // Tiles: for each expert with matrix rows in this chunk (output columns c0 .. c1),
+        // its rows of x within [r0, r0 + rows), at most tileRows a tile: (first weight
+        // element in the chunk, first row, row count, first output column, column count).
+        const tiles: number[] = [];
+        const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
+        for (let g = g0; g < g1; g++) {
+          const c0 = Math.max(chunk.row0 - g * m, 0);
+          const c1 = Math.min(chunk.row0 + chunk.rows - g * m, m);
+          const a = Math.max(groupStart[g], r0), b = Math.min(groupStart[g + 1], r0 + rows);
+          for (let s = a; s < b; s += tileRows) {
+            const wBase = (g * m + c0 - chunk.row0) * k;
+            tiles.push(wBase, s - r0, Math.min(tileRows, b - s), c0, c1 - c0);
+          }
+        }
+        if (tiles.length === 0) continue;
+        const xRange = this.rowRange(t(x).buffer, r0, rows, k * 4);
+        const outRange = this.rowRange(out.buffer, r0, rows, m * 4, true);
+        const aligned = vecX && xRange.skip % 4 === 0;
+        const tileTable = new Uint32Array(tiles);
+        const tileBuf = this.upload(tileTable);
+        const constants: Record<string, number> = {
+          W_DTYPE: DTYPE_CODE[stack.dtype],
+          VEC_X: aligned ? 1 : 0,
+          VEC_W: vecW ? 1 : 0,
+          GROUPED: 1,
+        };
+        if (gemv) constants.ROWS = MATMUL_GEMV_MAX_ROWS;
+        const tileCount = tiles.length / 5;
+        // Grid columns cover the widest tile; narrower tiles' extra workgroups idle.
+        const cols = Math.min(m, chunk.rows);
+        this.run({
+          kernel: gemv ? "matmul_gemv" : "matmul_blocked",
+          entry: "main",
+          constants,
+          params: [rows, k, cols, m, 0, xRange.skip, outRange.skip],
+          bindings: [
+            xRange,
+            { buffer: chunk.buffer },
+            { buffer: this.emptyBuffer },
+            outRange,
+            aligned ? { ...xRange, write: false } : { buffer: this.emptyBuffer },
+            vecW && w4Elements > 0 ? { buffer: chunk.buffer } : { buffer: this.emptyBuffer },
+            // Sized exactly: gemv bounds its grid by the table's length.
+            { buffer: tileBuf, size: tileTable.byteLength },
+          ],
+          workgroups: gemv
+            ? ceilDiv(cols, MATMUL_GEMV_COLS) * tileCount
+            : [ceilDiv(cols, MATMUL_BLOCKED_TILE), tileCount],
+        });
+        this.release(tileBuf);
+      }
+    }
+    return out;
+  }
+
+  combineRows(out: Tensor, y: Tensor, sources: Int32Array, scales: Float32Array, k: number): void {
+    const [n, h] = rowsCols(out), [ny] = rowsCols(y);
+    checkCombine(n, ny, sources, scales, k);
+    const sourcesBuf = this.upload(sources), scalesBuf = this.upload(scales);
+    for (const [y0, yRows] of this.rowChunks(ny, [h * 4])) {
+      const yRange = this.rowRange(t(y).buffer, y0, yRows, h * 4);
+      for (const [r0, rows] of this.rowChunks(n, [h * 4])) {
+        const outRange = this.rowRange(t(out).buffer, r0, rows, h * 4, true);
+        this.run({
+          kernel: "moe",
+          entry: "combine_rows",
+          params: [rows, h, k, r0, y0, yRows, yRange.skip, outRange.skip],
+          bindings: [{ buffer: sourcesBuf }, { buffer: scalesBuf }, yRange, outRange],
+          workgroups: ceilDiv(rows * h, 64),
+        });
+      }
+    }
+    this.release(sourcesBuf);
+    this.release(scalesBuf);
   }
 
   /** out = entry(a, b) elementwise over flat ranges. */
@@ -1044,7 +1146,7 @@ export class WebGpuBackend implements TrainingBackend {
 
   async readWeight(weight: Weight): Promise<Float32Array> {
     const gw = w(weight);
-    const rows = weight.shape.length >= 2 ? weight.shape[0] : 1;
+    const rows = weightRows(weight.shape);
     const rowBytes = (numelOf(weight.shape) / Math.max(rows, 1)) * DTYPE_BYTES[weight.dtype];
     const bytes = new Uint8Array(numelOf(weight.shape) * DTYPE_BYTES[weight.dtype]);
     for (const chunk of gw.chunks) {
@@ -1555,7 +1657,7 @@ export class WebGpuBackend implements TrainingBackend {
     }
     this.sameSize("adamwStep", grad, m);
     this.sameSize("adamwStep", grad, v);
-    const rowsTotal = param.shape.length >= 2 ? param.shape[0] : 1;
+    const rowsTotal = weightRows(param.shape);
     const rowElems = numel / Math.max(rowsTotal, 1);
     const bc1 = 1 - hp.beta1 ** hp.step, bc2 = 1 - hp.beta2 ** hp.step;
     // Each weight chunk is its own buffer; grad, m and v are bound at the same entries.

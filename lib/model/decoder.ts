@@ -302,7 +302,12 @@ export async function gatedSharedExpert(model: Model, l: number, xn: Tensor): Pr
   return out;
 }
 
-/** Group tokens by expert and run each expert once on all of its tokens. */
+/**
+ * Group tokens by expert and run each expert once on all of its tokens: all experts in
+ * one grouped matmul per projection (one dispatch each on WebGPU), then each token sums
+ * its expert outputs in expert order. Trainable experts (f32 master copies updated in
+ * place) run one by one on those copies instead.
+ */
 export async function dispatchExperts(
   model: Model,
   l: number,
@@ -314,19 +319,51 @@ export async function dispatchExperts(
 ): Promise<void> {
   const be = model.backend, s = model.spec;
   const { rows, scales } = groupByExpert(routing, topK, numExperts);
-  for (let e = 0; e < numExperts; e++) {
-    if (rows[e].length === 0) continue;
-    const xe = be.gatherRows(xn, rows[e]);
-    const y = await swigluMlp(
-      model,
-      xe,
-      expertName(s, l, e, "gate"),
-      expertName(s, l, e, "up"),
-      expertName(s, l, e, "down"),
-    );
-    be.scatterAddRows(out, y, rows[e], scales[e]);
-    be.free(xe), be.free(y);
+  const trainable = rows.some((_, e) =>
+    (["gate", "up", "down"] as const).some((p) => model.trainable.has(expertName(s, l, e, p)))
+  );
+  if (trainable) {
+    for (let e = 0; e < numExperts; e++) {
+      if (rows[e].length === 0) continue;
+      const xe = be.gatherRows(xn, rows[e]);
+      const y = await swigluMlp(
+        model,
+        xe,
+        expertName(s, l, e, "gate"),
+        expertName(s, l, e, "up"),
+        expertName(s, l, e, "down"),
+      );
+      be.scatterAddRows(out, y, rows[e], scales[e]);
+      be.free(xe), be.free(y);
+    }
+    return;
   }
+  // Rows of all experts back to back, and for each token where its k outputs landed, in
+  // expert order (the order the one-by-one path adds them in).
+  const order = new Int32Array(routing.indices.length);
+  const groupRows = Int32Array.from(rows, (r) => r.length);
+  const tokens = xn.shape[0];
+  const sources = new Int32Array(tokens * topK), sourceScales = new Float32Array(tokens * topK);
+  const filled = new Int32Array(tokens);
+  let at = 0;
+  for (let e = 0; e < numExperts; e++) {
+    for (let j = 0; j < rows[e].length; j++, at++) {
+      const token = rows[e][j], slot = token * topK + filled[token]++;
+      order[at] = token;
+      sources[slot] = at;
+      sourceScales[slot] = scales[e][j];
+    }
+  }
+  const xe = be.gatherRows(xn, order);
+  const g = be.groupedMatmul(xe, await model.expertStack(l, "gate", numExperts), groupRows);
+  const u = be.groupedMatmul(xe, await model.expertStack(l, "up", numExperts), groupRows);
+  be.free(xe);
+  const a = be.swiglu(g, u);
+  be.free(g), be.free(u);
+  const y = be.groupedMatmul(a, await model.expertStack(l, "down", numExperts), groupRows);
+  be.free(a);
+  be.combineRows(out, y, sources, sourceScales, topK);
+  be.free(y);
 }
 
 export function groupByExpert(

@@ -12,10 +12,12 @@ import {
 } from "../io/checkpoint.ts";
 import type { RawTensor } from "../io/safetensors.ts";
 import { prepareCompressedExperts } from "../methods/compressed_experts.ts";
-import { layerPrefix, type ModelSpec, parseModelConfig } from "./config.ts";
+import { expertName, layerPrefix, type ModelSpec, parseModelConfig } from "./config.ts";
 
 export class Model {
   private weights = new Map<string, Weight>();
+  /** Each layer's expert matrices stacked per projection, for groupedMatmul. */
+  private stacks = new Map<string, { weight: Weight; bytes: number; members: string[] }>();
   /** Tensors put in memory (an in-memory condensed model); they shadow the checkpoint. */
   private extra = new Map<string, RawTensor>();
   /** Bytes of weights currently resident on the backend (checkpoint dtype). */
@@ -92,13 +94,60 @@ export class Model {
     return w;
   }
 
+  /**
+   * Layer l's `proj` matrices of all `experts` experts stacked into one weight
+   * [experts, M, K] (uploaded on first use, like weight()), for groupedMatmul.
+   */
+  async expertStack(l: number, proj: "gate" | "up" | "down", experts: number): Promise<Weight> {
+    const key = `${layerPrefix(l)}<experts ${proj} stacked>`;
+    const cached = this.stacks.get(key);
+    if (cached) return cached.weight;
+    const members = Array.from({ length: experts }, (_, e) => expertName(this.spec, l, e, proj));
+    const missing = members.find((name) => !this.has(name));
+    if (missing) {
+      throw new CheckpointError(
+        this.ckpt.dir,
+        `missing tensor "${missing}" required by the ${this.spec.modelType} config`,
+      );
+    }
+    const raws: RawTensor[] = [];
+    for (const name of members) raws.push(await this.rawTensor(name));
+    const { dtype, shape } = raws[0];
+    const odd = raws.find((r) => r.dtype !== dtype || r.shape.join() !== shape.join());
+    if (odd) {
+      throw new CheckpointError(
+        this.ckpt.dir,
+        `expert tensor "${odd.name}" is ${odd.dtype} [${odd.shape}], ` +
+          `unlike "${raws[0].name}" ${dtype} [${shape}]`,
+      );
+    }
+    const bytes = new Uint8Array(raws.reduce((n, r) => n + r.bytes.length, 0));
+    raws.reduce((at, r) => (bytes.set(r.bytes, at), at + r.bytes.length), 0);
+    const weight = this.backend.uploadWeight({
+      name: key,
+      dtype,
+      shape: [experts, ...shape],
+      bytes,
+    });
+    this.stacks.set(key, { weight, bytes: bytes.length, members });
+    this.residentBytes += bytes.length;
+    this.peakResidentBytes = Math.max(this.peakResidentBytes, this.residentBytes);
+    return weight;
+  }
+
   /** The output projection: lm_head, or the embedding when tied. */
   lmHeadName(): string {
     return this.spec.tieEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   }
 
-  /** Free every resident weight whose name starts with `prefix`. */
+  /** Free every resident weight whose name starts with `prefix`, and stacks holding one. */
   release(prefix: string): void {
+    for (const [key, stack] of this.stacks) {
+      if (!key.startsWith(prefix) && !stack.members.some((n) => n.startsWith(prefix))) continue;
+      this.residentBytes -= stack.bytes;
+      this.backend.freeWeight(stack.weight);
+      this.stacks.delete(key);
+    }
     for (const [name, w] of this.weights) {
       if (!name.startsWith(prefix)) continue;
       this.residentBytes -= this.tensorBytes(name);

@@ -1,0 +1,156 @@
+// The grouped expert path: groupedMatmul (every expert of a layer in one call) and
+// combineRows (each token sums its k expert outputs) against per-expert plain loops, on
+// CPU and WebGPU, with empty experts, ragged sizes, every dtype and 4 KiB bindings (one
+// expert's matrix spread over several chunks); bad inputs; stacks follow putTensor.
+
+import assert from "node:assert";
+import type { Backend, Tensor, WeightDType } from "../lib/backend/backend.ts";
+import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
+import { expertName } from "../lib/model/config.ts";
+import { Model } from "../lib/model/model.ts";
+import { DEFAULT_MODEL } from "./golden.ts";
+import {
+  rawWeight,
+  relError as sharedRelError,
+  seededInputs,
+  webgpuForTests,
+} from "./webgpu_helper.ts";
+
+const gpu = await webgpuForTests();
+const reference = new CpuBackend({ reference: true });
+const fast = new CpuBackend();
+const backends: [string, Backend][] = [["cpu", fast], ["cpu-reference", reference]];
+if (gpu) backends.push(["webgpu", gpu], ["webgpu 4 KiB", gpu.withMaxBindingBytes(4096)]);
+const { randn, random } = seededInputs(0x51ed);
+const worst = new Map<string, number>();
+// f32 sums of up to a few hundred terms against the reference's double sums (as matmul).
+const TOL = 1e-5;
+
+/** Per-expert plain loops: the oracle for groupedMatmul. */
+function groupedReference(
+  x: Float32Array,
+  stack: Float32Array,
+  groupRows: number[],
+  k: number,
+  m: number,
+): Float32Array {
+  const out = new Float32Array(x.length / k * m);
+  let r = 0;
+  groupRows.forEach((n, g) => {
+    for (let i = 0; i < n; i++, r++) {
+      for (let c = 0; c < m; c++) {
+        let s = 0;
+        for (let j = 0; j < k; j++) s += x[r * k + j] * stack[(g * m + c) * k + j];
+        out[r * m + c] = s;
+      }
+    }
+  });
+  return out;
+}
+
+async function readBack(be: Backend, x: Tensor) {
+  return new Float32Array(await be.read(x));
+}
+
+// Cases: [rows per expert, K, M]; few rows take the GEMV tiles, many the blocked ones.
+const CASES: [number[], number, number][] = [
+  [[3, 0, 1, 5], 33, 17], // odd K and M, an empty expert
+  [[1, 1, 1], 64, 40], // decode-like: one row each
+  [[0, 150, 7, 0, 140], 64, 24], // prefill-like, blocked tiles past 128 rows
+  [[20, 9], 130, 67], // K even but not a multiple of 4
+  [[40, 0, 33], 33, 17], // blocked tiles with odd K and M
+];
+
+for (const [name, be] of backends) {
+  Deno.test({
+    name: `${name} groupedMatmul matches per-expert loops (every dtype, empty experts, ragged)`,
+    async fn() {
+      for (const dtype of ["F32", "BF16", "F16"] as WeightDType[]) {
+        for (const [groupRows, k, m] of CASES) {
+          const rows = groupRows.reduce((a, b) => a + b, 0), g = groupRows.length;
+          const raw = rawWeight("stack", [g, m, k], randn(g * m * k), dtype);
+          const xs = randn(rows * k);
+          const stackValues = (reference.uploadWeight(raw) as CpuWeight).data;
+          const want = groupedReference(xs, stackValues, groupRows, k, m);
+          const x = be.tensor(xs, [rows, k]), stack = be.uploadWeight(raw);
+          const y = be.groupedMatmul(x, stack, Int32Array.from(groupRows));
+          assert.deepEqual([...y.shape], [rows, m]);
+          const err = sharedRelError(worst, `groupedMatmul ${dtype}`, await readBack(be, y), want);
+          assert(err <= TOL, `${name} ${dtype} ${groupRows} ${k}x${m}: error ${err}`);
+          be.free(x), be.free(y), be.freeWeight(stack);
+        }
+      }
+    },
+  });
+
+  Deno.test({
+    name: `${name} combineRows sums each token's k expert outputs in order`,
+    async fn() {
+      for (const [tokens, k, h, yRows] of [[5, 2, 7, 10], [37, 6, 33, 222], [1, 1, 64, 3]]) {
+        const base = randn(tokens * h), ys = randn(yRows * h, 2);
+        const sources = Int32Array.from({ length: tokens * k }, () => Math.floor(random() * yRows));
+        const scales = randn(tokens * k);
+        const want = base.slice();
+        for (let t = 0; t < tokens; t++) {
+          for (let j = 0; j < k; j++) {
+            const s = sources[t * k + j];
+            for (let c = 0; c < h; c++) want[t * h + c] += scales[t * k + j] * ys[s * h + c];
+          }
+        }
+        const out = be.tensor(base.slice(), [tokens, h]), y = be.tensor(ys, [yRows, h]);
+        be.combineRows(out, y, sources, scales, k);
+        const err = sharedRelError(worst, "combineRows", await readBack(be, out), want);
+        assert(err <= 1e-6, `${name} combineRows ${tokens}x${k}x${h}: error ${err}`);
+        be.free(out), be.free(y);
+      }
+    },
+  });
+
+  Deno.test({
+    name: `${name} groupedMatmul and combineRows reject inconsistent inputs`,
+    fn() {
+      const stack = be.uploadWeight(rawWeight("s", [2, 3, 4], randn(24), "F32"));
+      const x = be.tensor(randn(5 * 4), [5, 4]);
+      assert.throws(() => be.groupedMatmul(x, stack, Int32Array.of(2, 2)), /2 groups of 4 rows/);
+      assert.throws(() => be.groupedMatmul(x, stack, Int32Array.of(5)), /1 groups of 5 rows/);
+      assert.throws(() => be.groupedMatmul(x, stack, Int32Array.of(6, -1)), /negative/);
+      const flat = be.uploadWeight(rawWeight("w", [3, 4], randn(12), "F32"));
+      assert.throws(() => be.groupedMatmul(x, flat, Int32Array.of(5)), /"w" is \[3,4\]/);
+      const out = be.tensor(new Float32Array(2 * 4), [2, 4]);
+      assert.throws(
+        () => be.combineRows(out, x, Int32Array.of(0, 5), Float32Array.of(1, 1), 1),
+        /source row 5 out of \[0, 5\)/,
+      );
+      assert.throws(
+        () => be.combineRows(out, x, Int32Array.of(0), Float32Array.of(1), 1),
+        /1 sources, 1 scales for 2 rows x 1/,
+      );
+      be.free(x), be.free(out), be.freeWeight(stack), be.freeWeight(flat);
+    },
+  });
+}
+
+Deno.test("a layer's expert stack follows putTensor of one expert", async () => {
+  const model = await Model.load(DEFAULT_MODEL, reference);
+  try {
+    const l = model.spec.layers.findIndex((layer) => layer.mlp.kind === "moe");
+    const mlp = model.spec.layers[l].mlp;
+    assert(mlp.kind === "moe");
+    const stack = (await model.expertStack(l, "up", mlp.experts)) as CpuWeight;
+    const name = expertName(model.spec, l, 1, "up");
+    const raw = await model.rawTensor(name);
+    const per = raw.shape[0] * raw.shape[1];
+    const zeros = { ...raw, bytes: new Uint8Array(raw.bytes.length) };
+    model.putTensor(zeros);
+    const after = (await model.expertStack(l, "up", mlp.experts)) as CpuWeight;
+    assert.notEqual(after, stack);
+    assert(after.data.subarray(per, 2 * per).every((v) => v === 0), "expert 1 is the new tensor");
+    assert.deepEqual(after.data.subarray(0, per), stack.data.subarray(0, per));
+  } finally {
+    model.close();
+  }
+});
+
+Deno.test("grouped experts worst errors (report)", () => {
+  for (const [op, err] of [...worst].sort()) console.log(`  ${op}: ${err.toExponential(2)}`);
+});
