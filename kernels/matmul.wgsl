@@ -2,25 +2,7 @@
 // Classic shared-memory tiling: each 16x16 workgroup computes a 16x16 output tile and
 // walks K in steps of 16, both tiles loaded cooperatively (one element per thread).
 
-struct Params {
-  rows: u32, // N rows of x in this dispatch
-  k: u32, // inner dimension
-  cols: u32, // rows of this weight chunk = output columns written
-  out_stride: u32, // M, the full output row width
-  col0: u32, // first output column (first weight row) of this chunk
-  x_off: u32, // x and out are bound from an aligned offset; these skip to row 0
-  out_off: u32,
-}
-
-override W_DTYPE: u32 = 0u;
-override B_DTYPE: u32 = 0u;
-override HAS_BIAS: bool = false;
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>; // [rows, k]
-@group(0) @binding(2) var<storage, read> w: array<u32>; // [cols, k] in W_DTYPE
-@group(0) @binding(3) var<storage, read> bias: array<u32>; // [M] in B_DTYPE
-@group(0) @binding(4) var<storage, read_write> out: array<f32>; // [rows, out_stride]
+// Params, the overrides and the bindings: matmul_common.wgsl.
 
 const TILE: u32 = 16u;
 var<workgroup> x_tile: array<array<f32, 16>, 16>; // [row][k]

@@ -16,37 +16,9 @@
 // the classic SGEMM shape (64 accumulators fit the register file; smaller problems would
 // fill more SMs with 64x64 tiles, TM = TN = 4).
 
-struct Params {
-  rows: u32, // N rows of x in this dispatch
-  k: u32, // inner dimension
-  cols: u32, // rows of this weight chunk = output columns written
-  out_stride: u32, // M, the full output row width
-  col0: u32, // first output column (first weight row) of this chunk
-  x_off: u32, // x and out are bound from an aligned offset; these skip to row 0
-  out_off: u32,
-}
-
-override W_DTYPE: u32 = 0u;
-override B_DTYPE: u32 = 0u;
-override HAS_BIAS: bool = false;
-// x_off and K are multiples of 4: x runs are aligned vec4s of x4.
-override VEC_X: bool = false;
-// F32 weights with K a multiple of 4: runs are aligned vec4s of w4. F16/BF16 with K
-// even: runs are two whole words of w.
-override VEC_W: bool = false;
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>; // [rows, k]
-@group(0) @binding(2) var<storage, read> w: array<u32>; // [cols, k] in W_DTYPE
-@group(0) @binding(3) var<storage, read> bias: array<u32>; // [M] in B_DTYPE
-@group(0) @binding(4) var<storage, read_write> out: array<f32>; // [rows, out_stride]
-// The same x and w bindings seen as vec4s (a placeholder when VEC_X / VEC_W is off).
-@group(0) @binding(5) var<storage, read> x4: array<vec4f>;
-@group(0) @binding(6) var<storage, read> w4: array<vec4u>;
-// GROUPED: per workgroup row, (first weight element, first row, row count <= BM, first
-// output column, column count <= p.cols).
-@group(0) @binding(7) var<storage, read> tiles: array<u32>;
-override GROUPED: bool = false;
+// Params, the overrides and the bindings: matmul_common.wgsl.
+// VEC_W here: f32 runs of 4 as vec4s of w4 (K a multiple of 4), f16/bf16 runs of 4 as two
+// whole words of w (K even).
 
 const TM: u32 = 8u; // output rows per thread (a multiple of 4)
 const TN: u32 = 8u; // output columns per thread (a multiple of 4)

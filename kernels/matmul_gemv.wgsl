@@ -9,38 +9,9 @@
 // measured the same as 64 x 4 on llvmpipe; 64 lanes of vec4 loads read 1 KiB of a column
 // at a time, which coalesces well on a real GPU.
 
-struct Params {
-  rows: u32, // N rows of x in this dispatch
-  k: u32, // inner dimension
-  cols: u32, // rows of this weight chunk = output columns written
-  out_stride: u32, // M, the full output row width
-  col0: u32, // first output column (first weight row) of this chunk
-  x_off: u32, // x and out are bound from an aligned offset; these skip to row 0
-  out_off: u32,
-}
-
-override W_DTYPE: u32 = 0u;
-override B_DTYPE: u32 = 0u;
-override HAS_BIAS: bool = false;
-// x_off and K are multiples of 4: x is read as aligned vec4s of x4.
-override VEC_X: bool = false;
-// K is a multiple of the vec4 unit (4 f32 or 8 f16/bf16 elements): w is read as vec4s
-// of w4. Otherwise one element at a time.
-override VEC_W: bool = false;
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>; // [rows, k]
-@group(0) @binding(2) var<storage, read> w: array<u32>; // [cols, k] in W_DTYPE
-@group(0) @binding(3) var<storage, read> bias: array<u32>; // [M] in B_DTYPE
-@group(0) @binding(4) var<storage, read_write> out: array<f32>; // [rows, out_stride]
-// The same x and w bindings seen as vec4s (a placeholder when VEC_X / VEC_W is off).
-@group(0) @binding(5) var<storage, read> x4: array<vec4f>;
-@group(0) @binding(6) var<storage, read> w4: array<vec4u>;
-// GROUPED (groupedMatmul): w holds a run of experts' [M, k] matrices back to back; per
-// tile, (first weight element, first row, row count <= ROWS, first output column,
-// column count <= p.cols).
-@group(0) @binding(7) var<storage, read> tiles: array<u32>;
-override GROUPED: bool = false;
+// Params, the overrides and the bindings: matmul_common.wgsl.
+// VEC_W here: K a multiple of the vec4 unit (4 f32 or 8 f16/bf16 elements), else one
+// element at a time.
 
 const LANES: u32 = 64u; // threads per column
 const COLS: u32 = 4u; // columns per workgroup

@@ -146,6 +146,16 @@ Deno.test("a layer's expert stack follows putTensor of one expert", async () => 
     assert.notEqual(after, stack);
     assert(after.data.subarray(per, 2 * per).every((v) => v === 0), "expert 1 is the new tensor");
     assert.deepEqual(after.data.subarray(0, per), stack.data.subarray(0, per));
+    // An expert of another shape cannot join the stack: the error names it.
+    const down = expertName(model.spec, l, 2, "down");
+    const rawDown = await model.rawTensor(down);
+    model.putTensor({ ...rawDown, shape: [rawDown.shape[1], rawDown.shape[0]] });
+    await assert.rejects(
+      () => model.expertStack(l, "down", mlp.experts),
+      new RegExp(
+        `"${down.replaceAll(".", "\\.")}" is .* \\[${rawDown.shape[1]},${rawDown.shape[0]}\\]`,
+      ),
+    );
   } finally {
     model.close();
   }

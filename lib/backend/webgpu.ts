@@ -63,6 +63,7 @@ const MATMUL_GEMV_MAX_ROWS = 8;
 
 const KERNEL_FILES = [
   "weights",
+  "matmul_common",
   "matmul",
   "matmul_naive",
   "matmul_blocked",
@@ -94,6 +95,14 @@ const USES_WEIGHTS: ReadonlySet<KernelFile> = new Set([
   "embedding",
   "matmul_backward",
   "norm_backward",
+]);
+
+// The forward matmul ladder gets kernels/matmul_common.wgsl (params, bindings) as well.
+const MATMUL_FORWARD: ReadonlySet<KernelFile> = new Set([
+  "matmul",
+  "matmul_naive",
+  "matmul_blocked",
+  "matmul_gemv",
 ]);
 
 const kernelSources = new Map<KernelFile, string>();
@@ -482,7 +491,11 @@ export class WebGpuBackend implements TrainingBackend {
     let module = this.shared.modules.get(d.kernel);
     if (!module) {
       const src = kernelSources.get(d.kernel)!;
-      const code = USES_WEIGHTS.has(d.kernel) ? `${kernelSources.get("weights")}\n${src}` : src;
+      const prelude = [
+        USES_WEIGHTS.has(d.kernel) ? kernelSources.get("weights") : "",
+        MATMUL_FORWARD.has(d.kernel) ? kernelSources.get("matmul_common") : "",
+      ];
+      const code = `${prelude.join("\n")}\n${src}`;
       module = this.device.createShaderModule({ label: d.kernel, code });
       this.shared.modules.set(d.kernel, module);
     }

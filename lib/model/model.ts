@@ -110,19 +110,21 @@ export class Model {
         `missing tensor "${missing}" required by the ${this.spec.modelType} config`,
       );
     }
-    const raws: RawTensor[] = [];
-    for (const name of members) raws.push(await this.rawTensor(name));
-    const { dtype, shape } = raws[0];
-    const odd = raws.find((r) => r.dtype !== dtype || r.shape.join() !== shape.join());
-    if (odd) {
-      throw new CheckpointError(
-        this.ckpt.dir,
-        `expert tensor "${odd.name}" is ${odd.dtype} [${odd.shape}], ` +
-          `unlike "${raws[0].name}" ${dtype} [${shape}]`,
-      );
+    // One expert at a time into the stack, so the host holds the stack and one expert.
+    const first = await this.rawTensor(members[0]);
+    const { dtype, shape } = first, size = first.bytes.length;
+    const bytes = new Uint8Array(size * experts);
+    for (let e = 0; e < experts; e++) {
+      const raw = e === 0 ? first : await this.rawTensor(members[e]);
+      if (raw.dtype !== dtype || raw.shape.join() !== shape.join()) {
+        throw new CheckpointError(
+          this.ckpt.dir,
+          `expert tensor "${raw.name}" is ${raw.dtype} [${raw.shape}], ` +
+            `unlike "${first.name}" ${dtype} [${shape}]`,
+        );
+      }
+      bytes.set(raw.bytes, e * size);
     }
-    const bytes = new Uint8Array(raws.reduce((n, r) => n + r.bytes.length, 0));
-    raws.reduce((at, r) => (bytes.set(r.bytes, at), at + r.bytes.length), 0);
     const weight = this.backend.uploadWeight({
       name: key,
       dtype,

@@ -1,0 +1,34 @@
+// Shared by the forward matmul kernels (prepended after weights.wgsl):
+// out[n, col0 + c] = sum_k x[n, k] * w[c, k] (+ bias[col0 + c]) for one row chunk of w.
+
+struct Params {
+  rows: u32, // N rows of x in this dispatch
+  k: u32, // inner dimension
+  cols: u32, // rows of this weight chunk = output columns written
+  out_stride: u32, // M, the full output row width
+  col0: u32, // first output column (first weight row) of this chunk
+  x_off: u32, // x and out are bound from an aligned offset; these skip to row 0
+  out_off: u32,
+}
+
+override W_DTYPE: u32 = 0u;
+override B_DTYPE: u32 = 0u;
+override HAS_BIAS: bool = false;
+// blocked and gemv: x_off and K are multiples of 4, so x is read as aligned vec4s of x4.
+override VEC_X: bool = false;
+// blocked and gemv: K allows whole vec4 runs of w (see each kernel), read from w4.
+override VEC_W: bool = false;
+// blocked and gemv (groupedMatmul): w holds a run of experts' [M, k] matrices back to back,
+// and each tile of the table (5 words: first weight element, first row, row count, first
+// output column, column count) says which rows, matrix and columns a workgroup computes.
+override GROUPED: bool = false;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>; // [rows, k]
+@group(0) @binding(2) var<storage, read> w: array<u32>; // [cols, k] in W_DTYPE
+@group(0) @binding(3) var<storage, read> bias: array<u32>; // [M] in B_DTYPE
+@group(0) @binding(4) var<storage, read_write> out: array<f32>; // [rows, out_stride]
+// The same x and w bindings seen as vec4s (a placeholder when VEC_X / VEC_W is off).
+@group(0) @binding(5) var<storage, read> x4: array<vec4f>;
+@group(0) @binding(6) var<storage, read> w4: array<vec4u>;
+@group(0) @binding(7) var<storage, read> tiles: array<u32>; // GROUPED: the tile table
