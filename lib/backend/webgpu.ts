@@ -755,25 +755,12 @@ export class WebGpuBackend implements TrainingBackend {
             workgroups: [ceilDiv(chunk.rows, 16), ceilDiv(rows, 16)],
           });
         } else {
-          // blocked and gemv also see x and w as vec4s where K and the offset allow:
-          // x rows start on a vec4 when K and skip are multiples of 4 (the binding then
-          // ends on one); w rows when K is a multiple of the vec4 unit (4 words).
-          const vecX = k % 4 === 0 && xRange.skip % 4 === 0;
-          // Elements in one vec4 of w: f32 runs of 4 (both kernels), f16/bf16 runs of 8
-          // (gemv); blocked reads f16/bf16 runs of 4 as two whole words instead, which
-          // only needs K even.
-          const w4Elements = weight.dtype === "F32" ? 4 : kernel === "gemv" ? 8 : 0;
-          const vecW = w4Elements > 0 ? k % w4Elements === 0 : k % 2 === 0;
+          const vec = this.vecViews(kernel, weight.dtype, k, xRange, chunk.buffer);
           bindings.push(
-            vecX ? { ...xRange, write: false } : { buffer: this.emptyBuffer },
-            vecW && w4Elements > 0 ? { buffer: chunk.buffer } : { buffer: this.emptyBuffer },
+            ...vec.bindings,
             { buffer: this.emptyBuffer }, // the tile table of groupedMatmul
           );
-          const vecConstants: Record<string, number> = {
-            ...constants,
-            VEC_X: vecX ? 1 : 0,
-            VEC_W: vecW ? 1 : 0,
-          };
+          const vecConstants: Record<string, number> = { ...constants, ...vec.constants };
           // gemv: rows of x per workgroup, so that N = 1 does one row's work.
           const gemvRows = Math.min(rows, MATMUL_GEMV_MAX_ROWS);
           if (kernel === "gemv") vecConstants.ROWS = gemvRows;
@@ -795,6 +782,32 @@ export class WebGpuBackend implements TrainingBackend {
     return out;
   }
 
+  /**
+   * The vec4 views (bindings 5, 6) blocked and gemv read x and w through, where K and the
+   * offset allow, else placeholders; and the switches that turn them on. x rows start on
+   * a vec4 when K and skip are multiples of 4 (the binding then ends on one). Elements in
+   * one vec4 of w: f32 runs of 4 (both kernels), f16/bf16 runs of 8 (gemv); blocked reads
+   * f16/bf16 runs of 4 as two whole words of w instead, which only needs K even.
+   */
+  private vecViews(
+    kernel: "blocked" | "gemv",
+    dtype: WeightDType,
+    k: number,
+    xRange: Binding & { skip: number },
+    wBuffer: GPUBuffer,
+  ): { bindings: Binding[]; constants: { VEC_X: number; VEC_W: number } } {
+    const vecX = k % 4 === 0 && xRange.skip % 4 === 0;
+    const w4Elements = dtype === "F32" ? 4 : kernel === "gemv" ? 8 : 0;
+    const vecW = w4Elements > 0 ? k % w4Elements === 0 : k % 2 === 0;
+    return {
+      bindings: [
+        vecX ? { ...xRange, write: false } : { buffer: this.emptyBuffer },
+        vecW && w4Elements > 0 ? { buffer: wBuffer } : { buffer: this.emptyBuffer },
+      ],
+      constants: { VEC_X: vecX ? 1 : 0, VEC_W: vecW ? 1 : 0 },
+    };
+  }
+
   /** The matmul kernel for n rows of x: the configured one, or the "auto" choice. */
   matmulKernelFor(n: number): MatmulKernel {
     if (this.matmulKernel !== "auto") return this.matmulKernel;
@@ -812,9 +825,6 @@ export class WebGpuBackend implements TrainingBackend {
     // Few rows per expert (decode): gemv tiles of up to 8 rows; else blocked 128-row tiles.
     const gemv = r <= MATMUL_AUTO_GEMV_MAX_ROWS * Math.max(active, 1);
     const tileRows = gemv ? MATMUL_GEMV_MAX_ROWS : MATMUL_BLOCKED_TILE;
-    const vecX = k % 4 === 0;
-    const w4Elements = stack.dtype === "F32" ? 4 : gemv ? 8 : 0;
-    const vecW = w4Elements > 0 ? k % w4Elements === 0 : k % 2 === 0;
     // Stack chunks may hold many experts or part of one; x and out may be bound in row ranges.
     for (const chunk of w(stack).chunks) {
       for (const [r0, rows] of this.rowChunks(r, [k * 4, m * 4])) {
@@ -835,13 +845,12 @@ export class WebGpuBackend implements TrainingBackend {
         if (tiles.length === 0) continue;
         const xRange = this.rowRange(t(x).buffer, r0, rows, k * 4);
         const outRange = this.rowRange(out.buffer, r0, rows, m * 4, true);
-        const aligned = vecX && xRange.skip % 4 === 0;
+        const vec = this.vecViews(gemv ? "gemv" : "blocked", stack.dtype, k, xRange, chunk.buffer);
         const tileTable = new Uint32Array(tiles);
         const tileBuf = this.upload(tileTable);
         const constants: Record<string, number> = {
           W_DTYPE: DTYPE_CODE[stack.dtype],
-          VEC_X: aligned ? 1 : 0,
-          VEC_W: vecW ? 1 : 0,
+          ...vec.constants,
           GROUPED: 1,
         };
         if (gemv) constants.ROWS = MATMUL_GEMV_MAX_ROWS;
@@ -858,8 +867,7 @@ export class WebGpuBackend implements TrainingBackend {
             { buffer: chunk.buffer },
             { buffer: this.emptyBuffer },
             outRange,
-            aligned ? { ...xRange, write: false } : { buffer: this.emptyBuffer },
-            vecW && w4Elements > 0 ? { buffer: chunk.buffer } : { buffer: this.emptyBuffer },
+            ...vec.bindings,
             // Sized exactly: gemv bounds its grid by the table's length.
             { buffer: tileBuf, size: tileTable.byteLength },
           ],
