@@ -72,12 +72,7 @@ export class Model {
   async weight(name: string): Promise<Weight> {
     const cached = this.weights.get(name);
     if (cached) return cached;
-    if (!this.has(name)) {
-      throw new CheckpointError(
-        this.ckpt.dir,
-        `missing tensor "${name}" required by the ${this.spec.modelType} config`,
-      );
-    }
+    this.requireTensor(name);
     const raw = this.extra.get(name) ?? await readTensor(this.ckpt, name);
     let w: Weight;
     if (this.trainable.has(name)) {
@@ -89,9 +84,22 @@ export class Model {
       w = this.backend.uploadWeight(raw);
     }
     this.weights.set(name, w);
-    this.residentBytes += raw.bytes.length;
-    this.peakResidentBytes = Math.max(this.peakResidentBytes, this.residentBytes);
+    this.addResident(raw.bytes.length);
     return w;
+  }
+
+  /** A checkpoint error naming `name` when neither the checkpoint nor memory has it. */
+  private requireTensor(name: string): void {
+    if (this.has(name)) return;
+    throw new CheckpointError(
+      this.ckpt.dir,
+      `missing tensor "${name}" required by the ${this.spec.modelType} config`,
+    );
+  }
+
+  private addResident(bytes: number): void {
+    this.residentBytes += bytes;
+    this.peakResidentBytes = Math.max(this.peakResidentBytes, this.residentBytes);
   }
 
   /**
@@ -103,13 +111,7 @@ export class Model {
     const cached = this.stacks.get(key);
     if (cached) return cached.weight;
     const members = Array.from({ length: experts }, (_, e) => expertName(this.spec, l, e, proj));
-    const missing = members.find((name) => !this.has(name));
-    if (missing) {
-      throw new CheckpointError(
-        this.ckpt.dir,
-        `missing tensor "${missing}" required by the ${this.spec.modelType} config`,
-      );
-    }
+    members.forEach((name) => this.requireTensor(name));
     // One expert at a time into the stack, so the host holds the stack and one expert.
     const first = await this.rawTensor(members[0]);
     const { dtype, shape } = first, size = first.bytes.length;
@@ -132,8 +134,7 @@ export class Model {
       bytes,
     });
     this.stacks.set(key, { weight, bytes: bytes.length, members });
-    this.residentBytes += bytes.length;
-    this.peakResidentBytes = Math.max(this.peakResidentBytes, this.residentBytes);
+    this.addResident(bytes.length);
     return weight;
   }
 
