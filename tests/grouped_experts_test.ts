@@ -10,6 +10,7 @@ import { expertName } from "../lib/model/config.ts";
 import { Model } from "../lib/model/model.ts";
 import { DEFAULT_MODEL } from "./golden.ts";
 import {
+  MATMUL_TOL,
   rawWeight,
   relError as sharedRelError,
   seededInputs,
@@ -23,8 +24,6 @@ const backends: [string, Backend][] = [["cpu", fast], ["cpu-reference", referenc
 if (gpu) backends.push(["webgpu", gpu], ["webgpu 4 KiB", gpu.withMaxBindingBytes(4096)]);
 const { randn, random } = seededInputs(0x51ed);
 const worst = new Map<string, number>();
-// f32 sums of up to a few hundred terms against the reference's double sums (as matmul).
-const TOL = 1e-5;
 
 /** Per-expert plain loops: the oracle for groupedMatmul. */
 function groupedReference(
@@ -76,7 +75,7 @@ for (const [name, be] of backends) {
           const y = be.groupedMatmul(x, stack, Int32Array.from(groupRows));
           assert.deepEqual([...y.shape], [rows, m]);
           const err = sharedRelError(worst, `groupedMatmul ${dtype}`, await readBack(be, y), want);
-          assert(err <= TOL, `${name} ${dtype} ${groupRows} ${k}x${m}: error ${err}`);
+          assert(err <= MATMUL_TOL, `${name} ${dtype} ${groupRows} ${k}x${m}: error ${err}`);
           be.free(x), be.free(y), be.freeWeight(stack);
         }
       }

@@ -5,7 +5,7 @@
 // the GPU tests proves nothing). Elsewhere the tests are ignored with a loud warning.
 
 import assert from "node:assert";
-import type { WeightDType } from "../lib/backend/backend.ts";
+import type { Backend, WeightDType } from "../lib/backend/backend.ts";
 import {
   createWebGpuBackend,
   NoWebGpuAdapterError,
@@ -120,4 +120,36 @@ export function relError(
   const err = maxAbs === 0 ? maxDiff : maxDiff / maxAbs;
   worst.set(op, Math.max(worst.get(op) ?? 0, err));
   return err;
+}
+
+// Matmul tolerance: f32 sums of up to a few hundred terms against the CPU's double sums.
+export const MATMUL_TOL = 1e-5;
+
+/**
+ * be.matmul on random x [n, k], w [m, k] of `dtype` (and a bias) against `cpu`, the
+ * reference: the shape must match and the relative error (recorded in `worst` under `op`)
+ * stay within MATMUL_TOL.
+ */
+export async function checkMatmulAgainstCpu(
+  be: Backend,
+  cpu: Backend,
+  worst: Map<string, number>,
+  randn: (n: number) => Float32Array,
+  op: string,
+  [n, k, m]: number[],
+  dtype: WeightDType,
+  withBias: boolean,
+) {
+  const rawW = rawWeight("w", [m, k], randn(m * k), dtype);
+  const rawB = withBias ? rawWeight("b", [m], randn(m), dtype) : undefined;
+  const xData = randn(n * k);
+  const gx = be.tensor(xData, [n, k]), cx = cpu.tensor(xData, [n, k]);
+  const gw = be.uploadWeight(rawW), cw = cpu.uploadWeight(rawW);
+  const gb = rawB && be.uploadWeight(rawB), cb = rawB && cpu.uploadWeight(rawB);
+  const got = be.matmul(gx, gw, gb);
+  assert.deepEqual([...got.shape], [n, m], `${op}: shape`);
+  const err = relError(worst, op, await be.read(got), await cpu.read(cpu.matmul(cx, cw, cb)));
+  assert(err <= MATMUL_TOL, `${op} ${n}x${k}x${m} bias=${withBias}: relative error ${err}`);
+  be.free(got), be.free(gx), be.freeWeight(gw);
+  if (gb) be.freeWeight(gb);
 }

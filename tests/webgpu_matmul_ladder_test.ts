@@ -12,12 +12,7 @@ import {
   MATMUL_KERNELS,
   type WebGpuBackend,
 } from "../lib/backend/webgpu.ts";
-import {
-  rawWeight,
-  relError as sharedRelError,
-  seededInputs,
-  webgpuForTests,
-} from "./webgpu_helper.ts";
+import { checkMatmulAgainstCpu, seededInputs, webgpuForTests } from "./webgpu_helper.ts";
 
 const gpu = await webgpuForTests();
 const ignore = gpu === null;
@@ -27,36 +22,23 @@ const SMALL_BINDING = 4096;
 const maxErrors = new Map<string, number>();
 const { randn } = seededInputs(0x5eed1ad);
 
-// The tolerance of the matmul tests in webgpu_ops_test.ts: f32 sums of up to a few
-// hundred terms against the CPU's double sums.
-const MATMUL_TOL = 1e-5;
-
-async function checkMatmul(
+const checkMatmul = (
   be: Backend,
   label: string,
-  [n, k, m]: number[],
+  size: number[],
   dtype: WeightDType,
   withBias: boolean,
-) {
-  const rawW = rawWeight("w", [m, k], randn(m * k), dtype);
-  const rawB = withBias ? rawWeight("b", [m], randn(m), dtype) : undefined;
-  const xData = randn(n * k);
-  const gx = be.tensor(xData, [n, k]), cx = cpu.tensor(xData, [n, k]);
-  const gw = be.uploadWeight(rawW), cw = cpu.uploadWeight(rawW);
-  const gb = rawB && be.uploadWeight(rawB), cb = rawB && cpu.uploadWeight(rawB);
-  const got = be.matmul(gx, gw, gb);
-  assert.deepEqual([...got.shape], [n, m]);
-  const op = `matmul ${label} ${dtype}`;
-  const err = sharedRelError(
+) =>
+  checkMatmulAgainstCpu(
+    be,
+    cpu,
     maxErrors,
-    op,
-    await be.read(got),
-    await cpu.read(cpu.matmul(cx, cw, cb)),
+    randn,
+    `matmul ${label} ${dtype}`,
+    size,
+    dtype,
+    withBias,
   );
-  assert(err <= MATMUL_TOL, `${op} ${n}x${k}x${m} bias=${withBias}: relative error ${err}`);
-  be.free(got), be.free(gx), be.freeWeight(gw);
-  if (gb) be.freeWeight(gb);
-}
 
 // [N, K, M]: odd K (scalar fallbacks), K a multiple of 4 and 8 (vec4 paths), N across
 // gemv's 8-row groups and the blocked kernel's 128-row tiles, M across its 128-column tiles.

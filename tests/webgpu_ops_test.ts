@@ -8,6 +8,7 @@ import { CpuBackend } from "../lib/backend/cpu.ts";
 import { NoWebGpuAdapterError } from "../lib/backend/webgpu.ts";
 import { f16ToF32 } from "../lib/io/safetensors.ts";
 import {
+  checkMatmulAgainstCpu,
   f32ToF16Bits,
   rawWeight,
   relError as sharedRelError,
@@ -46,28 +47,17 @@ function both(be: Backend, data: Float32Array, shape: number[]): [Tensor, Tensor
   return [be.tensor(data, shape), cpu.tensor(data, shape)];
 }
 
-// f32 sums of up to a few hundred terms against the CPU's double sums.
-const MATMUL_TOL = 1e-5;
 const ELEMENTWISE_TOL = 1e-6;
 
-async function checkMatmul(
+const checkMatmul = (
   be: Backend,
   n: number,
   k: number,
   m: number,
   dtype: WeightDType,
   withBias: boolean,
-) {
-  const rawW = rawWeight("w", [m, k], randn(m * k), dtype);
-  const rawB = withBias ? rawWeight("b", [m], randn(m), dtype) : undefined;
-  const [gx, cx] = both(be, randn(n * k), [n, k]);
-  const gw = be.uploadWeight(rawW), cw = cpu.uploadWeight(rawW);
-  const gb = rawB && be.uploadWeight(rawB), cb = rawB && cpu.uploadWeight(rawB);
-  await expectClose(`matmul ${dtype}`, be.matmul(gx, gw, gb), cpu.matmul(cx, cw, cb), MATMUL_TOL);
-  be.freeWeight(gw);
-  if (gb) be.freeWeight(gb);
-  be.free(gx);
-}
+) =>
+  checkMatmulAgainstCpu(be, cpu, maxErrors, randn, `matmul ${dtype}`, [n, k, m], dtype, withBias);
 
 const MATMUL_SIZES: [number, number, number][] = [
   [1, 5, 3],
