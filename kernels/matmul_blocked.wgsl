@@ -80,6 +80,9 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
     row_end = row0 + tiles[5u * wg.y + 2u];
     out_col0 = tiles[5u * wg.y + 3u];
     cols = tiles[5u * wg.y + 4u];
+    if (row_end == row0) {
+      return; // a padding tile of a table built on the device (grouped_tiles)
+    }
   }
   let col0 = wg.x * BN;
   // Thread (lid.x, lid.y) owns rows row0 + TM lid.y .. + TM - 1 and columns

@@ -56,6 +56,9 @@ fn main(
     nrows = tiles[5u * tile + 2u];
     out_col0 = tiles[5u * tile + 3u];
     cols = tiles[5u * tile + 4u];
+    if (nrows == 0u) {
+      return; // a padding tile of a table built on the device (grouped_tiles)
+    }
   } else {
     if (row0 >= p.rows) {
       return;

@@ -160,3 +160,116 @@ fn combine_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
   }
   combined[cp.out_off + t] = v;
 }
+
+// plan_experts: group the routed tokens by expert on the device, so the expert path never
+// reads the routing back (the host twin is expertPlan in lib/backend/backend.ts). One
+// workgroup; thread e (and e + 256, ...) owns expert e: it counts the expert's tokens,
+// and once thread 0 has turned the counts into group starts, lists them in token order.
+// For token t, sources[t k + rank] is the grouped row of its expert of rank `rank` in
+// ascending expert id, the order combine_rows adds the outputs in.
+struct PlanParams {
+  tokens: u32,
+  experts: u32,
+  k: u32,
+  routing_off: u32, // route_topk's output may be bound from an aligned offset
+}
+
+const PLAN_THREADS: u32 = 256u;
+const PLAN_MAX_EXPERTS: u32 = 1024u; // the host checks this
+var<workgroup> group_first: array<u32, 1025>; // PLAN_MAX_EXPERTS + 1
+
+@group(0) @binding(0) var<uniform> pp: PlanParams;
+@group(0) @binding(1) var<storage, read> routed: array<u32>; // [tokens, 2k], as route_topk writes
+@group(0) @binding(2) var<storage, read_write> group_start: array<u32>; // [experts + 1]
+@group(0) @binding(3) var<storage, read_write> order: array<u32>; // [tokens k]: token of each grouped row
+@group(0) @binding(4) var<storage, read_write> plan_sources: array<u32>; // [tokens, k]
+@group(0) @binding(5) var<storage, read_write> plan_scales: array<f32>; // [tokens, k]
+
+@compute @workgroup_size(256)
+fn plan_experts(@builtin(local_invocation_index) lid: u32) {
+  for (var e = lid; e < pp.experts; e += PLAN_THREADS) {
+    var count = 0u;
+    for (var t = 0u; t < pp.tokens; t++) {
+      for (var j = 0u; j < pp.k; j++) {
+        count += select(0u, 1u, routed[pp.routing_off + t * 2u * pp.k + j] == e);
+      }
+    }
+    group_first[e + 1u] = count;
+  }
+  workgroupBarrier();
+  if (lid == 0u) {
+    group_first[0] = 0u;
+    for (var e = 0u; e < pp.experts; e++) {
+      group_first[e + 1u] += group_first[e];
+    }
+  }
+  workgroupBarrier();
+  for (var e = lid; e <= pp.experts; e += PLAN_THREADS) {
+    group_start[e] = group_first[e];
+  }
+  for (var e = lid; e < pp.experts; e += PLAN_THREADS) {
+    var at = group_first[e];
+    for (var t = 0u; t < pp.tokens; t++) {
+      let base = pp.routing_off + t * 2u * pp.k;
+      for (var j = 0u; j < pp.k; j++) {
+        if (routed[base + j] == e) {
+          var rank = 0u;
+          for (var i = 0u; i < pp.k; i++) {
+            rank += select(0u, 1u, routed[base + i] < e);
+          }
+          order[at] = t;
+          plan_sources[t * pp.k + rank] = at;
+          plan_scales[t * pp.k + rank] = bitcast<f32>(routed[base + pp.k + j]);
+          at++;
+        }
+      }
+    }
+  }
+}
+
+// grouped_tiles: the tile table of one grouped matmul dispatch (matmul_common.wgsl), from
+// the group starts where they live, on the device. The dispatch covers the experts whose
+// matrix rows lie in one weight chunk and the rows of x in [r0, r0 + rows); tiles past
+// the real ones get 0 rows, and their workgroups return at once. One thread: at most a
+// few hundred groups.
+struct TileParams {
+  first_group: u32, // the experts [first_group, end_group) with rows in this weight chunk
+  end_group: u32,
+  m: u32, // rows of one expert's matrix
+  k: u32,
+  chunk_row0: u32, // the chunk's first and count of matrix rows of the whole stack
+  chunk_rows: u32,
+  r0: u32, // rows of x bound in this dispatch
+  rows: u32,
+  tile_rows: u32,
+  capacity: u32, // tiles the table holds
+}
+
+@group(0) @binding(0) var<uniform> tp: TileParams;
+@group(0) @binding(1) var<storage, read> starts: array<u32>; // [groups + 1] first row of each
+@group(0) @binding(2) var<storage, read_write> tile_table: array<u32>; // [capacity, 5]
+
+@compute @workgroup_size(1)
+fn grouped_tiles() {
+  var n = 0u;
+  for (var g = tp.first_group; g < tp.end_group; g++) {
+    let g_row0 = g * tp.m;
+    let c0 = select(0u, tp.chunk_row0 - g_row0, tp.chunk_row0 > g_row0);
+    let c1 = min(tp.chunk_row0 + tp.chunk_rows - g_row0, tp.m);
+    let a = max(starts[g], tp.r0);
+    let b = min(starts[g + 1u], tp.r0 + tp.rows);
+    for (var s = a; s < b; s += tp.tile_rows) {
+      tile_table[5u * n] = (g_row0 + c0 - tp.chunk_row0) * tp.k; // first weight element
+      tile_table[5u * n + 1u] = s - tp.r0;
+      tile_table[5u * n + 2u] = min(tp.tile_rows, b - s);
+      tile_table[5u * n + 3u] = c0;
+      tile_table[5u * n + 4u] = c1 - c0;
+      n++;
+    }
+  }
+  for (; n < tp.capacity; n++) {
+    for (var i = 0u; i < 5u; i++) {
+      tile_table[5u * n + i] = 0u;
+    }
+  }
+}

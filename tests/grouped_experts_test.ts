@@ -4,7 +4,7 @@
 // expert's matrix spread over several chunks); bad inputs; stacks follow putTensor.
 
 import assert from "node:assert";
-import type { Backend, Tensor, WeightDType } from "../lib/backend/backend.ts";
+import type { Backend, RouteSpec, Tensor, WeightDType } from "../lib/backend/backend.ts";
 import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
 import { expertName } from "../lib/model/config.ts";
 import { Model } from "../lib/model/model.ts";
@@ -125,6 +125,134 @@ for (const [name, be] of backends) {
         /1 sources, 1 scales for 2 rows x 1/,
       );
       be.free(x), be.free(out), be.freeWeight(stack), be.freeWeight(flat);
+    },
+  });
+}
+
+/**
+ * The oracle for routedExperts: CPU reference routing, then for each token its experts in
+ * ascending id, each a plain-loop SwiGLU MLP, added to `base` with the routing weights.
+ */
+async function routedReference(
+  xs: Float32Array,
+  logits: Float32Array,
+  stacks: Float32Array[],
+  dims: { n: number; e: number; h: number; width: number },
+  route: RouteSpec,
+  base: Float32Array,
+): Promise<Float32Array> {
+  const { n, e, h, width } = dims;
+  const routing = await reference.routeTopK(
+    reference.tensor(logits, [n, e]),
+    route.k,
+    route.normalize,
+    route.eps,
+  );
+  const [gate, up, down] = stacks, out = base.slice();
+  for (let t = 0; t < n; t++) {
+    const picks = [...routing.indices.subarray(t * route.k, (t + 1) * route.k)]
+      .map((ex, j) => ({ ex, weight: routing.weights[t * route.k + j] }))
+      .sort((a, b) => a.ex - b.ex);
+    for (const { ex, weight } of picks) {
+      const act = new Float32Array(width);
+      for (let c = 0; c < width; c++) {
+        let g = 0, u = 0;
+        for (let j = 0; j < h; j++) {
+          g += xs[t * h + j] * gate[(ex * width + c) * h + j];
+          u += xs[t * h + j] * up[(ex * width + c) * h + j];
+        }
+        act[c] = (g / (1 + Math.exp(-g))) * u;
+      }
+      for (let c = 0; c < h; c++) {
+        let y = 0;
+        for (let j = 0; j < width; j++) y += act[j] * down[(ex * h + c) * width + j];
+        out[t * h + c] += weight * y;
+      }
+    }
+  }
+  return out;
+}
+
+// [tokens, experts, k, hidden, width]: decode (gemv tiles), a few tokens, every expert
+// taken, prefill past one 128-row blocked tile, odd sizes throughout.
+const ROUTED_CASES: [number, number, number, number, number][] = [
+  [1, 8, 2, 32, 24],
+  [5, 7, 2, 33, 17],
+  [3, 3, 3, 20, 9],
+  [37, 64, 6, 33, 20],
+  [300, 3, 2, 16, 12],
+];
+
+const routedOutputs = new Map<string, Float32Array>();
+for (const [name, be] of backends) {
+  Deno.test({
+    name: `${name} routedExperts matches routing + per-token plain loops`,
+    async fn() {
+      for (const [n, e, k, h, width] of ROUTED_CASES) {
+        for (const [dtype, normalize] of [["BF16", true], ["F32", false]] as const) {
+          // The same inputs on every backend, so the WebGPU variants can be compared.
+          const { randn } = seededInputs(n * 1000 + e);
+          const route = { k, normalize, eps: 1e-20 };
+          const raws = [
+            rawWeight("gate", [e, width, h], randn(e * width * h), dtype),
+            rawWeight("up", [e, width, h], randn(e * width * h), dtype),
+            rawWeight("down", [e, h, width], randn(e * h * width), dtype),
+          ];
+          const xs = randn(n * h), logits = randn(n * e, 3), base = randn(n * h);
+          const stackValues = raws.map((raw) => (reference.uploadWeight(raw) as CpuWeight).data);
+          const want = await routedReference(
+            xs,
+            logits,
+            stackValues,
+            { n, e, h, width },
+            route,
+            base,
+          );
+          const [gate, up, down] = raws.map((raw) => be.uploadWeight(raw));
+          const x = be.tensor(xs, [n, h]), lg = be.tensor(logits, [n, e]);
+          const out = be.tensor(base.slice(), [n, h]);
+          await be.routedExperts(x, lg, { gate, up, down }, route, out);
+          const got = await readBack(be, out);
+          const label = `${n}x${e} k${k} ${h}/${width} ${dtype}`;
+          const err = sharedRelError(worst, `routedExperts ${dtype}`, got, want);
+          assert(err <= MATMUL_TOL, `${name} routedExperts ${label}: error ${err}`);
+          // WebGPU groups on the device, or on the host where the routing is over the
+          // binding limit; chunked or not, the same kernels do the same sums.
+          if (name.startsWith("webgpu")) {
+            const other = routedOutputs.get(label);
+            if (other) {
+              assert.deepEqual(got, other, `${name} ${label}: differs from the other webgpu`);
+            }
+            routedOutputs.set(label, got);
+          }
+          be.free(x), be.free(lg), be.free(out);
+          [gate, up, down].forEach((wt) => be.freeWeight(wt));
+        }
+      }
+    },
+  });
+
+  Deno.test({
+    name: `${name} routedExperts rejects stacks that do not fit the logits`,
+    async fn() {
+      const stack = (shape: number[]) => be.uploadWeight(rawWeight("s", shape, randn(24), "F32"));
+      const x = be.tensor(randn(2 * 4), [2, 4]), lg = be.tensor(randn(2 * 2), [2, 2]);
+      const out = be.tensor(new Float32Array(2 * 4), [2, 4]);
+      const good = { gate: stack([2, 3, 4]), up: stack([2, 3, 4]), down: stack([2, 4, 3]) };
+      const route = { k: 1, normalize: false, eps: 0 };
+      const bad = be.uploadWeight(rawWeight("bad down", [2, 3, 4], randn(24), "F32"));
+      await assert.rejects(
+        () => be.routedExperts(x, lg, { ...good, down: bad }, route, out),
+        /"bad down" is \[2,3,4\], want \[2,4,3\]/,
+      );
+      await assert.rejects(
+        () => be.routedExperts(x, lg, good, { ...route, k: 3 }, out),
+        /k = 3 with 2 experts/,
+      );
+      const wide = be.tensor(randn(3 * 2), [3, 2]);
+      await assert.rejects(() => be.routedExperts(x, wide, good, route, out), /disagree/);
+      [x, lg, out, wide].forEach((tn) => be.free(tn));
+      [...Object.values(good), bad].forEach((wt) => be.freeWeight(wt));
     },
   });
 }

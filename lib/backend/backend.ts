@@ -26,6 +26,20 @@ export interface Routing {
   weights: Float32Array;
 }
 
+/** routeTopK's settings. */
+export interface RouteSpec {
+  k: number;
+  normalize: boolean;
+  eps: number;
+}
+
+/** A layer's expert matrices stacked per projection: gate, up [E, W, H], down [E, H, W]. */
+export interface ExpertStacks {
+  gate: Weight;
+  up: Weight;
+  down: Weight;
+}
+
 export interface AttentionShape {
   batch: number;
   /** Query rows per sequence; the queries are the last qLen of kvLen positions. */
@@ -206,6 +220,20 @@ export interface Backend {
    * each token gathers its k expert outputs (no two threads write one row).
    */
   combineRows(out: Tensor, y: Tensor, sources: Int32Array, scales: Float32Array, k: number): void;
+  /**
+   * The routed experts of one MoE layer, start to end on the backend: route `logits`
+   * [N, E] as routeTopK does, run each expert's SwiGLU MLP down(silu(gate x) * up x) on
+   * its tokens (the grouped path: gatherRows, groupedMatmul, combineRows) and add each
+   * token's routing-weighted outputs into out [N, H] in expert order. Nothing is read
+   * back to the host, so a decode step never waits on the routing.
+   */
+  routedExperts(
+    xn: Tensor,
+    logits: Tensor,
+    stacks: ExpertStacks,
+    route: RouteSpec,
+    out: Tensor,
+  ): Promise<void>;
   /** a * b, elementwise (same numel; compressed experts' scaling vectors). */
   mul(a: Tensor, b: Tensor): Tensor;
   /** silu(gate) * up, elementwise. */
@@ -286,5 +314,66 @@ export function checkCombine(
   }
   for (const s of sources) {
     if (s < 0 || s >= yRows) throw new Error(`combineRows: source row ${s} out of [0, ${yRows})`);
+  }
+}
+
+/**
+ * Where the grouped expert path puts each routed token (the host twin of the WebGPU
+ * plan_experts kernel): `order` lists the token of each grouped row, experts in turn and
+ * tokens ascending within one; for token t, sources[t k + j] is the grouped row of its
+ * j-th expert counted in ascending expert id (the order the outputs are added in) and
+ * scales[t k + j] that expert's routing weight.
+ */
+export function expertPlan(routing: Routing, k: number, experts: number) {
+  const groupRows = new Int32Array(experts);
+  for (const e of routing.indices) {
+    if (e < 0 || e >= experts) throw new Error(`expertPlan: expert ${e} out of [0, ${experts})`);
+    groupRows[e]++;
+  }
+  const next = new Int32Array(experts); // the next grouped row of each expert
+  for (let e = 1; e < experts; e++) next[e] = next[e - 1] + groupRows[e - 1];
+  const tokens = routing.indices.length / k;
+  const order = new Int32Array(tokens * k);
+  const sources = new Int32Array(tokens * k), scales = new Float32Array(tokens * k);
+  for (let t = 0; t < tokens; t++) {
+    const picks = routing.indices.subarray(t * k, t * k + k);
+    for (let j = 0; j < k; j++) {
+      const e = picks[j], at = next[e]++;
+      let rank = 0; // experts of this token with a smaller id come first
+      for (const other of picks) if (other < e) rank++;
+      order[at] = t;
+      sources[t * k + rank] = at;
+      scales[t * k + rank] = routing.weights[t * k + j];
+    }
+  }
+  return { order, groupRows, sources, scales };
+}
+
+/** routedExperts' contract: logits [N, E], out [N, H], stacks of E experts over H. */
+export function checkRoutedExperts(
+  xn: Tensor,
+  logits: Tensor,
+  stacks: ExpertStacks,
+  route: RouteSpec,
+  out: Tensor,
+) {
+  const [n, h] = rowsCols(xn), [logitRows, e] = rowsCols(logits), width = stacks.gate.shape[1];
+  if (logitRows !== n || numelOf(out.shape) !== n * h) {
+    throw new Error(
+      `routedExperts: x [${xn.shape}], logits [${logits.shape}] and out [${out.shape}] disagree`,
+    );
+  }
+  if (route.k < 1 || route.k > e) {
+    throw new Error(`routedExperts: k = ${route.k} with ${e} experts`);
+  }
+  const want: [Weight, number[]][] = [
+    [stacks.gate, [e, width, h]],
+    [stacks.up, [e, width, h]],
+    [stacks.down, [e, h, width]],
+  ];
+  for (const [stack, shape] of want) {
+    if (stack.shape.join() !== shape.join()) {
+      throw new Error(`routedExperts: "${stack.name}" is [${stack.shape}], want [${shape}]`);
+    }
   }
 }

@@ -9,7 +9,11 @@ import {
   type AttentionShape,
   checkCombine,
   checkGrouped,
+  checkRoutedExperts,
+  expertPlan,
+  type ExpertStacks,
   numelOf,
+  type RouteSpec,
   type Routing,
   rowsCols,
   type Tensor,
@@ -151,6 +155,24 @@ export class CpuBackend implements TrainingBackend {
         for (let c = 0; c < h; c++) os[r * h + c] += s * ys[src + c];
       }
     }
+  }
+
+  async routedExperts(
+    xn: Tensor,
+    logits: Tensor,
+    stacks: ExpertStacks,
+    route: RouteSpec,
+    out: Tensor,
+  ): Promise<void> {
+    checkRoutedExperts(xn, logits, stacks, route, out);
+    const routing = await this.routeTopK(logits, route.k, route.normalize, route.eps);
+    const plan = expertPlan(routing, route.k, stacks.gate.shape[0]);
+    const xe = this.gatherRows(xn, plan.order);
+    const g = this.groupedMatmul(xe, stacks.gate, plan.groupRows);
+    const u = this.groupedMatmul(xe, stacks.up, plan.groupRows);
+    const a = this.swiglu(g, u);
+    const y = this.groupedMatmul(a, stacks.down, plan.groupRows);
+    this.combineRows(out, y, plan.sources, plan.scales, route.k);
   }
 
   add(a: Tensor, b: Tensor): Tensor {

@@ -14,7 +14,11 @@ import {
   type AttentionShape,
   checkCombine,
   checkGrouped,
+  checkRoutedExperts,
+  expertPlan,
+  type ExpertStacks,
   numelOf,
+  type RouteSpec,
   type Routing,
   rowsCols,
   type Tensor,
@@ -60,6 +64,8 @@ const MATMUL_BLOCKED_TILE = 128;
 // and MAX_ROWS).
 const MATMUL_GEMV_COLS = 4;
 const MATMUL_GEMV_MAX_ROWS = 8;
+// Most experts kernels/moe.wgsl plan_experts groups on the device (its PLAN_MAX_EXPERTS).
+const PLAN_MAX_EXPERTS = 1024;
 
 const KERNEL_FILES = [
   "weights",
@@ -816,45 +822,51 @@ export class WebGpuBackend implements TrainingBackend {
 
   groupedMatmul(x: Tensor, stack: Weight, groupRows: Int32Array): Tensor {
     const [r, k] = rowsCols(x);
-    const [, m] = stack.shape;
     checkGrouped(stack, k, groupRows, r);
-    const out = this.newTensor([r, m]); // [rows of all groups, out features]
     const groupStart = new Int32Array(groupRows.length + 1);
     groupRows.forEach((n, g) => groupStart[g + 1] = groupStart[g] + n);
-    const active = groupRows.filter((n) => n > 0).length;
+    const startBuf = this.upload(groupStart);
     // Few rows per expert (decode): gemv tiles of up to 8 rows; else blocked 128-row tiles.
-    const gemv = r <= MATMUL_AUTO_GEMV_MAX_ROWS * Math.max(active, 1);
+    const gemv = Math.max(0, ...groupRows) <= MATMUL_AUTO_GEMV_MAX_ROWS;
+    const out = this.groupedOn(x, stack, startBuf, gemv);
+    this.release(startBuf);
+    return out;
+  }
+
+  /**
+   * groupedMatmul with the group starts [G + 1] in a device buffer, maybe written by an
+   * earlier kernel (plan_experts): the tile tables are built on the device too, sized for
+   * the most tiles the rows could need, so the host needs no counts.
+   */
+  private groupedOn(x: Tensor, stack: Weight, groupStart: GPUBuffer, gemv: boolean): Tensor {
+    const [r, k] = rowsCols(x);
+    const [, m] = stack.shape;
+    const out = this.newTensor([r, m]); // [rows of all groups, out features]
     const tileRows = gemv ? MATMUL_GEMV_MAX_ROWS : MATMUL_BLOCKED_TILE;
     // Stack chunks may hold many experts or part of one; x and out may be bound in row ranges.
     for (const chunk of w(stack).chunks) {
+      const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
       for (const [r0, rows] of this.rowChunks(r, [k * 4, m * 4])) {
-        // Tiles: for each expert with matrix rows in this chunk (output columns c0 .. c1),
-        // its rows of x within [r0, r0 + rows), at most tileRows a tile: (first weight
-        // element in the chunk, first row, row count, first output column, column count).
-        const tiles: number[] = [];
-        const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
-        for (let g = g0; g < g1; g++) {
-          const c0 = Math.max(chunk.row0 - g * m, 0);
-          const c1 = Math.min(chunk.row0 + chunk.rows - g * m, m);
-          const a = Math.max(groupStart[g], r0), b = Math.min(groupStart[g + 1], r0 + rows);
-          for (let s = a; s < b; s += tileRows) {
-            const wBase = (g * m + c0 - chunk.row0) * k;
-            tiles.push(wBase, s - r0, Math.min(tileRows, b - s), c0, c1 - c0);
-          }
-        }
-        if (tiles.length === 0) continue;
+        // Each non-empty group takes at most one partial tile.
+        const capacity = Math.floor(rows / tileRows) + Math.min(g1 - g0, rows);
+        const tableBytes = capacity * 5 * 4;
+        const tileBuf = this.acquire(tableBytes, true);
+        this.run({
+          kernel: "moe",
+          entry: "grouped_tiles",
+          params: [g0, g1, m, k, chunk.row0, chunk.rows, r0, rows, tileRows, capacity],
+          bindings: [{ buffer: groupStart }, { buffer: tileBuf, size: tableBytes, write: true }],
+          workgroups: 1,
+        });
         const xRange = this.rowRange(t(x).buffer, r0, rows, k * 4);
         const outRange = this.rowRange(out.buffer, r0, rows, m * 4, true);
         const vec = this.vecViews(gemv ? "gemv" : "blocked", stack.dtype, k, xRange, chunk.buffer);
-        const tileTable = new Uint32Array(tiles);
-        const tileBuf = this.upload(tileTable);
         const constants: Record<string, number> = {
           W_DTYPE: DTYPE_CODE[stack.dtype],
           ...vec.constants,
           GROUPED: 1,
         };
         if (gemv) constants.ROWS = MATMUL_GEMV_MAX_ROWS;
-        const tileCount = tiles.length / 5;
         // Grid columns cover the widest tile; narrower tiles' extra workgroups idle.
         const cols = Math.min(m, chunk.rows);
         this.run({
@@ -869,11 +881,11 @@ export class WebGpuBackend implements TrainingBackend {
             outRange,
             ...vec.bindings,
             // Sized exactly: gemv bounds its grid by the table's length.
-            { buffer: tileBuf, size: tileTable.byteLength },
+            { buffer: tileBuf, size: tableBytes },
           ],
           workgroups: gemv
-            ? ceilDiv(cols, MATMUL_GEMV_COLS) * tileCount
-            : [ceilDiv(cols, MATMUL_BLOCKED_TILE), tileCount],
+            ? ceilDiv(cols, MATMUL_GEMV_COLS) * capacity
+            : [ceilDiv(cols, MATMUL_BLOCKED_TILE), capacity],
         });
         this.release(tileBuf);
       }
@@ -882,9 +894,16 @@ export class WebGpuBackend implements TrainingBackend {
   }
 
   combineRows(out: Tensor, y: Tensor, sources: Int32Array, scales: Float32Array, k: number): void {
-    const [n, h] = rowsCols(out), [ny] = rowsCols(y);
-    checkCombine(n, ny, sources, scales, k);
+    checkCombine(rowsCols(out)[0], rowsCols(y)[0], sources, scales, k);
     const sourcesBuf = this.upload(sources), scalesBuf = this.upload(scales);
+    this.combineFrom(out, y, sourcesBuf, scalesBuf, k);
+    this.release(sourcesBuf);
+    this.release(scalesBuf);
+  }
+
+  /** combineRows with the sources and scales in device buffers. */
+  private combineFrom(out: Tensor, y: Tensor, sources: GPUBuffer, scales: GPUBuffer, k: number) {
+    const [n, h] = rowsCols(out), [ny] = rowsCols(y);
     for (const [y0, yRows] of this.rowChunks(ny, [h * 4])) {
       const yRange = this.rowRange(t(y).buffer, y0, yRows, h * 4);
       for (const [r0, rows] of this.rowChunks(n, [h * 4])) {
@@ -893,13 +912,11 @@ export class WebGpuBackend implements TrainingBackend {
           kernel: "moe",
           entry: "combine_rows",
           params: [rows, h, k, r0, y0, yRows, yRange.skip, outRange.skip],
-          bindings: [{ buffer: sourcesBuf }, { buffer: scalesBuf }, yRange, outRange],
+          bindings: [{ buffer: sources }, { buffer: scales }, yRange, outRange],
           workgroups: ceilDiv(rows * h, 64),
         });
       }
     }
-    this.release(sourcesBuf);
-    this.release(scalesBuf);
   }
 
   /** out = entry(a, b) elementwise over flat ranges. */
@@ -1070,20 +1087,8 @@ export class WebGpuBackend implements TrainingBackend {
   }
 
   async routeTopK(logits: Tensor, k: number, normalize: boolean, eps: number): Promise<Routing> {
-    const [n, e] = rowsCols(logits);
-    if (k < 1 || k > e) throw new Error(`routeTopK: k = ${k} with ${e} experts`);
-    const result = this.newTensor([n, 2 * k]); // [tokens, k ids | k weights]
-    for (const [r0, rows] of this.rowChunks(n, [e * 4, 2 * k * 4])) {
-      const inRange = this.rowRange(t(logits).buffer, r0, rows, e * 4);
-      const outRange = this.rowRange(result.buffer, r0, rows, 2 * k * 4, true);
-      this.run({
-        kernel: "moe",
-        entry: "route_topk",
-        params: [rows, e, k, normalize ? 1 : 0, { f32: eps }, inRange.skip, outRange.skip],
-        bindings: [inRange, outRange],
-        workgroups: ceilDiv(rows, 64),
-      });
-    }
+    const [n] = rowsCols(logits);
+    const result = this.route(logits, { k, normalize, eps });
     const packed = await this.read(result);
     this.free(result);
     const bits = new Int32Array(packed.buffer);
@@ -1095,6 +1100,87 @@ export class WebGpuBackend implements TrainingBackend {
     return { indices, weights };
   }
 
+  /** The routing on the device, [tokens, 2k]: k expert ids, then k weights as f32 bits. */
+  private route(logits: Tensor, { k, normalize, eps }: RouteSpec): GpuTensor {
+    const [n, e] = rowsCols(logits);
+    if (k < 1 || k > e) throw new Error(`routeTopK: k = ${k} with ${e} experts`);
+    const result = this.newTensor([n, 2 * k]);
+    for (const [r0, rows] of this.rowChunks(n, [e * 4, 2 * k * 4])) {
+      const inRange = this.rowRange(t(logits).buffer, r0, rows, e * 4);
+      const outRange = this.rowRange(result.buffer, r0, rows, 2 * k * 4, true);
+      this.run({
+        kernel: "moe",
+        entry: "route_topk",
+        params: [rows, e, k, normalize ? 1 : 0, { f32: eps }, inRange.skip, outRange.skip],
+        bindings: [inRange, outRange],
+        workgroups: ceilDiv(rows, 64),
+      });
+    }
+    return result;
+  }
+
+  async routedExperts(
+    xn: Tensor,
+    logits: Tensor,
+    stacks: ExpertStacks,
+    route: RouteSpec,
+    out: Tensor,
+  ): Promise<void> {
+    checkRoutedExperts(xn, logits, stacks, route, out);
+    const [n, e] = rowsCols(logits), k = route.k;
+    if (n === 0) return;
+    // Few tokens (decode): no expert has more than n rows, so gemv tiles.
+    const gemv = n <= MATMUL_AUTO_GEMV_MAX_ROWS;
+    let plan: Record<"groupStart" | "order" | "sources" | "scales", GPUBuffer>;
+    if (e <= PLAN_MAX_EXPERTS && Math.max(n * 2 * k, e + 1) * 4 <= this.maxBindingBytes) {
+      // Route and group on the device: nothing waits on the host.
+      const routed = this.route(logits, route);
+      plan = {
+        groupStart: this.acquire((e + 1) * 4, true),
+        order: this.acquire(n * k * 4, true),
+        sources: this.acquire(n * k * 4, true),
+        scales: this.acquire(n * k * 4, true),
+      };
+      this.run({
+        kernel: "moe",
+        entry: "plan_experts",
+        params: [n, e, k, 0],
+        bindings: [
+          { buffer: routed.buffer },
+          { buffer: plan.groupStart, write: true },
+          { buffer: plan.order, write: true },
+          { buffer: plan.sources, write: true },
+          { buffer: plan.scales, write: true },
+        ],
+        workgroups: 1,
+      });
+      this.free(routed);
+    } else {
+      // The routing does not fit one binding (test-sized limits): the same plan, grouped
+      // on the host.
+      const host = expertPlan(await this.routeTopK(logits, k, route.normalize, route.eps), k, e);
+      const groupStart = new Int32Array(e + 1);
+      host.groupRows.forEach((rows, g) => groupStart[g + 1] = groupStart[g] + rows);
+      plan = {
+        groupStart: this.upload(groupStart),
+        order: this.upload(host.order),
+        sources: this.upload(host.sources),
+        scales: this.upload(host.scales),
+      };
+    }
+    const xe = this.gatherFrom(xn, plan.order, n * k);
+    const g = this.groupedOn(xe, stacks.gate, plan.groupStart, gemv);
+    const u = this.groupedOn(xe, stacks.up, plan.groupStart, gemv);
+    this.free(xe);
+    const a = this.swiglu(g, u);
+    this.free(g), this.free(u);
+    const y = this.groupedOn(a, stacks.down, plan.groupStart, gemv);
+    this.free(a);
+    this.combineFrom(out, y, plan.sources, plan.scales, k);
+    this.free(y);
+    for (const buffer of Object.values(plan)) this.release(buffer);
+  }
+
   private checkRows(op: string, rows: Int32Array, limit: number): void {
     for (const r of rows) {
       if (r < 0 || r >= limit) throw new Error(`${op}: row ${r} out of range [0, ${limit})`);
@@ -1102,26 +1188,32 @@ export class WebGpuBackend implements TrainingBackend {
   }
 
   gatherRows(x: Tensor, rows: Int32Array): Tensor {
-    const [n, h] = rowsCols(x);
-    this.checkRows("gatherRows", rows, n);
-    const out = this.newTensor([rows.length, h]); // [selected rows, hidden]
+    this.checkRows("gatherRows", rows, rowsCols(x)[0]);
     const rowsBuf = this.upload(rows);
+    const out = this.gatherFrom(x, rowsBuf, rows.length);
+    this.release(rowsBuf);
+    return out;
+  }
+
+  /** gatherRows with the `count` row ids in a device buffer. */
+  private gatherFrom(x: Tensor, rows: GPUBuffer, count: number): GpuTensor {
+    const [n, h] = rowsCols(x);
+    const out = this.newTensor([count, h]); // [selected rows, hidden]
     // Source chunks x output chunks: each dispatch copies the selected rows that lie in
     // its source chunk.
     for (const [s0, srcRows] of this.rowChunks(n, [h * 4])) {
       const srcRange = this.rowRange(t(x).buffer, s0, srcRows, h * 4);
-      for (const [i0, count] of this.rowChunks(rows.length, [h * 4])) {
-        const outRange = this.rowRange(out.buffer, i0, count, h * 4, true);
+      for (const [i0, chunkCount] of this.rowChunks(count, [h * 4])) {
+        const outRange = this.rowRange(out.buffer, i0, chunkCount, h * 4, true);
         this.run({
           kernel: "moe",
           entry: "gather_rows",
-          params: [count, h, s0, srcRows, i0, srcRange.skip, outRange.skip],
-          bindings: [{ buffer: rowsBuf }, srcRange, outRange],
-          workgroups: ceilDiv(count * h, 64),
+          params: [chunkCount, h, s0, srcRows, i0, srcRange.skip, outRange.skip],
+          bindings: [{ buffer: rows }, srcRange, outRange],
+          workgroups: ceilDiv(chunkCount * h, 64),
         });
       }
     }
-    this.release(rowsBuf);
     return out;
   }
 

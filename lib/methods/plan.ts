@@ -133,7 +133,7 @@ export async function moeLayerParts(
     model.spec.eps,
   );
   const mlp = await mlpBlock(model, l, moeSpec(model, l), xn, {
-    onRouter: (_layer, logits, routing) => onRouter?.(logits, routing),
+    onRouter: onRouter && ((_layer, logits, routing) => onRouter(logits, routing)),
   });
   const out = be.add(x, mlp);
   be.free(mlp);

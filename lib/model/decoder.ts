@@ -209,11 +209,17 @@ export async function mlpBlock(
   const logits = be.matmul(xn, await model.weight(routerName(s, l)));
   // Compressed experts split the raw (unnormalised) top-k probabilities themselves.
   const ce = mlp.mainExperts !== undefined;
-  const routing = ce
-    ? await be.routeTopK(logits, mlp.topK, false, 0)
-    : await be.routeTopK(logits, mlp.topK, mlp.renorm.normalize, mlp.renorm.eps);
-  await hooks.onRouter?.(l, logits, routing);
-  be.free(logits);
+  const route = ce
+    ? { k: mlp.topK, normalize: false, eps: 0 }
+    : { k: mlp.topK, normalize: mlp.renorm.normalize, eps: mlp.renorm.eps };
+  const trainable = hasTrainableExperts(model, l, mlp.experts);
+  // The routing comes to the host only where something needs it there: an observer,
+  // compressed experts or experts in training. Else it never leaves the device.
+  let routing: Routing | undefined;
+  if (hooks.onRouter || ce || trainable) {
+    routing = await be.routeTopK(logits, route.k, route.normalize, route.eps);
+    await hooks.onRouter?.(l, logits, routing);
+  }
 
   // Shared experts first (always on), then routed experts accumulate into the same rows.
   let out: Tensor;
@@ -228,8 +234,17 @@ export async function mlpBlock(
   } else {
     out = be.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
   }
-  if (ce) await dispatchCompressedExperts(model, l, mlp, xn, routing, out);
-  else await dispatchExperts(model, l, xn, routing, mlp.topK, mlp.experts, out);
+  if (ce) await dispatchCompressedExperts(model, l, mlp, xn, routing!, out);
+  else if (trainable) await trainableExperts(model, l, xn, routing!, mlp.topK, mlp.experts, out);
+  else {
+    const stacks = {
+      gate: await model.expertStack(l, "gate", mlp.experts),
+      up: await model.expertStack(l, "up", mlp.experts),
+      down: await model.expertStack(l, "down", mlp.experts),
+    };
+    await be.routedExperts(xn, logits, stacks, route, out);
+  }
+  be.free(logits);
   return out;
 }
 
@@ -302,13 +317,19 @@ export async function gatedSharedExpert(model: Model, l: number, xn: Tensor): Pr
   return out;
 }
 
+function hasTrainableExperts(model: Model, l: number, experts: number): boolean {
+  return Array.from({ length: experts }).some((_, e) =>
+    (["gate", "up", "down"] as const).some((p) =>
+      model.trainable.has(expertName(model.spec, l, e, p))
+    )
+  );
+}
+
 /**
- * Group tokens by expert and run each expert once on all of its tokens: all experts in
- * one grouped matmul per projection (one dispatch each on WebGPU), then each token sums
- * its expert outputs in expert order. Trainable experts (f32 master copies updated in
- * place) run one by one on those copies instead.
+ * Experts in training run one by one on their f32 master copies (updated in place), not
+ * the checkpoint's stacks: each on its tokens, added back with the routing weights.
  */
-export async function dispatchExperts(
+async function trainableExperts(
   model: Model,
   l: number,
   xn: Tensor,
@@ -319,51 +340,19 @@ export async function dispatchExperts(
 ): Promise<void> {
   const be = model.backend, s = model.spec;
   const { rows, scales } = groupByExpert(routing, topK, numExperts);
-  const trainable = rows.some((_, e) =>
-    (["gate", "up", "down"] as const).some((p) => model.trainable.has(expertName(s, l, e, p)))
-  );
-  if (trainable) {
-    for (let e = 0; e < numExperts; e++) {
-      if (rows[e].length === 0) continue;
-      const xe = be.gatherRows(xn, rows[e]);
-      const y = await swigluMlp(
-        model,
-        xe,
-        expertName(s, l, e, "gate"),
-        expertName(s, l, e, "up"),
-        expertName(s, l, e, "down"),
-      );
-      be.scatterAddRows(out, y, rows[e], scales[e]);
-      be.free(xe), be.free(y);
-    }
-    return;
-  }
-  // Rows of all experts back to back, and for each token where its k outputs landed, in
-  // expert order (the order the one-by-one path adds them in).
-  const order = new Int32Array(routing.indices.length);
-  const groupRows = Int32Array.from(rows, (r) => r.length);
-  const tokens = xn.shape[0];
-  const sources = new Int32Array(tokens * topK), sourceScales = new Float32Array(tokens * topK);
-  const filled = new Int32Array(tokens);
-  let at = 0;
   for (let e = 0; e < numExperts; e++) {
-    for (let j = 0; j < rows[e].length; j++, at++) {
-      const token = rows[e][j], slot = token * topK + filled[token]++;
-      order[at] = token;
-      sources[slot] = at;
-      sourceScales[slot] = scales[e][j];
-    }
+    if (rows[e].length === 0) continue;
+    const xe = be.gatherRows(xn, rows[e]);
+    const y = await swigluMlp(
+      model,
+      xe,
+      expertName(s, l, e, "gate"),
+      expertName(s, l, e, "up"),
+      expertName(s, l, e, "down"),
+    );
+    be.scatterAddRows(out, y, rows[e], scales[e]);
+    be.free(xe), be.free(y);
   }
-  const xe = be.gatherRows(xn, order);
-  const g = be.groupedMatmul(xe, await model.expertStack(l, "gate", numExperts), groupRows);
-  const u = be.groupedMatmul(xe, await model.expertStack(l, "up", numExperts), groupRows);
-  be.free(xe);
-  const a = be.swiglu(g, u);
-  be.free(g), be.free(u);
-  const y = be.groupedMatmul(a, await model.expertStack(l, "down", numExperts), groupRows);
-  be.free(a);
-  be.combineRows(out, y, sources, sourceScales, topK);
-  be.free(y);
 }
 
 export function groupByExpert(
@@ -426,15 +415,19 @@ export async function forward(
   let h = await embed(model, ids);
   if (opts.collectHidden) result.hiddenStates!.push(await be.read(h));
   for (let l = 0; l < model.spec.numLayers; l++) {
+    // Only an observer brings the routing to the host.
+    const observed = opts.collectRouter || opts.onRouter;
     const next = await runLayer(model, l, h, shape, {
       mlpOverride: opts.mlpOverride,
-      onRouter: async (layer, logits, routing) => {
-        if (opts.collectRouter) {
-          result.routerLogits!.set(layer, (await be.read(logits)).slice());
-          result.routing!.set(layer, routing);
+      onRouter: observed
+        ? async (layer, logits, routing) => {
+          if (opts.collectRouter) {
+            result.routerLogits!.set(layer, (await be.read(logits)).slice());
+            result.routing!.set(layer, routing);
+          }
+          await opts.onRouter?.(layer, logits, routing);
         }
-        await opts.onRouter?.(layer, logits, routing);
-      },
+        : undefined,
     });
     be.free(h);
     h = next;
