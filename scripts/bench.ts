@@ -4,6 +4,7 @@
 //             webgpu also the kernel ladder (naive, tiled, blocked, gemv) at a prefill
 //             and a decode shape, with the adapter's features and limits
 //   forward   default-model forward tokens/s per backend
+//   decode    greedy decoding with the KV cache, tokens/s and device submits per token
 //   train     training tokens/s (forward + backward + AdamW, routed and shared experts
 //             trainable) per backend
 //   layerwise peak memory of the layer-wise mode vs all weights resident, on a generated
@@ -13,6 +14,7 @@ import type { Backend } from "../lib/backend/backend.ts";
 import { createBackend, parseCli, positiveInt, runMain, UsageError } from "../lib/cli.ts";
 import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
 import { forward } from "../lib/model/decoder.ts";
+import { argmaxRow, createKvCache, forwardCached, freeKvCache } from "../lib/model/generate.ts";
 import { Model } from "../lib/model/model.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
 import { MATMUL_KERNELS, WebGpuBackend } from "../lib/backend/webgpu.ts";
@@ -23,7 +25,7 @@ import { Optimizer, selectTrainable, trainStep } from "../lib/train/trainer.ts";
 
 const USAGE = `Usage: deno task bench [options]
 
-  --only LIST        sections to run: matmul,forward,train,layerwise (default all)
+  --only LIST        sections to run: matmul,forward,decode,train,layerwise (default all)
   --backends LIST    cpu,cpu-reference,webgpu (default all; an unavailable one is recorded, not fatal)
   --model DIR        model for the forward section (default data/models/tiny-deepseek-moe)
   --repeats N        timed repeats per measurement, median reported (default 3)
@@ -232,6 +234,46 @@ async function benchForward(backends: Map<string, Backend>, modelDir: string, re
   return rows;
 }
 
+/**
+ * Greedy decoding with the KV cache, one token per step after a prompt: tokens/s, and on
+ * WebGPU the submits per step (each a wait on the device; the MoE layers add none).
+ */
+async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
+  const rows: Record<string, unknown>[] = [];
+  const prompt = 32, steps = 32;
+  for (const [name, be] of backends) {
+    const model = await Model.load(modelDir, be);
+    const cache = createKvCache(model, 1, prompt + steps);
+    const ids = new Int32Array(prompt).map((_, i) => (i * 7919 + 13) % 256);
+    let logits = await forwardCached(model, ids, prompt, cache, true);
+    const vocab = logits.length;
+    const submits0 = be instanceof WebGpuBackend ? be.submits : 0;
+    const t0 = performance.now();
+    for (let i = 0; i < steps; i++) {
+      const next = Int32Array.of(argmaxRow(logits, 0, vocab));
+      logits = await forwardCached(model, next, 1, cache);
+    }
+    const seconds = (performance.now() - t0) / 1000;
+    const submitsPerToken = be instanceof WebGpuBackend ? (be.submits - submits0) / steps : null;
+    freeKvCache(model, cache);
+    model.close();
+    rows.push({
+      backend: name,
+      device: be.description,
+      prompt,
+      steps,
+      seconds,
+      tokensPerSecond: steps / seconds,
+      submitsPerToken,
+    });
+    console.error(
+      `decode ${name}: ${(steps / seconds).toFixed(1)} tok/s` +
+        (submitsPerToken === null ? "" : `, ${submitsPerToken} submits per token`),
+    );
+  }
+  return rows;
+}
+
 async function benchTrain(backends: Map<string, Backend>, modelDir: string, repeats: number) {
   const rows: Record<string, unknown>[] = [];
   for (const [name, be] of backends) {
@@ -347,9 +389,9 @@ await runMain(async () => {
     new URL("../results/tmp/synthetic-moe", import.meta.url).pathname;
   if (args.child) return await layerwiseChild(args.child, syntheticDir);
 
-  const sections = (args.only ?? "matmul,forward,train,layerwise").split(",");
+  const sections = (args.only ?? "matmul,forward,decode,train,layerwise").split(",");
   for (const s of sections) {
-    if (!["matmul", "forward", "train", "layerwise"].includes(s)) {
+    if (!["matmul", "forward", "decode", "train", "layerwise"].includes(s)) {
       throw new UsageError(`unknown section "${s}"`);
     }
   }
@@ -388,6 +430,9 @@ await runMain(async () => {
   }
   if (sections.includes("forward")) {
     result.forward = await benchForward(backends, args.model ?? DEFAULT_MODEL, repeats);
+  }
+  if (sections.includes("decode")) {
+    result.decode = await benchDecode(backends, args.model ?? DEFAULT_MODEL);
   }
   if (sections.includes("train")) {
     result.train = await benchTrain(backends, args.model ?? DEFAULT_MODEL, repeats);

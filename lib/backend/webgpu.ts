@@ -62,7 +62,7 @@ export const MATMUL_AUTO_PREFILL: MatmulKernel = "blocked";
 const MATMUL_BLOCKED_TILE = 128;
 // Output columns and most rows of x per workgroup of kernels/matmul_gemv.wgsl (its COLS
 // and MAX_ROWS).
-const MATMUL_GEMV_COLS = 4;
+const MATMUL_GEMV_COLS = 32;
 const MATMUL_GEMV_MAX_ROWS = 8;
 // Most experts kernels/moe.wgsl plan_experts groups on the device (its PLAN_MAX_EXPERTS).
 const PLAN_MAX_EXPERTS = 1024;
@@ -217,6 +217,8 @@ interface SharedState {
   uniformBuffer: GPUBuffer;
   uniformData: ArrayBuffer;
   batched: number;
+  /** Batches submitted so far (the bench counts them per decoded token). */
+  submits: number;
   retiring: Map<number, GPUBuffer[]>;
   retiringBytes: number;
 }
@@ -254,6 +256,11 @@ export class WebGpuBackend implements TrainingBackend {
   /** Compute dispatches issued so far (tests check that chunked ops really split). */
   dispatches = 0;
 
+  /** Batches submitted on this device so far. */
+  get submits(): number {
+    return this.shared.submits;
+  }
+
   constructor(
     readonly device: GPUDevice,
     readonly description: string,
@@ -279,6 +286,7 @@ export class WebGpuBackend implements TrainingBackend {
       }),
       uniformData: new ArrayBuffer(BATCH_DISPATCHES * this.uniformSlot),
       batched: 0,
+      submits: 0,
       retiring: new Map(),
       retiringBytes: 0,
     };
@@ -611,6 +619,7 @@ export class WebGpuBackend implements TrainingBackend {
       );
     }
     this.device.queue.submit([encoder.finish()]);
+    this.shared.submits++;
     this.shared.encoder = null;
     this.shared.batched = 0;
     const retired = this.shared.retiring;
@@ -826,9 +835,7 @@ export class WebGpuBackend implements TrainingBackend {
     const groupStart = new Int32Array(groupRows.length + 1);
     groupRows.forEach((n, g) => groupStart[g + 1] = groupStart[g] + n);
     const startBuf = this.upload(groupStart);
-    // Few rows per expert (decode): gemv tiles of up to 8 rows; else blocked 128-row tiles.
-    const gemv = Math.max(0, ...groupRows) <= MATMUL_AUTO_GEMV_MAX_ROWS;
-    const out = this.groupedOn(x, stack, startBuf, gemv);
+    const out = this.groupedOn(x, stack, startBuf, Math.max(0, ...groupRows));
     this.release(startBuf);
     return out;
   }
@@ -836,13 +843,19 @@ export class WebGpuBackend implements TrainingBackend {
   /**
    * groupedMatmul with the group starts [G + 1] in a device buffer, maybe written by an
    * earlier kernel (plan_experts): the tile tables are built on the device too, sized for
-   * the most tiles the rows could need, so the host needs no counts.
+   * the most tiles the rows could need, so the host needs no counts; `maxGroupRows`
+   * bounds the rows of any one group.
    */
-  private groupedOn(x: Tensor, stack: Weight, groupStart: GPUBuffer, gemv: boolean): Tensor {
+  private groupedOn(x: Tensor, stack: Weight, groupStart: GPUBuffer, maxGroupRows: number) {
     const [r, k] = rowsCols(x);
     const [, m] = stack.shape;
     const out = this.newTensor([r, m]); // [rows of all groups, out features]
-    const tileRows = gemv ? MATMUL_GEMV_MAX_ROWS : MATMUL_BLOCKED_TILE;
+    // Few rows per expert (decode): gemv tiles of up to 8 rows, no more than a group can
+    // have (one token, one row of work); else blocked 128-row tiles.
+    const gemv = maxGroupRows <= MATMUL_AUTO_GEMV_MAX_ROWS;
+    const tileRows = gemv
+      ? Math.max(1, Math.min(maxGroupRows, MATMUL_GEMV_MAX_ROWS))
+      : MATMUL_BLOCKED_TILE;
     // Stack chunks may hold many experts or part of one; x and out may be bound in row ranges.
     for (const chunk of w(stack).chunks) {
       const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
@@ -866,7 +879,7 @@ export class WebGpuBackend implements TrainingBackend {
           ...vec.constants,
           GROUPED: 1,
         };
-        if (gemv) constants.ROWS = MATMUL_GEMV_MAX_ROWS;
+        if (gemv) constants.ROWS = tileRows;
         // Grid columns cover the widest tile; narrower tiles' extra workgroups idle.
         const cols = Math.min(m, chunk.rows);
         this.run({
@@ -1129,8 +1142,6 @@ export class WebGpuBackend implements TrainingBackend {
     checkRoutedExperts(xn, logits, stacks, route, out);
     const [n, e] = rowsCols(logits), k = route.k;
     if (n === 0) return;
-    // Few tokens (decode): no expert has more than n rows, so gemv tiles.
-    const gemv = n <= MATMUL_AUTO_GEMV_MAX_ROWS;
     let plan: Record<"groupStart" | "order" | "sources" | "scales", GPUBuffer>;
     if (e <= PLAN_MAX_EXPERTS && Math.max(n * 2 * k, e + 1) * 4 <= this.maxBindingBytes) {
       // Route and group on the device: nothing waits on the host.
@@ -1168,13 +1179,14 @@ export class WebGpuBackend implements TrainingBackend {
         scales: this.upload(host.scales),
       };
     }
+    // A token picks an expert once, so no group has more than n rows.
     const xe = this.gatherFrom(xn, plan.order, n * k);
-    const g = this.groupedOn(xe, stacks.gate, plan.groupStart, gemv);
-    const u = this.groupedOn(xe, stacks.up, plan.groupStart, gemv);
+    const g = this.groupedOn(xe, stacks.gate, plan.groupStart, n);
+    const u = this.groupedOn(xe, stacks.up, plan.groupStart, n);
     this.free(xe);
     const a = this.swiglu(g, u);
     this.free(g), this.free(u);
-    const y = this.groupedOn(a, stacks.down, plan.groupStart, gemv);
+    const y = this.groupedOn(a, stacks.down, plan.groupStart, n);
     this.free(a);
     this.combineFrom(out, y, plan.sources, plan.scales, k);
     this.free(y);
