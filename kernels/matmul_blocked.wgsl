@@ -125,6 +125,20 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
     }
     workgroupBarrier();
   }
+  if (SWIGLU) {
+    // TN = 8: this thread's columns are one run of 4 gate columns, then the matching up run.
+    for (var i = 0u; i < TM; i++) {
+      let row = row0 + lid.y * TM + i;
+      let block = col0 + lid.x * TN;
+      if (row < row_end && block < cols) {
+        for (var j = 0u; j < 4u; j++) {
+          let m = (out_col0 + block) / 2u + j;
+          out[p.out_off + row * p.out_stride + m] = silu_mul(acc[i * 2u][j], acc[i * 2u + 1u][j]);
+        }
+      }
+    }
+    return;
+  }
   for (var i = 0u; i < TM; i++) {
     let row = row0 + lid.y * TM + i;
     for (var j = 0u; j < TN; j++) {

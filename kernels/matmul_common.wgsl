@@ -22,6 +22,15 @@ override VEC_W: bool = false;
 // and each tile of the table (5 words: first weight element, first row, row count, first
 // output column, column count) says which rows, matrix and columns a workgroup computes.
 override GROUPED: bool = false;
+// GROUPED over a gateUp stack (lib/backend/backend.ts ExpertStacks): w's rows are gate and
+// up rows interleaved in runs of 4, so each 8-row block holds 4 gate and the matching 4 up
+// columns; the kernel writes silu(gate) * up, out_stride = the expert width. Tiles start
+// on whole blocks (the host keeps weight chunks to whole blocks).
+override SWIGLU: bool = false;
+
+fn silu_mul(g: f32, u: f32) -> f32 {
+  return g / (1.0 + exp(-g)) * u;
+}
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>; // [rows, k]

@@ -111,6 +111,19 @@ fn main(
       }
     }
   }
+  if (SWIGLU) {
+    // Lane 0 of each gate column pairs it with its up column, 4 columns on (same workgroup:
+    // COLS is a multiple of 8 and tiles start on whole 8-column blocks), once that
+    // column's tree is done.
+    workgroupBarrier();
+    if (lane == 0u && col < cols && col % 8u < 4u) {
+      let m = (out_col0 + col - col % 8u) / 2u + col % 8u;
+      for (var r = 0u; r < nrows; r++) {
+        out[p.out_off + (row0 + r) * p.out_stride + m] = silu_mul(partial[r][t], partial[r][t + 4u * LANES]);
+      }
+    }
+    return;
+  }
   if (lane == 0u && col < cols) {
     let m = out_col0 + col;
     var b = 0.0;

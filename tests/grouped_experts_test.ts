@@ -4,10 +4,18 @@
 // expert's matrix spread over several chunks); bad inputs; stacks follow putTensor.
 
 import assert from "node:assert";
-import type { Backend, RouteSpec, Tensor, WeightDType } from "../lib/backend/backend.ts";
+import {
+  type Backend,
+  GATE_UP_RUN,
+  type RouteSpec,
+  type Tensor,
+  type WeightDType,
+} from "../lib/backend/backend.ts";
 import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
+import { toFloat32 } from "../lib/io/safetensors.ts";
 import { expertName } from "../lib/model/config.ts";
 import { Model } from "../lib/model/model.ts";
+import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
 import { DEFAULT_MODEL } from "./golden.ts";
 import {
   MATMUL_TOL,
@@ -173,6 +181,38 @@ async function routedReference(
   return out;
 }
 
+/**
+ * The ExpertStacks layout, built here independently of Model.expertStack: per expert,
+ * gate and up rows interleaved in runs of GATE_UP_RUN, the width padded to whole runs
+ * with zero rows (gateUp) and zero columns (down).
+ */
+function expertStackValues(
+  gate: Float32Array,
+  up: Float32Array,
+  down: Float32Array,
+  e: number,
+  h: number,
+  width: number,
+) {
+  const padded = Math.ceil(width / GATE_UP_RUN) * GATE_UP_RUN;
+  const gateUp = new Float32Array(e * 2 * padded * h),
+    downPadded = new Float32Array(e * h * padded);
+  for (let ex = 0; ex < e; ex++) {
+    for (let c = 0; c < width; c++) {
+      const run = Math.floor(c / GATE_UP_RUN), j = c % GATE_UP_RUN;
+      for (const [part, src] of [[0, gate], [1, up]] as const) {
+        const row = ex * 2 * padded + (2 * run + part) * GATE_UP_RUN + j;
+        gateUp.set(src.subarray((ex * width + c) * h, (ex * width + c + 1) * h), row * h);
+      }
+    }
+    for (let r = 0; r < h; r++) {
+      const row = down.subarray((ex * h + r) * width, (ex * h + r + 1) * width);
+      downPadded.set(row, (ex * h + r) * padded);
+    }
+  }
+  return { gateUp, down: downPadded, padded };
+}
+
 // [tokens, experts, k, hidden, width]: decode (gemv tiles), a few tokens, every expert
 // taken, prefill past one 128-row blocked tile, odd sizes throughout.
 const ROUTED_CASES: [number, number, number, number, number][] = [
@@ -193,13 +233,15 @@ for (const [name, be] of backends) {
           // The same inputs on every backend, so the WebGPU variants can be compared.
           const { randn } = seededInputs(n * 1000 + e);
           const route = { k, normalize, eps: 1e-20 };
+          const values = [randn(e * width * h), randn(e * width * h), randn(e * h * width)];
           const raws = [
-            rawWeight("gate", [e, width, h], randn(e * width * h), dtype),
-            rawWeight("up", [e, width, h], randn(e * width * h), dtype),
-            rawWeight("down", [e, h, width], randn(e * h * width), dtype),
+            rawWeight("gate", [e, width, h], values[0], dtype),
+            rawWeight("up", [e, width, h], values[1], dtype),
+            rawWeight("down", [e, h, width], values[2], dtype),
           ];
           const xs = randn(n * h), logits = randn(n * e, 3), base = randn(n * h);
           const stackValues = raws.map((raw) => (reference.uploadWeight(raw) as CpuWeight).data);
+          const layout = expertStackValues(values[0], values[1], values[2], e, h, width);
           const want = await routedReference(
             xs,
             logits,
@@ -208,10 +250,15 @@ for (const [name, be] of backends) {
             route,
             base,
           );
-          const [gate, up, down] = raws.map((raw) => be.uploadWeight(raw));
+          const stacks = {
+            gateUp: be.uploadWeight(
+              rawWeight("gateUp", [e, 2 * layout.padded, h], layout.gateUp, dtype),
+            ),
+            down: be.uploadWeight(rawWeight("down", [e, h, layout.padded], layout.down, dtype)),
+          };
           const x = be.tensor(xs, [n, h]), lg = be.tensor(logits, [n, e]);
           const out = be.tensor(base.slice(), [n, h]);
-          await be.routedExperts(x, lg, { gate, up, down }, route, out);
+          await be.routedExperts(x, lg, stacks, route, out);
           const got = await readBack(be, out);
           const label = `${n}x${e} k${k} ${h}/${width} ${dtype}`;
           const err = sharedRelError(worst, `routedExperts ${dtype}`, got, want);
@@ -226,7 +273,7 @@ for (const [name, be] of backends) {
             routedOutputs.set(label, got);
           }
           be.free(x), be.free(lg), be.free(out);
-          [gate, up, down].forEach((wt) => be.freeWeight(wt));
+          Object.values(stacks).forEach((wt) => be.freeWeight(wt));
         }
       }
     },
@@ -235,15 +282,20 @@ for (const [name, be] of backends) {
   Deno.test({
     name: `${name} routedExperts rejects stacks that do not fit the logits`,
     async fn() {
-      const stack = (shape: number[]) => be.uploadWeight(rawWeight("s", shape, randn(24), "F32"));
+      const stack = (name: string, shape: number[]) =>
+        be.uploadWeight(rawWeight(name, shape, randn(shape[0] * shape[1] * shape[2]), "F32"));
       const x = be.tensor(randn(2 * 4), [2, 4]), lg = be.tensor(randn(2 * 2), [2, 2]);
       const out = be.tensor(new Float32Array(2 * 4), [2, 4]);
-      const good = { gate: stack([2, 3, 4]), up: stack([2, 3, 4]), down: stack([2, 4, 3]) };
+      const good = { gateUp: stack("gateUp", [2, 8, 4]), down: stack("down", [2, 4, 4]) };
       const route = { k: 1, normalize: false, eps: 0 };
-      const bad = be.uploadWeight(rawWeight("bad down", [2, 3, 4], randn(24), "F32"));
+      const bad = stack("bad down", [2, 4, 5]), odd = stack("odd", [2, 6, 4]);
       await assert.rejects(
         () => be.routedExperts(x, lg, { ...good, down: bad }, route, out),
-        /"bad down" is \[2,3,4\], want \[2,4,3\]/,
+        /expert width 5 is not a multiple of 4/,
+      );
+      await assert.rejects(
+        () => be.routedExperts(x, lg, { ...good, gateUp: odd }, route, out),
+        /"odd" is \[2,6,4\], want \[2,8,4\]/,
       );
       await assert.rejects(
         () => be.routedExperts(x, lg, good, { ...route, k: 3 }, out),
@@ -252,41 +304,85 @@ for (const [name, be] of backends) {
       const wide = be.tensor(randn(3 * 2), [3, 2]);
       await assert.rejects(() => be.routedExperts(x, wide, good, route, out), /disagree/);
       [x, lg, out, wide].forEach((tn) => be.free(tn));
-      [...Object.values(good), bad].forEach((wt) => be.freeWeight(wt));
+      [...Object.values(good), bad, odd].forEach((wt) => be.freeWeight(wt));
     },
   });
 }
 
-Deno.test("a layer's expert stack follows putTensor of one expert", async () => {
-  const model = await Model.load(DEFAULT_MODEL, reference);
-  try {
-    const l = model.spec.layers.findIndex((layer) => layer.mlp.kind === "moe");
-    const mlp = model.spec.layers[l].mlp;
-    assert(mlp.kind === "moe");
-    const stack = (await model.expertStack(l, "up", mlp.experts)) as CpuWeight;
-    const name = expertName(model.spec, l, 1, "up");
-    const raw = await model.rawTensor(name);
-    const per = raw.shape[0] * raw.shape[1];
-    const zeros = { ...raw, bytes: new Uint8Array(raw.bytes.length) };
-    model.putTensor(zeros);
-    const after = (await model.expertStack(l, "up", mlp.experts)) as CpuWeight;
-    assert.notEqual(after, stack);
-    assert(after.data.subarray(per, 2 * per).every((v) => v === 0), "expert 1 is the new tensor");
-    assert.deepEqual(after.data.subarray(0, per), stack.data.subarray(0, per));
-    // An expert of another shape cannot join the stack: the error names it.
-    const down = expertName(model.spec, l, 2, "down");
-    const rawDown = await model.rawTensor(down);
-    model.putTensor({ ...rawDown, shape: [rawDown.shape[1], rawDown.shape[0]] });
-    await assert.rejects(
-      () => model.expertStack(l, "down", mlp.experts),
-      new RegExp(
-        `"${down.replaceAll(".", "\\.")}" is .* \\[${rawDown.shape[1]},${rawDown.shape[0]}\\]`,
-      ),
-    );
-  } finally {
-    model.close();
-  }
+// The shipped model, and a generated one whose expert width (10) needs padding.
+const oddWidthModel = await Deno.makeTempDir({ prefix: "odd-width-moe-" });
+globalThis.addEventListener("unload", () => Deno.removeSync(oddWidthModel, { recursive: true }));
+await writeSyntheticDeepseek(oddWidthModel, {
+  vocab_size: 64,
+  hidden_size: 12,
+  intermediate_size: 16,
+  moe_intermediate_size: 10,
+  num_hidden_layers: 2,
+  num_attention_heads: 2,
+  num_key_value_heads: 2,
+  n_routed_experts: 4,
+  n_shared_experts: 1,
+  num_experts_per_tok: 2,
+  first_k_dense_replace: 1,
+  max_position_embeddings: 64,
 });
+for (const [label, dir] of [["default model", DEFAULT_MODEL], ["width 10", oddWidthModel]]) {
+  Deno.test(`${label}: expert stacks have the ExpertStacks layout and follow putTensor`, async () => {
+    const model = await Model.load(dir, reference);
+    try {
+      const l = model.spec.layers.findIndex((layer) => layer.mlp.kind === "moe");
+      const mlp = model.spec.layers[l].mlp;
+      assert(mlp.kind === "moe");
+      const e = mlp.experts, width = mlp.expertWidth, h = model.spec.hidden;
+      const experts = async (part: "gate" | "up" | "down") => {
+        const all = await Promise.all(
+          Array.from(
+            { length: e },
+            (_, ex) => model.rawTensor(expertName(model.spec, l, ex, part)),
+          ),
+        );
+        const out = new Float32Array(e * width * h);
+        all.forEach((raw, ex) => out.set(toFloat32(raw), ex * width * h));
+        return out;
+      };
+      const want = expertStackValues(
+        await experts("gate"),
+        await experts("up"),
+        await experts("down"),
+        e,
+        h,
+        width,
+      );
+      const stack = (await model.expertStack(l, "gate_up", e)) as CpuWeight;
+      assert.deepEqual(stack.data, want.gateUp);
+      assert.deepEqual(((await model.expertStack(l, "down", e)) as CpuWeight).data, want.down);
+      // Zero expert 1's up matrix: its up runs in the new stack are zero, the rest as before.
+      const raw = await model.rawTensor(expertName(model.spec, l, 1, "up"));
+      model.putTensor({ ...raw, bytes: new Uint8Array(raw.bytes.length) });
+      const after = (await model.expertStack(l, "gate_up", e)) as CpuWeight;
+      assert.notEqual(after, stack);
+      const upRows = (row: number) => Math.floor(row / GATE_UP_RUN) % 2 === 1;
+      for (let row = 0; row < e * 2 * want.padded; row++) {
+        const values = after.data.subarray(row * h, (row + 1) * h);
+        const expert1 = Math.floor(row / (2 * want.padded)) === 1;
+        if (expert1 && upRows(row)) assert(values.every((v) => v === 0), `row ${row} is zero`);
+        else assert.deepEqual(values, stack.data.subarray(row * h, (row + 1) * h));
+      }
+      // An expert of another shape cannot join the stack: the error names it.
+      const down = expertName(model.spec, l, 2, "down");
+      const rawDown = await model.rawTensor(down);
+      model.putTensor({ ...rawDown, shape: [rawDown.shape[1], rawDown.shape[0]] });
+      await assert.rejects(
+        () => model.expertStack(l, "down", mlp.experts),
+        new RegExp(
+          `"${down.replaceAll(".", "\\.")}" is .* \\[${rawDown.shape[1]},${rawDown.shape[0]}\\]`,
+        ),
+      );
+    } finally {
+      model.close();
+    }
+  });
+}
 
 Deno.test("grouped experts worst errors (report)", () => {
   for (const [op, err] of [...worst].sort()) console.log(`  ${op}: ${err.toExponential(2)}`);

@@ -33,12 +33,19 @@ export interface RouteSpec {
   eps: number;
 }
 
-/** A layer's expert matrices stacked per projection: gate, up [E, W, H], down [E, H, W]. */
+/**
+ * A layer's expert matrices stacked for routedExperts: gateUp [E, 2W, H] holds each
+ * expert's gate and up rows interleaved in runs of GATE_UP_RUN (gate rows 0-3, up rows
+ * 0-3, gate rows 4-7, ...), so one matmul tile computes matching gate and up columns and
+ * SwiGLU fuses into it; down [E, H, W]. W is a multiple of GATE_UP_RUN (Model pads with
+ * zeros).
+ */
 export interface ExpertStacks {
-  gate: Weight;
-  up: Weight;
+  gateUp: Weight;
   down: Weight;
 }
+
+export const GATE_UP_RUN = 4;
 
 export interface AttentionShape {
   batch: number;
@@ -357,7 +364,7 @@ export function checkRoutedExperts(
   route: RouteSpec,
   out: Tensor,
 ) {
-  const [n, h] = rowsCols(xn), [logitRows, e] = rowsCols(logits), width = stacks.gate.shape[1];
+  const [n, h] = rowsCols(xn), [logitRows, e] = rowsCols(logits), width = stacks.down.shape[2];
   if (logitRows !== n || numelOf(out.shape) !== n * h) {
     throw new Error(
       `routedExperts: x [${xn.shape}], logits [${logits.shape}] and out [${out.shape}] disagree`,
@@ -366,14 +373,34 @@ export function checkRoutedExperts(
   if (route.k < 1 || route.k > e) {
     throw new Error(`routedExperts: k = ${route.k} with ${e} experts`);
   }
-  const want: [Weight, number[]][] = [
-    [stacks.gate, [e, width, h]],
-    [stacks.up, [e, width, h]],
-    [stacks.down, [e, h, width]],
-  ];
+  if (width % GATE_UP_RUN !== 0) {
+    throw new Error(`routedExperts: expert width ${width} is not a multiple of ${GATE_UP_RUN}`);
+  }
+  const want: [Weight, number[]][] = [[stacks.gateUp, [e, 2 * width, h]], [stacks.down, [
+    e,
+    h,
+    width,
+  ]]];
   for (const [stack, shape] of want) {
     if (stack.shape.join() !== shape.join()) {
       throw new Error(`routedExperts: "${stack.name}" is [${stack.shape}], want [${shape}]`);
     }
   }
+}
+
+/**
+ * silu(gate) * up from a gateUp matmul output [R, 2W] (gate and up columns interleaved
+ * in runs of GATE_UP_RUN, see ExpertStacks) -> [R, W]: the reference for the fused kernels.
+ */
+export function swigluInterleaved(gu: Float32Array, rows: number, width: number): Float32Array {
+  const out = new Float32Array(rows * width);
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < width; c++) {
+      const run = Math.floor(c / GATE_UP_RUN), j = c % GATE_UP_RUN;
+      const g = gu[r * 2 * width + 2 * run * GATE_UP_RUN + j];
+      const u = gu[r * 2 * width + (2 * run + 1) * GATE_UP_RUN + j];
+      out[r * width + c] = (g / (1 + Math.exp(-g))) * u;
+    }
+  }
+  return out;
 }

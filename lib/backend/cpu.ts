@@ -16,6 +16,7 @@ import {
   type RouteSpec,
   type Routing,
   rowsCols,
+  swigluInterleaved,
   type Tensor,
   type TrainingBackend,
   type Weight,
@@ -166,11 +167,11 @@ export class CpuBackend implements TrainingBackend {
   ): Promise<void> {
     checkRoutedExperts(xn, logits, stacks, route, out);
     const routing = await this.routeTopK(logits, route.k, route.normalize, route.eps);
-    const plan = expertPlan(routing, route.k, stacks.gate.shape[0]);
+    const plan = expertPlan(routing, route.k, stacks.down.shape[0]);
     const xe = this.gatherRows(xn, plan.order);
-    const g = this.groupedMatmul(xe, stacks.gate, plan.groupRows);
-    const u = this.groupedMatmul(xe, stacks.up, plan.groupRows);
-    const a = this.swiglu(g, u);
+    const gu = this.groupedMatmul(xe, stacks.gateUp, plan.groupRows);
+    const rows = plan.order.length, width = stacks.down.shape[2];
+    const a = new CpuTensor(swigluInterleaved(t(gu).data, rows, width), [rows, width]);
     const y = this.groupedMatmul(a, stacks.down, plan.groupRows);
     this.combineRows(out, y, plan.sources, plan.scales, route.k);
   }

@@ -17,6 +17,7 @@ import {
   checkRoutedExperts,
   expertPlan,
   type ExpertStacks,
+  GATE_UP_RUN,
   numelOf,
   type RouteSpec,
   type Routing,
@@ -64,6 +65,8 @@ const MATMUL_BLOCKED_TILE = 128;
 // and MAX_ROWS).
 const MATMUL_GEMV_COLS = 32;
 const MATMUL_GEMV_MAX_ROWS = 8;
+// Rows of a gateUp stack's gate run and matching up run (ExpertStacks).
+const GATE_UP_BLOCK = 2 * GATE_UP_RUN;
 // Most experts kernels/moe.wgsl plan_experts groups on the device (its PLAN_MAX_EXPERTS).
 const PLAN_MAX_EXPERTS = 1024;
 
@@ -416,7 +419,9 @@ export class WebGpuBackend implements TrainingBackend {
           `${this.maxBindingBytes}`,
       );
     }
-    const rowsPerChunk = Math.max(1, Math.floor(this.maxBindingBytes / Math.max(rowBytes, 1)));
+    const fit = Math.max(1, Math.floor(this.maxBindingBytes / Math.max(rowBytes, 1)));
+    // Whole 8-row blocks where they fit, so a gateUp stack's gate/up pairs share a chunk.
+    const rowsPerChunk = fit >= GATE_UP_BLOCK ? fit - fit % GATE_UP_BLOCK : fit;
     const chunks: WeightChunk[] = [];
     for (let row0 = 0; row0 < rows || chunks.length === 0; row0 += rowsPerChunk) {
       const n = Math.min(rowsPerChunk, rows - row0);
@@ -846,10 +851,18 @@ export class WebGpuBackend implements TrainingBackend {
    * the most tiles the rows could need, so the host needs no counts; `maxGroupRows`
    * bounds the rows of any one group.
    */
-  private groupedOn(x: Tensor, stack: Weight, groupStart: GPUBuffer, maxGroupRows: number) {
+  private groupedOn(
+    x: Tensor,
+    stack: Weight,
+    groupStart: GPUBuffer,
+    maxGroupRows: number,
+    swiglu = false,
+  ) {
     const [r, k] = rowsCols(x);
     const [, m] = stack.shape;
-    const out = this.newTensor([r, m]); // [rows of all groups, out features]
+    // swiglu: a gateUp stack (ExpertStacks), silu(gate) * up written, half the columns.
+    const outWidth = swiglu ? m / 2 : m;
+    const out = this.newTensor([r, outWidth]); // [rows of all groups, out features]
     // Few rows per expert (decode): gemv tiles of up to 8 rows, no more than a group can
     // have (one token, one row of work); else blocked 128-row tiles.
     const gemv = maxGroupRows <= MATMUL_AUTO_GEMV_MAX_ROWS;
@@ -859,7 +872,13 @@ export class WebGpuBackend implements TrainingBackend {
     // Stack chunks may hold many experts or part of one; x and out may be bound in row ranges.
     for (const chunk of w(stack).chunks) {
       const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
-      for (const [r0, rows] of this.rowChunks(r, [k * 4, m * 4])) {
+      if (swiglu && (chunk.row0 % GATE_UP_BLOCK !== 0 || m % GATE_UP_BLOCK !== 0)) {
+        throw new Error(
+          `webgpu: "${stack.name}" [${stack.shape}] splits a gate/up block: the binding ` +
+            `limit ${this.maxBindingBytes} holds fewer than ${GATE_UP_BLOCK} rows`,
+        );
+      }
+      for (const [r0, rows] of this.rowChunks(r, [k * 4, outWidth * 4])) {
         // Each non-empty group takes at most one partial tile.
         const capacity = Math.floor(rows / tileRows) + Math.min(g1 - g0, rows);
         const tableBytes = capacity * 5 * 4;
@@ -872,12 +891,13 @@ export class WebGpuBackend implements TrainingBackend {
           workgroups: 1,
         });
         const xRange = this.rowRange(t(x).buffer, r0, rows, k * 4);
-        const outRange = this.rowRange(out.buffer, r0, rows, m * 4, true);
+        const outRange = this.rowRange(out.buffer, r0, rows, outWidth * 4, true);
         const vec = this.vecViews(gemv ? "gemv" : "blocked", stack.dtype, k, xRange, chunk.buffer);
         const constants: Record<string, number> = {
           W_DTYPE: DTYPE_CODE[stack.dtype],
           ...vec.constants,
           GROUPED: 1,
+          SWIGLU: swiglu ? 1 : 0,
         };
         if (gemv) constants.ROWS = tileRows;
         // Grid columns cover the widest tile; narrower tiles' extra workgroups idle.
@@ -886,7 +906,7 @@ export class WebGpuBackend implements TrainingBackend {
           kernel: gemv ? "matmul_gemv" : "matmul_blocked",
           entry: "main",
           constants,
-          params: [rows, k, cols, m, 0, xRange.skip, outRange.skip],
+          params: [rows, k, cols, outWidth, 0, xRange.skip, outRange.skip],
           bindings: [
             xRange,
             { buffer: chunk.buffer },
@@ -1181,11 +1201,8 @@ export class WebGpuBackend implements TrainingBackend {
     }
     // A token picks an expert once, so no group has more than n rows.
     const xe = this.gatherFrom(xn, plan.order, n * k);
-    const g = this.groupedOn(xe, stacks.gate, plan.groupStart, n);
-    const u = this.groupedOn(xe, stacks.up, plan.groupStart, n);
+    const a = this.groupedOn(xe, stacks.gateUp, plan.groupStart, n, true);
     this.free(xe);
-    const a = this.swiglu(g, u);
-    this.free(g), this.free(u);
     const y = this.groupedOn(a, stacks.down, plan.groupStart, n);
     this.free(a);
     this.combineFrom(out, y, plan.sources, plan.scales, k);

@@ -238,8 +238,7 @@ export async function mlpBlock(
   else if (trainable) await trainableExperts(model, l, xn, routing!, mlp.topK, mlp.experts, out);
   else {
     const stacks = {
-      gate: await model.expertStack(l, "gate", mlp.experts),
-      up: await model.expertStack(l, "up", mlp.experts),
+      gateUp: await model.expertStack(l, "gate_up", mlp.experts),
       down: await model.expertStack(l, "down", mlp.experts),
     };
     await be.routedExperts(xn, logits, stacks, route, out);

@@ -2,7 +2,7 @@
 // a backend. Weights are uploaded on first use; the layer-wise mode releases each
 // layer's weights after use so only one layer is resident at a time.
 
-import { type Backend, supportsTraining, type Weight } from "../backend/backend.ts";
+import { type Backend, GATE_UP_RUN, supportsTraining, type Weight } from "../backend/backend.ts";
 import {
   type Checkpoint,
   CheckpointError,
@@ -103,21 +103,32 @@ export class Model {
   }
 
   /**
-   * Layer l's `proj` matrices of all `experts` experts stacked into one weight
-   * [experts, M, K] (uploaded on first use, like weight()), for groupedMatmul.
+   * Layer l's expert matrices of all `experts` experts stacked for routedExperts (uploaded
+   * on first use, like weight()): "gate_up" [E, 2W', H], each expert's gate and up rows
+   * interleaved in runs of GATE_UP_RUN (so a matmul tile holds matching gate and up
+   * columns: the fused SwiGLU), and "down" [E, H, W']. W' is the expert width W rounded
+   * up to whole runs; the padding rows and columns are zero, so they add nothing.
    */
-  async expertStack(l: number, proj: "gate" | "up" | "down", experts: number): Promise<Weight> {
+  async expertStack(l: number, proj: "gate_up" | "down", experts: number): Promise<Weight> {
     const key = `${layerPrefix(l)}<experts ${proj} stacked>`;
     const cached = this.stacks.get(key);
     if (cached) return cached.weight;
-    const members = Array.from({ length: experts }, (_, e) => expertName(this.spec, l, e, proj));
+    const parts = proj === "gate_up" ? ["gate", "up"] as const : ["down"] as const;
+    const members = parts.flatMap((part) =>
+      Array.from({ length: experts }, (_, e) => expertName(this.spec, l, e, part))
+    );
     members.forEach((name) => this.requireTensor(name));
-    // One expert at a time into the stack, so the host holds the stack and one expert.
+    // One expert matrix at a time into the stack, so the host holds the stack and one.
     const first = await this.rawTensor(members[0]);
-    const { dtype, shape } = first, size = first.bytes.length;
-    const bytes = new Uint8Array(size * experts);
-    for (let e = 0; e < experts; e++) {
-      const raw = e === 0 ? first : await this.rawTensor(members[e]);
+    const { dtype, shape } = first;
+    const elementBytes = first.bytes.length / (shape[0] * shape[1]);
+    const width = proj === "gate_up" ? shape[0] : shape[1];
+    const padded = Math.ceil(width / GATE_UP_RUN) * GATE_UP_RUN;
+    const hidden = proj === "gate_up" ? shape[1] : shape[0];
+    const expertBytes = parts.length * padded * hidden * elementBytes;
+    const bytes = new Uint8Array(expertBytes * experts);
+    for (const [i, name] of members.entries()) {
+      const raw = i === 0 ? first : await this.rawTensor(name);
       if (raw.dtype !== dtype || raw.shape.join() !== shape.join()) {
         throw new CheckpointError(
           this.ckpt.dir,
@@ -125,14 +136,28 @@ export class Model {
             `unlike "${first.name}" ${dtype} [${shape}]`,
         );
       }
-      bytes.set(raw.bytes, e * size);
+      const e = i % experts, base = e * expertBytes;
+      if (proj === "gate_up") {
+        // Run q of gate (part 0) or up (part 1): rows 4q.. to rows 8q + 4 part..
+        const part = Math.floor(i / experts), rowBytes = hidden * elementBytes;
+        for (let r0 = 0; r0 < width; r0 += GATE_UP_RUN) {
+          const run = raw.bytes.subarray(
+            r0 * rowBytes,
+            Math.min(r0 + GATE_UP_RUN, width) * rowBytes,
+          );
+          bytes.set(run, base + (2 * r0 + part * GATE_UP_RUN) * rowBytes);
+        }
+      } else {
+        for (let h = 0; h < hidden; h++) {
+          const row = raw.bytes.subarray(h * width * elementBytes, (h + 1) * width * elementBytes);
+          bytes.set(row, base + h * padded * elementBytes);
+        }
+      }
     }
-    const weight = this.backend.uploadWeight({
-      name: key,
-      dtype,
-      shape: [experts, ...shape],
-      bytes,
-    });
+    const stackShape = proj === "gate_up"
+      ? [experts, 2 * padded, hidden]
+      : [experts, hidden, padded];
+    const weight = this.backend.uploadWeight({ name: key, dtype, shape: stackShape, bytes });
     this.stacks.set(key, { weight, bytes: bytes.length, members });
     this.addResident(bytes.length);
     return weight;
