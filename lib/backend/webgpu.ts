@@ -42,6 +42,11 @@ export interface WebGpuOptions {
    * prefill kernel; see MATMUL_AUTO_*). The others are the ladder, for tests and bench.
    */
   matmulKernel?: MatmulKernel | "auto";
+  /**
+   * Which attention kernel runs (default "auto": see attentionKernelFor). "naive" is
+   * kernels/attention.wgsl, "tiled" kernels/attention_tiled.wgsl.
+   */
+  attentionKernel?: AttentionKernel | "auto";
 }
 
 /** The matmul kernels, simplest first: kernels/matmul_<name>.wgsl ("tiled" is matmul.wgsl). */
@@ -61,6 +66,21 @@ const MATMUL_BLOCKED_TILE = 128;
 const MATMUL_GEMV_COLS = 4;
 const MATMUL_GEMV_MAX_ROWS = 8;
 
+/** The attention kernels, simplest first. */
+export const ATTENTION_KERNELS = ["naive", "tiled"] as const;
+export type AttentionKernel = (typeof ATTENTION_KERNELS)[number];
+// kernels/attention_tiled.wgsl: threads, groups of threads and rows per workgroup (2 rows
+// per group), dimensions a row pads to (LANES vec4s), the head_dim limit
+// (LANES * MAX_VEC4S * 4), workgroup memory in floats (16 KiB, WebGPU's default limit)
+// and the most keys a tile.
+const ATTN_TILED_THREADS = 64;
+const ATTN_TILED_GROUPS = 16;
+const ATTN_TILED_ROWS = 32;
+const ATTN_TILED_PAD = 16;
+export const ATTN_TILED_MAX_HEAD_DIM = 256;
+const ATTN_TILED_SHARED_FLOATS = 4096;
+const ATTN_TILED_MAX_KEYS = 64;
+
 const KERNEL_FILES = [
   "weights",
   "matmul_common",
@@ -72,6 +92,7 @@ const KERNEL_FILES = [
   "elementwise",
   "rope",
   "attention",
+  "attention_tiled",
   "embedding",
   "moe",
   // backward (training)
@@ -218,6 +239,29 @@ interface SharedState {
 const t = (x: Tensor) => x as GpuTensor;
 const w = (x: Weight) => x as GpuWeight;
 const ceilDiv = (a: number, b: number) => Math.ceil(a / b);
+
+/**
+ * How kernels/attention_tiled.wgsl covers a shape: groups sharing one query row (SPLIT:
+ * the most that leaves at most half the rows idle, so decode still keeps every group
+ * busy), keys per tile (the most whose K or V tile, also the merge buffer, and partial
+ * dots fit in workgroup memory) and workgroups per (sequence, kv head).
+ */
+export function attentionTiling(
+  s: AttentionShape,
+): { split: number; keys: number; blocks: number } {
+  const queryRows = s.qLen * (s.heads / s.kvHeads); // (query, head) rows per kv head
+  let split = 1;
+  while (split < ATTN_TILED_GROUPS && ATTN_TILED_ROWS / (2 * split) >= queryRows) split *= 2;
+  const rowFloats = ceilDiv(s.headDim, ATTN_TILED_PAD) * ATTN_TILED_PAD;
+  const partialsPerKey = ATTN_TILED_THREADS * (ATTN_TILED_ROWS / ATTN_TILED_GROUPS);
+  const fits = (keys: number) =>
+    Math.max(keys, split > 1 ? ATTN_TILED_GROUPS / 2 : 0) * rowFloats +
+        partialsPerKey * ceilDiv(keys, split) <= ATTN_TILED_SHARED_FLOATS;
+  let keys = ATTN_TILED_MAX_KEYS;
+  while (!fits(keys)) keys--;
+  return { split, keys, blocks: ceilDiv(queryRows, ATTN_TILED_ROWS / split) };
+}
+
 /**
  * Weights split into chunks of whole rows, a row being the last dimension (a 1-D weight
  * is one row): a stack of experts [G, M, K] splits like [G * M, K], so one expert larger
@@ -239,6 +283,7 @@ export class WebGpuBackend implements TrainingBackend {
   readonly name = "webgpu" as const;
   readonly maxBindingBytes: number;
   readonly matmulKernel: MatmulKernel | "auto";
+  readonly attentionKernel: AttentionKernel | "auto";
   private readonly offsetAlign: number;
   private readonly emptyBuffer: GPUBuffer;
   private firstError: string | null = null;
@@ -279,6 +324,10 @@ export class WebGpuBackend implements TrainingBackend {
     this.matmulKernel = opts.matmulKernel ?? "auto";
     if (this.matmulKernel !== "auto" && !MATMUL_KERNELS.includes(this.matmulKernel)) {
       throw new Error(`webgpu: unknown matmul kernel "${this.matmulKernel}"`);
+    }
+    this.attentionKernel = opts.attentionKernel ?? "auto";
+    if (this.attentionKernel !== "auto" && !ATTENTION_KERNELS.includes(this.attentionKernel)) {
+      throw new Error(`webgpu: unknown attention kernel "${this.attentionKernel}"`);
     }
     this.emptyBuffer = this.createBuffer(16);
     device.addEventListener("uncapturederror", (e) => {
@@ -1037,6 +1086,13 @@ export class WebGpuBackend implements TrainingBackend {
     if (numelOf(q.shape) !== batch * qLen * qw || numelOf(k.shape) !== batch * kvLen * kw) {
       throw new Error(`attention: q [${q.shape}] / k [${k.shape}] do not match the shape`);
     }
+    const kernel = this.attentionKernelFor(s);
+    if (kernel === "tiled" && headDim > ATTN_TILED_MAX_HEAD_DIM) {
+      throw new Error(
+        `attention: the tiled kernel takes head_dim up to ${ATTN_TILED_MAX_HEAD_DIM}, not ${headDim}`,
+      );
+    }
+    const tiling = kernel === "tiled" ? attentionTiling(s) : null;
     const out = this.newTensor([batch * qLen, qw]); // [tokens, heads * headDim]
     // Chunks are whole sequences: a query needs every key of its own sequence.
     const qBytes = qLen * qw * 4, kvBytes = kvLen * kw * 4;
@@ -1045,28 +1101,47 @@ export class WebGpuBackend implements TrainingBackend {
       const kRange = this.rowRange(t(k).buffer, b0, seqs, kvBytes);
       const vRange = this.rowRange(t(v).buffer, b0, seqs, kvBytes);
       const outRange = this.rowRange(out.buffer, b0, seqs, qBytes, true);
-      this.run({
-        kernel: "attention",
-        entry: "attention",
-        params: [
-          seqs,
-          qLen,
-          kvLen,
-          heads,
-          kvHeads,
-          headDim,
-          window ?? 0,
-          { f32: 1 / Math.sqrt(headDim) },
-          qRange.skip,
-          kRange.skip,
-          vRange.skip,
-          outRange.skip,
-        ],
-        bindings: [qRange, kRange, vRange, outRange],
-        workgroups: ceilDiv(seqs * heads * qLen, 64),
-      });
+      const params = [
+        seqs,
+        qLen,
+        kvLen,
+        heads,
+        kvHeads,
+        headDim,
+        window ?? 0,
+        { f32: 1 / Math.sqrt(headDim) },
+        qRange.skip,
+        kRange.skip,
+        vRange.skip,
+        outRange.skip,
+      ];
+      const bindings = [qRange, kRange, vRange, outRange];
+      if (tiling) {
+        this.run({
+          kernel: "attention_tiled",
+          entry: "attention_tiled",
+          constants: { HEAD_DIM: headDim, KEYS: tiling.keys, SPLIT: tiling.split },
+          params,
+          bindings,
+          workgroups: seqs * kvHeads * tiling.blocks,
+        });
+      } else {
+        this.run({
+          kernel: "attention",
+          entry: "attention",
+          params,
+          bindings,
+          workgroups: ceilDiv(seqs * heads * qLen, 64),
+        });
+      }
     }
     return out;
+  }
+
+  /** The attention kernel for a shape: the configured one, or the "auto" choice. */
+  attentionKernelFor(s: AttentionShape): AttentionKernel {
+    if (this.attentionKernel !== "auto") return this.attentionKernel;
+    return s.headDim <= ATTN_TILED_MAX_HEAD_DIM ? "tiled" : "naive";
   }
 
   async routeTopK(logits: Tensor, k: number, normalize: boolean, eps: number): Promise<Routing> {
