@@ -12,6 +12,7 @@ import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import {
   type AdamWHyper,
   type AttentionShape,
+  checkAddRmsNorm,
   checkCombine,
   checkGrouped,
   numelOf,
@@ -752,6 +753,35 @@ export class WebGpuBackend implements TrainingBackend {
       });
     }
     return out;
+  }
+
+  addRmsNorm(a: Tensor, b: Tensor, weight: Weight, eps: number): { sum: Tensor; normed: Tensor } {
+    checkAddRmsNorm(a, b, weight);
+    const [n, d] = rowsCols(a);
+    const sum = this.newTensor(a.shape), normed = this.newTensor(a.shape);
+    for (const [r0, rows] of this.rowChunks(n, [d * 4])) {
+      const aRange = this.rowRange(t(a).buffer, r0, rows, d * 4);
+      const bRange = this.rowRange(t(b).buffer, r0, rows, d * 4);
+      const sumRange = this.rowRange(sum.buffer, r0, rows, d * 4, true);
+      const normedRange = this.rowRange(normed.buffer, r0, rows, d * 4, true);
+      this.run({
+        kernel: "norm",
+        entry: "add_rms_norm",
+        constants: { W_DTYPE: DTYPE_CODE[weight.dtype] },
+        params: [
+          rows,
+          d,
+          { f32: eps },
+          aRange.skip,
+          normedRange.skip,
+          bRange.skip,
+          sumRange.skip,
+        ],
+        bindings: [aRange, { buffer: w(weight).chunks[0].buffer }, normedRange, bRange, sumRange],
+        workgroups: rows,
+      });
+    }
+    return { sum, normed };
   }
 
   matmul(x: Tensor, weight: Weight, bias?: Weight): Tensor {
