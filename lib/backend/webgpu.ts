@@ -1170,8 +1170,8 @@ export class WebGpuBackend implements TrainingBackend {
 
   /**
    * The attention kernel for a shape: the configured one, or the "auto" choice: tiled up
-   * to its head_dim limit. On llvmpipe it ran prefill 1.55x faster than naive (2 x 256,
-   * 4 heads of 64) and lost short decode steps (0.86x at 256 keys); past about
+   * to its head_dim limit. On llvmpipe it ran prefill 1.5x faster than naive (2 x 256,
+   * 4 heads of 64) and lost short decode steps slightly (0.9x at 256 keys); past about
    * 32k / head_dim keys the naive kernel's loops exceed llvmpipe's 65,535-iteration cap
    * and its result is wrong, and on a GPU naive decode runs only batch x heads threads.
    */
