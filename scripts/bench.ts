@@ -3,6 +3,9 @@
 //   matmul    GFLOP/s per backend and weight dtype (and the machine's BLAS peak); for
 //             webgpu also the kernel ladder (naive, tiled, blocked, gemv) at a prefill
 //             and a decode shape, with the adapter's features and limits
+//   attention webgpu attention kernels (naive, tiled) side by side at a prefill and a
+//             decode shape of a real model's heads and of the default model's, each
+//             checked against the CPU reference
 //   forward   default-model forward tokens/s per backend
 //   decode    greedy decoding with the KV cache, tokens/s and device submits per token
 //   train     training tokens/s (forward + backward + AdamW, routed and shared experts
@@ -10,14 +13,15 @@
 //   layerwise peak memory of the layer-wise mode vs all weights resident, on a generated
 //             multi-GB sharded checkpoint (each mode in its own process, peak RSS from /proc)
 
-import type { Backend } from "../lib/backend/backend.ts";
+import type { AttentionShape, Backend } from "../lib/backend/backend.ts";
+import { CpuBackend } from "../lib/backend/cpu.ts";
 import { createBackend, parseCli, positiveInt, runMain, UsageError } from "../lib/cli.ts";
 import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { argmaxRow, createKvCache, forwardCached, freeKvCache } from "../lib/model/generate.ts";
 import { Model } from "../lib/model/model.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
-import { MATMUL_KERNELS, WebGpuBackend } from "../lib/backend/webgpu.ts";
+import { ATTENTION_KERNELS, MATMUL_KERNELS, WebGpuBackend } from "../lib/backend/webgpu.ts";
 import { loadBlas } from "../lib/backend/blas.ts";
 import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
 import { supportsTraining } from "../lib/backend/backend.ts";
@@ -25,7 +29,7 @@ import { Optimizer, selectTrainable, trainStep } from "../lib/train/trainer.ts";
 
 const USAGE = `Usage: deno task bench [options]
 
-  --only LIST        sections to run: matmul,forward,decode,train,layerwise (default all)
+  --only LIST        sections to run: matmul,attention,forward,decode,train,layerwise (default all)
   --backends LIST    cpu,cpu-reference,webgpu (default all; an unavailable one is recorded, not fatal)
   --model DIR        model for the forward section (default data/models/tiny-deepseek-moe)
   --repeats N        timed repeats per measurement, median reported (default 3)
@@ -210,6 +214,104 @@ async function benchMatmulLadder(gpu: WebGpuBackend, repeats: number) {
   return { device: gpu.description, adapter: await adapterReport(), shapes: LADDER_SHAPES, rows };
 }
 
+// Attention shapes: 16 heads of 128 (a 1-2B model's) at a 512-token prefill and a decode
+// step over 1,024 cached keys, and the default model's 4 heads of 64 at its forward bench
+// shape and a decode step over 256 keys.
+const ATTENTION_SHAPES: Record<string, AttentionShape> = {
+  prefill: { batch: 1, qLen: 512, kvLen: 512, heads: 16, kvHeads: 16, headDim: 128, window: null },
+  decode: { batch: 1, qLen: 1, kvLen: 1024, heads: 16, kvHeads: 16, headDim: 128, window: null },
+  "prefill-default-model": {
+    batch: 2,
+    qLen: 256,
+    kvLen: 256,
+    heads: 4,
+    kvHeads: 4,
+    headDim: 64,
+    window: null,
+  },
+  "decode-default-model": {
+    batch: 1,
+    qLen: 1,
+    kvLen: 256,
+    heads: 4,
+    kvHeads: 4,
+    headDim: 64,
+    window: null,
+  },
+};
+// A kernel whose result is further than this from the CPU reference did not compute the
+// whole thing (llvmpipe ends a loop after 65,535 iterations): its time is not comparable.
+const ATTENTION_EXACT_TOL = 1e-4;
+
+/**
+ * The webgpu attention kernels at each shape, timed round-robin like the matmul ladder,
+ * each result checked against the CPU reference. FLOPs count q.k and p.v over the
+ * visible (causal) keys only.
+ */
+async function benchAttention(gpu: WebGpuBackend, repeats: number) {
+  const rows: Record<string, unknown>[] = [];
+  const cpu = new CpuBackend();
+  for (const [shape, s] of Object.entries(ATTENTION_SHAPES)) {
+    const qw = s.heads * s.headDim, kw = s.kvHeads * s.headDim;
+    const data = [s.qLen * qw, s.kvLen * kw, s.kvLen * kw].map((n) =>
+      new Float32Array(s.batch * n).map((_, i) => Math.sin(i * 0.37 + n))
+    );
+    const shapes = [[s.batch * s.qLen, qw], [s.batch * s.kvLen, kw], [s.batch * s.kvLen, kw]];
+    const [q, k, v] = data.map((d, i) => gpu.tensor(d, shapes[i]));
+    const [cq, ck, cv] = data.map((d, i) => cpu.tensor(d, shapes[i]));
+    const want = await cpu.read(cpu.attention(cq, ck, cv, s));
+    const backends = ATTENTION_KERNELS.map((kernel) =>
+      gpu.withOptions({ attentionKernel: kernel })
+    );
+    const errors: number[] = [];
+    for (const be of backends) {
+      // Warm-up (pipeline compilation) and the check against the reference.
+      const y = be.attention(q, k, v, s);
+      const got = await be.read(y);
+      be.free(y);
+      let maxDiff = 0, maxAbs = 0;
+      for (let i = 0; i < want.length; i++) {
+        maxDiff = Math.max(maxDiff, Math.abs(got[i] - want[i]));
+        maxAbs = Math.max(maxAbs, Math.abs(want[i]));
+      }
+      errors.push(maxDiff / maxAbs);
+    }
+    const times: number[][] = backends.map(() => []);
+    for (let r = 0; r < repeats; r++) {
+      for (const [i, be] of backends.entries()) {
+        const t0 = performance.now();
+        const y = be.attention(q, k, v, s);
+        await be.read(y);
+        be.free(y);
+        times[i].push((performance.now() - t0) / 1000);
+      }
+    }
+    [q, k, v].forEach((x) => gpu.free(x));
+    let visible = 0; // (query, key) pairs a head attends over, per sequence
+    for (let i = 0; i < s.qLen; i++) visible += s.kvLen - s.qLen + i + 1;
+    const flops = 4 * s.headDim * visible * s.heads * s.batch;
+    const line: string[] = [];
+    for (const [i, kernel] of ATTENTION_KERNELS.entries()) {
+      const seconds = median(times[i]), exact = errors[i] <= ATTENTION_EXACT_TOL;
+      rows.push({
+        shape,
+        kernel,
+        ...s,
+        seconds,
+        gflops: flops / seconds / 1e9,
+        maxRelError: errors[i],
+        exact,
+      });
+      line.push(`${kernel} ${(seconds * 1000).toFixed(1)} ms${exact ? "" : " (WRONG RESULT)"}`);
+    }
+    console.error(
+      `attention ${shape} ${s.batch}x${s.qLen}/${s.kvLen} ${s.heads}/${s.kvHeads}x${s.headDim}: ` +
+        `${line.join(", ")}, naive/tiled ${(median(times[0]) / median(times[1])).toFixed(2)}`,
+    );
+  }
+  return { device: gpu.description, shapes: ATTENTION_SHAPES, rows };
+}
+
 async function benchForward(backends: Map<string, Backend>, modelDir: string, repeats: number) {
   const rows: Record<string, unknown>[] = [];
   for (const [name, be] of backends) {
@@ -389,9 +491,9 @@ await runMain(async () => {
     new URL("../results/tmp/synthetic-moe", import.meta.url).pathname;
   if (args.child) return await layerwiseChild(args.child, syntheticDir);
 
-  const sections = (args.only ?? "matmul,forward,decode,train,layerwise").split(",");
+  const sections = (args.only ?? "matmul,attention,forward,decode,train,layerwise").split(",");
   for (const s of sections) {
-    if (!["matmul", "forward", "decode", "train", "layerwise"].includes(s)) {
+    if (!["matmul", "attention", "forward", "decode", "train", "layerwise"].includes(s)) {
       throw new UsageError(`unknown section "${s}"`);
     }
   }
@@ -427,6 +529,10 @@ await runMain(async () => {
     result.matmul = await benchMatmul(backends, repeats);
     const gpu = backends.get("webgpu");
     if (gpu instanceof WebGpuBackend) result.matmulLadder = await benchMatmulLadder(gpu, repeats);
+  }
+  if (sections.includes("attention")) {
+    const gpu = backends.get("webgpu");
+    if (gpu instanceof WebGpuBackend) result.attention = await benchAttention(gpu, repeats);
   }
   if (sections.includes("forward")) {
     result.forward = await benchForward(backends, args.model ?? DEFAULT_MODEL, repeats);

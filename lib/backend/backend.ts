@@ -213,6 +213,12 @@ export interface Backend {
   embedding(table: Weight, ids: Int32Array): Tensor;
   /** Row-wise w * x / sqrt(mean(x^2) + eps), x [N, D], w [D]. */
   rmsNorm(x: Tensor, w: Weight, eps: number): Tensor;
+  /**
+   * A residual add and the norm after it in one pass over the rows: sum = a + b and
+   * normed = rmsNorm(sum, w, eps), a and b [N, D] of one shape, w [D]. Both outputs are
+   * new tensors with exactly the values of add then rmsNorm on the same backend.
+   */
+  addRmsNorm(a: Tensor, b: Tensor, w: Weight, eps: number): { sum: Tensor; normed: Tensor };
   /** x [N, K] @ w[M, K]^T (+ bias [M]) -> [N, M], f32 accumulation. */
   matmul(x: Tensor, w: Weight, bias?: Weight): Tensor;
   add(a: Tensor, b: Tensor): Tensor;
@@ -303,6 +309,17 @@ export function checkGrouped(stack: Weight, k: number, groupRows: Int32Array, ro
     throw new Error(
       `groupedMatmul: ${groupRows.length} groups of ${sum} rows for ${g} matrices and ${rows} rows`,
     );
+  }
+}
+
+/** addRmsNorm's contract: a and b of one shape, w as wide as their rows. */
+export function checkAddRmsNorm(a: Tensor, b: Tensor, w: Weight) {
+  if (a.shape.length !== b.shape.length || a.shape.some((d, i) => d !== b.shape[i])) {
+    throw new Error(`addRmsNorm: shapes [${a.shape}] and [${b.shape}] differ`);
+  }
+  const [, d] = rowsCols(a);
+  if (numelOf(w.shape) !== d) {
+    throw new Error(`addRmsNorm: rows of ${d} but weight "${w.name}" is [${w.shape}]`);
   }
 }
 

@@ -7,6 +7,7 @@ import { type Blas, loadBlas } from "./blas.ts";
 import {
   type AdamWHyper,
   type AttentionShape,
+  checkAddRmsNorm,
   checkCombine,
   checkGrouped,
   checkRoutedExperts,
@@ -44,6 +45,23 @@ export class CpuWeight implements Weight {
 
 const t = (x: Tensor) => x as CpuTensor;
 const w = (x: Weight) => x as CpuWeight;
+
+/** out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps) for the n rows of width d. */
+function rmsNormRows(
+  xs: Float32Array,
+  ws: Float32Array,
+  out: Float32Array,
+  n: number,
+  d: number,
+  eps: number,
+): void {
+  for (let r = 0; r < n; r++) {
+    let ss = 0;
+    for (let i = 0; i < d; i++) ss += xs[r * d + i] * xs[r * d + i];
+    const inv = 1 / Math.sqrt(ss / d + eps);
+    for (let i = 0; i < d; i++) out[r * d + i] = ws[i] * (xs[r * d + i] * inv);
+  }
+}
 
 export function silu(x: number): number {
   return x / (1 + Math.exp(-x));
@@ -94,15 +112,19 @@ export class CpuBackend implements TrainingBackend {
 
   rmsNorm(x: Tensor, weight: Weight, eps: number): Tensor {
     const [n, d] = rowsCols(x);
-    const xs = t(x).data, ws = w(weight).data;
     const out = new Float32Array(n * d);
-    for (let r = 0; r < n; r++) {
-      let ss = 0;
-      for (let i = 0; i < d; i++) ss += xs[r * d + i] * xs[r * d + i];
-      const inv = 1 / Math.sqrt(ss / d + eps);
-      for (let i = 0; i < d; i++) out[r * d + i] = ws[i] * (xs[r * d + i] * inv);
-    }
+    rmsNormRows(t(x).data, w(weight).data, out, n, d, eps);
     return new CpuTensor(out, x.shape);
+  }
+
+  addRmsNorm(a: Tensor, b: Tensor, weight: Weight, eps: number): { sum: Tensor; normed: Tensor } {
+    checkAddRmsNorm(a, b, weight);
+    const [n, d] = rowsCols(a);
+    const as = t(a).data, bs = t(b).data;
+    const sum = new Float32Array(n * d), normed = new Float32Array(n * d);
+    for (let i = 0; i < sum.length; i++) sum[i] = as[i] + bs[i];
+    rmsNormRows(sum, w(weight).data, normed, n, d, eps); // the f32 sums, as add then rmsNorm
+    return { sum: new CpuTensor(sum, a.shape), normed: new CpuTensor(normed, a.shape) };
   }
 
   matmul(x: Tensor, weight: Weight, bias?: Weight): Tensor {

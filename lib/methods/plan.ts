@@ -125,13 +125,13 @@ export async function moeLayerParts(
   const hn = be.rmsNorm(h, await model.weight(`${p}input_layernorm.weight`), model.spec.eps);
   const attn = await attentionBlock(model, l, hn, shape);
   be.free(hn);
-  const x = be.add(h, attn);
-  be.free(attn);
-  const xn = be.rmsNorm(
-    x,
+  const { sum: x, normed: xn } = be.addRmsNorm(
+    h,
+    attn,
     await model.weight(`${p}post_attention_layernorm.weight`),
     model.spec.eps,
   );
+  be.free(attn);
   const mlp = await mlpBlock(model, l, moeSpec(model, l), xn, {
     onRouter: onRouter && ((_layer, logits, routing) => onRouter(logits, routing)),
   });

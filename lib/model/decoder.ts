@@ -73,20 +73,23 @@ export async function runLayer(
 ): Promise<Tensor> {
   const be = model.backend, layer = model.spec.layers[l];
   const p = layerPrefix(l);
+  const postNorm = `${p}post_attention_layernorm.weight`;
   let x = h;
+  let xn: Tensor | undefined; // the MLP's input, post_attention_layernorm(x)
   if (layer.attention) {
-    const xn = be.rmsNorm(x, await model.weight(`${p}input_layernorm.weight`), model.spec.eps);
-    const attn = await attentionBlock(model, l, xn, shape, cache);
-    be.free(xn);
-    x = be.add(h, attn);
+    const hn = be.rmsNorm(x, await model.weight(`${p}input_layernorm.weight`), model.spec.eps);
+    const attn = await attentionBlock(model, l, hn, shape, cache);
+    be.free(hn);
+    if (layer.mlp.kind === "none") x = be.add(h, attn);
+    else {
+      // The residual add and the MLP's norm in one pass over the residual stream.
+      const fused = be.addRmsNorm(h, attn, await model.weight(postNorm), model.spec.eps);
+      x = fused.sum, xn = fused.normed;
+    }
     be.free(attn);
   }
   if (layer.mlp.kind !== "none") {
-    const xn = be.rmsNorm(
-      x,
-      await model.weight(`${p}post_attention_layernorm.weight`),
-      model.spec.eps,
-    );
+    xn ??= be.rmsNorm(x, await model.weight(postNorm), model.spec.eps);
     const mlp = (await hooks.mlpOverride?.(l, xn)) ??
       (await mlpBlock(model, l, layer.mlp, xn, hooks));
     be.free(xn);

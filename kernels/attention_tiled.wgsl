@@ -1,0 +1,304 @@
+// Causal GQA attention tiled the FlashAttention-2 way (kernels/attention.wgsl is the
+// readable one-thread-per-query baseline; same maths, same Params).
+//
+// A workgroup owns one block of query rows of one (sequence, kv head): the rows are the
+// (query, head) pairs of that kv head's GQA group, flattened as f = query * group + head,
+// so the heads that share K and V share their tiles too. Keys are walked in tiles of KEYS:
+// K, then V, are loaded cooperatively into workgroup memory and read by every row of the
+// block. Each row keeps a running max m, normaliser l and output accumulator o in
+// registers (online softmax, rescaled once per tile), so no score matrix is stored.
+// Tiles outside the block's causal / sliding-window range are never loaded.
+//
+// Threads: GROUPS groups of LANES. A group owns R rows (slots g, g + GROUPS, ...) and
+// each of its lanes every LANES-th vec4 of their q and o (head_dim up to
+// LANES * MAX_VEC4S * 4 = 256), so each vec4 read from the tile feeds R rows. The lanes'
+// partial dot products meet in workgroup memory.
+// Few query rows (decode: qLen 1) would leave most groups idle, so SPLIT groups may share
+// one query row, each taking every SPLIT-th key of a tile (flash-decoding inside the
+// workgroup); their (m, l, o) are merged at the end.
+//
+// Workgroup memory (the host keeps it within WebGPU's default 16 KiB): a K or V tile of
+// KEYS rows of ROW_VEC4S vec4s (zero-padded to whole vec4s per lane, so the inner loops
+// need no bounds checks), which doubles as the merge buffer, and the partial dots
+// [THREADS, R, ROW_KEYS].
+
+struct Params {
+  seqs: u32, // sequences in this dispatch
+  q_len: u32,
+  kv_len: u32,
+  heads: u32,
+  kv_heads: u32,
+  head_dim: u32, // = HEAD_DIM (the baseline reads it from here)
+  window: u32, // 0 = no sliding window
+  scale: f32, // 1 / sqrt(head_dim)
+  q_off: u32, // each tensor is bound from an aligned offset; these skip to its row 0
+  k_off: u32,
+  v_off: u32,
+  out_off: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<f32>; // [seqs * q_len, heads * head_dim]
+@group(0) @binding(2) var<storage, read> k: array<f32>; // [seqs * kv_len, kv_heads * head_dim]
+@group(0) @binding(3) var<storage, read> v: array<f32>; // [seqs * kv_len, kv_heads * head_dim]
+@group(0) @binding(4) var<storage, read_write> out: array<f32>; // like q
+
+// Pipeline constants, so the per-thread loops have fixed trip counts and q, o stay in
+// registers.
+override HEAD_DIM: u32 = 64u;
+override KEYS: u32 = 16u; // keys per tile
+override SPLIT: u32 = 1u; // groups per query row: a power of two up to GROUPS
+
+const THREADS: u32 = 64u;
+const LANES: u32 = 4u; // threads per group
+const GROUPS: u32 = 16u; // THREADS / LANES
+const R: u32 = 2u; // rows per group
+const ROWS: u32 = 32u; // GROUPS * R, rows per workgroup
+const MAX_VEC4S: u32 = 16u; // vec4s of a row per thread, at most
+
+override VEC4S: u32 = (HEAD_DIM + 4u * LANES - 1u) / (4u * LANES); // of a row per thread
+override ROW_VEC4S: u32 = VEC4S * LANES; // a padded key row
+override ROW_KEYS: u32 = (KEYS + SPLIT - 1u) / SPLIT; // keys of a tile per group
+override TILE_VEC4S: u32 = max(KEYS, select(0u, GROUPS / 2u, SPLIT > 1u)) * ROW_VEC4S;
+
+var<workgroup> tile: array<vec4f, TILE_VEC4S>;
+var<workgroup> partial: array<f32, THREADS * R * ROW_KEYS>;
+
+const NO_SCORE: f32 = -3.4e38;
+
+// First key visible from absolute position pos.
+fn first_key(pos: u32) -> u32 {
+  if (p.window > 0u && pos + 1u > p.window) {
+    return pos + 1u - p.window;
+  }
+  return 0u;
+}
+
+// Dimensions d .. d + 3 of the head row at `base` (zero past HEAD_DIM), from q, k or v.
+fn q4(base: u32, d: u32) -> vec4f {
+  var r = vec4f(0.0);
+  for (var c = 0u; c < 4u; c++) {
+    if (d + c < HEAD_DIM) {
+      r[c] = q[base + d + c];
+    }
+  }
+  return r;
+}
+
+fn k4(base: u32, d: u32) -> vec4f {
+  var r = vec4f(0.0);
+  for (var c = 0u; c < 4u; c++) {
+    if (d + c < HEAD_DIM) {
+      r[c] = k[base + d + c];
+    }
+  }
+  return r;
+}
+
+fn v4(base: u32, d: u32) -> vec4f {
+  var r = vec4f(0.0);
+  for (var c = 0u; c < 4u; c++) {
+    if (d + c < HEAD_DIM) {
+      r[c] = v[base + d + c];
+    }
+  }
+  return r;
+}
+
+@compute @workgroup_size(64)
+fn attention_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                   @builtin(local_invocation_id) lid: vec3u) {
+  let group = p.heads / p.kv_heads; // query heads per kv head
+  let query_rows = p.q_len * group; // (query, head) rows of one (sequence, kv head)
+  let rows_per_block = ROWS / SPLIT;
+  let blocks = (query_rows + rows_per_block - 1u) / rows_per_block;
+  let block = wg.y * nwg.x + wg.x;
+  // Uniform control flow: the whole workgroup shares `block`, so this exit is safe.
+  if (block >= p.seqs * p.kv_heads * blocks) {
+    return;
+  }
+  let kh = (block / blocks) % p.kv_heads;
+  let b = block / (blocks * p.kv_heads);
+  let f0 = (block % blocks) * rows_per_block;
+  let f_end = min(f0 + rows_per_block, query_rows);
+
+  let tid = lid.x;
+  let g = tid / LANES;
+  let lane = tid % LANES;
+  let split = g % SPLIT; // the same for all R rows of the group
+  let first = p.kv_len - p.q_len; // absolute position of query 0
+  // Keys any row of the block sees (a uniform range: every thread walks the same tiles).
+  let block_lo = first_key(first + f0 / group);
+  let block_hi = first + (f_end - 1u) / group;
+  let q_width = p.heads * HEAD_DIM;
+  let kv_width = p.kv_heads * HEAD_DIM;
+  let kv_base = b * p.kv_len * kv_width + kh * HEAD_DIM;
+
+  // Row r of this group is slot r * GROUPS + g, query row slot / SPLIT of the block. Slots
+  // past the last query row repeat it (loads stay in bounds) and write nothing.
+  var pos: array<u32, R>; // absolute position of the row's query
+  var lo: array<u32, R>; // its first visible key
+  var row_off: array<u32, R>; // its head row in q and out
+  var writes: array<bool, R>;
+  var qr: array<vec4f, R * MAX_VEC4S>; // zero past HEAD_DIM
+  var o: array<vec4f, R * MAX_VEC4S>;
+  var m: array<f32, R>;
+  var l: array<f32, R>;
+  for (var r = 0u; r < R; r++) {
+    let slot = r * GROUPS + g;
+    writes[r] = f0 + slot / SPLIT < f_end;
+    let f = min(f0 + slot / SPLIT, f_end - 1u);
+    let i = f / group;
+    pos[r] = first + i;
+    lo[r] = first_key(pos[r]);
+    row_off[r] = (b * p.q_len + i) * q_width + (kh * group + f % group) * HEAD_DIM;
+    for (var c = 0u; c < VEC4S; c++) {
+      qr[r * MAX_VEC4S + c] = q4(p.q_off + row_off[r], 4u * (lane + c * LANES));
+    }
+    // Key pos is seen by some group of this query row, so the merged m is finite; a row
+    // that has seen nothing yet keeps m = NO_SCORE and l = 0.
+    m[r] = NO_SCORE;
+  }
+
+  for (var j0 = block_lo; j0 <= block_hi; j0 += KEYS) {
+    let n = min(KEYS, block_hi + 1u - j0); // keys in this tile
+    for (var e = tid; e < n * ROW_VEC4S; e += THREADS) {
+      let key_row = p.k_off + kv_base + (j0 + e / ROW_VEC4S) * kv_width;
+      tile[e] = k4(key_row, 4u * (e % ROW_VEC4S));
+    }
+    workgroupBarrier();
+    // This thread's share of q . k for its rows and the group's keys of the tile (a key
+    // past the tile reads the last one again; it is masked below).
+    for (var x = 0u; x < ROW_KEYS; x++) {
+      let t = min(x * SPLIT + split, n - 1u);
+      var qk: array<f32, R>;
+      for (var r = 0u; r < R; r++) {
+        qk[r] = 0.0; // naga zeroes a var declared in a loop only once
+      }
+      for (var c = 0u; c < VEC4S; c++) {
+        let key = tile[t * ROW_VEC4S + lane + c * LANES];
+        for (var r = 0u; r < R; r++) {
+          qk[r] += dot(qr[r * MAX_VEC4S + c], key);
+        }
+      }
+      for (var r = 0u; r < R; r++) {
+        partial[(tid * R + r) * ROW_KEYS + x] = qk[r];
+      }
+    }
+    workgroupBarrier();
+    for (var e = tid; e < n * ROW_VEC4S; e += THREADS) {
+      let value_row = p.v_off + kv_base + (j0 + e / ROW_VEC4S) * kv_width;
+      tile[e] = v4(value_row, 4u * (e % ROW_VEC4S));
+    }
+    workgroupBarrier();
+    // Scores: every lane of a group sums the partials in the same order, so the lanes
+    // agree on m and l. Masked keys weigh 0 (a select, not a branch: every row runs the
+    // same loads). One rescale of o per row for the whole tile.
+    var m_new: array<f32, R>;
+    for (var r = 0u; r < R; r++) {
+      var tile_max = NO_SCORE;
+      for (var x = 0u; x < ROW_KEYS; x++) {
+        let j = j0 + x * SPLIT + split;
+        var qk = 0.0;
+        for (var ln = 0u; ln < LANES; ln++) {
+          qk += partial[((g * LANES + ln) * R + r) * ROW_KEYS + x];
+        }
+        let visible = j < j0 + n && j >= lo[r] && j <= pos[r];
+        tile_max = max(tile_max, select(NO_SCORE, qk * p.scale, visible));
+      }
+      m_new[r] = max(m[r], tile_max);
+      let correction = exp(m[r] - m_new[r]);
+      l[r] *= correction;
+      for (var c = 0u; c < VEC4S; c++) {
+        o[r * MAX_VEC4S + c] *= correction;
+      }
+      m[r] = m_new[r];
+    }
+    for (var x = 0u; x < ROW_KEYS; x++) {
+      let t = x * SPLIT + split;
+      let j = j0 + t;
+      var weight: array<f32, R>;
+      for (var r = 0u; r < R; r++) {
+        var qk = 0.0;
+        for (var ln = 0u; ln < LANES; ln++) {
+          qk += partial[((g * LANES + ln) * R + r) * ROW_KEYS + x];
+        }
+        let visible = t < n && j >= lo[r] && j <= pos[r];
+        weight[r] = select(0.0, exp(qk * p.scale - m[r]), visible);
+        l[r] += weight[r];
+      }
+      for (var c = 0u; c < VEC4S; c++) {
+        let value = tile[min(t, n - 1u) * ROW_VEC4S + lane + c * LANES];
+        for (var r = 0u; r < R; r++) {
+          o[r * MAX_VEC4S + c] += weight[r] * value;
+        }
+      }
+    }
+    workgroupBarrier(); // the next tile overwrites tile and partial
+  }
+
+  if (SPLIT > 1u) {
+    // Bring the SPLIT groups of each query row to their common max and total l ...
+    if (lane == 0u) {
+      for (var r = 0u; r < R; r++) {
+        let slot = r * GROUPS + g;
+        partial[2u * slot] = m[r];
+        partial[2u * slot + 1u] = l[r];
+      }
+    }
+    workgroupBarrier();
+    for (var r = 0u; r < R; r++) {
+      let first_slot = r * GROUPS + g - split;
+      var m_all = NO_SCORE;
+      for (var s = 0u; s < SPLIT; s++) {
+        m_all = max(m_all, partial[2u * (first_slot + s)]);
+      }
+      var l_all = 0.0;
+      for (var s = 0u; s < SPLIT; s++) {
+        let slot = first_slot + s;
+        l_all += partial[2u * slot + 1u] * exp(partial[2u * slot] - m_all);
+      }
+      let factor = exp(m[r] - m_all);
+      for (var c = 0u; c < VEC4S; c++) {
+        o[r * MAX_VEC4S + c] *= factor;
+      }
+      l[r] = l_all;
+    }
+    // ... and add up their o pairwise through the tile, one row of the groups at a time:
+    // groups split + half pass theirs to groups split (one buffer row per receiver).
+    for (var r = 0u; r < R; r++) {
+      for (var half = SPLIT / 2u; half > 0u; half /= 2u) {
+        let slot = (g / SPLIT) * half + split % half;
+        if (split >= half && split < 2u * half) {
+          for (var c = 0u; c < VEC4S; c++) {
+            tile[slot * ROW_VEC4S + lane + c * LANES] = o[r * MAX_VEC4S + c];
+          }
+        }
+        workgroupBarrier();
+        if (split < half) {
+          for (var c = 0u; c < VEC4S; c++) {
+            o[r * MAX_VEC4S + c] += tile[slot * ROW_VEC4S + lane + c * LANES];
+          }
+        }
+        workgroupBarrier();
+      }
+    }
+  }
+  if (split == 0u) {
+    for (var r = 0u; r < R; r++) {
+      if (writes[r]) {
+        let out_base = p.out_off + row_off[r];
+        let inv_l = 1.0 / l[r];
+        for (var c = 0u; c < VEC4S; c++) {
+          let d = 4u * (lane + c * LANES);
+          let value = o[r * MAX_VEC4S + c] * inv_l;
+          for (var t = 0u; t < 4u; t++) {
+            if (d + t < HEAD_DIM) {
+              out[out_base + d + t] = value[t];
+            }
+          }
+        }
+      }
+    }
+  }
+}
