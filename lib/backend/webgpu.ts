@@ -297,6 +297,21 @@ const MAX_WORKGROUPS_PER_DIM = 65535;
 // Freed buffers kept for reuse, at most this many bytes in all; the rest are destroyed.
 const POOL_BYTES = 256 * 1024 * 1024;
 
+/** The attention kernels' uniforms: the shape, then where each tensor's row 0 starts. */
+function attentionParams(seqs: number, s: AttentionShape, ranges: { skip: number }[]) {
+  return [
+    seqs,
+    s.qLen,
+    s.kvLen,
+    s.heads,
+    s.kvHeads,
+    s.headDim,
+    s.window ?? 0,
+    { f32: 1 / Math.sqrt(s.headDim) },
+    ...ranges.map((r) => r.skip),
+  ];
+}
+
 export class WebGpuBackend implements TrainingBackend {
   readonly name = "webgpu" as const;
   readonly maxBindingBytes: number;
@@ -1165,7 +1180,7 @@ export class WebGpuBackend implements TrainingBackend {
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape): Tensor {
-    const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
+    const { batch, qLen, kvLen, heads, kvHeads, headDim } = s;
     const qw = heads * headDim, kw = kvHeads * headDim;
     if (heads % kvHeads !== 0) throw new Error(`attention: ${heads} heads, ${kvHeads} kv heads`);
     if (qLen > kvLen) throw new Error(`attention: qLen ${qLen} > kvLen ${kvLen}`);
@@ -1187,20 +1202,7 @@ export class WebGpuBackend implements TrainingBackend {
       const kRange = this.rowRange(t(k).buffer, b0, seqs, kvBytes);
       const vRange = this.rowRange(t(v).buffer, b0, seqs, kvBytes);
       const outRange = this.rowRange(out.buffer, b0, seqs, qBytes, true);
-      const params = [
-        seqs,
-        qLen,
-        kvLen,
-        heads,
-        kvHeads,
-        headDim,
-        window ?? 0,
-        { f32: 1 / Math.sqrt(headDim) },
-        qRange.skip,
-        kRange.skip,
-        vRange.skip,
-        outRange.skip,
-      ];
+      const params = attentionParams(seqs, s, [qRange, kRange, vRange, outRange]);
       const bindings = [qRange, kRange, vRange, outRange];
       if (tiling) {
         this.run({
@@ -1653,7 +1655,7 @@ export class WebGpuBackend implements TrainingBackend {
     dOut: Tensor,
     s: AttentionShape,
   ): { dq: Tensor; dk: Tensor; dv: Tensor } {
-    const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
+    const { batch, qLen, kvLen, heads, kvHeads, headDim } = s;
     const qw = heads * headDim, kw = kvHeads * headDim;
     if (heads % kvHeads !== 0) {
       throw new Error(`attentionBackward: ${heads} heads, ${kvHeads} kv heads`);
@@ -1679,23 +1681,8 @@ export class WebGpuBackend implements TrainingBackend {
       const dkRange = this.rowRange(dk.buffer, b0, seqs, kvBytes, true);
       const dvRange = this.rowRange(dv.buffer, b0, seqs, kvBytes, true);
       const stats = this.acquire(seqs * statBytes);
-      const params = [
-        seqs,
-        qLen,
-        kvLen,
-        heads,
-        kvHeads,
-        headDim,
-        window ?? 0,
-        { f32: 1 / Math.sqrt(headDim) },
-        qRange.skip,
-        kRange.skip,
-        vRange.skip,
-        doRange.skip,
-        dqRange.skip,
-        dkRange.skip,
-        dvRange.skip,
-      ];
+      const ranges = [qRange, kRange, vRange, doRange, dqRange, dkRange, dvRange];
+      const params = attentionParams(seqs, s, ranges);
       const inputs = [qRange, kRange, vRange, doRange];
       this.run({
         kernel: "attention_backward",
