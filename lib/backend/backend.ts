@@ -404,20 +404,3 @@ export function checkRoutedExperts(
     }
   }
 }
-
-/**
- * silu(gate) * up from a gateUp matmul output [R, 2W] (gate and up columns interleaved
- * in runs of GATE_UP_RUN, see ExpertStacks) -> [R, W]: the reference for the fused kernels.
- */
-export function swigluInterleaved(gu: Float32Array, rows: number, width: number): Float32Array {
-  const out = new Float32Array(rows * width);
-  for (let r = 0; r < rows; r++) {
-    for (let c = 0; c < width; c++) {
-      const run = Math.floor(c / GATE_UP_RUN), j = c % GATE_UP_RUN;
-      const g = gu[r * 2 * width + 2 * run * GATE_UP_RUN + j];
-      const u = gu[r * 2 * width + (2 * run + 1) * GATE_UP_RUN + j];
-      out[r * width + c] = (g / (1 + Math.exp(-g))) * u;
-    }
-  }
-  return out;
-}

@@ -13,11 +13,11 @@ import {
   checkRoutedExperts,
   expertPlan,
   type ExpertStacks,
+  GATE_UP_RUN,
   numelOf,
   type RouteSpec,
   type Routing,
   rowsCols,
-  swigluInterleaved,
   type Tensor,
   type TrainingBackend,
   type Weight,
@@ -65,6 +65,22 @@ function rmsNormRows(
 
 export function silu(x: number): number {
   return x / (1 + Math.exp(-x));
+}
+
+/**
+ * silu(gate) * up from a gateUp matmul output [R, 2W] (gate and up columns interleaved
+ * in runs of GATE_UP_RUN, see ExpertStacks) -> [R, W]: what the fused kernels compute.
+ */
+function swigluInterleaved(gu: Float32Array, rows: number, width: number): Float32Array {
+  const out = new Float32Array(rows * width);
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < width; c++) {
+      const run = Math.floor(c / GATE_UP_RUN), j = c % GATE_UP_RUN;
+      const gate = r * 2 * width + 2 * run * GATE_UP_RUN + j; // its up value is a run later
+      out[r * width + c] = silu(gu[gate]) * gu[gate + GATE_UP_RUN];
+    }
+  }
+  return out;
 }
 
 export interface CpuOptions {

@@ -297,6 +297,13 @@ const MAX_WORKGROUPS_PER_DIM = 65535;
 // Freed buffers kept for reuse, at most this many bytes in all; the rest are destroyed.
 const POOL_BYTES = 256 * 1024 * 1024;
 
+/** Where each group's rows start, and the total: [G + 1], as the grouped kernels read it. */
+function groupStarts(groupRows: Int32Array): Int32Array {
+  const starts = new Int32Array(groupRows.length + 1);
+  groupRows.forEach((n, g) => starts[g + 1] = starts[g] + n);
+  return starts;
+}
+
 /** The attention kernels' uniforms: the shape, then where each tensor's row 0 starts. */
 function attentionParams(seqs: number, s: AttentionShape, ranges: { skip: number }[]) {
   return [
@@ -937,9 +944,7 @@ export class WebGpuBackend implements TrainingBackend {
   groupedMatmul(x: Tensor, stack: Weight, groupRows: Int32Array): Tensor {
     const [r, k] = rowsCols(x);
     checkGrouped(stack, k, groupRows, r);
-    const groupStart = new Int32Array(groupRows.length + 1);
-    groupRows.forEach((n, g) => groupStart[g + 1] = groupStart[g] + n);
-    const startBuf = this.upload(groupStart);
+    const startBuf = this.upload(groupStarts(groupRows));
     const out = this.groupedOn(x, stack, startBuf, Math.max(0, ...groupRows));
     this.release(startBuf);
     return out;
@@ -1310,10 +1315,8 @@ export class WebGpuBackend implements TrainingBackend {
       // A prefill-sized batch, or routing over one binding (test-sized limits): the same
       // plan, grouped on the host.
       const host = expertPlan(await this.routeTopK(logits, k, route.normalize, route.eps), k, e);
-      const groupStart = new Int32Array(e + 1);
-      host.groupRows.forEach((rows, g) => groupStart[g + 1] = groupStart[g] + rows);
       plan = {
-        groupStart: this.upload(groupStart),
+        groupStart: this.upload(groupStarts(host.groupRows)),
         order: this.upload(host.order),
         sources: this.upload(host.sources),
         scales: this.upload(host.scales),

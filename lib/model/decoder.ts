@@ -2,7 +2,7 @@
 // GQA attention, dense / MoE / condensed / dropped MLPs). Per-architecture behaviour
 // comes from ModelSpec; nothing here branches on model_type.
 
-import type { Routing, Tensor } from "../backend/backend.ts";
+import { expertPlan, type Routing, type Tensor } from "../backend/backend.ts";
 import {
   cesValues,
   computeTheta,
@@ -357,20 +357,19 @@ async function trainableExperts(
   }
 }
 
+/** The rows routed to each expert and their routing weights, from the grouped plan. */
 export function groupByExpert(
   routing: Routing,
   topK: number,
   numExperts: number,
 ): { rows: Int32Array[]; scales: Float32Array[] } {
-  const counts = new Int32Array(numExperts);
-  for (const e of routing.indices) counts[e]++;
-  const rows = Array.from(counts, (c) => new Int32Array(c));
-  const scales = Array.from(counts, (c) => new Float32Array(c));
-  const fill = new Int32Array(numExperts);
-  for (let i = 0; i < routing.indices.length; i++) {
-    const e = routing.indices[i], j = fill[e]++;
-    rows[e][j] = Math.floor(i / topK);
-    scales[e][j] = routing.weights[i];
+  const plan = expertPlan(routing, topK, numExperts);
+  const rowScales = new Float32Array(plan.order.length); // the weight of each grouped row
+  plan.sources.forEach((row, i) => rowScales[row] = plan.scales[i]);
+  const rows: Int32Array[] = [], scales: Float32Array[] = [];
+  for (let e = 0, r0 = 0; e < numExperts; r0 += plan.groupRows[e++]) {
+    rows.push(plan.order.subarray(r0, r0 + plan.groupRows[e]));
+    scales.push(rowScales.subarray(r0, r0 + plan.groupRows[e]));
   }
   return { rows, scales };
 }
@@ -416,9 +415,9 @@ export async function forward(
   if (opts.collectRouter) (result.routerLogits = new Map()), (result.routing = new Map());
   let h = await embed(model, ids);
   if (opts.collectHidden) result.hiddenStates!.push(await be.read(h));
+  // Only an observer brings the routing to the host.
+  const observed = opts.collectRouter || opts.onRouter;
   for (let l = 0; l < model.spec.numLayers; l++) {
-    // Only an observer brings the routing to the host.
-    const observed = opts.collectRouter || opts.onRouter;
     const next = await runLayer(model, l, h, shape, {
       mlpOverride: opts.mlpOverride,
       onRouter: observed
