@@ -3,26 +3,7 @@
 // grows, so no row of scores is ever stored. The thread owns its output row and uses it
 // as the accumulator, which keeps any head_dim working.
 
-struct Params {
-  seqs: u32, // sequences in this dispatch
-  q_len: u32,
-  kv_len: u32,
-  heads: u32,
-  kv_heads: u32,
-  head_dim: u32,
-  window: u32, // 0 = no sliding window
-  scale: f32, // 1 / sqrt(head_dim)
-  q_off: u32, // each tensor is bound from an aligned offset; these skip to its row 0
-  k_off: u32,
-  v_off: u32,
-  out_off: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>; // [seqs * q_len, heads * head_dim]
-@group(0) @binding(2) var<storage, read> k: array<f32>; // [seqs * kv_len, kv_heads * head_dim]
-@group(0) @binding(3) var<storage, read> v: array<f32>; // [seqs * kv_len, kv_heads * head_dim]
-@group(0) @binding(4) var<storage, read_write> out: array<f32>; // like q
+// Params and the bindings: attention_common.wgsl.
 
 @compute @workgroup_size(64)
 fn attention(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,

@@ -1,5 +1,5 @@
 // Causal GQA attention tiled the FlashAttention-2 way (kernels/attention.wgsl is the
-// readable one-thread-per-query baseline; same maths, same Params).
+// readable one-thread-per-query baseline; same maths; the Params and bindings of attention_common.wgsl).
 //
 // A workgroup owns one block of query rows of one (sequence, kv head): the rows are the
 // (query, head) pairs of that kv head's GQA group, flattened as f = query * group + head,
@@ -22,26 +22,7 @@
 // need no bounds checks), which doubles as the merge buffer, and the partial dots
 // [THREADS, R, ROW_KEYS].
 
-struct Params {
-  seqs: u32, // sequences in this dispatch
-  q_len: u32,
-  kv_len: u32,
-  heads: u32,
-  kv_heads: u32,
-  head_dim: u32, // = HEAD_DIM (the baseline reads it from here)
-  window: u32, // 0 = no sliding window
-  scale: f32, // 1 / sqrt(head_dim)
-  q_off: u32, // each tensor is bound from an aligned offset; these skip to its row 0
-  k_off: u32,
-  v_off: u32,
-  out_off: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>; // [seqs * q_len, heads * head_dim]
-@group(0) @binding(2) var<storage, read> k: array<f32>; // [seqs * kv_len, kv_heads * head_dim]
-@group(0) @binding(3) var<storage, read> v: array<f32>; // [seqs * kv_len, kv_heads * head_dim]
-@group(0) @binding(4) var<storage, read_write> out: array<f32>; // like q
+// Params and the bindings: attention_common.wgsl.
 
 // Pipeline constants, so the per-thread loops have fixed trip counts and q, o stay in
 // registers.

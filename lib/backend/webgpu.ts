@@ -107,6 +107,7 @@ const KERNEL_FILES = [
   "norm",
   "elementwise",
   "rope",
+  "attention_common",
   "attention",
   "attention_tiled",
   "embedding",
@@ -141,6 +142,9 @@ const MATMUL_FORWARD: ReadonlySet<KernelFile> = new Set([
   "matmul_blocked",
   "matmul_gemv",
 ]);
+
+// The forward attention kernels get kernels/attention_common.wgsl (params, bindings).
+const ATTENTION_FORWARD: ReadonlySet<KernelFile> = new Set(["attention", "attention_tiled"]);
 
 const kernelSources = new Map<KernelFile, string>();
 
@@ -591,6 +595,7 @@ export class WebGpuBackend implements TrainingBackend {
       const prelude = [
         USES_WEIGHTS.has(d.kernel) ? kernelSources.get("weights") : "",
         MATMUL_FORWARD.has(d.kernel) ? kernelSources.get("matmul_common") : "",
+        ATTENTION_FORWARD.has(d.kernel) ? kernelSources.get("attention_common") : "",
       ];
       const code = `${prelude.join("\n")}\n${src}`;
       module = this.device.createShaderModule({ label: d.kernel, code });
