@@ -1,5 +1,6 @@
 // Causal GQA attention tiled the FlashAttention-2 way (kernels/attention.wgsl is the
-// readable one-thread-per-query baseline; same maths; the Params and bindings of attention_common.wgsl).
+// readable one-thread-per-query baseline; same maths, and both take their Params and
+// bindings from attention_common.wgsl).
 //
 // A workgroup owns one block of query rows of one (sequence, kv head): the rows are the
 // (query, head) pairs of that kv head's GQA group, flattened as f = query * group + head,
