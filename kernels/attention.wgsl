@@ -34,7 +34,7 @@ fn attention(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec
   var m = -3.4e38;
   var l = 0.0;
   for (var j = lo; j <= pos; j++) {
-    let kv_off = (b * p.kv_len + j) * kv_width + kh * hd;
+    let kv_off = (b * p.kv_stride + j) * kv_width + kh * hd;
     let k_off = p.k_off + kv_off;
     let v_off = p.v_off + kv_off;
     var dot = 0.0;

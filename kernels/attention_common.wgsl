@@ -14,10 +14,11 @@ struct Params {
   k_off: u32,
   v_off: u32,
   out_off: u32,
+  kv_stride: u32, // rows per sequence in k and v (kv_len, or a KV cache's capacity)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>; // [seqs * q_len, heads * head_dim]
-@group(0) @binding(2) var<storage, read> k: array<f32>; // [seqs * kv_len, kv_heads * head_dim]
-@group(0) @binding(3) var<storage, read> v: array<f32>; // [seqs * kv_len, kv_heads * head_dim]
+@group(0) @binding(2) var<storage, read> k: array<f32>; // [seqs * kv_stride, kv_heads * head_dim]
+@group(0) @binding(3) var<storage, read> v: array<f32>; // [seqs * kv_stride, kv_heads * head_dim]
 @group(0) @binding(4) var<storage, read_write> out: array<f32>; // like q

@@ -114,7 +114,7 @@ fn attention_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nw
   let block_hi = first + (f_end - 1u) / group;
   let q_width = p.heads * HEAD_DIM;
   let kv_width = p.kv_heads * HEAD_DIM;
-  let kv_base = b * p.kv_len * kv_width + kh * HEAD_DIM;
+  let kv_base = b * p.kv_stride * kv_width + kh * HEAD_DIM;
 
   // Row r of this group is slot r * GROUPS + g, query row slot / SPLIT of the block. Slots
   // past the last query row repeat it (loads stay in bounds) and write nothing.

@@ -32,6 +32,43 @@ Deno.test("cpu matmul: BLAS equals plain loops on odd sizes, with bias", async (
   }
 });
 
+Deno.test("cpu attention over a KV cache in place (kvStride) equals it over the copied rows", async () => {
+  // 2 sequences, 3 new queries over 10 keys, in a cache of 16 rows a sequence whose
+  // unused rows hold random values (they must not be read).
+  const s = { batch: 2, qLen: 3, kvLen: 10, heads: 4, kvHeads: 2, headDim: 8, window: 6 };
+  const kw = s.kvHeads * s.headDim, stride = 16;
+  const q = randn(s.batch * s.qLen * s.heads * s.headDim, 7);
+  const kCache = randn(s.batch * stride * kw, 8), vCache = randn(s.batch * stride * kw, 9);
+  const rows = (cache: Float32Array) =>
+    Float32Array.from(
+      [0, 1].flatMap((b) => [...cache.subarray(b * stride * kw, (b * stride + s.kvLen) * kw)]),
+    );
+  for (const be of [reference, fast]) {
+    const qt = be.tensor(q, [s.batch * s.qLen, s.heads * s.headDim]);
+    const inPlace = await be.read(be.attention(
+      qt,
+      be.tensor(kCache, [s.batch * stride, kw]),
+      be.tensor(vCache, [s.batch * stride, kw]),
+      { ...s, kvStride: stride },
+    ));
+    const copied = await be.read(be.attention(
+      qt,
+      be.tensor(rows(kCache), [s.batch * s.kvLen, kw]),
+      be.tensor(rows(vCache), [s.batch * s.kvLen, kw]),
+      s,
+    ));
+    assert.deepEqual(inPlace, copied);
+    // A cache shorter than kvLen, or k and v of the wrong size, are errors.
+    const k = be.tensor(kCache, [s.batch * stride, kw]);
+    assert.throws(() => be.attention(qt, k, k, { ...s, kvStride: 8 }), /kvLen 10 > kvStride 8/);
+    assert.throws(() => be.attention(qt, k, k, s), /do not match 2 sequences of 3 queries/);
+    assert.throws(
+      () => be.attentionBackward(qt, k, k, qt, { ...s, kvStride: stride }),
+      /kvLen rows a sequence, not a cache/,
+    );
+  }
+});
+
 Deno.test("cpu attention: BLAS equals plain loops (GQA, qLen < kvLen, window)", async () => {
   for (
     const s of [

@@ -41,21 +41,31 @@ const shape = (
   window: number | null = null,
 ): AttentionShape => ({ batch, qLen, kvLen, heads, kvHeads, headDim, window });
 
+// With s.kvStride (a KV cache), k and v hold kvStride rows a sequence; the rows past
+// kvLen are random, so a kernel that reads them shows. The oracle gets the kvLen rows.
 async function checkAttention(be: Backend, label: string, s: AttentionShape) {
-  const qw = s.heads * s.headDim, kw = s.kvHeads * s.headDim;
+  const qw = s.heads * s.headDim, kw = s.kvHeads * s.headDim, stride = s.kvStride ?? s.kvLen;
   const qData = randn(s.batch * s.qLen * qw).map((x) => 2 * x);
-  const kData = randn(s.batch * s.kvLen * kw).map((x) => 2 * x);
-  const vData = randn(s.batch * s.kvLen * kw);
+  const kData = randn(s.batch * stride * kw).map((x) => 2 * x);
+  const vData = randn(s.batch * stride * kw);
   const q = be.tensor(qData, [s.batch * s.qLen, qw]);
-  const k = be.tensor(kData, [s.batch * s.kvLen, kw]);
-  const v = be.tensor(vData, [s.batch * s.kvLen, kw]);
+  const k = be.tensor(kData, [s.batch * stride, kw]);
+  const v = be.tensor(vData, [s.batch * stride, kw]);
   const got = be.attention(q, k, v, s);
   assert.deepEqual([...got.shape], [s.batch * s.qLen, qw], `${label}: shape`);
+  const used = (data: Float32Array) =>
+    cpu.tensor(
+      Float32Array.from({ length: s.batch * s.kvLen * kw }, (_, i) => {
+        const b = Math.floor(i / (s.kvLen * kw));
+        return data[b * stride * kw + i % (s.kvLen * kw)];
+      }),
+      [s.batch * s.kvLen, kw],
+    );
   const want = cpu.attention(
     cpu.tensor(qData, [s.batch * s.qLen, qw]),
-    cpu.tensor(kData, [s.batch * s.kvLen, kw]),
-    cpu.tensor(vData, [s.batch * s.kvLen, kw]),
-    s,
+    used(kData),
+    used(vData),
+    { ...s, kvStride: undefined },
   );
   const err = relError(maxErrors, label, await be.read(got), await cpu.read(want));
   assert(err <= ATTENTION_TOL, `${label} ${JSON.stringify(s)}: relative error ${err}`);
@@ -86,6 +96,9 @@ const SHAPES: AttentionShape[] = [
   // split 4 ways (a tile's last keys fall past it for some groups)
   shape(1, 23, 60, 2, 1, 256),
   shape(2, 1, 60, 6, 2, 256),
+  // attending a KV cache in place: kvStride rows a sequence, only the first kvLen read
+  { ...shape(3, 1, 45, 6, 2, 20), kvStride: 64 },
+  { ...shape(2, 5, 37, 4, 4, 64, 9), kvStride: 40 },
 ];
 
 for (const kernel of ATTENTION_KERNELS) {
@@ -111,6 +124,11 @@ for (const kernel of ATTENTION_KERNELS) {
       assert.equal(be.dispatches - before, 5);
       // Decode: 1,792-byte k/v blocks, 2 sequences a chunk of 13 (the last one alone).
       await checkAttention(be, `attention ${kernel} chunked`, shape(13, 1, 14, 4, 2, 16, 6));
+      // A cache of 30 rows a sequence (3,840-byte k/v blocks): chunks of 1 sequence.
+      const cache = { ...shape(3, 1, 17, 4, 2, 16), kvStride: 30 };
+      const beforeCache = be.dispatches;
+      await checkAttention(be, `attention ${kernel} chunked cache`, cache);
+      assert.equal(be.dispatches - beforeCache, 3);
     },
   });
 }

@@ -57,6 +57,12 @@ export interface AttentionShape {
   headDim: number;
   /** Sliding window (keys with i - j >= window are masked), or null. */
   window: number | null;
+  /**
+   * Rows each sequence has in k and v (default kvLen): a KV cache of capacity rows per
+   * sequence is attended in place, its first kvLen rows, without copying them out.
+   * The forward only; the backward takes kvLen rows.
+   */
+  kvStride?: number;
 }
 
 /** AdamW hyper-parameters for one optimizer step (decoupled weight decay, as torch.optim.AdamW). */
@@ -262,7 +268,7 @@ export interface Backend {
     theta: number,
     linearFactor: number,
   ): Tensor;
-  /** Causal (optionally windowed) GQA attention: q [B*qLen, heads*hd], k/v [B*kvLen, kvHeads*hd]. */
+  /** Causal (optionally windowed) GQA attention: q [B*qLen, heads*hd], k/v [B*kvStride, kvHeads*hd]. */
   attention(q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape): Tensor;
   /** softmax over all experts, top-k, optional renormalisation; small result read to host. */
   routeTopK(logits: Tensor, k: number, normalize: boolean, eps: number): Promise<Routing>;
@@ -310,6 +316,32 @@ export function checkGrouped(stack: Weight, k: number, groupRows: Int32Array, ro
       `groupedMatmul: ${groupRows.length} groups of ${sum} rows for ${g} matrices and ${rows} rows`,
     );
   }
+}
+
+/** attention's contract (q, k, v against the shape); returns the rows per sequence of k and v. */
+export function checkAttentionShape(
+  op: string,
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  s: AttentionShape,
+): number {
+  const { batch, qLen, kvLen, heads, kvHeads, headDim } = s;
+  const stride = s.kvStride ?? kvLen;
+  if (heads % kvHeads !== 0) throw new Error(`${op}: ${heads} heads, ${kvHeads} kv heads`);
+  if (qLen > kvLen) throw new Error(`${op}: qLen ${qLen} > kvLen ${kvLen}`);
+  if (kvLen > stride) throw new Error(`${op}: kvLen ${kvLen} > kvStride ${stride}`);
+  const kvNumel = batch * stride * kvHeads * headDim;
+  if (
+    numelOf(q.shape) !== batch * qLen * heads * headDim || numelOf(k.shape) !== kvNumel ||
+    numelOf(v.shape) !== kvNumel
+  ) {
+    throw new Error(
+      `${op}: q [${q.shape}] / k [${k.shape}] / v [${v.shape}] do not match ${batch} sequences ` +
+        `of ${qLen} queries over ${stride} key rows, ${heads}/${kvHeads} heads of ${headDim}`,
+    );
+  }
+  return stride;
 }
 
 /** addRmsNorm's contract: a and b of one shape, w as wide as their rows. */

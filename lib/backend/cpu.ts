@@ -8,6 +8,7 @@ import {
   type AdamWHyper,
   type AttentionShape,
   checkAddRmsNorm,
+  checkAttentionShape,
   checkCombine,
   checkGrouped,
   checkRoutedExperts,
@@ -279,7 +280,7 @@ export class CpuBackend implements TrainingBackend {
     const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
     const qs = t(q).data, ks = t(k).data, vs = t(v).data;
     const qw = heads * headDim, kw = kvHeads * headDim;
-    const group = heads / kvHeads;
+    const group = heads / kvHeads, stride = checkAttentionShape("attention", q, k, v, s);
     const out = new Float32Array(batch * qLen * qw);
     const scale = 1 / Math.sqrt(headDim);
     if (this.blas) {
@@ -296,7 +297,7 @@ export class CpuBackend implements TrainingBackend {
           const qo = (b * qLen + i) * qw + h * headDim;
           let max = -Infinity;
           for (let j = lo; j <= pos; j++) {
-            const ko = (b * kvLen + j) * kw + kh * headDim;
+            const ko = (b * stride + j) * kw + kh * headDim;
             let dot = 0;
             for (let e = 0; e < headDim; e++) dot += qs[qo + e] * ks[ko + e];
             scores[j] = dot * scale;
@@ -307,7 +308,7 @@ export class CpuBackend implements TrainingBackend {
           const oo = (b * qLen + i) * qw + h * headDim;
           for (let j = lo; j <= pos; j++) {
             const p = scores[j] / sum;
-            const vo = (b * kvLen + j) * kw + kh * headDim;
+            const vo = (b * stride + j) * kw + kh * headDim;
             for (let e = 0; e < headDim; e++) out[oo + e] += p * vs[vo + e];
           }
         }
@@ -328,13 +329,14 @@ export class CpuBackend implements TrainingBackend {
   ): void {
     const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
     const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
+    const stride = s.kvStride ?? kvLen;
     const scores = new Float32Array(qLen * kvLen); // [qLen, kvLen]
     for (let b = 0; b < batch; b++) {
       for (let h = 0; h < heads; h++) {
         const kh = Math.floor(h / group);
         const q = qs.subarray(b * qLen * qw + h * headDim);
-        const k = ks.subarray(b * kvLen * kw + kh * headDim);
-        const v = vs.subarray(b * kvLen * kw + kh * headDim);
+        const k = ks.subarray(b * stride * kw + kh * headDim);
+        const v = vs.subarray(b * stride * kw + kh * headDim);
         this.blas!.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, scores, kvLen);
         for (let i = 0; i < qLen; i++) {
           const pos = kvLen - qLen + i;
@@ -556,6 +558,12 @@ export class CpuBackend implements TrainingBackend {
     s: AttentionShape,
   ): { dq: Tensor; dk: Tensor; dv: Tensor } {
     const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
+    if (checkAttentionShape("attentionBackward", q, k, v, s) !== kvLen) {
+      throw new Error(`attentionBackward: k and v must have kvLen rows a sequence, not a cache`);
+    }
+    if (numelOf(dOut.shape) !== numelOf(q.shape)) {
+      throw new Error(`attentionBackward: dOut [${dOut.shape}] unlike q [${q.shape}]`);
+    }
     const qs = t(q).data, ks = t(k).data, vs = t(v).data, dos = t(dOut).data;
     const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
     const dq = new Float32Array(batch * qLen * qw); // [B*qLen, heads*hd]

@@ -13,6 +13,7 @@ import {
   type AdamWHyper,
   type AttentionShape,
   checkAddRmsNorm,
+  checkAttentionShape,
   checkCombine,
   checkGrouped,
   checkRoutedExperts,
@@ -1190,13 +1191,9 @@ export class WebGpuBackend implements TrainingBackend {
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape): Tensor {
-    const { batch, qLen, kvLen, heads, kvHeads, headDim } = s;
+    const { batch, qLen, heads, kvHeads, headDim } = s;
     const qw = heads * headDim, kw = kvHeads * headDim;
-    if (heads % kvHeads !== 0) throw new Error(`attention: ${heads} heads, ${kvHeads} kv heads`);
-    if (qLen > kvLen) throw new Error(`attention: qLen ${qLen} > kvLen ${kvLen}`);
-    if (numelOf(q.shape) !== batch * qLen * qw || numelOf(k.shape) !== batch * kvLen * kw) {
-      throw new Error(`attention: q [${q.shape}] / k [${k.shape}] do not match the shape`);
-    }
+    const stride = checkAttentionShape("attention", q, k, v, s);
     const kernel = this.attentionKernelFor(s);
     if (kernel === "tiled" && headDim > ATTN_TILED_MAX_HEAD_DIM) {
       throw new Error(
@@ -1206,13 +1203,14 @@ export class WebGpuBackend implements TrainingBackend {
     const tiling = kernel === "tiled" ? attentionTiling(s) : null;
     const out = this.newTensor([batch * qLen, qw]); // [tokens, heads * headDim]
     // Chunks are whole sequences: a query needs every key of its own sequence.
-    const qBytes = qLen * qw * 4, kvBytes = kvLen * kw * 4;
+    const qBytes = qLen * qw * 4, kvBytes = stride * kw * 4;
     for (const [b0, seqs] of this.rowChunks(batch, [qBytes, kvBytes])) {
       const qRange = this.rowRange(t(q).buffer, b0, seqs, qBytes);
       const kRange = this.rowRange(t(k).buffer, b0, seqs, kvBytes);
       const vRange = this.rowRange(t(v).buffer, b0, seqs, kvBytes);
       const outRange = this.rowRange(out.buffer, b0, seqs, qBytes, true);
-      const params = attentionParams(seqs, s, [qRange, kRange, vRange, outRange]);
+      const ranges = [qRange, kRange, vRange, outRange];
+      const params = [...attentionParams(seqs, s, ranges), stride];
       const bindings = [qRange, kRange, vRange, outRange];
       if (tiling) {
         this.run({

@@ -132,33 +132,32 @@ export async function attentionBlock(
   const pos = positionsFor(shape, past);
   q = replace(q, be.rope(q, pos, s.heads, s.headDim, s.ropeTheta, s.ropeLinearFactor));
   k = replace(k, be.rope(k, pos, s.kvHeads, s.headDim, s.ropeTheta, s.ropeLinearFactor));
-  if (cache) {
-    // Write the new rows into the zeroed cache (add == copy), then attend over all of it.
-    const kvLen = past + shape.seqLen;
-    if (kvLen > cache.capacity) throw new Error(`KV cache full (${kvLen} > ${cache.capacity})`);
-    const newRows = new Int32Array(shape.batch * shape.seqLen);
-    const allRows = new Int32Array(shape.batch * kvLen);
-    for (let b = 0; b < shape.batch; b++) {
-      for (let t = 0; t < shape.seqLen; t++) {
-        newRows[b * shape.seqLen + t] = b * cache.capacity + past + t;
-      }
-      for (let t = 0; t < kvLen; t++) allRows[b * kvLen + t] = b * cache.capacity + t;
-    }
-    const ones = new Float32Array(newRows.length).fill(1);
-    be.scatterAddRows(cache.k[l], k, newRows, ones);
-    be.scatterAddRows(cache.v[l], v, newRows, ones);
-    k = replace(k, be.gatherRows(cache.k[l], allRows));
-    v = replace(v, be.gatherRows(cache.v[l], allRows));
-  }
-  const a = be.attention(q, k, v, {
+  const attentionShape = {
     batch: shape.batch,
     qLen: shape.seqLen,
-    kvLen: cache ? cache.length + shape.seqLen : shape.seqLen,
+    kvLen: past + shape.seqLen,
     heads: s.heads,
     kvHeads: s.kvHeads,
     headDim: s.headDim,
     window: model.spec.layers[l].window,
-  });
+  };
+  let a: Tensor;
+  if (cache) {
+    // Write the new rows into the zeroed cache (add == copy), then attend over the cache
+    // in place: each sequence's first kvLen of its capacity rows.
+    const kvLen = attentionShape.kvLen;
+    if (kvLen > cache.capacity) throw new Error(`KV cache full (${kvLen} > ${cache.capacity})`);
+    const newRows = new Int32Array(shape.batch * shape.seqLen);
+    for (let b = 0; b < shape.batch; b++) {
+      for (let t = 0; t < shape.seqLen; t++) {
+        newRows[b * shape.seqLen + t] = b * cache.capacity + past + t;
+      }
+    }
+    const ones = new Float32Array(newRows.length).fill(1);
+    be.scatterAddRows(cache.k[l], k, newRows, ones);
+    be.scatterAddRows(cache.v[l], v, newRows, ones);
+    a = be.attention(q, cache.k[l], cache.v[l], { ...attentionShape, kvStride: cache.capacity });
+  } else a = be.attention(q, k, v, attentionShape);
   be.free(q), be.free(k), be.free(v);
   const out = be.matmul(a, await model.weight(`${p}o_proj.weight`), await bias("o_proj", s.oBias));
   be.free(a);
