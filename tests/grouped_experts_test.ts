@@ -1,7 +1,8 @@
 // The grouped expert path: groupedMatmul (every expert of a layer in one call) and
 // combineRows (each token sums its k expert outputs) against per-expert plain loops, on
 // CPU and WebGPU, with empty experts, ragged sizes, every dtype and 4 KiB bindings (one
-// expert's matrix spread over several chunks); bad inputs; stacks follow putTensor.
+// expert's matrix spread over several chunks); matmulSwiglu (one MLP's fused gate/up);
+// bad inputs; stacks (experts', shared experts') have the layout and follow putTensor.
 
 import assert from "node:assert";
 import {
@@ -13,7 +14,7 @@ import {
 } from "../lib/backend/backend.ts";
 import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
 import { toFloat32 } from "../lib/io/safetensors.ts";
-import { expertName } from "../lib/model/config.ts";
+import { expertName, mlpNames, sharedName } from "../lib/model/config.ts";
 import { Model } from "../lib/model/model.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
 import { DEFAULT_MODEL } from "./golden.ts";
@@ -280,6 +281,52 @@ for (const [name, be] of backends) {
   });
 
   Deno.test({
+    name: `${name} matmulSwiglu over an interleaved gate/up stack equals matmul, matmul, swiglu`,
+    async fn() {
+      // [rows, K, width]: decode (gemv), a few rows, blocked tiles past 128 rows; widths
+      // padded to whole runs (17, 9) and wider than one 128-column tile.
+      const cases = [[1, 32, 24], [5, 33, 17], [300, 16, 9], [40, 20, 150]];
+      for (const [n, k, width] of cases) {
+        for (const dtype of ["BF16", "F32"] as const) {
+          const gate = randn(width * k), up = randn(width * k), xs = randn(n * k);
+          const layout = expertStackValues(gate, up, new Float32Array(k * width), 1, k, width);
+          const raw = rawWeight("gateUp", [2 * layout.padded, k], layout.gateUp, dtype);
+          const w = be.uploadWeight(raw), x = be.tensor(xs, [n, k]);
+          const got = await readBack(be, be.matmulSwiglu(x, w));
+          // The oracle: plain loops over the decoded (rounded) gate and up rows.
+          const decoded = (reference.uploadWeight(raw) as CpuWeight).data;
+          const want = new Float32Array(n * layout.padded);
+          for (let r = 0; r < n; r++) {
+            for (let c = 0; c < width; c++) {
+              const run = Math.floor(c / GATE_UP_RUN), j = c % GATE_UP_RUN;
+              const gateRow = 2 * run * GATE_UP_RUN + j, upRow = gateRow + GATE_UP_RUN;
+              let g = 0, u = 0;
+              for (let i = 0; i < k; i++) {
+                g += xs[r * k + i] * decoded[gateRow * k + i];
+                u += xs[r * k + i] * decoded[upRow * k + i];
+              }
+              want[r * layout.padded + c] = g / (1 + Math.exp(-g)) * u;
+            }
+          }
+          const err = sharedRelError(worst, `matmulSwiglu ${dtype}`, got, want);
+          assert(err <= MATMUL_TOL, `${name} matmulSwiglu ${n}x${k}x${width} ${dtype}: ${err}`);
+          for (let r = 0; r < n; r++) {
+            for (let c = width; c < layout.padded; c++) assert.equal(got[r * layout.padded + c], 0);
+          }
+          be.free(x), be.freeWeight(w);
+        }
+      }
+      const x = be.tensor(randn(2 * 4), [2, 4]);
+      const weight = (shape: number[]) =>
+        be.uploadWeight(rawWeight("w", shape, randn(shape.reduce((a, b) => a * b)), "F32"));
+      for (const shape of [[12, 4], [16, 5], [1, 16, 4]]) {
+        assert.throws(() => be.matmulSwiglu(x, weight(shape)), /not \[2W, 4\] of whole gate\/up/);
+      }
+      be.free(x);
+    },
+  });
+
+  Deno.test({
     name: `${name} routedExperts rejects stacks that do not fit the logits`,
     async fn() {
       const stack = (name: string, shape: number[]) =>
@@ -308,6 +355,25 @@ for (const [name, be] of backends) {
     },
   });
 }
+
+Deno.test({
+  name: "webgpu matmulSwiglu with a forced naive or tiled matmul kernel runs blocked",
+  ignore: gpu === null,
+  async fn() {
+    const n = 20, k = 16, width = 8;
+    const x = randn(n * k), gateUp = randn(2 * width * k);
+    const raw = rawWeight("gateUp", [2 * width, k], gateUp, "F32");
+    const want = await readBack(
+      fast,
+      fast.matmulSwiglu(fast.tensor(x, [n, k]), fast.uploadWeight(raw)),
+    );
+    for (const kernel of ["naive", "tiled"] as const) {
+      const be = gpu!.withOptions({ matmulKernel: kernel });
+      const got = await readBack(be, be.matmulSwiglu(be.tensor(x, [n, k]), be.uploadWeight(raw)));
+      assert(sharedRelError(worst, "matmulSwiglu F32", got, want) <= MATMUL_TOL, kernel);
+    }
+  },
+});
 
 // The shipped model, and a generated one whose expert width (10) needs padding.
 const oddWidthModel = await Deno.makeTempDir({ prefix: "odd-width-moe-" });
@@ -355,6 +421,24 @@ for (const [label, dir] of [["default model", DEFAULT_MODEL], ["width 10", oddWi
       );
       const stack = (await model.expertStack(l, "gate_up", e)) as CpuWeight;
       assert.deepEqual(stack.data, want.gateUp);
+      // The shared experts as one MLP: the same layout, one matrix, 2-D.
+      const shared = mlpNames((p) => sharedName(model.spec, l, p));
+      const sharedRaw = await Promise.all(
+        [shared.gate, shared.up, shared.down].map(async (n) => toFloat32(await model.rawTensor(n))),
+      );
+      const sharedWidth = mlp.sharedWidth;
+      const sharedWant = expertStackValues(
+        ...sharedRaw as [Float32Array, Float32Array, Float32Array],
+        1,
+        h,
+        sharedWidth,
+      );
+      const sharedGateUp = (await model.mlpStack(shared, "gate_up")) as CpuWeight;
+      assert.deepEqual(sharedGateUp.shape, [2 * sharedWant.padded, h]);
+      assert.deepEqual(sharedGateUp.data, sharedWant.gateUp);
+      const sharedDown = (await model.mlpStack(shared, "down")) as CpuWeight;
+      assert.deepEqual(sharedDown.shape, [h, sharedWant.padded]);
+      assert.deepEqual(sharedDown.data, sharedWant.down);
       assert.deepEqual(((await model.expertStack(l, "down", e)) as CpuWeight).data, want.down);
       // Zero expert 1's up matrix: its up runs in the new stack are zero, the rest as before.
       const raw = await model.rawTensor(expertName(model.spec, l, 1, "up"));

@@ -229,6 +229,12 @@ export interface Backend {
   matmul(x: Tensor, w: Weight, bias?: Weight): Tensor;
   add(a: Tensor, b: Tensor): Tensor;
   /**
+   * A SwiGLU MLP's first half in one pass: x [N, K] @ gateUp [2W, K]^T, whose rows are the
+   * gate and up rows interleaved in runs of GATE_UP_RUN (Model.mlpStack), gives
+   * silu(gate) * up [N, W] without the two [N, W] products.
+   */
+  matmulSwiglu(x: Tensor, gateUp: Weight): Tensor;
+  /**
    * All experts of a layer in one call: x [R, K] holds groupRows[g] consecutive rows for
    * each group g in turn, and each row is multiplied by its group's matrix of `stack`
    * [G, M, K] (a weight uploaded with the experts stacked): out [R, M].
@@ -314,6 +320,17 @@ export function checkGrouped(stack: Weight, k: number, groupRows: Int32Array, ro
   if (groupRows.length !== g || sum !== rows) {
     throw new Error(
       `groupedMatmul: ${groupRows.length} groups of ${sum} rows for ${g} matrices and ${rows} rows`,
+    );
+  }
+}
+
+/** matmulSwiglu's contract: a 2-D stack of whole gate/up blocks as wide as x's rows. */
+export function checkMatmulSwiglu(x: Tensor, gateUp: Weight) {
+  const [rows, k] = gateUp.shape;
+  if (gateUp.shape.length !== 2 || rows % (2 * GATE_UP_RUN) !== 0 || rowsCols(x)[1] !== k) {
+    throw new Error(
+      `matmulSwiglu: x has ${rowsCols(x)[1]} columns; weight "${gateUp.name}" [${gateUp.shape}] ` +
+        `is not [2W, ${rowsCols(x)[1]}] of whole gate/up runs of ${GATE_UP_RUN}`,
     );
   }
 }

@@ -11,6 +11,7 @@ import {
   checkAttentionShape,
   checkCombine,
   checkGrouped,
+  checkMatmulSwiglu,
   checkRoutedExperts,
   expertPlan,
   type ExpertStacks,
@@ -183,6 +184,13 @@ export class CpuBackend implements TrainingBackend {
       out.set(t(this.matmul(rows, we)).data, r0 * m);
     }
     return new CpuTensor(out, [r, m]);
+  }
+
+  matmulSwiglu(x: Tensor, gateUp: Weight): Tensor {
+    checkMatmulSwiglu(x, gateUp);
+    const n = rowsCols(x)[0], width = gateUp.shape[0] / 2;
+    const gu = this.matmul(x, gateUp);
+    return new CpuTensor(swigluInterleaved(t(gu).data, n, width), [n, width]);
   }
 
   combineRows(out: Tensor, y: Tensor, sources: Int32Array, scales: Float32Array, k: number): void {

@@ -16,6 +16,7 @@ import {
   checkAttentionShape,
   checkCombine,
   checkGrouped,
+  checkMatmulSwiglu,
   checkRoutedExperts,
   expertPlan,
   type ExpertStacks,
@@ -839,22 +840,47 @@ export class WebGpuBackend implements TrainingBackend {
   }
 
   matmul(x: Tensor, weight: Weight, bias?: Weight): Tensor {
-    const [n, k] = rowsCols(x);
-    const [m, k2] = weight.shape;
-    if (weight.shape.length !== 2 || k !== k2) {
+    const [m, k] = weight.shape;
+    if (weight.shape.length !== 2 || rowsCols(x)[1] !== k) {
       throw new Error(
-        `matmul: x has ${k} columns but weight "${weight.name}" is [${weight.shape}]`,
+        `matmul: x has ${rowsCols(x)[1]} columns but weight "${weight.name}" is [${weight.shape}]`,
       );
     }
     if (bias && numelOf(bias.shape) !== m) {
       throw new Error(`matmul: bias "${bias.name}" is [${bias.shape}], want [${m}]`);
     }
+    return this.matmulOn(x, weight, bias, false);
+  }
+
+  matmulSwiglu(x: Tensor, gateUp: Weight): Tensor {
+    checkMatmulSwiglu(x, gateUp);
+    const blocksSplit = w(gateUp).chunks.some((c) => c.row0 % GATE_UP_BLOCK !== 0);
+    if (blocksSplit) {
+      throw new Error(
+        `webgpu: "${gateUp.name}" [${gateUp.shape}] splits a gate/up block: the binding ` +
+          `limit ${this.maxBindingBytes} holds fewer than ${GATE_UP_BLOCK} rows`,
+      );
+    }
+    return this.matmulOn(x, gateUp, undefined, true);
+  }
+
+  /**
+   * x @ weight^T (+ bias), or with swiglu over interleaved gate/up rows, silu(gate) * up
+   * (half the columns; only the gemv and blocked kernels have that epilogue, so a forced
+   * naive or tiled kernel gives way to blocked there).
+   */
+  private matmulOn(x: Tensor, weight: Weight, bias: Weight | undefined, swiglu: boolean) {
+    const [n, k] = rowsCols(x);
+    const [wRows] = weight.shape;
+    const m = swiglu ? wRows / 2 : wRows; // output columns
     const out = this.newTensor([n, m]); // [tokens, out features]
-    const kernel = this.matmulKernelFor(n);
+    let kernel = this.matmulKernelFor(n);
+    if (swiglu && kernel !== "gemv") kernel = "blocked";
     const constants = {
       W_DTYPE: DTYPE_CODE[weight.dtype],
       B_DTYPE: bias ? DTYPE_CODE[bias.dtype] : 0,
       HAS_BIAS: bias ? 1 : 0,
+      SWIGLU: swiglu ? 1 : 0,
     };
     const biasBuffer = bias ? w(bias).chunks[0].buffer : this.emptyBuffer;
     // Each weight chunk writes its own band of output columns.

@@ -3,7 +3,7 @@
 // they agree bit for bit on the CPU backend.
 
 import type { Backend, Routing, Tensor } from "../backend/backend.ts";
-import { expertName, layerPrefix, type MlpSpec, sharedName } from "../model/config.ts";
+import { expertName, layerPrefix, mlpNames, type MlpSpec, sharedName } from "../model/config.ts";
 import {
   attentionBlock,
   type BatchShape,
@@ -38,25 +38,13 @@ export async function sharedOutput(model: Model, l: number, xn: Tensor): Promise
     return be.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
   }
   if (mlp.sharedGate) return await gatedSharedExpert(model, l, xn);
-  return await swigluMlp(
-    model,
-    xn,
-    sharedName(s, l, "gate"),
-    sharedName(s, l, "up"),
-    sharedName(s, l, "down"),
-  );
+  return await swigluMlp(model, xn, mlpNames((p) => sharedName(s, l, p)));
 }
 
 /** Routed expert e of layer l applied to every row of xn. */
 export function expertOutput(model: Model, l: number, e: number, xn: Tensor): Promise<Tensor> {
   const s = model.spec;
-  return swigluMlp(
-    model,
-    xn,
-    expertName(s, l, e, "gate"),
-    expertName(s, l, e, "up"),
-    expertName(s, l, e, "down"),
-  );
+  return swigluMlp(model, xn, mlpNames((p) => expertName(s, l, e, p)), false);
 }
 
 /** y = shared(xn) + sum_i wbar[i] * expert_{experts[i]}(xn), accumulated in list order. */

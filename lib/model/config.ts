@@ -554,3 +554,15 @@ export function sharedGateName(l: number): string {
 export function denseName(l: number, proj: "gate" | "up" | "down"): string {
   return `${layerPrefix(l)}mlp.${proj}_proj.weight`;
 }
+
+/** The three weights of one SwiGLU MLP: down(silu(gate x) * up x). */
+export interface MlpNames {
+  gate: string;
+  up: string;
+  down: string;
+}
+
+/** The MlpNames whose projection names come from `name(proj)`. */
+export function mlpNames(name: (proj: "gate" | "up" | "down") => string): MlpNames {
+  return { gate: name("gate"), up: name("up"), down: name("down") };
+}

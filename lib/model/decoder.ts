@@ -2,7 +2,7 @@
 // GQA attention, dense / MoE / condensed / dropped MLPs). Per-architecture behaviour
 // comes from ModelSpec; nothing here branches on model_type.
 
-import { expertPlan, type Routing, type Tensor } from "../backend/backend.ts";
+import type { Routing, Tensor } from "../backend/backend.ts";
 import {
   cesValues,
   computeTheta,
@@ -14,6 +14,8 @@ import {
   denseName,
   expertName,
   layerPrefix,
+  type MlpNames,
+  mlpNames,
   type MlpSpec,
   routerName,
   sharedGateName,
@@ -164,20 +166,33 @@ export async function attentionBlock(
   return out;
 }
 
-/** SwiGLU MLP down(silu(gate(x)) * up(x)) from three weight names. */
+/**
+ * SwiGLU MLP down(silu(gate(x)) * up(x)). Inference runs it from the model's stacks of the
+ * three weights (Model.mlpStack): matmulSwiglu then one matmul, instead of two matmuls,
+ * their outputs and a swiglu pass. Weights in training, and routed experts run alone
+ * (`stacked` false: the search's candidates, which would otherwise hold every expert a
+ * second time beside the routed experts' stacks), use the three weights as they are.
+ */
 export async function swigluMlp(
   model: Model,
   x: Tensor,
-  gate: string,
-  up: string,
-  down: string,
+  names: MlpNames,
+  stacked = true,
 ): Promise<Tensor> {
   const be = model.backend;
-  const g = be.matmul(x, await model.weight(gate));
-  const u = be.matmul(x, await model.weight(up));
-  const a = be.swiglu(g, u);
-  be.free(g), be.free(u);
-  const y = be.matmul(a, await model.weight(down));
+  const training = [names.gate, names.up, names.down].some((n) => model.trainable.has(n));
+  let a: Tensor;
+  if (stacked && !training) a = be.matmulSwiglu(x, await model.mlpStack(names, "gate_up"));
+  else {
+    const g = be.matmul(x, await model.weight(names.gate));
+    const u = be.matmul(x, await model.weight(names.up));
+    a = be.swiglu(g, u);
+    be.free(g), be.free(u);
+  }
+  const down = stacked && !training
+    ? await model.mlpStack(names, "down")
+    : await model.weight(names.down);
+  const y = be.matmul(a, down);
   be.free(a);
   return y;
 }
@@ -193,13 +208,7 @@ export async function mlpBlock(
   if (mlp.kind === "dense") {
     // A condensed Qwen layer that kept no routed expert is its gated shared expert alone.
     if (mlp.width === 0 && mlp.gatedShared) return await gatedSharedExpert(model, l, xn);
-    const y = await swigluMlp(
-      model,
-      xn,
-      denseName(l, "gate"),
-      denseName(l, "up"),
-      denseName(l, "down"),
-    );
+    const y = await swigluMlp(model, xn, mlpNames((p) => denseName(l, p)));
     if (!mlp.gatedShared) return y;
     const shared = await gatedSharedExpert(model, l, xn);
     const sum = be.add(y, shared);
@@ -226,13 +235,9 @@ export async function mlpBlock(
   // Shared experts first (always on), then routed experts accumulate into the same rows.
   let out: Tensor;
   if (mlp.sharedWidth > 0) {
-    out = mlp.sharedGate ? await gatedSharedExpert(model, l, xn) : await swigluMlp(
-      model,
-      xn,
-      sharedName(s, l, "gate"),
-      sharedName(s, l, "up"),
-      sharedName(s, l, "down"),
-    );
+    out = mlp.sharedGate
+      ? await gatedSharedExpert(model, l, xn)
+      : await swigluMlp(model, xn, mlpNames((p) => sharedName(s, l, p)));
   } else {
     out = be.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
   }
@@ -305,13 +310,7 @@ export async function scaledExpert(
 /** Qwen2-MoE: sigmoid(x . shared_expert_gate) * shared_expert(x). */
 export async function gatedSharedExpert(model: Model, l: number, xn: Tensor): Promise<Tensor> {
   const be = model.backend, s = model.spec;
-  const y = await swigluMlp(
-    model,
-    xn,
-    sharedName(s, l, "gate"),
-    sharedName(s, l, "up"),
-    sharedName(s, l, "down"),
-  );
+  const y = await swigluMlp(model, xn, mlpNames((p) => sharedName(s, l, p)));
   const g = be.matmul(xn, await model.weight(sharedGateName(l)));
   const out = be.sigmoidScaleRows(y, g);
   be.free(y), be.free(g);
@@ -344,33 +343,36 @@ async function trainableExperts(
   for (let e = 0; e < numExperts; e++) {
     if (rows[e].length === 0) continue;
     const xe = be.gatherRows(xn, rows[e]);
-    const y = await swigluMlp(
-      model,
-      xe,
-      expertName(s, l, e, "gate"),
-      expertName(s, l, e, "up"),
-      expertName(s, l, e, "down"),
-    );
+    const y = await swigluMlp(model, xe, mlpNames((p) => expertName(s, l, e, p)), false);
     be.scatterAddRows(out, y, rows[e], scales[e]);
     be.free(xe), be.free(y);
   }
 }
 
-/** The rows routed to each expert and their routing weights, from the grouped plan. */
+/**
+ * Each expert's routed tokens (ascending, as expertPlan orders them): for expert e,
+ * slots[e] are the indices into routing.indices that chose it, rows[e] their token rows
+ * and scales[e] their routing weights.
+ */
 export function groupByExpert(
   routing: Routing,
   topK: number,
   numExperts: number,
-): { rows: Int32Array[]; scales: Float32Array[] } {
-  const plan = expertPlan(routing, topK, numExperts);
-  const rowScales = new Float32Array(plan.order.length); // the weight of each grouped row
-  plan.sources.forEach((row, i) => rowScales[row] = plan.scales[i]);
-  const rows: Int32Array[] = [], scales: Float32Array[] = [];
-  for (let e = 0, r0 = 0; e < numExperts; r0 += plan.groupRows[e++]) {
-    rows.push(plan.order.subarray(r0, r0 + plan.groupRows[e]));
-    scales.push(rowScales.subarray(r0, r0 + plan.groupRows[e]));
+): { rows: Int32Array[]; slots: Int32Array[]; scales: Float32Array[] } {
+  const { indices, weights } = routing;
+  const counts = new Int32Array(numExperts);
+  for (const e of indices) {
+    if (e < 0 || e >= numExperts) throw new Error(`expert ${e} out of [0, ${numExperts})`);
+    counts[e]++;
   }
-  return { rows, scales };
+  const slots = Array.from(counts, (n) => new Int32Array(n));
+  const filled = new Int32Array(numExperts);
+  indices.forEach((e, i) => slots[e][filled[e]++] = i);
+  return {
+    rows: slots.map((s) => s.map((i) => Math.floor(i / topK))),
+    slots,
+    scales: slots.map((s) => Float32Array.from(s, (i) => weights[i])),
+  };
 }
 
 export async function finalNorm(model: Model, h: Tensor): Promise<Tensor> {

@@ -12,7 +12,13 @@ import {
 } from "../io/checkpoint.ts";
 import type { RawTensor } from "../io/safetensors.ts";
 import { prepareCompressedExperts } from "../methods/compressed_experts.ts";
-import { expertName, layerPrefix, type ModelSpec, parseModelConfig } from "./config.ts";
+import {
+  expertName,
+  layerPrefix,
+  type MlpNames,
+  type ModelSpec,
+  parseModelConfig,
+} from "./config.ts";
 
 export class Model {
   private weights = new Map<string, Weight>();
@@ -109,14 +115,34 @@ export class Model {
    * columns: the fused SwiGLU), and "down" [E, H, W']. W' is the expert width W rounded
    * up to whole runs; the padding rows and columns are zero, so they add nothing.
    */
-  async expertStack(l: number, proj: "gate_up" | "down", experts: number): Promise<Weight> {
-    const key = `${layerPrefix(l)}<experts ${proj} stacked>`;
+  expertStack(l: number, proj: "gate_up" | "down", experts: number): Promise<Weight> {
+    return this.stacked(
+      `${layerPrefix(l)}<experts ${proj} stacked>`,
+      proj,
+      (part) => Array.from({ length: experts }, (_, e) => expertName(this.spec, l, e, part)),
+      [experts],
+    );
+  }
+
+  /**
+   * One SwiGLU MLP (dense, or shared experts) in the same layout, for matmulSwiglu then
+   * matmul: "gate_up" [2W', H] and "down" [H, W'].
+   */
+  mlpStack(names: MlpNames, proj: "gate_up" | "down"): Promise<Weight> {
+    return this.stacked(`${names.gate} <mlp ${proj} stacked>`, proj, (part) => [names[part]], []);
+  }
+
+  private async stacked(
+    key: string,
+    proj: "gate_up" | "down",
+    memberNames: (part: "gate" | "up" | "down") => string[],
+    lead: number[],
+  ): Promise<Weight> {
     const cached = this.stacks.get(key);
     if (cached) return cached.weight;
     const parts = proj === "gate_up" ? ["gate", "up"] as const : ["down"] as const;
-    const members = parts.flatMap((part) =>
-      Array.from({ length: experts }, (_, e) => expertName(this.spec, l, e, part))
-    );
+    const members = parts.flatMap(memberNames);
+    const experts = members.length / parts.length;
     members.forEach((name) => this.requireTensor(name));
     // One expert matrix at a time into the stack, so the host holds the stack and one.
     const first = await this.rawTensor(members[0]);
@@ -155,8 +181,8 @@ export class Model {
       }
     }
     const stackShape = proj === "gate_up"
-      ? [experts, 2 * padded, hidden]
-      : [experts, hidden, padded];
+      ? [...lead, 2 * padded, hidden]
+      : [...lead, hidden, padded];
     const weight = this.backend.uploadWeight({ name: key, dtype, shape: stackShape, bytes });
     this.stacks.set(key, { weight, bytes: bytes.length, members });
     this.addResident(bytes.length);
