@@ -20,11 +20,13 @@ import {
   denseName,
   expertName,
   layerPrefix,
+  type MlpNames,
+  mlpNames,
   routerName,
   sharedGateName,
   sharedName,
 } from "../model/config.ts";
-import { type BatchShape, positionsFor } from "../model/decoder.ts";
+import { type BatchShape, groupByExpert, positionsFor } from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
 
 /** Gradients of the trainable tensors, f32, by tensor name (accumulated across micro-batches). */
@@ -36,7 +38,7 @@ interface SwigluTape {
   u: Tensor; // [N, W] up projection
   a: Tensor; // [N, W] silu(g) * u
   y: Tensor; // [N, H] down projection
-  names: [string, string, string];
+  names: MlpNames;
 }
 
 interface AttentionTape {
@@ -114,13 +116,13 @@ function be(model: Model): TrainingBackend {
 async function swigluForward(
   model: Model,
   x: Tensor,
-  names: [string, string, string],
+  names: MlpNames,
 ): Promise<SwigluTape> {
   const b = be(model);
-  const g = b.matmul(x, await w(model, names[0]));
-  const u = b.matmul(x, await w(model, names[1]));
+  const g = b.matmul(x, await w(model, names.gate));
+  const u = b.matmul(x, await w(model, names.up));
   const a = b.swiglu(g, u);
-  const y = b.matmul(a, await w(model, names[2]));
+  const y = b.matmul(a, await w(model, names.down));
   return { x, g, u, a, y, names };
 }
 
@@ -132,7 +134,7 @@ async function swigluBackward(
   grads: Grads,
 ): Promise<Tensor> {
   const b = be(model);
-  const [gate, up, down] = t.names;
+  const { gate, up, down } = t.names;
   const da = b.matmulBackward(t.a, await w(model, down), dy, {
     needInput: true,
     weightGrad: grads.get(down),
@@ -278,11 +280,7 @@ async function mlpForward(model: Model, l: number, x: Tensor): Promise<[MlpTape,
   );
   const t: MlpTape = { xn };
   const gatedShared = async (): Promise<Tensor> => {
-    t.shared = await swigluForward(model, xn, [
-      sharedName(s, l, "gate"),
-      sharedName(s, l, "up"),
-      sharedName(s, l, "down"),
-    ]);
+    t.shared = await swigluForward(model, xn, mlpNames((p) => sharedName(s, l, p)));
     const g = b.matmul(xn, await w(model, sharedGateName(l))); // [N, 1]
     const y = b.sigmoidScaleRows(t.shared.y, g);
     t.sharedGate = { g, y };
@@ -290,11 +288,7 @@ async function mlpForward(model: Model, l: number, x: Tensor): Promise<[MlpTape,
   };
   if (mlp.kind === "dense") {
     if (mlp.width === 0 && mlp.gatedShared) return [t, b.scale(await gatedShared(), 1)];
-    t.dense = await swigluForward(model, xn, [
-      denseName(l, "gate"),
-      denseName(l, "up"),
-      denseName(l, "down"),
-    ]);
+    t.dense = await swigluForward(model, xn, mlpNames((p) => denseName(l, p)));
     if (!mlp.gatedShared) return [t, b.scale(t.dense.y, 1)];
     return [t, b.add(t.dense.y, await gatedShared())];
   }
@@ -307,11 +301,7 @@ async function mlpForward(model: Model, l: number, x: Tensor): Promise<[MlpTape,
   let out: Tensor;
   if (mlp.sharedWidth > 0 && mlp.sharedGate) out = b.scale(await gatedShared(), 1);
   else if (mlp.sharedWidth > 0) {
-    t.shared = await swigluForward(model, xn, [
-      sharedName(s, l, "gate"),
-      sharedName(s, l, "up"),
-      sharedName(s, l, "down"),
-    ]);
+    t.shared = await swigluForward(model, xn, mlpNames((p) => sharedName(s, l, p)));
     out = b.scale(t.shared.y, 1);
   } else {
     out = b.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
@@ -321,21 +311,14 @@ async function mlpForward(model: Model, l: number, x: Tensor): Promise<[MlpTape,
     return [t, out];
   }
   t.experts = [];
-  const { indices, weights } = t.routing;
+  const groups = groupByExpert(t.routing, mlp.topK, mlp.experts);
   for (let e = 0; e < mlp.experts; e++) {
-    const slots: number[] = [];
-    for (let i = 0; i < indices.length; i++) if (indices[i] === e) slots.push(i);
+    const rows = groups.rows[e], slots = groups.slots[e], scales = groups.scales[e];
     if (slots.length === 0) continue;
-    const rows = Int32Array.from(slots, (i) => Math.floor(i / mlp.topK));
-    const scales = Float32Array.from(slots, (i) => weights[i]);
     const xe = b.gatherRows(xn, rows);
-    const tape = await swigluForward(model, xe, [
-      expertName(s, l, e, "gate"),
-      expertName(s, l, e, "up"),
-      expertName(s, l, e, "down"),
-    ]);
+    const tape = await swigluForward(model, xe, mlpNames((p) => expertName(s, l, e, p)));
     b.scatterAddRows(out, tape.y, rows, scales);
-    t.experts.push({ expert: e, rows, slots: Int32Array.from(slots), scales, mlp: tape });
+    t.experts.push({ expert: e, rows, slots, scales, mlp: tape });
   }
   return [t, out];
 }
@@ -580,14 +563,11 @@ async function ceForward(
   const t1 = b.tensor(theta.t1, [n, W]);
   const t2 = b.tensor(theta.t2, [n, s.hidden]);
   const km = mlp.mainExperts!, experts: CeExpertTape[] = [];
+  const main = { indices: split.mainIndices, weights: split.mainWeights };
+  const groups = groupByExpert(main, km, mlp.experts);
   for (let e = 0; e < mlp.experts; e++) {
-    const slots: number[] = [];
-    for (let i = 0; i < split.mainIndices.length; i++) {
-      if (split.mainIndices[i] === e) slots.push(i);
-    }
+    const rows = groups.rows[e], slots = groups.slots[e], scales = groups.scales[e];
     if (slots.length === 0) continue;
-    const rows = Int32Array.from(slots, (i) => Math.floor(i / km));
-    const scales = Float32Array.from(slots, (i) => split.mainWeights[i]);
     const x = b.gatherRows(xn, rows);
     const [e0, e1, e2] = [t0, t1, t2].map((th) => b.gatherRows(th, rows));
     const xg = b.mul(x, e0), xu = b.mul(x, e2);
@@ -600,7 +580,7 @@ async function ceForward(
     experts.push({
       expert: e,
       rows,
-      slots: Int32Array.from(slots),
+      slots,
       scales,
       x,
       t0: e0,
