@@ -69,6 +69,30 @@ Deno.test("cpu attention over a KV cache in place (kvStride) equals it over the 
   }
 });
 
+Deno.test("cpu splitQkv is the column split of a fused projection, q and k then rotated", async () => {
+  const n = 3, heads = 4, kvHeads = 2, hd = 6, d = (heads + 2 * kvHeads) * hd;
+  const x = randn(n * d, 10), positions = Int32Array.of(0, 5, 900);
+  const columns = (c0: number, width: number) =>
+    Float32Array.from(
+      { length: n * width },
+      (_, i) => x[Math.floor(i / width) * d + c0 + i % width],
+    );
+  const q = columns(0, heads * hd), k = columns(heads * hd, kvHeads * hd);
+  const v = columns((heads + kvHeads) * hd, kvHeads * hd);
+  const split = reference.splitQkv(reference.tensor(x, [n, d]), heads, kvHeads, hd, {
+    positions,
+    theta: 500,
+    linearFactor: 2,
+  });
+  const rope = (values: Float32Array, h: number) =>
+    reference.read(reference.rope(reference.tensor(values, [n, h * hd]), positions, h, hd, 500, 2));
+  assert.deepEqual(await reference.read(split.q), await rope(q, heads));
+  assert.deepEqual(await reference.read(split.k), await rope(k, kvHeads));
+  assert.deepEqual(await reference.read(split.v), v);
+  const plain = reference.splitQkv(reference.tensor(x, [n, d]), heads, kvHeads, hd, null);
+  assert.deepEqual(await reference.read(plain.q), q);
+});
+
 Deno.test("cpu attention: BLAS equals plain loops (GQA, qLen < kvLen, window)", async () => {
   for (
     const s of [

@@ -201,6 +201,33 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "webgpu splitQkv matches cpu (with and without RoPE, GQA, chunked rows)",
+  ignore,
+  async fn() {
+    // [rows, heads, kvHeads, headDim]: GQA 6/2, MHA, head_dim 64 with linear scaling.
+    const plain = [[5, 6, 2, 8], [40, 4, 4, 16], [9, 2, 1, 64]];
+    for (const [be, sizes] of backends(plain)) {
+      for (const [n, heads, kvHeads, hd] of sizes) {
+        const d = (heads + 2 * kvHeads) * hd;
+        const positions = Int32Array.from({ length: n }, (_, i) => 1000 + 7 * i);
+        const [gx, cx] = both(be, randn(n * d, 2), [n, d]);
+        for (const rope of [null, { positions, theta: 10000, linearFactor: hd === 64 ? 4 : 1 }]) {
+          const got = be.splitQkv(gx, heads, kvHeads, hd, rope);
+          const want = cpu.splitQkv(cx, heads, kvHeads, hd, rope);
+          for (const part of ["q", "k", "v"] as const) {
+            await expectClose(`splitQkv ${part}`, got[part], want[part], ELEMENTWISE_TOL * 4);
+          }
+        }
+      }
+    }
+    const x = gpu!.tensor(randn(2 * 40), [2, 40]);
+    assert.throws(() => gpu!.splitQkv(x, 2, 1, 9, null), /not \(2 \+ 2 x 1\) heads of an even 9/);
+    const rope = { positions: Int32Array.of(0), theta: 1e4, linearFactor: 1 };
+    assert.throws(() => gpu!.splitQkv(x, 2, 1, 10, rope), /1 positions, 2 rows/);
+  },
+});
+
 async function checkAttention(be: Backend, s: AttentionShape) {
   const qw = s.heads * s.headDim, kw = s.kvHeads * s.headDim;
   const [gq, cq] = both(be, randn(s.batch * s.qLen * qw, 2), [s.batch * s.qLen, qw]);

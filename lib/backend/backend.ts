@@ -47,6 +47,32 @@ export interface ExpertStacks {
 
 export const GATE_UP_RUN = 4;
 
+/** RoPE of splitQkv: row r at position positions[r] / linearFactor, base theta. */
+export interface RopeSpec {
+  positions: Int32Array;
+  theta: number;
+  linearFactor: number;
+}
+
+/** splitQkv's contract: rows of (heads + 2 kvHeads) heads of an even headDim. */
+export function checkSplitQkv(
+  qkv: Tensor,
+  heads: number,
+  kvHeads: number,
+  headDim: number,
+  rope: RopeSpec | null,
+) {
+  const [n, d] = rowsCols(qkv);
+  if (d !== (heads + 2 * kvHeads) * headDim || headDim % 2 !== 0) {
+    throw new Error(
+      `splitQkv: row width ${d} is not (${heads} + 2 x ${kvHeads}) heads of an even ${headDim}`,
+    );
+  }
+  if (rope && rope.positions.length !== n) {
+    throw new Error(`splitQkv: ${rope.positions.length} positions, ${n} rows`);
+  }
+}
+
 export interface AttentionShape {
   batch: number;
   /** Query rows per sequence; the queries are the last qLen of kvLen positions. */
@@ -265,6 +291,19 @@ export interface Backend {
   swiglu(gate: Tensor, up: Tensor): Tensor;
   /** Clamp every entry to [-limit, limit] (OLMoE clip_qkv). */
   clamp(x: Tensor, limit: number): Tensor;
+  /**
+   * q [N, heads * headDim], k and v [N, kvHeads * headDim] from one fused projection qkv
+   * [N, (heads + 2 kvHeads) * headDim] (a matmul over Model.rowStack of the three
+   * weights), q and k rotated as rope() does when `rope` is given: one pass for what was
+   * three matmul outputs and two rope passes.
+   */
+  splitQkv(
+    qkv: Tensor,
+    heads: number,
+    kvHeads: number,
+    headDim: number,
+    rope: RopeSpec | null,
+  ): { q: Tensor; k: Tensor; v: Tensor };
   /** HF rotate_half RoPE on x [N, heads*headDim]; row r has position positions[r] / linearFactor. */
   rope(
     x: Tensor,

@@ -13,10 +13,12 @@ import {
   checkGrouped,
   checkMatmulSwiglu,
   checkRoutedExperts,
+  checkSplitQkv,
   expertPlan,
   type ExpertStacks,
   GATE_UP_RUN,
   numelOf,
+  type RopeSpec,
   type RouteSpec,
   type Routing,
   rowsCols,
@@ -282,6 +284,31 @@ export class CpuBackend implements TrainingBackend {
       }
     }
     return new CpuTensor(out, x.shape);
+  }
+
+  splitQkv(
+    qkv: Tensor,
+    heads: number,
+    kvHeads: number,
+    headDim: number,
+    rope: RopeSpec | null,
+  ): { q: Tensor; k: Tensor; v: Tensor } {
+    checkSplitQkv(qkv, heads, kvHeads, headDim, rope);
+    const [n, d] = rowsCols(qkv), xs = t(qkv).data;
+    const columns = (c0: number, width: number) => {
+      const out = new Float32Array(n * width);
+      for (let r = 0; r < n; r++) out.set(xs.subarray(r * d + c0, r * d + c0 + width), r * width);
+      return new CpuTensor(out, [n, width]);
+    };
+    const qw = heads * headDim, kw = kvHeads * headDim;
+    const q = columns(0, qw), k = columns(qw, kw), v = columns(qw + kw, kw);
+    if (!rope) return { q, k, v };
+    const { positions, theta, linearFactor } = rope;
+    return {
+      q: this.rope(q, positions, heads, headDim, theta, linearFactor),
+      k: this.rope(k, positions, kvHeads, headDim, theta, linearFactor),
+      v,
+    };
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape): Tensor {

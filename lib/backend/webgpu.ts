@@ -18,10 +18,12 @@ import {
   checkGrouped,
   checkMatmulSwiglu,
   checkRoutedExperts,
+  checkSplitQkv,
   expertPlan,
   type ExpertStacks,
   GATE_UP_RUN,
   numelOf,
+  type RopeSpec,
   type RouteSpec,
   type Routing,
   rowsCols,
@@ -311,6 +313,26 @@ function groupStarts(groupRows: Int32Array): Int32Array {
 }
 
 /** The attention kernels' uniforms: the shape, then where each tensor's row 0 starts. */
+/**
+ * RoPE's cos and sin tables [rows, headDim / 2], sin times `sinSign` (-1 rotates back), in
+ * the same f32 arithmetic as the CPU reference and HF (WGSL's cos and sin are only bounded
+ * on [-pi, pi], and angles reach thousands of radians).
+ */
+function ropeTables(rope: RopeSpec, headDim: number, sinSign: 1 | -1) {
+  const { positions, theta, linearFactor } = rope;
+  const n = positions.length, half = headDim / 2;
+  const cos = new Float32Array(n * half), sin = new Float32Array(n * half);
+  for (let i = 0; i < half; i++) {
+    const invFreq = Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim)));
+    for (let r = 0; r < n; r++) {
+      const angle = Math.fround((positions[r] / linearFactor) * invFreq);
+      cos[r * half + i] = Math.cos(angle);
+      sin[r * half + i] = sinSign * Math.sin(angle);
+    }
+  }
+  return { cos, sin };
+}
+
 function attentionParams(seqs: number, s: AttentionShape, ranges: { skip: number }[]) {
   return [
     seqs,
@@ -1186,17 +1208,8 @@ export class WebGpuBackend implements TrainingBackend {
       throw new Error(`rope: row width ${d} != ${heads} heads x ${headDim}`);
     }
     if (positions.length !== n) throw new Error(`rope: ${positions.length} positions, ${n} rows`);
-    // cos/sin tables [rows, half], the same f32 arithmetic as the CPU reference and HF.
     const half = headDim / 2;
-    const cos = new Float32Array(n * half), sin = new Float32Array(n * half);
-    for (let i = 0; i < half; i++) {
-      const invFreq = Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim)));
-      for (let r = 0; r < n; r++) {
-        const angle = Math.fround((positions[r] / linearFactor) * invFreq);
-        cos[r * half + i] = Math.cos(angle);
-        sin[r * half + i] = sinSign * Math.sin(angle);
-      }
-    }
+    const { cos, sin } = ropeTables({ positions, theta, linearFactor }, headDim, sinSign);
     const out = this.newTensor(x.shape);
     for (const [r0, rows] of this.rowChunks(n, [d * 4])) {
       const cosBuf = this.upload(cos.subarray(r0 * half, (r0 + rows) * half));
@@ -1214,6 +1227,41 @@ export class WebGpuBackend implements TrainingBackend {
       this.release(sinBuf);
     }
     return out;
+  }
+
+  splitQkv(
+    qkv: Tensor,
+    heads: number,
+    kvHeads: number,
+    headDim: number,
+    rope: RopeSpec | null,
+  ): { q: Tensor; k: Tensor; v: Tensor } {
+    checkSplitQkv(qkv, heads, kvHeads, headDim, rope);
+    const [n, d] = rowsCols(qkv);
+    const qw = heads * headDim, kw = kvHeads * headDim, half = headDim / 2;
+    const q = this.newTensor([n, qw]), k = this.newTensor([n, kw]), v = this.newTensor([n, kw]);
+    const tables = rope && ropeTables(rope, headDim, 1);
+    for (const [r0, rows] of this.rowChunks(n, [d * 4, qw * 4, kw * 4])) {
+      const table = (values: Float32Array) =>
+        this.upload(values.subarray(r0 * half, (r0 + rows) * half));
+      const cosBuf = tables ? table(tables.cos) : this.emptyBuffer;
+      const sinBuf = tables ? table(tables.sin) : this.emptyBuffer;
+      const ranges = [
+        this.rowRange(t(qkv).buffer, r0, rows, d * 4),
+        this.rowRange(q.buffer, r0, rows, qw * 4, true),
+        this.rowRange(k.buffer, r0, rows, kw * 4, true),
+        this.rowRange(v.buffer, r0, rows, kw * 4, true),
+      ];
+      this.run({
+        kernel: "rope",
+        entry: "split_qkv",
+        params: [rows, heads, kvHeads, headDim, tables ? 1 : 0, ...ranges.map((r) => r.skip)],
+        bindings: [ranges[0], { buffer: cosBuf }, { buffer: sinBuf }, ...ranges.slice(1)],
+        workgroups: ceilDiv(rows * (heads + 2 * kvHeads) * half, 64),
+      });
+      if (tables) this.release(cosBuf), this.release(sinBuf);
+    }
+    return { q, k, v };
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape): Tensor {

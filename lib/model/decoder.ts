@@ -2,7 +2,7 @@
 // GQA attention, dense / MoE / condensed / dropped MLPs). Per-architecture behaviour
 // comes from ModelSpec; nothing here branches on model_type.
 
-import type { Routing, Tensor } from "../backend/backend.ts";
+import type { RopeSpec, Routing, Tensor } from "../backend/backend.ts";
 import {
   cesValues,
   computeTheta,
@@ -113,27 +113,13 @@ export async function attentionBlock(
   cache?: KvCache,
 ): Promise<Tensor> {
   const be = model.backend, s = model.spec, p = `${layerPrefix(l)}self_attn.`;
-  const bias = async (
-    name: string,
-    on: boolean,
-  ) => (on ? await model.weight(`${p}${name}.bias`) : undefined);
-  let q = be.matmul(xn, await model.weight(`${p}q_proj.weight`), await bias("q_proj", s.qkvBias));
-  let k = be.matmul(xn, await model.weight(`${p}k_proj.weight`), await bias("k_proj", s.qkvBias));
-  let v = be.matmul(xn, await model.weight(`${p}v_proj.weight`), await bias("v_proj", s.qkvBias));
-  const replace = (old: Tensor, next: Tensor) => (be.free(old), next);
-  if (s.qkNorm) {
-    q = replace(q, be.rmsNorm(q, await model.weight(`${p}q_norm.weight`), s.eps));
-    k = replace(k, be.rmsNorm(k, await model.weight(`${p}k_norm.weight`), s.eps));
-  }
-  if (s.clipQkv !== null) {
-    q = replace(q, be.clamp(q, s.clipQkv));
-    k = replace(k, be.clamp(k, s.clipQkv));
-    v = replace(v, be.clamp(v, s.clipQkv));
-  }
   const past = cache ? cache.length : 0;
-  const pos = positionsFor(shape, past);
-  q = replace(q, be.rope(q, pos, s.heads, s.headDim, s.ropeTheta, s.ropeLinearFactor));
-  k = replace(k, be.rope(k, pos, s.kvHeads, s.headDim, s.ropeTheta, s.ropeLinearFactor));
+  const rope = {
+    positions: positionsFor(shape, past),
+    theta: s.ropeTheta,
+    linearFactor: s.ropeLinearFactor,
+  };
+  const { q, k, v } = await qkvProjections(model, l, xn, rope);
   const attentionShape = {
     batch: shape.batch,
     qLen: shape.seqLen,
@@ -161,9 +147,56 @@ export async function attentionBlock(
     a = be.attention(q, cache.k[l], cache.v[l], { ...attentionShape, kvStride: cache.capacity });
   } else a = be.attention(q, k, v, attentionShape);
   be.free(q), be.free(k), be.free(v);
-  const out = be.matmul(a, await model.weight(`${p}o_proj.weight`), await bias("o_proj", s.oBias));
+  const oBias = s.oBias ? await model.weight(`${p}o_proj.bias`) : undefined;
+  const out = be.matmul(a, await model.weight(`${p}o_proj.weight`), oBias);
   be.free(a);
   return out;
+}
+
+/**
+ * Attention's q, k and v of layer l, normed (OLMoE), clipped (clip_qkv) and rotated as HF
+ * does. Inference runs one matmul over the three projections stacked (Model.rowStack),
+ * then splitQkv with RoPE fused in, unless q/k norms must come between the two; weights
+ * in training use their three f32 master copies.
+ */
+async function qkvProjections(model: Model, l: number, xn: Tensor, rope: RopeSpec) {
+  const be = model.backend, s = model.spec, p = `${layerPrefix(l)}self_attn.`;
+  const names = (suffix: string) =>
+    ["q_proj", "k_proj", "v_proj"].map((proj) => `${p}${proj}.${suffix}`);
+  const weights = names("weight"), biases = s.qkvBias ? names("bias") : [];
+  const replace = (old: Tensor, next: Tensor) => (be.free(old), next);
+  let q: Tensor, k: Tensor, v: Tensor, rotated = false;
+  if ([...weights, ...biases].some((name) => model.trainable.has(name))) {
+    const project = async (i: number) =>
+      be.matmul(
+        xn,
+        await model.weight(weights[i]),
+        s.qkvBias ? await model.weight(biases[i]) : undefined,
+      );
+    [q, k, v] = [await project(0), await project(1), await project(2)];
+  } else {
+    const bias = biases.length ? await model.rowStack(`${p}<qkv bias>`, biases) : undefined;
+    let qkv = be.matmul(xn, await model.rowStack(`${p}<qkv weight>`, weights), bias);
+    // Without q/k norms, clip (HF: after the norms, before RoPE) all three at once.
+    rotated = !s.qkNorm;
+    if (rotated && s.clipQkv !== null) qkv = replace(qkv, be.clamp(qkv, s.clipQkv));
+    ({ q, k, v } = be.splitQkv(qkv, s.heads, s.kvHeads, s.headDim, rotated ? rope : null));
+    be.free(qkv);
+  }
+  if (rotated) return { q, k, v };
+  if (s.qkNorm) {
+    q = replace(q, be.rmsNorm(q, await model.weight(`${p}q_norm.weight`), s.eps));
+    k = replace(k, be.rmsNorm(k, await model.weight(`${p}k_norm.weight`), s.eps));
+  }
+  if (s.clipQkv !== null) {
+    q = replace(q, be.clamp(q, s.clipQkv));
+    k = replace(k, be.clamp(k, s.clipQkv));
+    v = replace(v, be.clamp(v, s.clipQkv));
+  }
+  const { positions, theta, linearFactor } = rope;
+  q = replace(q, be.rope(q, positions, s.heads, s.headDim, theta, linearFactor));
+  k = replace(k, be.rope(k, positions, s.kvHeads, s.headDim, theta, linearFactor));
+  return { q, k, v };
 }
 
 /**

@@ -132,6 +132,37 @@ export class Model {
     return this.stacked(`${names.gate} <mlp ${proj} stacked>`, proj, (part) => [names[part]], []);
   }
 
+  /**
+   * Tensors of one dtype and row width concatenated along their rows, uploaded once (like
+   * weight()): attention's q, k and v projections (or their biases) as one matrix, so one
+   * matmul computes all three.
+   */
+  async rowStack(key: string, members: string[]): Promise<Weight> {
+    const cached = this.stacks.get(key);
+    if (cached) return cached.weight;
+    members.forEach((name) => this.requireTensor(name));
+    const raws: RawTensor[] = [];
+    for (const name of members) raws.push(await this.rawTensor(name));
+    const [first] = raws;
+    for (const raw of raws) {
+      if (raw.dtype !== first.dtype || raw.shape.slice(1).join() !== first.shape.slice(1).join()) {
+        throw new CheckpointError(
+          this.ckpt.dir,
+          `tensor "${raw.name}" is ${raw.dtype} [${raw.shape}], unlike "${first.name}" ` +
+            `${first.dtype} [${first.shape}]: they cannot be stacked`,
+        );
+      }
+    }
+    const bytes = new Uint8Array(raws.reduce((n, r) => n + r.bytes.length, 0));
+    raws.reduce((at, r) => (bytes.set(r.bytes, at), at + r.bytes.length), 0);
+    const rows = raws.reduce((n, r) => n + r.shape[0], 0);
+    const shape = [rows, ...first.shape.slice(1)];
+    const weight = this.backend.uploadWeight({ name: key, dtype: first.dtype, shape, bytes });
+    this.stacks.set(key, { weight, bytes: bytes.length, members });
+    this.addResident(bytes.length);
+    return weight;
+  }
+
   private async stacked(
     key: string,
     proj: "gate_up" | "down",
