@@ -35,7 +35,7 @@ async function checkCe(
   const model = await loadCe(`${FIXTURE_ROOT}${fixture}`, be, km, 900);
   // norm_topk_prob=true on OLMoE: w_m = p_m / sum of main p (the renormalised path)
   if (normalize) { for (const l of model.spec.layers) (l.mlp as Moe).renorm.normalize = true; }
-  for (const n of names) model.trainable.add(n);
+  for (const n of names) model.makeTrainable(n);
   const batch = trainingBatch(model.spec.vocab), { ids, targets } = batch;
   const grads = await zeroGrads(model, names);
   const { loss } = await lossAndGrad(model, ids, targets, SHAPE, grads, { recompute });

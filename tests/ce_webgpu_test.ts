@@ -88,7 +88,7 @@ Deno.test({
     ];
     const grads = async (be: TrainingBackend) => {
       const model = await loadCe(`${FIXTURE_ROOT}olmoe-a`, be, 2, 900);
-      for (const n of names) model.trainable.add(n);
+      for (const n of names) model.makeTrainable(n);
       const g: Grads = new Map();
       for (const n of names) {
         const w = await model.weight(n);

@@ -18,7 +18,7 @@ const VERBOSE = Deno.env.get("TRAIN_FD_VERBOSE") === "1";
 async function checkModel(fixture: string, names: string[], recompute: boolean) {
   const be = new CpuBackend();
   const model = await Model.load(`${FIXTURES}${fixture}`, be);
-  for (const n of names) model.trainable.add(n);
+  for (const n of names) model.makeTrainable(n);
   const batch = trainingBatch(model.spec.vocab), { ids, targets, shape } = batch;
   const grads = await zeroGrads(model, names);
   const { loss } = await lossAndGrad(model, ids, targets, shape, grads, { recompute });
@@ -109,7 +109,7 @@ Deno.test("train model: tape and recompute modes give identical loss and gradien
       const be = new CpuBackend({ reference: true });
       const model = await Model.load(`${FIXTURES}${fixture}`, be);
       const names = [...model.ckpt.files.keys()];
-      for (const n of names) model.trainable.add(n);
+      for (const n of names) model.makeTrainable(n);
       const { ids, targets, shape } = trainingBatch(model.spec.vocab);
       const grads = await zeroGrads(model, names);
       const { loss } = await lossAndGrad(model, ids, targets, shape, grads, { recompute });
@@ -119,5 +119,26 @@ Deno.test("train model: tape and recompute modes give identical loss and gradien
     }
     assert.strictEqual(results[1].loss, results[0].loss, `${fixture}: loss`);
     assert.deepStrictEqual(results[1].grads, results[0].grads, `${fixture}: gradients`);
+  }
+});
+
+Deno.test("a model in training frees its stacks and runs from its own weights, one copy each", async () => {
+  for (const fixture of ["deepseek-a", "olmoe-a"]) {
+    const model = await Model.load(`${FIXTURES}${fixture}`, new CpuBackend());
+    const { ids, targets, shape } = trainingBatch(model.spec.vocab);
+    const stacked = await decoderLoss(model, ids, targets, shape); // inference: from the stacks
+    assert(model.stacking && model.residentBytes > 0);
+    const trained = "model.layers.1.self_attn.q_proj.weight";
+    model.makeTrainable(trained);
+    assert(!model.stacking);
+    // The stacks went: afterwards the model holds the plain weights once, as a model that
+    // never stacked does.
+    const unstacked = await decoderLoss(model, ids, targets, shape);
+    assert(Math.abs(unstacked.loss - stacked.loss) < 1e-5, `${fixture}: ${unstacked.loss}`);
+    const fresh = await Model.load(`${FIXTURES}${fixture}`, new CpuBackend());
+    fresh.makeTrainable(trained);
+    await decoderLoss(fresh, ids, targets, shape);
+    assert.equal(model.residentBytes, fresh.residentBytes, `${fixture}: resident bytes`);
+    model.close(), fresh.close();
   }
 });

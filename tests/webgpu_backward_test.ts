@@ -475,7 +475,7 @@ async function trainingStep(
     new URL(`./fixtures/hf-golden/${fixture}`, import.meta.url).pathname,
     be,
   );
-  for (const n of names) model.trainable.add(n);
+  for (const n of names) model.makeTrainable(n);
   const v = model.spec.vocab;
   const ids = Int32Array.from({ length: 14 }, (_, i) => (i * 37 + 11) % v);
   const targets = Int32Array.from(ids, (_, i) => (i % 7 === 6 ? -100 : ids[i + 1]));

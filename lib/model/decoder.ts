@@ -156,8 +156,8 @@ export async function attentionBlock(
 /**
  * Attention's q, k and v of layer l, normed (OLMoE), clipped (clip_qkv) and rotated as HF
  * does. Inference runs one matmul over the three projections stacked (Model.rowStack),
- * then splitQkv with RoPE fused in, unless q/k norms must come between the two; weights
- * in training use their three f32 master copies.
+ * then splitQkv with RoPE fused in, unless q/k norms must come between the two; a model
+ * in training (no stacks) runs the three weights.
  */
 async function qkvProjections(model: Model, l: number, xn: Tensor, rope: RopeSpec) {
   const be = model.backend, s = model.spec, p = `${layerPrefix(l)}self_attn.`;
@@ -166,7 +166,7 @@ async function qkvProjections(model: Model, l: number, xn: Tensor, rope: RopeSpe
   const weights = names("weight"), biases = s.qkvBias ? names("bias") : [];
   const replace = (old: Tensor, next: Tensor) => (be.free(old), next);
   let q: Tensor, k: Tensor, v: Tensor, rotated = false;
-  if ([...weights, ...biases].some((name) => model.trainable.has(name))) {
+  if (!model.stacking) {
     const project = async (i: number) =>
       be.matmul(
         xn,
@@ -202,9 +202,9 @@ async function qkvProjections(model: Model, l: number, xn: Tensor, rope: RopeSpe
 /**
  * SwiGLU MLP down(silu(gate(x)) * up(x)). Inference runs it from the model's stacks of the
  * three weights (Model.mlpStack): matmulSwiglu then one matmul, instead of two matmuls,
- * their outputs and a swiglu pass. Weights in training, and routed experts run alone
- * (`stacked` false: the search's candidates, which would otherwise hold every expert a
- * second time beside the routed experts' stacks), use the three weights as they are.
+ * their outputs and a swiglu pass. A model in training (no stacks), and routed experts
+ * run alone (`stacked` false: the search's candidates, which would otherwise hold every
+ * expert a second time beside the routed experts' stacks), use the three weights.
  */
 export async function swigluMlp(
   model: Model,
@@ -213,18 +213,16 @@ export async function swigluMlp(
   stacked = true,
 ): Promise<Tensor> {
   const be = model.backend;
-  const training = [names.gate, names.up, names.down].some((n) => model.trainable.has(n));
+  stacked &&= model.stacking;
   let a: Tensor;
-  if (stacked && !training) a = be.matmulSwiglu(x, await model.mlpStack(names, "gate_up"));
+  if (stacked) a = be.matmulSwiglu(x, await model.mlpStack(names, "gate_up"));
   else {
     const g = be.matmul(x, await model.weight(names.gate));
     const u = be.matmul(x, await model.weight(names.up));
     a = be.swiglu(g, u);
     be.free(g), be.free(u);
   }
-  const down = stacked && !training
-    ? await model.mlpStack(names, "down")
-    : await model.weight(names.down);
+  const down = stacked ? await model.mlpStack(names, "down") : await model.weight(names.down);
   const y = be.matmul(a, down);
   be.free(a);
   return y;
@@ -256,11 +254,11 @@ export async function mlpBlock(
   const route = ce
     ? { k: mlp.topK, normalize: false, eps: 0 }
     : { k: mlp.topK, normalize: mlp.renorm.normalize, eps: mlp.renorm.eps };
-  const trainable = hasTrainableExperts(model, l, mlp.experts);
+  const oneByOne = !model.stacking;
   // The routing comes to the host only where something needs it there: an observer,
-  // compressed experts or experts in training. Else it never leaves the device.
+  // compressed experts or experts run one by one. Else it never leaves the device.
   let routing: Routing | undefined;
-  if (hooks.onRouter || ce || trainable) {
+  if (hooks.onRouter || ce || oneByOne) {
     routing = await be.routeTopK(logits, route.k, route.normalize, route.eps);
     await hooks.onRouter?.(l, logits, routing);
   }
@@ -275,7 +273,7 @@ export async function mlpBlock(
     out = be.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
   }
   if (ce) await dispatchCompressedExperts(model, l, mlp, xn, routing!, out);
-  else if (trainable) await trainableExperts(model, l, xn, routing!, mlp.topK, mlp.experts, out);
+  else if (oneByOne) await expertsOneByOne(model, l, xn, routing!, mlp.topK, mlp.experts, out);
   else {
     const stacks = {
       gateUp: await model.expertStack(l, "gate_up", mlp.experts),
@@ -350,19 +348,12 @@ export async function gatedSharedExpert(model: Model, l: number, xn: Tensor): Pr
   return out;
 }
 
-function hasTrainableExperts(model: Model, l: number, experts: number): boolean {
-  return Array.from({ length: experts }).some((_, e) =>
-    (["gate", "up", "down"] as const).some((p) =>
-      model.trainable.has(expertName(model.spec, l, e, p))
-    )
-  );
-}
-
 /**
- * Experts in training run one by one on their f32 master copies (updated in place), not
- * the checkpoint's stacks: each on its tokens, added back with the routing weights.
+ * Routed experts one by one on their own weights (a model in training has no stacks; the
+ * experts in training are their f32 master copies, updated in place): each on its tokens,
+ * added back with the routing weights.
  */
-async function trainableExperts(
+async function expertsOneByOne(
   model: Model,
   l: number,
   xn: Tensor,

@@ -32,6 +32,22 @@ export class Model {
   /** Names uploaded as f32 trainable weights (lib/train); the rest stay in checkpoint dtype. */
   readonly trainable = new Set<string>();
 
+  /**
+   * Whether inference may run from stacks (expertStack, mlpStack, rowStack). Training
+   * reads every weight by name (its tape, the f32 master copies), so a model with
+   * trainable weights has none: both copies would be resident.
+   */
+  get stacking(): boolean {
+    return this.trainable.size === 0;
+  }
+
+  /** Marks `name` trainable: an f32 master copy from its next use on; the stacks go. */
+  makeTrainable(name: string): void {
+    this.release(name);
+    this.trainable.add(name);
+    for (const key of [...this.stacks.keys()]) this.release(key);
+  }
+
   constructor(readonly spec: ModelSpec, readonly ckpt: Checkpoint, readonly backend: Backend) {}
 
   static async load(dir: string, backend: Backend): Promise<Model> {

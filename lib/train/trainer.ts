@@ -278,10 +278,7 @@ export class Optimizer {
   static async create(model: Model, names: string[], hyper: TrainHyper): Promise<Optimizer> {
     const opt = new Optimizer(model, hyper);
     const be = model.backend as TrainingBackend;
-    for (const name of names) {
-      model.release(name); // re-upload as trainable if it was resident
-      model.trainable.add(name);
-    }
+    for (const name of names) model.makeTrainable(name);
     for (const name of names) {
       const weight = await model.weight(name);
       const zeros = () => be.tensor(new Float32Array(numelOf(weight.shape)), weight.shape);
