@@ -116,6 +116,7 @@ const KERNEL_FILES = [
   "matmul_backward",
   "norm_backward",
   "elementwise_backward",
+  "attention_backward_common",
   "attention_backward",
   "moe_backward",
   "loss",
@@ -143,8 +144,10 @@ const MATMUL_FORWARD: ReadonlySet<KernelFile> = new Set([
   "matmul_gemv",
 ]);
 
-// The forward attention kernels get kernels/attention_common.wgsl (params, bindings).
+// The forward attention kernels get kernels/attention_common.wgsl (params, bindings), the
+// backward ones kernels/attention_backward_common.wgsl.
 const ATTENTION_FORWARD: ReadonlySet<KernelFile> = new Set(["attention", "attention_tiled"]);
+const ATTENTION_BACKWARD: ReadonlySet<KernelFile> = new Set(["attention_backward"]);
 
 const kernelSources = new Map<KernelFile, string>();
 
@@ -596,6 +599,7 @@ export class WebGpuBackend implements TrainingBackend {
         USES_WEIGHTS.has(d.kernel) ? kernelSources.get("weights") : "",
         MATMUL_FORWARD.has(d.kernel) ? kernelSources.get("matmul_common") : "",
         ATTENTION_FORWARD.has(d.kernel) ? kernelSources.get("attention_common") : "",
+        ATTENTION_BACKWARD.has(d.kernel) ? kernelSources.get("attention_backward_common") : "",
       ];
       const code = `${prelude.join("\n")}\n${src}`;
       module = this.device.createShaderModule({ label: d.kernel, code });
