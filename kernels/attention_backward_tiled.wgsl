@@ -9,10 +9,11 @@
 //  1. attention_backward_query: a workgroup owns a block of ROWS (query, head) rows of one
 //     (sequence, kv head), flattened as the forward does (f = query * group + head), so
 //     the heads of a GQA group share the K and V tiles. It walks the keys the block can
-//     see, in tiles of TILE keys, twice:
+//     see, in tiles of TILE keys (K and V in workgroup memory), twice:
 //       - first for the row statistics: the running max m, normaliser l and
-//         D~ = sum_j exp(s_j - m) dp_j, both rescaled with l when m grows (once per tile),
-//         so D = D~ / l; lse = m + log l and D go to `stats`;
+//         D~ = sum_j exp(s_j - m) dp_j (s_j = scale q . k_j), the last two rescaled
+//         together when m grows (once per tile), so D = D~ / l; lse = m + log l and D
+//         go to `stats`;
 //       - then for dq: p = exp(s - lse), ds as above, dq += ds k_j.
 //  2. attention_backward_kv: a workgroup owns a block of ROWS key rows of one (sequence,
 //     kv head), and walks the (query, head) rows that see any of them (causal, and
@@ -22,16 +23,17 @@
 // Threads: GROUPS groups of LANES, as in attention_tiled.wgsl. A group owns R rows (slots
 // g, g + GROUPS, ...) and each of its lanes every LANES-th vec4 of those rows (q, dO and
 // the dq accumulator; or k, v, dk and dv) in registers: head_dim up to
-// LANES * MAX_VEC4S * 4 = 256 with 8 lanes. Each vec4 read from a tile feeds R rows. The lanes'
-// partial dot products (q . k and dO . v together, as a vec2) meet in workgroup memory;
-// every lane of a group sums them in the same order, so the lanes agree on p and ds.
+// LANES * MAX_VEC4S * 4 = 256 with 8 lanes. Each vec4 read from a tile feeds R rows.
+// The lanes' partial dot products (q . k and dO . v together, as a vec2) meet in
+// workgroup memory; every lane of a group sums them in the same order, so the lanes
+// agree on p and ds.
 // Tiles outside the block's causal / window range are never loaded; inside a tile, keys
 // a row does not see weigh 0 (a select: every thread runs the same loop and barriers).
 //
 // Workgroup memory (the host picks TILE so it fits WebGPU's default 16 KiB): the query
-// pass a K or V tile of TILE rows of ROW_VEC4S vec4s (zero-padded past HEAD_DIM, so the
-// inner loops need no bounds checks) and the partials; the key pass a Q and a dO tile,
-// their (lse, D), and the partials.
+// pass a K and a V tile of TILE rows of ROW_VEC4S vec4s (zero-padded past HEAD_DIM, so
+// the inner loops need no bounds checks) and the partials; the key pass a Q and a dO
+// tile, their (lse, D), and the partials.
 //
 // `stats`: (lse, D) per (query, head) row, [seqs * q_len, heads, 2].
 
@@ -44,8 +46,9 @@ override HEAD_DIM: u32 = 64u;
 override TILE: u32 = 8u; // keys (query pass) or (query, head) rows (key pass) per tile
 
 // Threads per group: 4, or 8 past head_dim 128, so that a thread holds at most
-// MAX_VEC4S vec4s of a row. Past that, llvmpipe no longer unrolls the loops over them and
-// the cap above comes at a tenth of the keys (and a GPU would spill the registers).
+// MAX_VEC4S vec4s of a row. With 16, llvmpipe kept the loops over them and hit the cap
+// above far sooner (head_dim 256: wrong from 1,024 keys with 4 lanes, right at 6,144
+// with 8); a GPU would spill the registers.
 override LANES: u32 = 4u;
 
 const THREADS: u32 = 64u;
@@ -59,8 +62,9 @@ override ROWS: u32 = GROUPS * R; // rows per workgroup
 override VEC4S: u32 = (HEAD_DIM + 4u * LANES - 1u) / (4u * LANES); // of a row per thread
 override ROW_VEC4S: u32 = VEC4S * LANES; // a padded row
 
-// The query pass's K or V tile.
-var<workgroup> kv_tile: array<vec4f, TILE * ROW_VEC4S>;
+// The query pass's K and V tiles.
+var<workgroup> k_tile: array<vec4f, TILE * ROW_VEC4S>;
+var<workgroup> v_tile: array<vec4f, TILE * ROW_VEC4S>;
 // The key pass's Q and dO tiles and their rows' (lse, D).
 var<workgroup> q_tile: array<vec4f, TILE * ROW_VEC4S>;
 var<workgroup> do_tile: array<vec4f, TILE * ROW_VEC4S>;
@@ -121,29 +125,6 @@ fn dots(g: u32, r: u32, x: u32) -> vec2f {
   return sum;
 }
 
-// The query pass: this thread's share of the dot products of its R rows (`rows`: their q
-// or dO vec4s) with each row of kv_tile (K or V), into component `which` of `partial`
-// (0: q . k, 1: dO . v). A tile row past the n loaded repeats the last one (it is masked).
-fn share_dots(tid: u32, lane: u32, n: u32, rows: ptr<function, array<vec4f, R * MAX_VEC4S>>,
-              which: u32) {
-  for (var x = 0u; x < TILE; x++) {
-    let t = min(x, n - 1u);
-    var dot_r: array<f32, R>;
-    for (var r = 0u; r < R; r++) {
-      dot_r[r] = 0.0; // naga zeroes a var declared in a loop only once
-    }
-    for (var c = 0u; c < VEC4S; c++) {
-      let tile_vec = kv_tile[t * ROW_VEC4S + lane + c * LANES];
-      for (var r = 0u; r < R; r++) {
-        dot_r[r] += dot((*rows)[r * MAX_VEC4S + c], tile_vec);
-      }
-    }
-    for (var r = 0u; r < R; r++) {
-      partial[(tid * R + r) * TILE + x][which] = dot_r[r];
-    }
-  }
-}
-
 // The head row (of q, d_out, dq and stats) of (query, head) row f of kv head kh of
 // sequence b.
 fn head_row(b: u32, kh: u32, f: u32, group: u32) -> u32 {
@@ -180,7 +161,7 @@ fn attention_backward_query(@builtin(workgroup_id) wg: vec3u, @builtin(num_workg
   // repeat it (loads stay in bounds) and write nothing.
   var pos: array<u32, R>; // absolute position of the row's query
   var lo: array<u32, R>; // its first visible key
-  var row: array<u32, R>; // its head row
+  var row: array<u32, R>; // its head row (of q, d_out, dq and stats)
   var writes: array<bool, R>;
   var qr: array<vec4f, R * MAX_VEC4S>; // zero past HEAD_DIM
   var dor: array<vec4f, R * MAX_VEC4S>;
@@ -208,25 +189,38 @@ fn attention_backward_query(@builtin(workgroup_id) wg: vec3u, @builtin(num_workg
     d[r] = 0.0;
   }
 
-  // Two walks over the same tiles: walk 0 for m, l and D~, walk 1 for dq. A tile is V
-  // (for dp), then K (for s), which stays for dq += ds k_j.
+  // Two walks over the same K and V tiles: walk 0 for m, l and D~, walk 1 for dq.
   var lse: array<f32, R>;
   for (var walk = 0u; walk < 2u; walk++) {
     for (var j0 = block_lo; j0 <= block_hi; j0 += TILE) {
       let n = min(TILE, block_hi + 1u - j0); // keys in this tile
       for (var e = tid; e < n * ROW_VEC4S; e += THREADS) {
-        let value_row = p.v_off + kv_base + (j0 + e / ROW_VEC4S) * kv_width;
-        kv_tile[e] = v4(value_row, 4u * (e % ROW_VEC4S));
+        let key_row = kv_base + (j0 + e / ROW_VEC4S) * kv_width; // where it starts
+        let dim = 4u * (e % ROW_VEC4S);
+        k_tile[e] = k4(p.k_off + key_row, dim);
+        v_tile[e] = v4(p.v_off + key_row, dim);
       }
       workgroupBarrier();
-      share_dots(tid, lane, n, &dor, 1u);
-      workgroupBarrier();
-      for (var e = tid; e < n * ROW_VEC4S; e += THREADS) {
-        let key_row = p.k_off + kv_base + (j0 + e / ROW_VEC4S) * kv_width;
-        kv_tile[e] = k4(key_row, 4u * (e % ROW_VEC4S));
+      // This thread's share of (q . k, dO . v) for its rows and every key of the tile (a
+      // key past the tile repeats the last one; it is masked below).
+      for (var x = 0u; x < TILE; x++) {
+        let t = min(x, n - 1u);
+        var dot_r: array<vec2f, R>;
+        for (var r = 0u; r < R; r++) {
+          dot_r[r] = vec2f(0.0); // naga zeroes a var declared in a loop only once
+        }
+        for (var c = 0u; c < VEC4S; c++) {
+          let key = k_tile[t * ROW_VEC4S + lane + c * LANES];
+          let value = v_tile[t * ROW_VEC4S + lane + c * LANES];
+          for (var r = 0u; r < R; r++) {
+            dot_r[r] += vec2f(dot(qr[r * MAX_VEC4S + c], key),
+                              dot(dor[r * MAX_VEC4S + c], value));
+          }
+        }
+        for (var r = 0u; r < R; r++) {
+          partial[(tid * R + r) * TILE + x] = dot_r[r];
+        }
       }
-      workgroupBarrier();
-      share_dots(tid, lane, n, &qr, 0u);
       workgroupBarrier();
       if (walk == 0u) {
         for (var r = 0u; r < R; r++) {
@@ -264,14 +258,14 @@ fn attention_backward_query(@builtin(workgroup_id) wg: vec3u, @builtin(num_workg
           // A key past the tile reads the last one again; its ds is 0.
           let t = min(x, n - 1u);
           for (var c = 0u; c < VEC4S; c++) {
-            let key = kv_tile[t * ROW_VEC4S + lane + c * LANES];
+            let key = k_tile[t * ROW_VEC4S + lane + c * LANES];
             for (var r = 0u; r < R; r++) {
               dqr[r * MAX_VEC4S + c] += ds[r] * key;
             }
           }
         }
       }
-      workgroupBarrier(); // the next tile overwrites kv_tile and `partial`
+      workgroupBarrier(); // the next tile overwrites the tiles and `partial`
     }
     if (walk == 0u) {
       for (var r = 0u; r < R; r++) {
@@ -334,7 +328,7 @@ fn attention_backward_kv(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgrou
   // Row r of this group is slot r * GROUPS + g, key j_first + slot; slots past the last
   // key repeat it and write nothing.
   var key: array<u32, R>; // the row's key (its absolute position)
-  var kv_row: array<u32, R>; // its head row in k, v, dk and dv, times HEAD_DIM
+  var kv_row: array<u32, R>; // where its head row starts in k, v, dk and dv
   var writes: array<bool, R>;
   var kr: array<vec4f, R * MAX_VEC4S>; // zero past HEAD_DIM
   var vr: array<vec4f, R * MAX_VEC4S>;
@@ -357,14 +351,14 @@ fn attention_backward_kv(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgrou
   for (var f0 = f_lo; f0 < f_hi; f0 += TILE) {
     let n = min(TILE, f_hi - f0); // (query, head) rows in this tile
     for (var e = tid; e < n * ROW_VEC4S; e += THREADS) {
-      let head_dims = head_row(b, kh, f0 + e / ROW_VEC4S, group) * HEAD_DIM;
+      let query_row = head_row(b, kh, f0 + e / ROW_VEC4S, group) * HEAD_DIM; // its start
       let dim = 4u * (e % ROW_VEC4S);
-      q_tile[e] = q4(p.q_off + head_dims, dim);
-      do_tile[e] = do4(p.do_off + head_dims, dim);
+      q_tile[e] = q4(p.q_off + query_row, dim);
+      do_tile[e] = do4(p.do_off + query_row, dim);
     }
-    for (var t = tid; t < n; t += THREADS) {
-      let st = 2u * head_row(b, kh, f0 + t, group);
-      stats_tile[t] = vec2f(stats_in[st], stats_in[st + 1u]);
+    if (tid < n) { // TILE <= MAX_TILE < THREADS
+      let st = 2u * head_row(b, kh, f0 + tid, group);
+      stats_tile[tid] = vec2f(stats_in[st], stats_in[st + 1u]);
     }
     workgroupBarrier();
     // This thread's share of (k . q, v . dO) for its rows and every row of the tile (a

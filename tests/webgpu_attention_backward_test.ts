@@ -170,7 +170,7 @@ Deno.test("attentionBackwardTiling keeps the tiled backward within 16 KiB and it
       const partials = 2 * 64 * 2; // (q . k, dO . v) per thread and row, per tile row
       assert(keys >= 1 && keys <= 16, `head_dim ${headDim}: ${keys} keys a tile`);
       assert(queryRows >= 1 && queryRows <= 16, `head_dim ${headDim}: ${queryRows} rows`);
-      assert((keys * (rowFloats + partials)) * 4 <= 16384, `head_dim ${headDim}: query pass`);
+      assert((keys * (2 * rowFloats + partials)) * 4 <= 16384, `head_dim ${headDim}: query pass`);
       assert(
         (queryRows * (2 * rowFloats + 2 + partials)) * 4 <= 16384,
         `head_dim ${headDim}: key pass`,

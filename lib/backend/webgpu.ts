@@ -298,9 +298,9 @@ export function attentionTiling(
 
 /**
  * How kernels/attention_backward_tiled.wgsl covers a shape: lanes per thread group, rows
- * per tile of each pass, the most that fit in workgroup memory (the query pass: a K or V
- * tile and the partial (q . k, dO . v) of every thread's 2 rows per key; the key pass: a
- * Q and a dO tile, their (lse, D) and the partials), and workgroups per (sequence, kv
+ * per tile of each pass, the most that fit in workgroup memory (the query pass: a K and a
+ * V tile and the partial (q . k, dO . v) of every thread's 2 rows per key; the key pass:
+ * a Q and a dO tile, their (lse, D) and the partials), and workgroups per (sequence, kv
  * head) of each pass.
  */
 export function attentionBackwardTiling(s: AttentionShape): {
@@ -318,7 +318,7 @@ export function attentionBackwardTiling(s: AttentionShape): {
     Math.min(ATTN_BACKWARD_MAX_TILE, Math.floor(ATTN_TILED_SHARED_FLOATS / floatsPerRow));
   return {
     lanes,
-    keys: most(rowFloats + partialFloats),
+    keys: most(2 * rowFloats + partialFloats),
     queryRows: most(2 * rowFloats + 2 + partialFloats),
     queryBlocks: ceilDiv(s.qLen * (s.heads / s.kvHeads), rowsPerBlock),
     keyBlocks: ceilDiv(s.kvLen, rowsPerBlock),
