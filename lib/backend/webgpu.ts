@@ -49,8 +49,9 @@ export interface WebGpuOptions {
    */
   matmulKernel?: MatmulKernel | "auto";
   /**
-   * Which attention kernel runs (default "auto": see attentionKernelFor). "naive" is
-   * kernels/attention.wgsl, "tiled" kernels/attention_tiled.wgsl.
+   * Which attention kernels run, forward and backward (default "auto": see
+   * attentionKernelFor). "naive" is kernels/attention.wgsl and attention_backward.wgsl,
+   * "tiled" kernels/attention_tiled.wgsl and attention_backward_tiled.wgsl.
    */
   attentionKernel?: AttentionKernel | "auto";
 }
@@ -1279,11 +1280,13 @@ export class WebGpuBackend implements TrainingBackend {
   }
 
   /**
-   * The attention kernel for a shape: the configured one, or the "auto" choice: tiled up
-   * to its head_dim limit. On llvmpipe it ran prefill 1.5x faster than naive (2 x 256,
-   * 4 heads of 64) and lost short decode steps slightly (0.9x at 256 keys); past about
-   * 32k / head_dim keys the naive kernel's loops exceed llvmpipe's 65,535-iteration cap
-   * and its result is wrong, and on a GPU naive decode runs only batch x heads threads.
+   * The attention kernel for a shape, forward and backward: the configured one, or the
+   * "auto" choice: tiled up to its head_dim limit. On llvmpipe it ran prefill 1.5x faster
+   * than naive (2 x 256, 4 heads of 64) and lost short decode steps slightly (0.9x at 256
+   * keys); past about 32k / head_dim keys the naive kernel's loops exceed llvmpipe's
+   * 65,535-iteration cap and its result is wrong, and on a GPU naive decode runs only
+   * batch x heads threads. The naive backward is wrong there from about 13k / head_dim
+   * keys (dq at 2 x 256, 4 heads of 64, where the tiled one was 2x faster).
    */
   attentionKernelFor(s: AttentionShape): AttentionKernel {
     if (this.attentionKernel !== "auto") return this.attentionKernel;
