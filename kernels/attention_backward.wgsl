@@ -9,31 +9,8 @@
 // Like the forward, a thread keeps its output row in global memory as the accumulator,
 // so any head_dim works.
 
-struct Params {
-  seqs: u32, // sequences in this dispatch
-  q_len: u32,
-  kv_len: u32,
-  heads: u32,
-  kv_heads: u32,
-  head_dim: u32,
-  window: u32, // 0 = no sliding window
-  scale: f32, // 1 / sqrt(head_dim)
-  q_off: u32, // each tensor is bound from an aligned offset; these skip to its row 0
-  k_off: u32,
-  v_off: u32,
-  do_off: u32,
-  dq_off: u32,
-  dk_off: u32,
-  dv_off: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>; // [seqs * q_len, heads * head_dim]
-@group(0) @binding(2) var<storage, read> k: array<f32>; // [seqs * kv_len, kv_heads * head_dim]
-@group(0) @binding(3) var<storage, read> v: array<f32>; // [seqs * kv_len, kv_heads * head_dim]
-@group(0) @binding(4) var<storage, read> d_out: array<f32>; // like q
-@group(0) @binding(5) var<storage, read_write> stats: array<f32>; // [seqs, heads, q_len, 3]
-@group(0) @binding(6) var<storage, read_write> dq: array<f32>; // like q
+// Params, the bindings and first_key: attention_backward_common.wgsl. `stats` holds
+// (m, l, D) per row: [seqs, heads, q_len, 3].
 
 fn dot_rows(a_off: u32, b_off: u32) -> f32 {
   var s = 0.0;
@@ -49,14 +26,6 @@ fn dot_do_v(a_off: u32, b_off: u32) -> f32 {
     s += d_out[a_off + e] * v[b_off + e];
   }
   return s;
-}
-
-// First visible key of the query at absolute position pos.
-fn first_key(pos: u32) -> u32 {
-  if (p.window > 0u && pos + 1u > p.window) {
-    return pos + 1u - p.window;
-  }
-  return 0u;
 }
 
 @compute @workgroup_size(64)
@@ -109,10 +78,6 @@ fn attention_backward_query(@builtin(workgroup_id) wg: vec3u, @builtin(num_workg
     }
   }
 }
-
-@group(0) @binding(5) var<storage, read> stats_in: array<f32>; // [seqs, heads, q_len, 3]
-@group(0) @binding(6) var<storage, read_write> dk: array<f32>; // like k
-@group(0) @binding(7) var<storage, read_write> dv: array<f32>; // like v
 
 @compute @workgroup_size(64)
 fn attention_backward_kv(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,

@@ -4,8 +4,9 @@
 //             webgpu also the kernel ladder (naive, tiled, blocked, gemv) at a prefill
 //             and a decode shape, with the adapter's features and limits
 //   attention webgpu attention kernels (naive, tiled) side by side at a prefill and a
-//             decode shape of a real model's heads and of the default model's, each
-//             checked against the CPU reference
+//             decode shape of a real model's heads and of the default model's, and the
+//             backward kernels at two training shapes, each checked against the CPU
+//             reference
 //   forward   default-model forward tokens/s per backend
 //   decode    greedy decoding with the KV cache, tokens/s and device submits per token
 //   train     training tokens/s (forward + backward + AdamW, routed and shared experts
@@ -239,9 +240,53 @@ const ATTENTION_SHAPES: Record<string, AttentionShape> = {
     window: null,
   },
 };
+// The backward (training) shapes: the default model's heads at its finetuning length
+// (2 x 256) and at 4 times that length.
+const ATTENTION_BACKWARD_SHAPES: Record<string, AttentionShape> = {
+  "train-default-model": {
+    batch: 2,
+    qLen: 256,
+    kvLen: 256,
+    heads: 4,
+    kvHeads: 4,
+    headDim: 64,
+    window: null,
+  },
+  "train-long": {
+    batch: 1,
+    qLen: 1024,
+    kvLen: 1024,
+    heads: 4,
+    kvHeads: 4,
+    headDim: 64,
+    window: null,
+  },
+};
 // A kernel whose result is further than this from the CPU reference did not compute the
 // whole thing (llvmpipe ends a loop after 65,535 iterations): its time is not comparable.
 const ATTENTION_EXACT_TOL = 1e-4;
+
+/** max |got - want| over max |want|, over all the pairs of arrays together. */
+function maxRelError(got: Float32Array[], want: Float32Array[]): number {
+  let maxDiff = 0, maxAbs = 0;
+  for (const [a, w] of want.entries()) {
+    for (let i = 0; i < w.length; i++) {
+      maxDiff = Math.max(maxDiff, Math.abs(got[a][i] - w[i]));
+      maxAbs = Math.max(maxAbs, Math.abs(w[i]));
+    }
+  }
+  return maxDiff / maxAbs;
+}
+
+/** (query, key) pairs a head attends over, over the batch. */
+function visiblePairs(s: AttentionShape): number {
+  let visible = 0;
+  for (let i = 0; i < s.qLen; i++) {
+    const pos = s.kvLen - s.qLen + i;
+    visible += s.window === null ? pos + 1 : Math.min(pos + 1, s.window);
+  }
+  return visible * s.batch;
+}
 
 /**
  * The webgpu attention kernels at each shape, timed round-robin like the matmul ladder,
@@ -267,14 +312,8 @@ async function benchAttention(gpu: WebGpuBackend, repeats: number) {
     for (const be of backends) {
       // Warm-up (pipeline compilation) and the check against the reference.
       const y = be.attention(q, k, v, s);
-      const got = await be.read(y);
+      errors.push(maxRelError([await be.read(y)], [want]));
       be.free(y);
-      let maxDiff = 0, maxAbs = 0;
-      for (let i = 0; i < want.length; i++) {
-        maxDiff = Math.max(maxDiff, Math.abs(got[i] - want[i]));
-        maxAbs = Math.max(maxAbs, Math.abs(want[i]));
-      }
-      errors.push(maxDiff / maxAbs);
     }
     const times: number[][] = backends.map(() => []);
     for (let r = 0; r < repeats; r++) {
@@ -287,13 +326,12 @@ async function benchAttention(gpu: WebGpuBackend, repeats: number) {
       }
     }
     [q, k, v].forEach((x) => gpu.free(x));
-    let visible = 0; // (query, key) pairs a head attends over, per sequence
-    for (let i = 0; i < s.qLen; i++) visible += s.kvLen - s.qLen + i + 1;
-    const flops = 4 * s.headDim * visible * s.heads * s.batch;
+    const flops = 4 * s.headDim * visiblePairs(s) * s.heads;
     const line: string[] = [];
     for (const [i, kernel] of ATTENTION_KERNELS.entries()) {
       const seconds = median(times[i]), exact = errors[i] <= ATTENTION_EXACT_TOL;
       rows.push({
+        pass: "forward",
         shape,
         kernel,
         ...s,
@@ -309,7 +347,81 @@ async function benchAttention(gpu: WebGpuBackend, repeats: number) {
         `${line.join(", ")}, naive/tiled ${(median(times[0]) / median(times[1])).toFixed(2)}`,
     );
   }
-  return { device: gpu.description, shapes: ATTENTION_SHAPES, rows };
+  rows.push(...await benchAttentionBackward(gpu, repeats));
+  return {
+    device: gpu.description,
+    shapes: ATTENTION_SHAPES,
+    backwardShapes: ATTENTION_BACKWARD_SHAPES,
+    rows,
+  };
+}
+
+/**
+ * The webgpu attention backward kernels at the training shapes, timed round-robin as the
+ * forward, dq, dk and dv checked against the CPU reference. FLOPs are the backward's
+ * algorithmic 10 per head dimension and visible pair (q.k again, dO.v, and dq, dk, dv),
+ * not counting what a kernel recomputes.
+ */
+async function benchAttentionBackward(gpu: WebGpuBackend, repeats: number) {
+  const rows: Record<string, unknown>[] = [];
+  const cpu = new CpuBackend();
+  for (const [shape, s] of Object.entries(ATTENTION_BACKWARD_SHAPES)) {
+    const qw = s.heads * s.headDim, kw = s.kvHeads * s.headDim;
+    const qShape = [s.batch * s.qLen, qw], kvShape = [s.batch * s.kvLen, kw];
+    const shapes = [qShape, kvShape, kvShape, qShape];
+    const data = shapes.map(([r, c], a) =>
+      new Float32Array(r * c).map((_, i) => Math.sin(i * 0.37 + a))
+    );
+    const [q, k, v, dOut] = data.map((d, i) => gpu.tensor(d, shapes[i]));
+    const [cq, ck, cv, cdOut] = data.map((d, i) => cpu.tensor(d, shapes[i]));
+    const reference = cpu.attentionBackward(cq, ck, cv, cdOut, s);
+    const want = await Promise.all(
+      [reference.dq, reference.dk, reference.dv].map((x) => cpu.read(x)),
+    );
+    const backends = ATTENTION_KERNELS.map((kernel) =>
+      gpu.withOptions({ attentionKernel: kernel })
+    );
+    const call = async (be: WebGpuBackend) => {
+      const g = be.attentionBackward(q, k, v, dOut, s);
+      const got = [await be.read(g.dq), await be.read(g.dk), await be.read(g.dv)];
+      for (const x of [g.dq, g.dk, g.dv]) be.free(x);
+      return got;
+    };
+    // Warm-up (pipeline compilation) and the check against the reference.
+    const errors: number[] = [];
+    for (const be of backends) errors.push(maxRelError(await call(be), want));
+    const times: number[][] = backends.map(() => []);
+    for (let r = 0; r < repeats; r++) {
+      for (const [i, be] of backends.entries()) {
+        const t0 = performance.now();
+        await call(be);
+        times[i].push((performance.now() - t0) / 1000);
+      }
+    }
+    [q, k, v, dOut].forEach((x) => gpu.free(x));
+    const flops = 10 * s.headDim * visiblePairs(s) * s.heads;
+    const line: string[] = [];
+    for (const [i, kernel] of ATTENTION_KERNELS.entries()) {
+      const seconds = median(times[i]), exact = errors[i] <= ATTENTION_EXACT_TOL;
+      rows.push({
+        pass: "backward",
+        shape,
+        kernel,
+        ...s,
+        seconds,
+        gflops: flops / seconds / 1e9,
+        maxRelError: errors[i],
+        exact,
+      });
+      line.push(`${kernel} ${(seconds * 1000).toFixed(1)} ms${exact ? "" : " (WRONG RESULT)"}`);
+    }
+    console.error(
+      `attention backward ${shape} ${s.batch}x${s.qLen}/${s.kvLen} ` +
+        `${s.heads}/${s.kvHeads}x${s.headDim}: ${line.join(", ")}, ` +
+        `naive/tiled ${(median(times[0]) / median(times[1])).toFixed(2)}`,
+    );
+  }
+  return rows;
 }
 
 async function benchForward(backends: Map<string, Backend>, modelDir: string, repeats: number) {

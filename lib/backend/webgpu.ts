@@ -53,8 +53,9 @@ export interface WebGpuOptions {
    */
   matmulKernel?: MatmulKernel | "auto";
   /**
-   * Which attention kernel runs (default "auto": see attentionKernelFor). "naive" is
-   * kernels/attention.wgsl, "tiled" kernels/attention_tiled.wgsl.
+   * Which attention kernels run, forward and backward (default "auto": see
+   * attentionKernelFor). "naive" is kernels/attention.wgsl and attention_backward.wgsl,
+   * "tiled" kernels/attention_tiled.wgsl and attention_backward_tiled.wgsl.
    */
   attentionKernel?: AttentionKernel | "auto";
 }
@@ -100,6 +101,11 @@ const ATTN_TILED_PAD = 16;
 export const ATTN_TILED_MAX_HEAD_DIM = 256;
 const ATTN_TILED_SHARED_FLOATS = 4096;
 const ATTN_TILED_MAX_KEYS = 64;
+// kernels/attention_backward_tiled.wgsl: the same 64 threads in groups of 4 lanes, 8 past
+// head_dim 128 (so a lane holds at most 8 vec4s of a row), 2 rows per group, and rows a
+// tile at most (its MAX_TILE: the query pass keeps a tile's scores in registers).
+const ATTN_BACKWARD_WIDE_HEAD_DIM = 128;
+const ATTN_BACKWARD_MAX_TILE = 16;
 
 const KERNEL_FILES = [
   "weights",
@@ -120,7 +126,9 @@ const KERNEL_FILES = [
   "matmul_backward",
   "norm_backward",
   "elementwise_backward",
+  "attention_backward_common",
   "attention_backward",
+  "attention_backward_tiled",
   "moe_backward",
   "loss",
   "adamw",
@@ -147,8 +155,13 @@ const MATMUL_FORWARD: ReadonlySet<KernelFile> = new Set([
   "matmul_gemv",
 ]);
 
-// The forward attention kernels get kernels/attention_common.wgsl (params, bindings).
+// The forward attention kernels get kernels/attention_common.wgsl (params, bindings), the
+// backward ones kernels/attention_backward_common.wgsl.
 const ATTENTION_FORWARD: ReadonlySet<KernelFile> = new Set(["attention", "attention_tiled"]);
+const ATTENTION_BACKWARD: ReadonlySet<KernelFile> = new Set([
+  "attention_backward",
+  "attention_backward_tiled",
+]);
 
 const kernelSources = new Map<KernelFile, string>();
 
@@ -286,6 +299,35 @@ export function attentionTiling(
   let keys = ATTN_TILED_MAX_KEYS;
   while (!fits(keys)) keys--;
   return { split, keys, blocks: ceilDiv(queryRows, ATTN_TILED_ROWS / split) };
+}
+
+/**
+ * How kernels/attention_backward_tiled.wgsl covers a shape: lanes per thread group, rows
+ * per tile of each pass, the most that fit in workgroup memory (the query pass: a K and a
+ * V tile and the partial (q . k, dO . v) of every thread's 2 rows per key; the key pass:
+ * a Q and a dO tile, their (lse, D) and the partials), and workgroups per (sequence, kv
+ * head) of each pass.
+ */
+export function attentionBackwardTiling(s: AttentionShape): {
+  lanes: number;
+  keys: number;
+  queryRows: number;
+  queryBlocks: number;
+  keyBlocks: number;
+} {
+  const lanes = s.headDim > ATTN_BACKWARD_WIDE_HEAD_DIM ? 8 : 4;
+  const rowsPerBlock = (ATTN_TILED_THREADS / lanes) * 2;
+  const rowFloats = ceilDiv(s.headDim, 4 * lanes) * 4 * lanes; // whole vec4s per lane
+  const partialFloats = 2 * ATTN_TILED_THREADS * 2;
+  const most = (floatsPerRow: number) =>
+    Math.min(ATTN_BACKWARD_MAX_TILE, Math.floor(ATTN_TILED_SHARED_FLOATS / floatsPerRow));
+  return {
+    lanes,
+    keys: most(2 * rowFloats + partialFloats),
+    queryRows: most(2 * rowFloats + 2 + partialFloats),
+    queryBlocks: ceilDiv(s.qLen * (s.heads / s.kvHeads), rowsPerBlock),
+    keyBlocks: ceilDiv(s.kvLen, rowsPerBlock),
+  };
 }
 
 /**
@@ -620,6 +662,7 @@ export class WebGpuBackend implements TrainingBackend {
         USES_WEIGHTS.has(d.kernel) ? kernelSources.get("weights") : "",
         MATMUL_FORWARD.has(d.kernel) ? kernelSources.get("matmul_common") : "",
         ATTENTION_FORWARD.has(d.kernel) ? kernelSources.get("attention_common") : "",
+        ATTENTION_BACKWARD.has(d.kernel) ? kernelSources.get("attention_backward_common") : "",
       ];
       const code = `${prelude.join("\n")}\n${src}`;
       module = this.device.createShaderModule({ label: d.kernel, code });
@@ -1309,11 +1352,13 @@ export class WebGpuBackend implements TrainingBackend {
   }
 
   /**
-   * The attention kernel for a shape: the configured one, or the "auto" choice: tiled up
-   * to its head_dim limit. On llvmpipe it ran prefill 1.5x faster than naive (2 x 256,
-   * 4 heads of 64) and lost short decode steps slightly (0.9x at 256 keys); past about
-   * 32k / head_dim keys the naive kernel's loops exceed llvmpipe's 65,535-iteration cap
-   * and its result is wrong, and on a GPU naive decode runs only batch x heads threads.
+   * The attention kernel for a shape, forward and backward: the configured one, or the
+   * "auto" choice: tiled up to its head_dim limit. On llvmpipe it ran prefill 1.5x faster
+   * than naive (2 x 256, 4 heads of 64) and lost short decode steps slightly (0.9x at 256
+   * keys); past about 32k / head_dim keys the naive kernel's loops exceed llvmpipe's
+   * 65,535-iteration cap and its result is wrong, and on a GPU naive decode runs only
+   * batch x heads threads. The naive backward is wrong there from about 13k / head_dim
+   * keys (dq at 2 x 256, 4 heads of 64, where the tiled one was 2x faster).
    */
   attentionKernelFor(s: AttentionShape): AttentionKernel {
     if (this.attentionKernel !== "auto") return this.attentionKernel;
@@ -1747,11 +1792,21 @@ export class WebGpuBackend implements TrainingBackend {
     ) {
       throw new Error(`attentionBackward: q [${q.shape}] / k [${k.shape}] do not match the shape`);
     }
+    const kernel = this.attentionKernelFor(s);
+    if (kernel === "tiled" && headDim > ATTN_TILED_MAX_HEAD_DIM) {
+      throw new Error(
+        `attentionBackward: the tiled kernel takes head_dim up to ${ATTN_TILED_MAX_HEAD_DIM}, ` +
+          `not ${headDim}`,
+      );
+    }
+    const tiling = kernel === "tiled" ? attentionBackwardTiling(s) : null;
     const dq = this.newTensor([batch * qLen, qw]); // [B*qLen, heads*hd]
     const dk = this.newTensor([batch * kvLen, kw]); // [B*kvLen, kvHeads*hd]
     const dv = this.newTensor([batch * kvLen, kw]);
-    // Chunks are whole sequences, as in the forward; (m, l, D) per query row and head.
-    const qBytes = qLen * qw * 4, kvBytes = kvLen * kw * 4, statBytes = heads * qLen * 12;
+    // Chunks are whole sequences, as in the forward. Per query row and head the naive
+    // kernel keeps (m, l, D), the tiled one (lse, D).
+    const qBytes = qLen * qw * 4, kvBytes = kvLen * kw * 4;
+    const statBytes = heads * qLen * (tiling ? 8 : 12);
     for (const [b0, seqs] of this.rowChunks(batch, [qBytes, kvBytes, statBytes])) {
       const qRange = this.rowRange(t(q).buffer, b0, seqs, qBytes);
       const kRange = this.rowRange(t(k).buffer, b0, seqs, kvBytes);
@@ -1760,24 +1815,49 @@ export class WebGpuBackend implements TrainingBackend {
       const dqRange = this.rowRange(dq.buffer, b0, seqs, qBytes, true);
       const dkRange = this.rowRange(dk.buffer, b0, seqs, kvBytes, true);
       const dvRange = this.rowRange(dv.buffer, b0, seqs, kvBytes, true);
-      const stats = this.acquire(seqs * statBytes);
+      const stats = this.acquire(seqs * statBytes, true);
       const ranges = [qRange, kRange, vRange, doRange, dqRange, dkRange, dvRange];
       const params = attentionParams(seqs, s, ranges);
       const inputs = [qRange, kRange, vRange, doRange];
-      this.run({
-        kernel: "attention_backward",
-        entry: "attention_backward_query",
-        params,
-        bindings: [...inputs, { buffer: stats, size: seqs * statBytes, write: true }, dqRange],
-        workgroups: ceilDiv(seqs * heads * qLen, 64),
-      });
-      this.run({
-        kernel: "attention_backward",
-        entry: "attention_backward_kv",
-        params,
-        bindings: [...inputs, { buffer: stats, size: seqs * statBytes }, dkRange, dvRange],
-        workgroups: ceilDiv(seqs * kvLen * kvHeads, 64),
-      });
+      const queryPass = [
+        ...inputs,
+        { buffer: stats, size: seqs * statBytes, write: true },
+        dqRange,
+      ];
+      const keyPass = [...inputs, { buffer: stats, size: seqs * statBytes }, dkRange, dvRange];
+      if (tiling) {
+        this.run({
+          kernel: "attention_backward_tiled",
+          entry: "attention_backward_query",
+          constants: { HEAD_DIM: headDim, LANES: tiling.lanes, TILE: tiling.keys },
+          params,
+          bindings: queryPass,
+          workgroups: seqs * kvHeads * tiling.queryBlocks,
+        });
+        this.run({
+          kernel: "attention_backward_tiled",
+          entry: "attention_backward_kv",
+          constants: { HEAD_DIM: headDim, LANES: tiling.lanes, TILE: tiling.queryRows },
+          params,
+          bindings: keyPass,
+          workgroups: seqs * kvHeads * tiling.keyBlocks,
+        });
+      } else {
+        this.run({
+          kernel: "attention_backward",
+          entry: "attention_backward_query",
+          params,
+          bindings: queryPass,
+          workgroups: ceilDiv(seqs * heads * qLen, 64),
+        });
+        this.run({
+          kernel: "attention_backward",
+          entry: "attention_backward_kv",
+          params,
+          bindings: keyPass,
+          workgroups: ceilDiv(seqs * kvLen * kvHeads, 64),
+        });
+      }
       this.release(stats);
     }
     return { dq, dk, dv };
