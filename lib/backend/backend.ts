@@ -363,6 +363,22 @@ export function checkGrouped(stack: Weight, k: number, groupRows: Int32Array, ro
   }
 }
 
+/** attentionBackward's contract: the forward's, k and v of kvLen rows a sequence, dOut like q. */
+export function checkAttentionBackward(
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  dOut: Tensor,
+  s: AttentionShape,
+) {
+  if (checkAttentionShape("attentionBackward", q, k, v, s) !== s.kvLen) {
+    throw new Error(`attentionBackward: k and v must have kvLen rows a sequence, not a cache`);
+  }
+  if (numelOf(dOut.shape) !== numelOf(q.shape)) {
+    throw new Error(`attentionBackward: dOut [${dOut.shape}] unlike q [${q.shape}]`);
+  }
+}
+
 /** matmulSwiglu's contract: a 2-D stack of whole gate/up blocks as wide as x's rows. */
 export function checkMatmulSwiglu(x: Tensor, gateUp: Weight) {
   const [rows, k] = gateUp.shape;

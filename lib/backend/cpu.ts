@@ -8,6 +8,7 @@ import {
   type AdamWHyper,
   type AttentionShape,
   checkAddRmsNorm,
+  checkAttentionBackward,
   checkAttentionShape,
   checkCombine,
   checkGrouped,
@@ -593,12 +594,7 @@ export class CpuBackend implements TrainingBackend {
     s: AttentionShape,
   ): { dq: Tensor; dk: Tensor; dv: Tensor } {
     const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
-    if (checkAttentionShape("attentionBackward", q, k, v, s) !== kvLen) {
-      throw new Error(`attentionBackward: k and v must have kvLen rows a sequence, not a cache`);
-    }
-    if (numelOf(dOut.shape) !== numelOf(q.shape)) {
-      throw new Error(`attentionBackward: dOut [${dOut.shape}] unlike q [${q.shape}]`);
-    }
+    checkAttentionBackward(q, k, v, dOut, s);
     const qs = t(q).data, ks = t(k).data, vs = t(v).data, dos = t(dOut).data;
     const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
     const dq = new Float32Array(batch * qLen * qw); // [B*qLen, heads*hd]

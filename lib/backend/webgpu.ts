@@ -13,6 +13,7 @@ import {
   type AdamWHyper,
   type AttentionShape,
   checkAddRmsNorm,
+  checkAttentionBackward,
   checkAttentionShape,
   checkCombine,
   checkGrouped,
@@ -1782,16 +1783,7 @@ export class WebGpuBackend implements TrainingBackend {
   ): { dq: Tensor; dk: Tensor; dv: Tensor } {
     const { batch, qLen, kvLen, heads, kvHeads, headDim } = s;
     const qw = heads * headDim, kw = kvHeads * headDim;
-    if (heads % kvHeads !== 0) {
-      throw new Error(`attentionBackward: ${heads} heads, ${kvHeads} kv heads`);
-    }
-    if (qLen > kvLen) throw new Error(`attentionBackward: qLen ${qLen} > kvLen ${kvLen}`);
-    if (
-      numelOf(q.shape) !== batch * qLen * qw || numelOf(k.shape) !== batch * kvLen * kw ||
-      numelOf(v.shape) !== batch * kvLen * kw || numelOf(dOut.shape) !== batch * qLen * qw
-    ) {
-      throw new Error(`attentionBackward: q [${q.shape}] / k [${k.shape}] do not match the shape`);
-    }
+    checkAttentionBackward(q, k, v, dOut, s);
     const kernel = this.attentionKernelFor(s);
     if (kernel === "tiled" && headDim > ATTN_TILED_MAX_HEAD_DIM) {
       throw new Error(
