@@ -78,11 +78,11 @@ export function silu(x: number): number {
  */
 function swigluInterleaved(gu: Float32Array, rows: number, width: number): Float32Array {
   const out = new Float32Array(rows * width);
-  for (let r = 0; r < rows; r++) {
-    for (let c = 0; c < width; c++) {
-      const run = Math.floor(c / GATE_UP_RUN), j = c % GATE_UP_RUN;
-      const gate = r * 2 * width + 2 * run * GATE_UP_RUN + j; // its up value is a run later
-      out[r * width + c] = silu(gu[gate]) * gu[gate + GATE_UP_RUN];
+  // Output c of run c / GATE_UP_RUN reads gate 2c - c % GATE_UP_RUN of its row; its up
+  // value is a run later. Walked run by run: this pass is as hot as the matmul before it.
+  for (let c0 = 0, g0 = 0; c0 < rows * width; c0 += GATE_UP_RUN, g0 += 2 * GATE_UP_RUN) {
+    for (let j = 0; j < GATE_UP_RUN; j++) {
+      out[c0 + j] = silu(gu[g0 + j]) * gu[g0 + GATE_UP_RUN + j];
     }
   }
   return out;
@@ -270,21 +270,9 @@ export class CpuBackend implements TrainingBackend {
     if (d !== heads * headDim) {
       throw new Error(`rope: row width ${d} != ${heads} heads x ${headDim}`);
     }
-    const xs = t(x).data, out = new Float32Array(xs.length);
-    const half = headDim / 2;
-    const table = ropeTable(headDim, theta, linearFactor);
-    for (let r = 0; r < n; r++) {
-      const [cos, sin] = table(positions[r]);
-      for (let h = 0; h < heads; h++) {
-        const o = r * d + h * headDim;
-        for (let i = 0; i < half; i++) {
-          const a = xs[o + i], b = xs[o + i + half];
-          out[o + i] = a * cos[i] - b * sin[i];
-          out[o + i + half] = b * cos[i] + a * sin[i];
-        }
-      }
-    }
-    return new CpuTensor(out, x.shape);
+    if (positions.length !== n) throw new Error(`rope: ${positions.length} positions, ${n} rows`);
+    const rope = { positions, theta, linearFactor };
+    return new CpuTensor(rotateHeads(t(x).data, d, 0, heads, headDim, rope), x.shape);
   }
 
   splitQkv(
@@ -301,13 +289,12 @@ export class CpuBackend implements TrainingBackend {
       for (let r = 0; r < n; r++) out.set(xs.subarray(r * d + c0, r * d + c0 + width), r * width);
       return new CpuTensor(out, [n, width]);
     };
-    const qw = heads * headDim, kw = kvHeads * headDim;
-    const q = columns(0, qw), k = columns(qw, kw), v = columns(qw + kw, kw);
-    if (!rope) return { q, k, v };
-    const { positions, theta, linearFactor } = rope;
+    const qw = heads * headDim, kw = kvHeads * headDim, v = columns(qw + kw, kw);
+    if (!rope) return { q: columns(0, qw), k: columns(qw, kw), v };
+    // Rotated straight out of qkv: one pass over q and k, no copy before the rotation.
     return {
-      q: this.rope(q, positions, heads, headDim, theta, linearFactor),
-      k: this.rope(k, positions, kvHeads, headDim, theta, linearFactor),
+      q: new CpuTensor(rotateHeads(xs, d, 0, heads, headDim, rope), [n, qw]),
+      k: new CpuTensor(rotateHeads(xs, d, qw, kvHeads, headDim, rope), [n, kw]),
       v,
     };
   }
@@ -884,6 +871,35 @@ export class CpuBackend implements TrainingBackend {
  * cos/sin per distinct position (positions repeat across the batch), with HF's f32
  * inv_freq = 1 / theta^(2i/d) and f32 angle. Shared by rope and ropeBackward.
  */
+/**
+ * HF rotate_half RoPE of `heads` heads read from columns c0.. of the rows of `src` (row
+ * width srcWidth): [rows, heads * headDim], row r at position positions[r].
+ */
+function rotateHeads(
+  src: Float32Array,
+  srcWidth: number,
+  c0: number,
+  heads: number,
+  headDim: number,
+  rope: RopeSpec,
+): Float32Array {
+  const n = rope.positions.length, width = heads * headDim, half = headDim / 2;
+  const out = new Float32Array(n * width);
+  const table = ropeTable(headDim, rope.theta, rope.linearFactor);
+  for (let r = 0; r < n; r++) {
+    const [cos, sin] = table(rope.positions[r]);
+    for (let h = 0; h < heads; h++) {
+      const o = r * width + h * headDim, x = r * srcWidth + c0 + h * headDim;
+      for (let i = 0; i < half; i++) {
+        const a = src[x + i], b = src[x + i + half];
+        out[o + i] = a * cos[i] - b * sin[i];
+        out[o + i + half] = b * cos[i] + a * sin[i];
+      }
+    }
+  }
+  return out;
+}
+
 function ropeTable(
   headDim: number,
   theta: number,
