@@ -65,10 +65,12 @@ export interface WebGpuOptions {
 export const MATMUL_KERNELS = ["naive", "tiled", "blocked", "gemv"] as const;
 export type MatmulKernel = (typeof MATMUL_KERNELS)[number];
 
-// "auto": gemv up to this many rows: on llvmpipe it beat blocked 7x at N=4, 4.5x at 8,
-// 1.9x at 16 and tied at 32 (K=M=1024 bf16); a real GPU crosses over sooner (near 8),
-// where gemv's re-read of the weights per 8 rows starts to cost, so 16 errs low.
-export const MATMUL_AUTO_GEMV_MAX_ROWS = 16;
+// "auto": gemv up to this many rows. Since gemv went to 8 lanes x 32 columns it takes
+// 0.2-0.4x blocked's time at 8 rows on llvmpipe, 0.6-0.8x at 32 and ties near 48 (K x M
+// 256 x 1024, 1024 x 1024, 2048 x 1408, f32). On a GPU gemv re-reads the weights once per
+// 8 rows, but blocked's 128-row tiles leave a 32-row batch to a handful of workgroups
+// (M / 128), so 32 is kept below the measured tie; a real GPU should confirm it.
+export const MATMUL_AUTO_GEMV_MAX_ROWS = 32;
 // "auto" above that: the register-blocked kernel, the fastest prefill kernel measured.
 export const MATMUL_AUTO_PREFILL: MatmulKernel = "blocked";
 // Output rows and columns per workgroup of kernels/matmul_blocked.wgsl (16 x TM, 16 x TN).
