@@ -305,47 +305,17 @@ async function benchAttention(gpu: WebGpuBackend, repeats: number) {
     const [q, k, v] = data.map((d, i) => gpu.tensor(d, shapes[i]));
     const [cq, ck, cv] = data.map((d, i) => cpu.tensor(d, shapes[i]));
     const want = await cpu.read(cpu.attention(cq, ck, cv, s));
-    const backends = ATTENTION_KERNELS.map((kernel) =>
-      gpu.withOptions({ attentionKernel: kernel })
-    );
-    const errors: number[] = [];
-    for (const be of backends) {
-      // Warm-up (pipeline compilation) and the check against the reference.
+    const call = async (be: WebGpuBackend) => {
       const y = be.attention(q, k, v, s);
-      errors.push(maxRelError([await be.read(y)], [want]));
+      const got = [await be.read(y)];
       be.free(y);
-    }
-    const times: number[][] = backends.map(() => []);
-    for (let r = 0; r < repeats; r++) {
-      for (const [i, be] of backends.entries()) {
-        const t0 = performance.now();
-        const y = be.attention(q, k, v, s);
-        await be.read(y);
-        be.free(y);
-        times[i].push((performance.now() - t0) / 1000);
-      }
-    }
-    [q, k, v].forEach((x) => gpu.free(x));
+      return got;
+    };
     const flops = 4 * s.headDim * visiblePairs(s) * s.heads;
-    const line: string[] = [];
-    for (const [i, kernel] of ATTENTION_KERNELS.entries()) {
-      const seconds = median(times[i]), exact = errors[i] <= ATTENTION_EXACT_TOL;
-      rows.push({
-        pass: "forward",
-        shape,
-        kernel,
-        ...s,
-        seconds,
-        gflops: flops / seconds / 1e9,
-        maxRelError: errors[i],
-        exact,
-      });
-      line.push(`${kernel} ${(seconds * 1000).toFixed(1)} ms${exact ? "" : " (WRONG RESULT)"}`);
-    }
-    console.error(
-      `attention ${shape} ${s.batch}x${s.qLen}/${s.kvLen} ${s.heads}/${s.kvHeads}x${s.headDim}: ` +
-        `${line.join(", ")}, naive/tiled ${(median(times[0]) / median(times[1])).toFixed(2)}`,
+    rows.push(
+      ...await timeAttentionKernels(gpu, "forward", shape, s, flops, call, [want], repeats),
     );
+    [q, k, v].forEach((x) => gpu.free(x));
   }
   rows.push(...await benchAttentionBackward(gpu, repeats));
   return {
@@ -354,6 +324,46 @@ async function benchAttention(gpu: WebGpuBackend, repeats: number) {
     backwardShapes: ATTENTION_BACKWARD_SHAPES,
     rows,
   };
+}
+
+/**
+ * Every attention kernel running `call` (one pass at one shape): checked against `want`
+ * once (which also compiles its pipelines), then timed round-robin; a row per kernel.
+ */
+async function timeAttentionKernels(
+  gpu: WebGpuBackend,
+  pass: "forward" | "backward",
+  shape: string,
+  s: AttentionShape,
+  flops: number,
+  call: (be: WebGpuBackend) => Promise<Float32Array[]>,
+  want: Float32Array[],
+  repeats: number,
+): Promise<Record<string, unknown>[]> {
+  const backends = ATTENTION_KERNELS.map((kernel) => gpu.withOptions({ attentionKernel: kernel }));
+  const errors: number[] = [];
+  for (const be of backends) errors.push(maxRelError(await call(be), want));
+  const times: number[][] = backends.map(() => []);
+  for (let r = 0; r < repeats; r++) {
+    for (const [i, be] of backends.entries()) {
+      const t0 = performance.now();
+      await call(be);
+      times[i].push((performance.now() - t0) / 1000);
+    }
+  }
+  const rows: Record<string, unknown>[] = [], line: string[] = [];
+  for (const [i, kernel] of ATTENTION_KERNELS.entries()) {
+    const seconds = median(times[i]), exact = errors[i] <= ATTENTION_EXACT_TOL;
+    const gflops = flops / seconds / 1e9;
+    rows.push({ pass, shape, kernel, ...s, seconds, gflops, maxRelError: errors[i], exact });
+    line.push(`${kernel} ${(seconds * 1000).toFixed(1)} ms${exact ? "" : " (WRONG RESULT)"}`);
+  }
+  console.error(
+    `attention ${pass === "backward" ? "backward " : ""}${shape} ${s.batch}x${s.qLen}/${s.kvLen} ` +
+      `${s.heads}/${s.kvHeads}x${s.headDim}: ${line.join(", ")}, ` +
+      `naive/tiled ${(median(times[0]) / median(times[1])).toFixed(2)}`,
+  );
+  return rows;
 }
 
 /**
@@ -378,48 +388,15 @@ async function benchAttentionBackward(gpu: WebGpuBackend, repeats: number) {
     const want = await Promise.all(
       [reference.dq, reference.dk, reference.dv].map((x) => cpu.read(x)),
     );
-    const backends = ATTENTION_KERNELS.map((kernel) =>
-      gpu.withOptions({ attentionKernel: kernel })
-    );
     const call = async (be: WebGpuBackend) => {
       const g = be.attentionBackward(q, k, v, dOut, s);
       const got = [await be.read(g.dq), await be.read(g.dk), await be.read(g.dv)];
       for (const x of [g.dq, g.dk, g.dv]) be.free(x);
       return got;
     };
-    // Warm-up (pipeline compilation) and the check against the reference.
-    const errors: number[] = [];
-    for (const be of backends) errors.push(maxRelError(await call(be), want));
-    const times: number[][] = backends.map(() => []);
-    for (let r = 0; r < repeats; r++) {
-      for (const [i, be] of backends.entries()) {
-        const t0 = performance.now();
-        await call(be);
-        times[i].push((performance.now() - t0) / 1000);
-      }
-    }
-    [q, k, v, dOut].forEach((x) => gpu.free(x));
     const flops = 10 * s.headDim * visiblePairs(s) * s.heads;
-    const line: string[] = [];
-    for (const [i, kernel] of ATTENTION_KERNELS.entries()) {
-      const seconds = median(times[i]), exact = errors[i] <= ATTENTION_EXACT_TOL;
-      rows.push({
-        pass: "backward",
-        shape,
-        kernel,
-        ...s,
-        seconds,
-        gflops: flops / seconds / 1e9,
-        maxRelError: errors[i],
-        exact,
-      });
-      line.push(`${kernel} ${(seconds * 1000).toFixed(1)} ms${exact ? "" : " (WRONG RESULT)"}`);
-    }
-    console.error(
-      `attention backward ${shape} ${s.batch}x${s.qLen}/${s.kvLen} ` +
-        `${s.heads}/${s.kvHeads}x${s.headDim}: ${line.join(", ")}, ` +
-        `naive/tiled ${(median(times[0]) / median(times[1])).toFixed(2)}`,
-    );
+    rows.push(...await timeAttentionKernels(gpu, "backward", shape, s, flops, call, want, repeats));
+    [q, k, v, dOut].forEach((x) => gpu.free(x));
   }
   return rows;
 }
