@@ -307,7 +307,7 @@ export class CpuBackend implements TrainingBackend {
     const out = new Float32Array(batch * qLen * qw);
     const scale = 1 / Math.sqrt(headDim);
     if (this.blas) {
-      this.attentionBlas(qs, ks, vs, out, s, scale);
+      this.attentionBlas(qs, ks, vs, out, s, stride, scale);
       return new CpuTensor(out, [batch * qLen, qw]);
     }
     const scores = new Float64Array(kvLen);
@@ -348,11 +348,11 @@ export class CpuBackend implements TrainingBackend {
     vs: Float32Array,
     out: Float32Array,
     s: AttentionShape,
+    stride: number, // rows per sequence in ks and vs
     scale: number,
   ): void {
     const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
     const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
-    const stride = s.kvStride ?? kvLen;
     const scores = new Float32Array(qLen * kvLen); // [qLen, kvLen]
     for (let b = 0; b < batch; b++) {
       for (let h = 0; h < heads; h++) {
@@ -555,22 +555,12 @@ export class CpuBackend implements TrainingBackend {
     linearFactor: number,
   ): Tensor {
     const [n, d] = rowsCols(dy);
-    const dys = t(dy).data, dx = new Float32Array(dys.length);
-    const half = headDim / 2;
-    const table = ropeTable(headDim, theta, linearFactor);
-    for (let r = 0; r < n; r++) {
-      const [cos, sin] = table(positions[r]);
-      for (let h = 0; h < heads; h++) {
-        const o = r * d + h * headDim;
-        for (let i = 0; i < half; i++) {
-          // transpose of [[cos, -sin], [sin, cos]]
-          const da = dys[o + i], db = dys[o + i + half];
-          dx[o + i] = da * cos[i] + db * sin[i];
-          dx[o + i + half] = db * cos[i] - da * sin[i];
-        }
-      }
+    if (positions.length !== n) {
+      throw new Error(`ropeBackward: ${positions.length} positions, ${n} rows`);
     }
-    return new CpuTensor(dx, dy.shape);
+    // The rotation is orthogonal: its transpose is the rotation by the negated angle.
+    const rope = { positions, theta, linearFactor };
+    return new CpuTensor(rotateHeads(t(dy).data, d, 0, heads, headDim, rope, -1), dy.shape);
   }
 
   attentionBackward(
@@ -868,12 +858,9 @@ export class CpuBackend implements TrainingBackend {
 }
 
 /**
- * cos/sin per distinct position (positions repeat across the batch), with HF's f32
- * inv_freq = 1 / theta^(2i/d) and f32 angle. Shared by rope and ropeBackward.
- */
-/**
  * HF rotate_half RoPE of `heads` heads read from columns c0.. of the rows of `src` (row
- * width srcWidth): [rows, heads * headDim], row r at position positions[r].
+ * width srcWidth): [rows, heads * headDim], row r at position positions[r]. sinSign -1
+ * rotates back: the transpose, which is ropeBackward.
  */
 function rotateHeads(
   src: Float32Array,
@@ -882,6 +869,7 @@ function rotateHeads(
   heads: number,
   headDim: number,
   rope: RopeSpec,
+  sinSign: 1 | -1 = 1,
 ): Float32Array {
   const n = rope.positions.length, width = heads * headDim, half = headDim / 2;
   const out = new Float32Array(n * width);
@@ -891,15 +879,19 @@ function rotateHeads(
     for (let h = 0; h < heads; h++) {
       const o = r * width + h * headDim, x = r * srcWidth + c0 + h * headDim;
       for (let i = 0; i < half; i++) {
-        const a = src[x + i], b = src[x + i + half];
-        out[o + i] = a * cos[i] - b * sin[i];
-        out[o + i + half] = b * cos[i] + a * sin[i];
+        const a = src[x + i], b = src[x + i + half], sn = sinSign * sin[i];
+        out[o + i] = a * cos[i] - b * sn;
+        out[o + i + half] = b * cos[i] + a * sn;
       }
     }
   }
   return out;
 }
 
+/**
+ * cos/sin per distinct position (positions repeat across the batch), with HF's f32
+ * inv_freq = 1 / theta^(2i/d) and f32 angle, for rotateHeads.
+ */
 function ropeTable(
   headDim: number,
   theta: number,
