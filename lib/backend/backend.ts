@@ -450,7 +450,8 @@ export function checkCombine(
  * plan_experts kernel): `order` lists the token of each grouped row, experts in turn and
  * tokens ascending within one; for token t, sources[t k + j] is the grouped row of its
  * j-th expert counted in ascending expert id (the order the outputs are added in) and
- * scales[t k + j] that expert's routing weight.
+ * scales[t k + j] that expert's routing weight; slots[row] is the index into
+ * routing.indices that a grouped row comes from.
  */
 export function expertPlan(routing: Routing, k: number, experts: number) {
   const groupRows = new Int32Array(experts);
@@ -461,7 +462,7 @@ export function expertPlan(routing: Routing, k: number, experts: number) {
   const next = new Int32Array(experts); // the next grouped row of each expert
   for (let e = 1; e < experts; e++) next[e] = next[e - 1] + groupRows[e - 1];
   const tokens = routing.indices.length / k;
-  const order = new Int32Array(tokens * k);
+  const order = new Int32Array(tokens * k), slots = new Int32Array(tokens * k);
   const sources = new Int32Array(tokens * k), scales = new Float32Array(tokens * k);
   for (let t = 0; t < tokens; t++) {
     const picks = routing.indices.subarray(t * k, t * k + k);
@@ -470,11 +471,12 @@ export function expertPlan(routing: Routing, k: number, experts: number) {
       let rank = 0; // experts of this token with a smaller id come first
       for (const other of picks) if (other < e) rank++;
       order[at] = t;
+      slots[at] = t * k + j;
       sources[t * k + rank] = at;
       scales[t * k + rank] = routing.weights[t * k + j];
     }
   }
-  return { order, groupRows, sources, scales };
+  return { order, slots, groupRows, sources, scales };
 }
 
 /** routedExperts' contract: logits [N, E], out [N, H], stacks of E experts over H. */

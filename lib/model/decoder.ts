@@ -2,7 +2,7 @@
 // GQA attention, dense / MoE / condensed / dropped MLPs). Per-architecture behaviour
 // comes from ModelSpec; nothing here branches on model_type.
 
-import type { RopeSpec, Routing, Tensor } from "../backend/backend.ts";
+import { expertPlan, type RopeSpec, type Routing, type Tensor } from "../backend/backend.ts";
 import {
   cesValues,
   computeTheta,
@@ -374,29 +374,24 @@ async function expertsOneByOne(
 }
 
 /**
- * Each expert's routed tokens (ascending, as expertPlan orders them): for expert e,
- * slots[e] are the indices into routing.indices that chose it, rows[e] their token rows
- * and scales[e] their routing weights.
+ * Each expert's routed tokens, from the grouped plan (expertPlan): for expert e, rows[e]
+ * are its token rows (ascending), slots[e] their indices into routing.indices and
+ * scales[e] their routing weights.
  */
 export function groupByExpert(
   routing: Routing,
   topK: number,
   numExperts: number,
 ): { rows: Int32Array[]; slots: Int32Array[]; scales: Float32Array[] } {
-  const { indices, weights } = routing;
-  const counts = new Int32Array(numExperts);
-  for (const e of indices) {
-    if (e < 0 || e >= numExperts) throw new Error(`expert ${e} out of [0, ${numExperts})`);
-    counts[e]++;
+  const plan = expertPlan(routing, topK, numExperts);
+  const rows: Int32Array[] = [], slots: Int32Array[] = [], scales: Float32Array[] = [];
+  for (let e = 0, r0 = 0; e < numExperts; r0 += plan.groupRows[e++]) {
+    const r1 = r0 + plan.groupRows[e];
+    rows.push(plan.order.subarray(r0, r1));
+    slots.push(plan.slots.subarray(r0, r1));
+    scales.push(Float32Array.from(slots[e], (i) => routing.weights[i]));
   }
-  const slots = Array.from(counts, (n) => new Int32Array(n));
-  const filled = new Int32Array(numExperts);
-  indices.forEach((e, i) => slots[e][filled[e]++] = i);
-  return {
-    rows: slots.map((s) => s.map((i) => Math.floor(i / topK))),
-    slots,
-    scales: slots.map((s) => Float32Array.from(s, (i) => weights[i])),
-  };
+  return { rows, slots, scales };
 }
 
 export async function finalNorm(model: Model, h: Tensor): Promise<Tensor> {
