@@ -357,7 +357,6 @@ function groupStarts(groupRows: Int32Array): Int32Array {
   return starts;
 }
 
-/** The attention kernels' uniforms: the shape, then where each tensor's row 0 starts. */
 /**
  * RoPE's cos and sin tables [rows, headDim / 2], sin times `sinSign` (-1 rotates back), in
  * the same f32 arithmetic as the CPU reference and HF (WGSL's cos and sin are only bounded
@@ -378,6 +377,7 @@ function ropeTables(rope: RopeSpec, headDim: number, sinSign: 1 | -1) {
   return { cos, sin };
 }
 
+/** The attention kernels' uniforms: the shape, then where each tensor's row 0 starts. */
 function attentionParams(seqs: number, s: AttentionShape, ranges: { skip: number }[]) {
   return [
     seqs,
@@ -908,10 +908,10 @@ export class WebGpuBackend implements TrainingBackend {
   }
 
   matmul(x: Tensor, weight: Weight, bias?: Weight): Tensor {
-    const [m, k] = weight.shape;
-    if (weight.shape.length !== 2 || rowsCols(x)[1] !== k) {
+    const [m, k] = weight.shape, [, xCols] = rowsCols(x);
+    if (weight.shape.length !== 2 || xCols !== k) {
       throw new Error(
-        `matmul: x has ${rowsCols(x)[1]} columns but weight "${weight.name}" is [${weight.shape}]`,
+        `matmul: x has ${xCols} columns but weight "${weight.name}" is [${weight.shape}]`,
       );
     }
     if (bias && numelOf(bias.shape) !== m) {
@@ -922,14 +922,22 @@ export class WebGpuBackend implements TrainingBackend {
 
   matmulSwiglu(x: Tensor, gateUp: Weight): Tensor {
     checkMatmulSwiglu(x, gateUp);
-    const blocksSplit = w(gateUp).chunks.some((c) => c.row0 % GATE_UP_BLOCK !== 0);
-    if (blocksSplit) {
+    this.checkWholeGateUpBlocks(gateUp, gateUp.shape[0]);
+    return this.matmulOn(x, gateUp, undefined, true);
+  }
+
+  /**
+   * The SWIGLU epilogue pairs the gate and up columns of each 8-row block in one
+   * workgroup, so a gateUp weight's chunks and matrices (m rows each) hold whole blocks.
+   */
+  private checkWholeGateUpBlocks(gateUp: Weight, m: number) {
+    const split = (row: number) => row % GATE_UP_BLOCK !== 0;
+    if (split(m) || w(gateUp).chunks.some((c) => split(c.row0))) {
       throw new Error(
         `webgpu: "${gateUp.name}" [${gateUp.shape}] splits a gate/up block: the binding ` +
           `limit ${this.maxBindingBytes} holds fewer than ${GATE_UP_BLOCK} rows`,
       );
     }
-    return this.matmulOn(x, gateUp, undefined, true);
   }
 
   /**
@@ -1074,15 +1082,10 @@ export class WebGpuBackend implements TrainingBackend {
     const tileRows = gemv
       ? Math.max(1, Math.min(maxGroupRows, MATMUL_GEMV_MAX_ROWS))
       : MATMUL_BLOCKED_TILE;
+    if (swiglu) this.checkWholeGateUpBlocks(stack, m);
     // Stack chunks may hold many experts or part of one; x and out may be bound in row ranges.
     for (const chunk of w(stack).chunks) {
       const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
-      if (swiglu && (chunk.row0 % GATE_UP_BLOCK !== 0 || m % GATE_UP_BLOCK !== 0)) {
-        throw new Error(
-          `webgpu: "${stack.name}" [${stack.shape}] splits a gate/up block: the binding ` +
-            `limit ${this.maxBindingBytes} holds fewer than ${GATE_UP_BLOCK} rows`,
-        );
-      }
       for (const [r0, rows] of this.rowChunks(r, [k * 4, outWidth * 4])) {
         // Each non-empty group takes at most one partial tile.
         const capacity = Math.floor(rows / tileRows) + Math.min(g1 - g0, rows);
@@ -1314,12 +1317,7 @@ export class WebGpuBackend implements TrainingBackend {
     const { batch, qLen, heads, kvHeads, headDim } = s;
     const qw = heads * headDim, kw = kvHeads * headDim;
     const stride = checkAttentionShape("attention", q, k, v, s);
-    const kernel = this.attentionKernelFor(s);
-    if (kernel === "tiled" && headDim > ATTN_TILED_MAX_HEAD_DIM) {
-      throw new Error(
-        `attention: the tiled kernel takes head_dim up to ${ATTN_TILED_MAX_HEAD_DIM}, not ${headDim}`,
-      );
-    }
+    const kernel = this.checkedAttentionKernel("attention", s);
     const tiling = kernel === "tiled" ? attentionTiling(s) : null;
     const out = this.newTensor([batch * qLen, qw]); // [tokens, heads * headDim]
     // Chunks are whole sequences: a query needs every key of its own sequence.
@@ -1329,9 +1327,8 @@ export class WebGpuBackend implements TrainingBackend {
       const kRange = this.rowRange(t(k).buffer, b0, seqs, kvBytes);
       const vRange = this.rowRange(t(v).buffer, b0, seqs, kvBytes);
       const outRange = this.rowRange(out.buffer, b0, seqs, qBytes, true);
-      const ranges = [qRange, kRange, vRange, outRange];
-      const params = [...attentionParams(seqs, s, ranges), stride];
       const bindings = [qRange, kRange, vRange, outRange];
+      const params = [...attentionParams(seqs, s, bindings), stride];
       if (tiling) {
         this.run({
           kernel: "attention_tiled",
@@ -1363,6 +1360,17 @@ export class WebGpuBackend implements TrainingBackend {
    * batch x heads threads. The naive backward is wrong there from about 13k / head_dim
    * keys (dq at 2 x 256, 4 heads of 64, where the tiled one was 2x faster).
    */
+  /** attentionKernelFor, refusing a forced tiled kernel past its head_dim limit. */
+  private checkedAttentionKernel(op: string, s: AttentionShape): AttentionKernel {
+    const kernel = this.attentionKernelFor(s);
+    if (kernel === "tiled" && s.headDim > ATTN_TILED_MAX_HEAD_DIM) {
+      throw new Error(
+        `${op}: the tiled kernel takes head_dim up to ${ATTN_TILED_MAX_HEAD_DIM}, not ${s.headDim}`,
+      );
+    }
+    return kernel;
+  }
+
   attentionKernelFor(s: AttentionShape): AttentionKernel {
     if (this.attentionKernel !== "auto") return this.attentionKernel;
     return s.headDim <= ATTN_TILED_MAX_HEAD_DIM ? "tiled" : "naive";
@@ -1786,13 +1794,7 @@ export class WebGpuBackend implements TrainingBackend {
     const { batch, qLen, kvLen, heads, kvHeads, headDim } = s;
     const qw = heads * headDim, kw = kvHeads * headDim;
     checkAttentionBackward(q, k, v, dOut, s);
-    const kernel = this.attentionKernelFor(s);
-    if (kernel === "tiled" && headDim > ATTN_TILED_MAX_HEAD_DIM) {
-      throw new Error(
-        `attentionBackward: the tiled kernel takes head_dim up to ${ATTN_TILED_MAX_HEAD_DIM}, ` +
-          `not ${headDim}`,
-      );
-    }
+    const kernel = this.checkedAttentionKernel("attentionBackward", s);
     const tiling = kernel === "tiled" ? attentionBackwardTiling(s) : null;
     const dq = this.newTensor([batch * qLen, qw]); // [B*qLen, heads*hd]
     const dk = this.newTensor([batch * kvLen, kw]); // [B*kvLen, kvHeads*hd]
