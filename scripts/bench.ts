@@ -8,7 +8,8 @@
 //             backward kernels at two training shapes, each checked against the CPU
 //             reference
 //   forward   default-model forward tokens/s per backend
-//   decode    greedy decoding with the KV cache, tokens/s and device submits per token
+//   decode    greedy decoding with the KV cache, tokens/s, device submits per token and
+//             GPU time per kernel per token (timestamp queries, where the adapter has them)
 //   train     training tokens/s (forward + backward + AdamW, routed and shared experts
 //             trainable) per backend
 //   layerwise peak memory of the layer-wise mode vs all weights resident, on a generated
@@ -22,7 +23,12 @@ import { forward } from "../lib/model/decoder.ts";
 import { argmaxRow, createKvCache, forwardCached, freeKvCache } from "../lib/model/generate.ts";
 import { Model } from "../lib/model/model.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
-import { ATTENTION_KERNELS, MATMUL_KERNELS, WebGpuBackend } from "../lib/backend/webgpu.ts";
+import {
+  ATTENTION_KERNELS,
+  type KernelTime,
+  MATMUL_KERNELS,
+  WebGpuBackend,
+} from "../lib/backend/webgpu.ts";
 import { loadBlas } from "../lib/backend/blas.ts";
 import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
 import { supportsTraining } from "../lib/backend/backend.ts";
@@ -427,25 +433,33 @@ async function benchForward(backends: Map<string, Backend>, modelDir: string, re
 
 /**
  * Greedy decoding with the KV cache, one token per step after a prompt: tokens/s, and on
- * WebGPU the submits per step (each a wait on the device; the MoE layers add none).
+ * WebGPU the submits per step (each a wait on the device; the MoE layers add none) and,
+ * where the adapter has timestamp queries, the GPU time per kernel of as many more steps.
  */
 async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
   const rows: Record<string, unknown>[] = [];
-  const prompt = 32, steps = 32;
+  const prompt = 32, steps = 32, warmup = 4;
   for (const [name, be] of backends) {
     const model = await Model.load(modelDir, be);
-    const cache = createKvCache(model, 1, prompt + steps);
+    const cache = createKvCache(model, 1, prompt + warmup + 2 * steps);
     const ids = new Int32Array(prompt).map((_, i) => (i * 7919 + 13) % 256);
     let logits = await forwardCached(model, ids, prompt, cache, true);
     const vocab = logits.length;
+    const decodeSteps = async (count = steps) => {
+      for (let i = 0; i < count; i++) {
+        const next = Int32Array.of(argmaxRow(logits, 0, vocab));
+        logits = await forwardCached(model, next, 1, cache);
+      }
+    };
+    await decodeSteps(warmup); // compiles the one-row kernels the prompt did not use
     const submits0 = be instanceof WebGpuBackend ? be.submits : 0;
     const t0 = performance.now();
-    for (let i = 0; i < steps; i++) {
-      const next = Int32Array.of(argmaxRow(logits, 0, vocab));
-      logits = await forwardCached(model, next, 1, cache);
-    }
+    await decodeSteps();
     const seconds = (performance.now() - t0) / 1000;
     const submitsPerToken = be instanceof WebGpuBackend ? (be.submits - submits0) / steps : null;
+    const kernels = be instanceof WebGpuBackend && be.device.features.has("timestamp-query")
+      ? kernelProfile(await be.timeKernels(() => decodeSteps()), steps)
+      : null;
     freeKvCache(model, cache);
     model.close();
     rows.push({
@@ -456,13 +470,28 @@ async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
       seconds,
       tokensPerSecond: steps / seconds,
       submitsPerToken,
+      kernels,
     });
     console.error(
       `decode ${name}: ${(steps / seconds).toFixed(1)} tok/s` +
         (submitsPerToken === null ? "" : `, ${submitsPerToken} submits per token`),
     );
+    for (const k of kernels?.slice(0, 6) ?? []) {
+      console.error(
+        `  ${k.milliseconds.toFixed(3)} ms/token in ${k.dispatches} x ${k.kernel}`,
+      );
+    }
   }
   return rows;
+}
+
+/** timeKernels' totals per decoded token, slowest kernel first. */
+function kernelProfile(times: Map<string, KernelTime>, steps: number) {
+  return [...times].map(([kernel, t]) => ({
+    kernel,
+    dispatches: t.dispatches / steps,
+    milliseconds: t.milliseconds / steps,
+  })).sort((a, b) => b.milliseconds - a.milliseconds);
 }
 
 async function benchTrain(backends: Map<string, Backend>, modelDir: string, repeats: number) {

@@ -10,6 +10,7 @@ import { f16ToF32 } from "../lib/io/safetensors.ts";
 import {
   checkMatmulAgainstCpu,
   f32ToF16Bits,
+  MATMUL_TOL,
   rawWeight,
   relError as sharedRelError,
   seededInputs,
@@ -332,6 +333,48 @@ Deno.test({
     assert.equal((await gpu!.read(gpu!.tensor(new Float32Array(0), [0, 4]))).length, 0);
     assert.equal(gpu!.name, "webgpu");
     assert(gpu!.description.length > 0);
+  },
+});
+
+Deno.test({
+  name: "timeKernels counts every dispatch by kernel and leaves the results unchanged",
+  ignore,
+  async fn() {
+    if (!gpu!.device.features.has("timestamp-query")) {
+      await assert.rejects(gpu!.timeKernels(async () => {}), /no "timestamp-query" feature/);
+      return;
+    }
+    const [x, cx] = both(gpu!, randn(3 * 40), [3, 40]);
+    const w = rawWeight("w", [50, 40], randn(50 * 40), "BF16");
+    const gw = gpu!.uploadWeight(w), cw = cpu.uploadWeight(w);
+    const gemv = gpu!.withOptions({ matmulKernel: "gemv" });
+    let product: Tensor | null = null, sum: Tensor | null = null;
+    // Past one batch (1,024 dispatches), so timestamps of two submits are gathered.
+    const times = await gpu!.timeKernels(async () => {
+      for (let i = 0; i < 600; i++) {
+        if (product) gpu!.free(product), gpu!.free(sum!);
+        product = gemv.matmul(x, gw);
+        sum = gpu!.add(product, product);
+      }
+      await gpu!.read(sum!); // a read inside the timed work is fine
+    });
+    const names = [...times.keys()].sort();
+    assert.equal(names.length, 2, names.join(", "));
+    assert.match(names[0], /^elementwise\.add$/);
+    assert.match(names[1], /^matmul_gemv\.main\{.*"ROWS":3/);
+    for (const time of times.values()) {
+      assert.equal(time.dispatches, 600);
+      assert(time.milliseconds > 0 && Number.isFinite(time.milliseconds), `${time.milliseconds}`);
+    }
+    const want = cpu.matmul(cx, cw);
+    await expectClose("matmul under timeKernels", product!, want, MATMUL_TOL);
+    // The timer is gone afterwards: dispatches run in one pass again and can be timed anew.
+    assert.equal((await gpu!.timeKernels(async () => {})).size, 0);
+    await assert.rejects(
+      gpu!.timeKernels(() => gpu!.timeKernels(async () => {}).then(() => {})),
+      /already running/,
+    );
+    gpu!.free(product!), gpu!.free(sum!), gpu!.free(x), gpu!.freeWeight(gw);
   },
 });
 

@@ -191,9 +191,10 @@ export async function createWebGpuBackend(opts: WebGpuOptions = {}): Promise<Web
         "(on Linux without a GPU, Mesa's llvmpipe Vulkan driver provides one)",
     );
   }
-  const requiredFeatures: GPUFeatureName[] = adapter.features.has("shader-f16")
-    ? ["shader-f16"]
-    : [];
+  // timestamp-query only serves timeKernels (the bench's per-kernel profile); asking for
+  // it costs nothing until a query set is used.
+  const requiredFeatures = (["shader-f16", "timestamp-query"] as GPUFeatureName[])
+    .filter((f) => adapter.features.has(f));
   const device = await adapter.requestDevice({
     requiredFeatures,
     requiredLimits: {
@@ -276,6 +277,23 @@ interface SharedState {
   submits: number;
   retiring: Map<number, GPUBuffer[]>;
   retiringBytes: number;
+  /** Set while timeKernels runs: each dispatch gets its own pass with two timestamps. */
+  timer: KernelTimer | null;
+}
+
+/** Per-kernel GPU time (timestamp queries), gathered batch by batch as batches finish. */
+interface KernelTimer {
+  querySet: GPUQuerySet;
+  resolved: GPUBuffer;
+  /** The pending batch's dispatches, by name, in order (query pair i is dispatch i). */
+  names: string[];
+  reads: Promise<void>[];
+  times: Map<string, KernelTime>;
+}
+
+export interface KernelTime {
+  dispatches: number;
+  milliseconds: number;
 }
 
 const t = (x: Tensor) => x as GpuTensor;
@@ -439,6 +457,7 @@ export class WebGpuBackend implements TrainingBackend {
       submits: 0,
       retiring: new Map(),
       retiringBytes: 0,
+      timer: null,
     };
     this.matmulKernel = opts.matmulKernel ?? "auto";
     if (this.matmulKernel !== "auto" && !MATMUL_KERNELS.includes(this.matmulKernel)) {
@@ -745,6 +764,20 @@ export class WebGpuBackend implements TrainingBackend {
       x = MAX_WORKGROUPS_PER_DIM;
     }
     this.shared.encoder ??= this.device.createCommandEncoder();
+    const timer = this.shared.timer;
+    if (timer) {
+      // One pass per dispatch, timestamped at its start and end.
+      this.shared.pass?.end();
+      const index = 2 * timer.names.length;
+      timer.names.push(`${d.kernel}.${d.entry}${d.constants ? JSON.stringify(d.constants) : ""}`);
+      this.shared.pass = this.shared.encoder.beginComputePass({
+        timestampWrites: {
+          querySet: timer.querySet,
+          beginningOfPassWriteIndex: index,
+          endOfPassWriteIndex: index + 1,
+        },
+      });
+    }
     this.shared.pass ??= this.shared.encoder.beginComputePass();
     this.shared.pass.setPipeline(pipeline);
     this.shared.pass.setBindGroup(0, bindGroup);
@@ -776,7 +809,10 @@ export class WebGpuBackend implements TrainingBackend {
         this.shared.batched * this.uniformSlot,
       );
     }
+    const timer = this.shared.timer;
+    const timings = timer && timer.names.length > 0 ? this.resolveTimestamps(encoder, timer) : null;
     this.device.queue.submit([encoder.finish()]);
+    timings?.();
     this.shared.submits++;
     this.shared.encoder = null;
     this.shared.batched = 0;
@@ -784,6 +820,71 @@ export class WebGpuBackend implements TrainingBackend {
     this.shared.retiring = new Map();
     this.shared.retiringBytes = 0;
     for (const list of retired.values()) for (const b of list) this.release(b);
+  }
+
+  /**
+   * GPU time per kernel (name, entry point and pipeline constants) of the dispatches `work`
+   * records, from timestamp queries. Each dispatch then runs in its own compute pass, so
+   * the sum is a little above the time of the usual one-pass batches; nothing is read back
+   * between dispatches. Needs the adapter's "timestamp-query" feature.
+   */
+  async timeKernels(work: () => Promise<void>): Promise<Map<string, KernelTime>> {
+    if (!this.device.features.has("timestamp-query")) {
+      throw new Error(`webgpu: ${this.description} has no "timestamp-query" feature`);
+    }
+    if (this.shared.timer) throw new Error("webgpu: timeKernels is already running");
+    this.flush();
+    const timer: KernelTimer = {
+      querySet: this.device.createQuerySet({ type: "timestamp", count: 2 * BATCH_DISPATCHES }),
+      resolved: this.device.createBuffer({
+        size: 2 * BATCH_DISPATCHES * 8,
+        usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+      }),
+      names: [],
+      reads: [],
+      times: new Map(),
+    };
+    this.shared.timer = timer;
+    try {
+      await work();
+      this.flush();
+      await Promise.all(timer.reads);
+    } finally {
+      this.shared.timer = null;
+      timer.querySet.destroy();
+      timer.resolved.destroy();
+    }
+    this.throwIfFailed();
+    return timer.times;
+  }
+
+  /**
+   * Record the batch's timestamps into a staging buffer; the returned function, called
+   * after the submit, maps it and adds each dispatch's end - start to its kernel's total.
+   */
+  private resolveTimestamps(encoder: GPUCommandEncoder, timer: KernelTimer): () => void {
+    const names = timer.names, bytes = names.length * 16;
+    timer.names = [];
+    const staging = this.device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    encoder.resolveQuerySet(timer.querySet, 0, 2 * names.length, timer.resolved, 0);
+    encoder.copyBufferToBuffer(timer.resolved, 0, staging, 0, bytes);
+    return () =>
+      timer.reads.push(
+        staging.mapAsync(GPUMapMode.READ).then(() => {
+          const ns = new BigInt64Array(staging.getMappedRange());
+          names.forEach((name, i) => {
+            const time = timer.times.get(name) ?? { dispatches: 0, milliseconds: 0 };
+            time.dispatches++;
+            time.milliseconds += Number(ns[2 * i + 1] - ns[2 * i]) / 1e6;
+            timer.times.set(name, time);
+          });
+          staging.unmap();
+          staging.destroy();
+        }),
+      );
   }
 
   /**
