@@ -421,6 +421,8 @@ for (const [label, dir] of [["default model", DEFAULT_MODEL], ["width 10", oddWi
       );
       const stack = (await model.expertStack(l, "gate_up", e)) as CpuWeight;
       assert.deepEqual(stack.data, want.gateUp);
+      // The CPU holds weights as f32, so its stacks are built in f32 (no 16-bit stack first).
+      assert.equal(stack.dtype, "F32");
       // The shared experts as one MLP: the same layout, one matrix, 2-D.
       const shared = mlpNames((p) => sharedName(model.spec, l, p));
       const sharedRaw = await Promise.all(
@@ -461,6 +463,15 @@ for (const [label, dir] of [["default model", DEFAULT_MODEL], ["width 10", oddWi
         new RegExp(
           `"${down.replaceAll(".", "\\.")}" is .* \\[${rawDown.shape[1]},${rawDown.shape[0]}\\]`,
         ),
+      );
+      // Nor one of another dtype, though the CPU would hold both as f32.
+      const gate = expertName(model.spec, l, 2, "gate");
+      const rawGate = await model.rawTensor(gate);
+      const f32Gate = new Uint8Array(toFloat32(rawGate).buffer);
+      model.putTensor({ ...rawGate, dtype: "F32", bytes: f32Gate });
+      await assert.rejects(
+        () => model.expertStack(l, "gate_up", mlp.experts),
+        new RegExp(`"${gate.replaceAll(".", "\\.")}" is F32 .* unlike .* ${rawGate.dtype}`),
       );
     } finally {
       model.close();

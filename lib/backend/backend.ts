@@ -234,7 +234,16 @@ export interface Backend {
   readonly name: "cpu" | "webgpu";
   /** Human-readable device description (adapter name for WebGPU). */
   readonly description: string;
+  /**
+   * Whether weights are held as f32 whatever their checkpoint dtype (the CPU). Model then
+   * builds its stacks in f32, so the host never holds a 16-bit stack beside its f32 copy.
+   */
+  readonly f32Weights: boolean;
 
+  /**
+   * A weight from raw values. The backend may keep raw.bytes (the CPU keeps aligned F32
+   * bytes instead of copying them), so the caller must not change them afterwards.
+   */
   uploadWeight(raw: RawTensor): Weight;
   freeWeight(w: Weight): void;
   tensor(data: Float32Array, shape: readonly number[]): Tensor;

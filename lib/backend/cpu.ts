@@ -96,6 +96,7 @@ export interface CpuOptions {
 export class CpuBackend implements TrainingBackend {
   readonly name = "cpu" as const;
   readonly description: string;
+  readonly f32Weights = true;
   private blas: Blas | null;
 
   constructor(opts: CpuOptions = {}) {
@@ -109,7 +110,12 @@ export class CpuBackend implements TrainingBackend {
     if (raw.dtype !== "F32" && raw.dtype !== "BF16" && raw.dtype !== "F16") {
       throw new Error(`weight "${raw.name}": dtype ${raw.dtype} is not a float type`);
     }
-    return new CpuWeight(raw.name, toFloat32(raw), raw.shape, raw.dtype);
+    // Aligned f32 bytes are used in place (a checkpoint read or a stack is fresh memory):
+    // a copy would double the peak while a layer loads.
+    const values = raw.dtype === "F32" && raw.bytes.byteOffset % 4 === 0
+      ? new Float32Array(raw.bytes.buffer, raw.bytes.byteOffset, numelOf(raw.shape))
+      : toFloat32(raw);
+    return new CpuWeight(raw.name, values, raw.shape, raw.dtype);
   }
   freeWeight(_w: Weight): void {}
   tensor(data: Float32Array, shape: readonly number[]): Tensor {

@@ -412,6 +412,7 @@ function attentionParams(seqs: number, s: AttentionShape, ranges: { skip: number
 
 export class WebGpuBackend implements TrainingBackend {
   readonly name = "webgpu" as const;
+  readonly f32Weights = false;
   readonly maxBindingBytes: number;
   readonly matmulKernel: MatmulKernel | "auto";
   readonly attentionKernel: AttentionKernel | "auto";

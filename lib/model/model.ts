@@ -10,7 +10,7 @@ import {
   openCheckpoint,
   readTensor,
 } from "../io/checkpoint.ts";
-import type { RawTensor } from "../io/safetensors.ts";
+import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import { prepareCompressedExperts } from "../methods/compressed_experts.ts";
 import {
   expertName,
@@ -191,10 +191,14 @@ export class Model {
     const members = parts.flatMap(memberNames);
     const experts = members.length / parts.length;
     members.forEach((name) => this.requireTensor(name));
-    // One expert matrix at a time into the stack, so the host holds the stack and one.
+    // One expert matrix at a time into the stack, so the host holds the stack and one;
+    // in f32 from the start where the backend holds f32 (a 16-bit stack would be dropped
+    // only after its f32 copy was made).
     const first = await this.rawTensor(members[0]);
-    const { dtype, shape } = first;
-    const elementBytes = first.bytes.length / (shape[0] * shape[1]);
+    const { shape } = first;
+    const dtype = this.backend.f32Weights ? "F32" : first.dtype;
+    const checkpointElementBytes = first.bytes.length / (shape[0] * shape[1]);
+    const elementBytes = dtype === first.dtype ? checkpointElementBytes : 4;
     const width = proj === "gate_up" ? shape[0] : shape[1];
     const padded = Math.ceil(width / GATE_UP_RUN) * GATE_UP_RUN;
     const hidden = proj === "gate_up" ? shape[1] : shape[0];
@@ -202,19 +206,20 @@ export class Model {
     const bytes = new Uint8Array(expertBytes * experts);
     for (const [i, name] of members.entries()) {
       const raw = i === 0 ? first : await this.rawTensor(name);
-      if (raw.dtype !== dtype || raw.shape.join() !== shape.join()) {
+      if (raw.dtype !== first.dtype || raw.shape.join() !== shape.join()) {
         throw new CheckpointError(
           this.ckpt.dir,
           `expert tensor "${raw.name}" is ${raw.dtype} [${raw.shape}], ` +
-            `unlike "${first.name}" ${dtype} [${shape}]`,
+            `unlike "${first.name}" ${first.dtype} [${shape}]`,
         );
       }
+      const values = dtype === raw.dtype ? raw.bytes : new Uint8Array(toFloat32(raw).buffer);
       const e = i % experts, base = e * expertBytes;
       if (proj === "gate_up") {
         // Run q of gate (part 0) or up (part 1): rows 4q.. to rows 8q + 4 part..
         const part = Math.floor(i / experts), rowBytes = hidden * elementBytes;
         for (let r0 = 0; r0 < width; r0 += GATE_UP_RUN) {
-          const run = raw.bytes.subarray(
+          const run = values.subarray(
             r0 * rowBytes,
             Math.min(r0 + GATE_UP_RUN, width) * rowBytes,
           );
@@ -222,7 +227,7 @@ export class Model {
         }
       } else {
         for (let h = 0; h < hidden; h++) {
-          const row = raw.bytes.subarray(h * width * elementBytes, (h + 1) * width * elementBytes);
+          const row = values.subarray(h * width * elementBytes, (h + 1) * width * elementBytes);
           bytes.set(row, base + h * padded * elementBytes);
         }
       }
@@ -231,8 +236,10 @@ export class Model {
       ? [...lead, 2 * padded, hidden]
       : [...lead, hidden, padded];
     const weight = this.backend.uploadWeight({ name: key, dtype, shape: stackShape, bytes });
-    this.stacks.set(key, { weight, bytes: bytes.length, members });
-    this.addResident(bytes.length);
+    // Counted in checkpoint dtype, like every resident weight.
+    const checkpointBytes = (bytes.length / elementBytes) * checkpointElementBytes;
+    this.stacks.set(key, { weight, bytes: checkpointBytes, members });
+    this.addResident(checkpointBytes);
     return weight;
   }
 
