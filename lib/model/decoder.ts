@@ -4,6 +4,7 @@
 
 import { expertPlan, type RopeSpec, type Routing, type Tensor } from "../backend/backend.ts";
 import {
+  type CeRouting,
   cesValues,
   computeTheta,
   type MoeSpec,
@@ -285,10 +286,31 @@ export async function mlpBlock(
   return out;
 }
 
+/** One main expert's inputs and intermediates in a compressed-experts layer. */
+export interface ScaledExpertValues {
+  expert: number;
+  rows: Int32Array; // token rows
+  slots: Int32Array; // index into the [N, k_m] main arrays for each row
+  scales: Float32Array; // w_m per row
+  x: Tensor; // [n, H] gathered xn
+  t0: Tensor; // [n, H], t1 [n, W], t2 [n, H]: gathered theta
+  t1: Tensor;
+  t2: Tensor;
+  xg: Tensor; // x * t0, x * t2
+  xu: Tensor;
+  g: Tensor; // [n, W] gate, up, silu(g) * u, and a * t1
+  u: Tensor;
+  a: Tensor;
+  as: Tensor;
+  y: Tensor; // [n, H] down(as)
+}
+
 /**
  * Compressed experts (lib/methods/compressed_experts.ts): theta per token from the aux
  * experts' ces vectors, then each main expert on its tokens with scaled inputs and
  * intermediate: out[t] += w_m * down(silu(gate(x*theta0)) * up(x*theta2) * theta1).
+ * Training passes `keep` to receive each expert's values for its backward; otherwise
+ * they are freed as soon as the expert is done.
  */
 export async function dispatchCompressedExperts(
   model: Model,
@@ -297,45 +319,38 @@ export async function dispatchCompressedExperts(
   xn: Tensor,
   raw: Routing,
   out: Tensor,
-): Promise<void> {
+  keep?: ScaledExpertValues[],
+): Promise<{ split: CeRouting; ces: Float32Array }> {
   const be = model.backend, s = model.spec, n = xn.shape[0], W = mlp.expertWidth;
-  const ce = splitRouting(raw, mlp);
-  const theta = computeTheta(await cesValues(model, l), ce, s.hidden, W, cesWidth(s, mlp));
+  const split = splitRouting(raw, mlp);
+  const ces = await cesValues(model, l);
+  const theta = computeTheta(ces, split, s.hidden, W, cesWidth(s, mlp));
   const t0 = be.tensor(theta.t0, [n, s.hidden]); // [N, H] gate input scale
   const t1 = be.tensor(theta.t1, [n, W]); // [N, W] intermediate scale
   const t2 = be.tensor(theta.t2, [n, s.hidden]); // [N, H] up input scale
-  const main = { indices: ce.mainIndices, weights: ce.mainWeights };
-  const { rows, scales } = groupByExpert(main, mlp.mainExperts!, mlp.experts);
+  const main = { indices: split.mainIndices, weights: split.mainWeights };
+  const groups = groupByExpert(main, mlp.mainExperts!, mlp.experts);
+  const weight = (e: number, part: "gate" | "up" | "down") =>
+    model.weight(expertName(s, l, e, part));
   for (let e = 0; e < mlp.experts; e++) {
-    if (rows[e].length === 0) continue;
-    const xe = be.gatherRows(xn, rows[e]);
-    const th = [t0, t1, t2].map((x) => be.gatherRows(x, rows[e]));
-    const y = await scaledExpert(model, l, e, xe, th[0], th[1], th[2]);
-    be.scatterAddRows(out, y, rows[e], scales[e]);
-    be.free(xe), be.free(y), th.forEach((x) => be.free(x));
+    const rows = groups.rows[e];
+    if (rows.length === 0) continue;
+    const x = be.gatherRows(xn, rows);
+    const [e0, e1, e2] = [t0, t1, t2].map((th) => be.gatherRows(th, rows));
+    const xg = be.mul(x, e0), xu = be.mul(x, e2);
+    const g = be.matmul(xg, await weight(e, "gate"));
+    const u = be.matmul(xu, await weight(e, "up"));
+    const a = be.swiglu(g, u);
+    const as = be.mul(a, e1);
+    const y = be.matmul(as, await weight(e, "down"));
+    be.scatterAddRows(out, y, rows, groups.scales[e]);
+    const values = { x, t0: e0, t1: e1, t2: e2, xg, xu, g, u, a, as, y };
+    if (keep) {
+      keep.push({ expert: e, rows, slots: groups.slots[e], scales: groups.scales[e], ...values });
+    } else Object.values(values).forEach((v) => be.free(v));
   }
   be.free(t0), be.free(t1), be.free(t2);
-}
-
-/** down(silu(gate(x*t0)) * up(x*t2) * t1) for expert e: x, t0, t2 [n, H], t1 [n, W]. */
-export async function scaledExpert(
-  model: Model,
-  l: number,
-  e: number,
-  x: Tensor,
-  t0: Tensor,
-  t1: Tensor,
-  t2: Tensor,
-): Promise<Tensor> {
-  const be = model.backend, s = model.spec;
-  const xg = be.mul(x, t0), xu = be.mul(x, t2);
-  const g = be.matmul(xg, await model.weight(expertName(s, l, e, "gate")));
-  const u = be.matmul(xu, await model.weight(expertName(s, l, e, "up")));
-  const a = be.swiglu(g, u);
-  const as = be.mul(a, t1);
-  const y = be.matmul(as, await model.weight(expertName(s, l, e, "down")));
-  be.free(xg), be.free(xu), be.free(g), be.free(u), be.free(a), be.free(as);
-  return y;
+  return { split, ces };
 }
 
 /** Qwen2-MoE: sigmoid(x . shared_expert_gate) * shared_expert(x). */

@@ -7,13 +7,7 @@
 // layer is re-run (bit-identically: same ops, same routing) just before its backward.
 
 import type { Routing, Tensor, TrainingBackend, Weight } from "../backend/backend.ts";
-import {
-  type CeRouting,
-  cesValues,
-  computeTheta,
-  type MoeSpec,
-  splitRouting,
-} from "../methods/compressed_experts.ts";
+import { type CeRouting, type MoeSpec } from "../methods/compressed_experts.ts";
 import {
   cesName,
   cesWidth,
@@ -26,7 +20,13 @@ import {
   sharedGateName,
   sharedName,
 } from "../model/config.ts";
-import { type BatchShape, groupByExpert, positionsFor } from "../model/decoder.ts";
+import {
+  type BatchShape,
+  dispatchCompressedExperts,
+  groupByExpert,
+  positionsFor,
+  type ScaledExpertValues,
+} from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
 
 /** Gradients of the trainable tensors, f32, by tensor name (accumulated across micro-batches). */
@@ -63,28 +63,10 @@ interface ExpertTape {
 }
 
 /** A compressed-experts main expert: down(silu(gate(x*t0)) * up(x*t2) * t1). */
-interface CeExpertTape {
-  expert: number;
-  rows: Int32Array; // token rows
-  slots: Int32Array; // index into the [N, k_m] main arrays for each row
-  scales: Float32Array; // w_m per row
-  x: Tensor; // [n, H] gathered xn
-  t0: Tensor; // [n, H], t1 [n, W], t2 [n, H]: gathered theta
-  t1: Tensor;
-  t2: Tensor;
-  xg: Tensor; // x * t0, x * t2
-  xu: Tensor;
-  g: Tensor; // [n, W] gate, up, silu(g) * u, and a * t1
-  u: Tensor;
-  a: Tensor;
-  as: Tensor;
-  y: Tensor; // [n, H]
-}
-
 interface CeTape {
   split: CeRouting;
   ces: Float32Array; // [E, 3, d] values the forward used
-  experts: CeExpertTape[];
+  experts: ScaledExpertValues[];
 }
 
 interface MlpTape {
@@ -307,7 +289,17 @@ async function mlpForward(model: Model, l: number, x: Tensor): Promise<[MlpTape,
     out = b.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
   }
   if (ce) {
-    t.ce = await ceForward(model, l, mlp, xn, t.routing, out);
+    const experts: ScaledExpertValues[] = [];
+    const { split, ces } = await dispatchCompressedExperts(
+      model,
+      l,
+      mlp,
+      xn,
+      t.routing,
+      out,
+      experts,
+    );
+    t.ce = { split, ces, experts };
     return [t, out];
   }
   t.experts = [];
@@ -545,61 +537,9 @@ function freeTape(model: Model, t: LayerTape): void {
 }
 
 // ---- compressed experts (lib/methods/compressed_experts.ts) -------------------------
+// The forward is the decoder's dispatchCompressedExperts, keeping each expert's values.
 
-/** CE main experts on their tokens, accumulated into out; returns the tape. */
-async function ceForward(
-  model: Model,
-  l: number,
-  mlp: MoeSpec,
-  xn: Tensor,
-  raw: Routing,
-  out: Tensor,
-): Promise<CeTape> {
-  const b = be(model), s = model.spec, n = xn.shape[0], W = mlp.expertWidth;
-  const split = splitRouting(raw, mlp);
-  const ces = await cesValues(model, l);
-  const theta = computeTheta(ces, split, s.hidden, W, cesWidth(s, mlp));
-  const t0 = b.tensor(theta.t0, [n, s.hidden]);
-  const t1 = b.tensor(theta.t1, [n, W]);
-  const t2 = b.tensor(theta.t2, [n, s.hidden]);
-  const km = mlp.mainExperts!, experts: CeExpertTape[] = [];
-  const main = { indices: split.mainIndices, weights: split.mainWeights };
-  const groups = groupByExpert(main, km, mlp.experts);
-  for (let e = 0; e < mlp.experts; e++) {
-    const rows = groups.rows[e], slots = groups.slots[e], scales = groups.scales[e];
-    if (slots.length === 0) continue;
-    const x = b.gatherRows(xn, rows);
-    const [e0, e1, e2] = [t0, t1, t2].map((th) => b.gatherRows(th, rows));
-    const xg = b.mul(x, e0), xu = b.mul(x, e2);
-    const g = b.matmul(xg, await w(model, expertName(s, l, e, "gate")));
-    const u = b.matmul(xu, await w(model, expertName(s, l, e, "up")));
-    const a = b.swiglu(g, u);
-    const as = b.mul(a, e1);
-    const y = b.matmul(as, await w(model, expertName(s, l, e, "down")));
-    b.scatterAddRows(out, y, rows, scales);
-    experts.push({
-      expert: e,
-      rows,
-      slots,
-      scales,
-      x,
-      t0: e0,
-      t1: e1,
-      t2: e2,
-      xg,
-      xu,
-      g,
-      u,
-      a,
-      as,
-      y,
-    });
-  }
-  b.free(t0), b.free(t1), b.free(t2);
-  return { split, ces, experts };
-}
-
-function freeCeExpert(model: Model, e: CeExpertTape): void {
+function freeCeExpert(model: Model, e: ScaledExpertValues): void {
   const b = be(model);
   for (const x of [e.x, e.t0, e.t1, e.t2, e.xg, e.xu, e.g, e.u, e.a, e.as, e.y]) b.free(x);
 }
