@@ -279,6 +279,11 @@ interface SharedState {
   retiringBytes: number;
   /** Set while timeKernels runs: each dispatch gets its own pass with two timestamps. */
   timer: KernelTimer | null;
+  /** Bind groups by uniform slot and bound ranges (bindGroup), buffers by a numeric id. */
+  bindGroups: Map<string, GPUBindGroup>;
+  bindGroupsCreated: number;
+  bufferIds: WeakMap<GPUBuffer, number>;
+  nextBufferId: number;
 }
 
 /** Per-kernel GPU time (timestamp queries), gathered batch by batch as batches finish. */
@@ -362,6 +367,9 @@ const weightRows = (shape: readonly number[]) =>
 const UNIFORM_BYTES = 64;
 // Dispatches per submitted batch: their uniforms share one buffer, one slot each.
 const BATCH_DISPATCHES = 1024;
+// Bind groups kept for reuse (a decode step of the default model uses 114); the cache is
+// dropped whole when full, so groups of buffers long gone do not pile up.
+const BIND_GROUP_CACHE = 4096;
 // Buffers freed while a batch is pending are held back; past this many bytes, submit.
 const RETIRING_BYTES = 256 * 1024 * 1024;
 const MAX_WORKGROUPS_PER_DIM = 65535;
@@ -430,6 +438,11 @@ export class WebGpuBackend implements TrainingBackend {
     return this.shared.submits;
   }
 
+  /** Bind groups created on this device so far (the rest of the dispatches reused one). */
+  get bindGroupsCreated(): number {
+    return this.shared.bindGroupsCreated;
+  }
+
   constructor(
     readonly device: GPUDevice,
     readonly description: string,
@@ -459,6 +472,10 @@ export class WebGpuBackend implements TrainingBackend {
       retiring: new Map(),
       retiringBytes: 0,
       timer: null,
+      bindGroups: new Map(),
+      bindGroupsCreated: 0,
+      bufferIds: new WeakMap(),
+      nextBufferId: 0,
     };
     this.matmulKernel = opts.matmulKernel ?? "auto";
     if (this.matmulKernel !== "auto" && !MATMUL_KERNELS.includes(this.matmulKernel)) {
@@ -740,23 +757,7 @@ export class WebGpuBackend implements TrainingBackend {
     });
     const pipeline = this.pipeline(d);
     const kinds = d.bindings.map((b) => (b.write ? "w" : "r")).join("");
-    const bindGroup = this.device.createBindGroup({
-      layout: this.layout(kinds)[0],
-      entries: [
-        {
-          binding: 0,
-          resource: {
-            buffer: this.shared.uniformBuffer,
-            offset: uniformOffset,
-            size: UNIFORM_BYTES,
-          },
-        },
-        ...d.bindings.map((b, i) => ({
-          binding: i + 1,
-          resource: { buffer: b.buffer, offset: b.offset ?? 0, size: b.size ?? b.buffer.size },
-        })),
-      ],
-    });
+    const bindGroup = this.bindGroup(kinds, uniformOffset, d.bindings);
     let [x, y] = typeof d.workgroups === "number" ? [d.workgroups, 1] : d.workgroups;
     if (typeof d.workgroups === "number" && x > MAX_WORKGROUPS_PER_DIM) {
       // Flat kernels recover their index as (wg.y * num_workgroups.x + wg.x); the extra
@@ -785,6 +786,46 @@ export class WebGpuBackend implements TrainingBackend {
     this.shared.pass.dispatchWorkgroups(x, y);
     this.dispatches++;
     if (++this.shared.batched === BATCH_DISPATCHES) this.flush();
+  }
+
+  /**
+   * The bind group of a dispatch's uniform slot and bindings, reused when the same slot,
+   * buffers and ranges come again: a decode step repeats the previous one's (its batch
+   * starts at slot 0 and the pool hands out the same buffers in the same order), and
+   * creating one took about a third of a step's host time. A destroyed buffer's id never
+   * recurs, so no cached group with one is used; the cache is dropped when it grows large.
+   */
+  private bindGroup(kinds: string, uniformOffset: number, bindings: Binding[]): GPUBindGroup {
+    const ids = this.shared.bufferIds;
+    let key = `${kinds}@${uniformOffset}`;
+    for (const b of bindings) {
+      let id = ids.get(b.buffer);
+      if (id === undefined) ids.set(b.buffer, id = this.shared.nextBufferId++);
+      key += `,${id}+${b.offset ?? 0}:${b.size ?? b.buffer.size}`;
+    }
+    const cached = this.shared.bindGroups.get(key);
+    if (cached) return cached;
+    if (this.shared.bindGroups.size >= BIND_GROUP_CACHE) this.shared.bindGroups.clear();
+    const group = this.device.createBindGroup({
+      layout: this.layout(kinds)[0],
+      entries: [
+        {
+          binding: 0,
+          resource: {
+            buffer: this.shared.uniformBuffer,
+            offset: uniformOffset,
+            size: UNIFORM_BYTES,
+          },
+        },
+        ...bindings.map((b, i) => ({
+          binding: i + 1,
+          resource: { buffer: b.buffer, offset: b.offset ?? 0, size: b.size ?? b.buffer.size },
+        })),
+      ],
+    });
+    this.shared.bindGroups.set(key, group);
+    this.shared.bindGroupsCreated++;
+    return group;
   }
 
   /** The pending encoder with no compute pass open, for copies and clears. */
