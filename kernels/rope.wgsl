@@ -42,7 +42,10 @@ fn rope(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
 }
 
 // split_qkv: a fused projection [rows, (heads + 2 kv_heads) * head_dim] into q, k and v,
-// q and k rotated when `rotate` is 1 (the tables are placeholders otherwise).
+// q and k rotated when `rotate` is 1 (the tables are placeholders otherwise). Row r of k
+// and v goes to row (g / kv_seq_len) * kv_capacity + kv_past + g % kv_seq_len, g = row0 + r:
+// row r itself for new tensors (kv_seq_len = kv_capacity = rows, row0 = kv_past = 0), a
+// KV cache's rows for the decode step's append (splitQkvIntoCache).
 struct SplitParams {
   rows: u32,
   heads: u32,
@@ -53,6 +56,10 @@ struct SplitParams {
   q_off: u32,
   k_off: u32,
   v_off: u32,
+  row0: u32,
+  kv_seq_len: u32,
+  kv_capacity: u32,
+  kv_past: u32,
 }
 
 @group(0) @binding(0) var<uniform> sp: SplitParams;
@@ -84,12 +91,16 @@ fn split_qkv(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec
     let o = sp.q_off + (r * sp.heads + h) * hd;
     q[o + i] = ab.x;
     q[o + i + half] = ab.y;
-  } else if (h < sp.heads + sp.kv_heads) {
-    let o = sp.k_off + (r * sp.kv_heads + h - sp.heads) * hd;
+    return;
+  }
+  let g = sp.row0 + r;
+  let kv_row = (g / sp.kv_seq_len) * sp.kv_capacity + sp.kv_past + g % sp.kv_seq_len;
+  if (h < sp.heads + sp.kv_heads) {
+    let o = sp.k_off + (kv_row * sp.kv_heads + h - sp.heads) * hd;
     k[o + i] = ab.x;
     k[o + i + half] = ab.y;
   } else {
-    let o = sp.v_off + (r * sp.kv_heads + h - sp.heads - sp.kv_heads) * hd;
+    let o = sp.v_off + (kv_row * sp.kv_heads + h - sp.heads - sp.kv_heads) * hd;
     v[o + i] = ab.x;
     v[o + i + half] = ab.y;
   }

@@ -93,6 +93,41 @@ Deno.test("cpu splitQkv is the column split of a fused projection, q and k then 
   assert.deepEqual(await reference.read(plain.q), q);
 });
 
+Deno.test("cpu splitQkvIntoCache puts splitQkv's k and v in each sequence's cache rows", async () => {
+  const batch = 2, seqLen = 3, capacity = 7, past = 2, heads = 2, kvHeads = 1, hd = 4;
+  const n = batch * seqLen, d = (heads + 2 * kvHeads) * hd, kw = kvHeads * hd;
+  const x = reference.tensor(randn(n * d, 3), [n, d]);
+  const rope = { positions: Int32Array.of(2, 3, 4, 2, 3, 4), theta: 1e4, linearFactor: 1 };
+  const split = reference.splitQkv(x, heads, kvHeads, hd, rope);
+  const before = randn(batch * capacity * kw, 1);
+  const cache = {
+    k: reference.tensor(before.slice(), [batch * capacity, kw]),
+    v: reference.tensor(before.slice(), [batch * capacity, kw]),
+    seqLen,
+    capacity,
+    past,
+  };
+  const q = reference.splitQkvIntoCache(x, heads, kvHeads, hd, rope, cache);
+  assert.deepEqual(await reference.read(q), await reference.read(split.q));
+  for (const part of ["k", "v"] as const) {
+    const want = before.slice(), values = await reference.read(split[part]);
+    for (let r = 0; r < n; r++) {
+      const row = Math.floor(r / seqLen) * capacity + past + r % seqLen;
+      want.set(values.subarray(r * kw, (r + 1) * kw), row * kw); // written, not added
+    }
+    assert.deepEqual(await reference.read(cache[part]), want, part);
+  }
+  // Rows past the capacity, a ragged batch or a cache of another width are refused.
+  assert.throws(
+    () => reference.splitQkvIntoCache(x, heads, kvHeads, hd, rope, { ...cache, past: 5 }),
+    /do not fit caches k \[14,4\], v \[14,4\] of capacity 7 and width 4/,
+  );
+  assert.throws(
+    () => reference.splitQkvIntoCache(x, heads, kvHeads, hd, rope, { ...cache, seqLen: 4 }),
+    /6 rows of 4 per sequence/,
+  );
+});
+
 Deno.test("cpu attention: BLAS equals plain loops (GQA, qLen < kvLen, window)", async () => {
   for (
     const s of [

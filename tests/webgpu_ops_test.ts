@@ -235,6 +235,37 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "webgpu splitQkvIntoCache matches cpu (whole caches bound, and per sequence when chunked)",
+  ignore,
+  async fn() {
+    // [batch, seqLen, capacity, past, heads, kvHeads, headDim]: decode steps, a prefill.
+    const shapes = [[1, 1, 9, 4, 6, 2, 8], [3, 1, 5, 2, 4, 4, 16], [2, 6, 11, 3, 2, 1, 64]];
+    for (const [be, sizes] of backends(shapes)) {
+      for (const [batch, seqLen, capacity, past, heads, kvHeads, hd] of sizes) {
+        const n = batch * seqLen, d = (heads + 2 * kvHeads) * hd, kw = kvHeads * hd;
+        const positions = Int32Array.from({ length: n }, (_, r) => past + r % seqLen);
+        const rope = { positions, theta: 10000, linearFactor: 1 };
+        const [gx, cx] = both(be, randn(n * d, 2), [n, d]);
+        const before = randn(batch * capacity * kw);
+        const caches = (b: Backend) => ({
+          k: b.tensor(before.slice(), [batch * capacity, kw]),
+          v: b.tensor(before.slice(), [batch * capacity, kw]),
+          seqLen,
+          capacity,
+          past,
+        });
+        const gc = caches(be), cc = caches(cpu);
+        const got = be.splitQkvIntoCache(gx, heads, kvHeads, hd, rope, gc);
+        const want = cpu.splitQkvIntoCache(cx, heads, kvHeads, hd, rope, cc);
+        await expectClose("splitQkvIntoCache q", got, want, ELEMENTWISE_TOL * 4);
+        await expectClose("splitQkvIntoCache k", gc.k, cc.k, ELEMENTWISE_TOL * 4);
+        await expectClose("splitQkvIntoCache v", gc.v, cc.v, ELEMENTWISE_TOL * 4);
+      }
+    }
+  },
+});
+
 async function checkAttention(be: Backend, s: AttentionShape) {
   const qw = s.heads * s.headDim, kw = s.kvHeads * s.headDim;
   const [gq, cq] = both(be, randn(s.batch * s.qLen * qw, 2), [s.batch * s.qLen, qw]);

@@ -73,6 +73,40 @@ export function checkSplitQkv(
   }
 }
 
+/**
+ * Rows of a KV cache k and v [rows, kvHeads * headDim] that splitQkvIntoCache fills: input
+ * row r (sequence b = floor(r / seqLen), position t = r % seqLen) goes to row
+ * b * capacity + past + t.
+ */
+export interface KvRows {
+  k: Tensor;
+  v: Tensor;
+  seqLen: number;
+  capacity: number;
+  past: number;
+}
+
+/** The cache row of each of n input rows (KvRows), after checking that they fit. */
+export function kvCacheRows(cache: KvRows, n: number, kvWidth: number): Int32Array {
+  const { seqLen, capacity, past } = cache;
+  const [rows, width] = rowsCols(cache.k);
+  const sequences = n / seqLen;
+  if (
+    !Number.isInteger(sequences) || past + seqLen > capacity || sequences * capacity > rows ||
+    width !== kvWidth || cache.v.shape.join() !== cache.k.shape.join()
+  ) {
+    throw new Error(
+      `splitQkvIntoCache: ${n} rows of ${seqLen} per sequence at position ${past} do not fit ` +
+        `caches k [${cache.k.shape}], v [${cache.v.shape}] of capacity ${capacity} and width ` +
+        kvWidth,
+    );
+  }
+  return Int32Array.from(
+    { length: n },
+    (_, r) => Math.floor(r / seqLen) * capacity + past + r % seqLen,
+  );
+}
+
 export interface AttentionShape {
   batch: number;
   /** Query rows per sequence; the queries are the last qLen of kvLen positions. */
@@ -313,6 +347,18 @@ export interface Backend {
     headDim: number,
     rope: RopeSpec | null,
   ): { q: Tensor; k: Tensor; v: Tensor };
+  /**
+   * splitQkv writing k and v straight into rows of a KV cache (KvRows) instead of new
+   * tensors, the decode step's cache append without two more passes; returns q.
+   */
+  splitQkvIntoCache(
+    qkv: Tensor,
+    heads: number,
+    kvHeads: number,
+    headDim: number,
+    rope: RopeSpec | null,
+    cache: KvRows,
+  ): Tensor;
   /** HF rotate_half RoPE on x [N, heads*headDim]; row r has position positions[r] / linearFactor. */
   rope(
     x: Tensor,

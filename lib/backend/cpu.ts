@@ -18,6 +18,8 @@ import {
   expertPlan,
   type ExpertStacks,
   GATE_UP_RUN,
+  kvCacheRows,
+  type KvRows,
   numelOf,
   type RopeSpec,
   type RouteSpec,
@@ -303,6 +305,23 @@ export class CpuBackend implements TrainingBackend {
       k: new CpuTensor(rotateHeads(xs, d, qw, kvHeads, headDim, rope), [n, kw]),
       v,
     };
+  }
+
+  splitQkvIntoCache(
+    qkv: Tensor,
+    heads: number,
+    kvHeads: number,
+    headDim: number,
+    rope: RopeSpec | null,
+    cache: KvRows,
+  ): Tensor {
+    const kw = kvHeads * headDim, { q, k, v } = this.splitQkv(qkv, heads, kvHeads, headDim, rope);
+    const rows = kvCacheRows(cache, q.shape[0], kw);
+    for (const [from, to] of [[k, cache.k], [v, cache.v]]) {
+      const src = t(from).data, dst = t(to).data;
+      rows.forEach((row, r) => dst.set(src.subarray(r * kw, (r + 1) * kw), row * kw));
+    }
+    return q;
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape): Tensor {

@@ -23,6 +23,8 @@ import {
   expertPlan,
   type ExpertStacks,
   GATE_UP_RUN,
+  kvCacheRows,
+  type KvRows,
   numelOf,
   type RopeSpec,
   type RouteSpec,
@@ -1429,11 +1431,74 @@ export class WebGpuBackend implements TrainingBackend {
     rope: RopeSpec | null,
   ): { q: Tensor; k: Tensor; v: Tensor } {
     checkSplitQkv(qkv, heads, kvHeads, headDim, rope);
-    const [n, d] = rowsCols(qkv);
-    const qw = heads * headDim, kw = kvHeads * headDim, half = headDim / 2;
-    const q = this.newTensor([n, qw]), k = this.newTensor([n, kw]), v = this.newTensor([n, kw]);
+    const [n, d] = rowsCols(qkv), kw = kvHeads * headDim;
+    const k = this.newTensor([n, kw]), v = this.newTensor([n, kw]);
+    const q = this.splitQkvRuns(qkv, heads, kvHeads, headDim, rope, (emit) => {
+      for (const [r0, rows] of this.rowChunks(n, [d * 4, heads * headDim * 4, kw * 4])) {
+        const range = (x: GpuTensor) => this.rowRange(x.buffer, r0, rows, kw * 4, true);
+        emit(r0, rows, range(k), range(v), [0, rows, rows, 0]);
+      }
+    });
+    return { q, k, v };
+  }
+
+  splitQkvIntoCache(
+    qkv: Tensor,
+    heads: number,
+    kvHeads: number,
+    headDim: number,
+    rope: RopeSpec | null,
+    cache: KvRows,
+  ): Tensor {
+    checkSplitQkv(qkv, heads, kvHeads, headDim, rope);
+    const [n, d] = rowsCols(qkv), kw = kvHeads * headDim, qw = heads * headDim;
+    kvCacheRows(cache, n, kw); // checks that the rows fit
+    const { seqLen, capacity, past } = cache, k = t(cache.k), v = t(cache.v);
+    return this.splitQkvRuns(qkv, heads, kvHeads, headDim, rope, (emit) => {
+      if (k.bytes <= this.maxBindingBytes) {
+        // The whole caches bound: the kernel maps each row to its cache row.
+        const whole = (x: GpuTensor) => ({ buffer: x.buffer, size: x.bytes, write: true, skip: 0 });
+        for (const [r0, rows] of this.rowChunks(n, [d * 4, qw * 4])) {
+          emit(r0, rows, whole(k), whole(v), [r0, seqLen, capacity, past]);
+        }
+        return;
+      }
+      // Caches beyond one binding: each sequence's new rows are one run of cache rows.
+      for (let b = 0; b < n / seqLen; b++) {
+        for (const [r0, rows] of this.rowChunks(seqLen, [d * 4, qw * 4, kw * 4])) {
+          const range = (x: GpuTensor) =>
+            this.rowRange(x.buffer, b * capacity + past + r0, rows, kw * 4, true);
+          emit(b * seqLen + r0, rows, range(k), range(v), [0, rows, rows, 0]);
+        }
+      }
+    });
+  }
+
+  /**
+   * split_qkv over the runs of rows that `plan` emits, each with its k and v bindings and
+   * its cache-row mapping [row0, kv_seq_len, kv_capacity, kv_past] (kernels/rope.wgsl);
+   * returns q.
+   */
+  private splitQkvRuns(
+    qkv: Tensor,
+    heads: number,
+    kvHeads: number,
+    headDim: number,
+    rope: RopeSpec | null,
+    plan: (
+      emit: (
+        r0: number,
+        rows: number,
+        k: Binding & { skip: number },
+        v: Binding & { skip: number },
+        kvMap: number[],
+      ) => void,
+    ) => void,
+  ): GpuTensor {
+    const [n, d] = rowsCols(qkv), qw = heads * headDim, half = headDim / 2;
+    const q = this.newTensor([n, qw]);
     const tables = rope && ropeTables(rope, headDim, 1);
-    for (const [r0, rows] of this.rowChunks(n, [d * 4, qw * 4, kw * 4])) {
+    plan((r0, rows, k, v, kvMap) => {
       const table = (values: Float32Array) =>
         this.upload(values.subarray(r0 * half, (r0 + rows) * half));
       const cosBuf = tables ? table(tables.cos) : this.emptyBuffer;
@@ -1441,19 +1506,27 @@ export class WebGpuBackend implements TrainingBackend {
       const ranges = [
         this.rowRange(t(qkv).buffer, r0, rows, d * 4),
         this.rowRange(q.buffer, r0, rows, qw * 4, true),
-        this.rowRange(k.buffer, r0, rows, kw * 4, true),
-        this.rowRange(v.buffer, r0, rows, kw * 4, true),
+        k,
+        v,
       ];
       this.run({
         kernel: "rope",
         entry: "split_qkv",
-        params: [rows, heads, kvHeads, headDim, tables ? 1 : 0, ...ranges.map((r) => r.skip)],
+        params: [
+          rows,
+          heads,
+          kvHeads,
+          headDim,
+          tables ? 1 : 0,
+          ...ranges.map((r) => r.skip),
+          ...kvMap,
+        ],
         bindings: [ranges[0], { buffer: cosBuf }, { buffer: sinBuf }, ...ranges.slice(1)],
         workgroups: ceilDiv(rows * (heads + 2 * kvHeads) * half, 64),
       });
       if (tables) this.release(cosBuf), this.release(sinBuf);
-    }
-    return { q, k, v };
+    });
+    return q;
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape): Tensor {

@@ -2,7 +2,14 @@
 // GQA attention, dense / MoE / condensed / dropped MLPs). Per-architecture behaviour
 // comes from ModelSpec; nothing here branches on model_type.
 
-import { expertPlan, type RopeSpec, type Routing, type Tensor } from "../backend/backend.ts";
+import {
+  expertPlan,
+  kvCacheRows,
+  type KvRows,
+  type RopeSpec,
+  type Routing,
+  type Tensor,
+} from "../backend/backend.ts";
 import {
   type CeRouting,
   cesValues,
@@ -120,34 +127,38 @@ export async function attentionBlock(
     theta: s.ropeTheta,
     linearFactor: s.ropeLinearFactor,
   };
-  const { q, k, v } = await qkvProjections(model, l, xn, rope);
+  const kvLen = past + shape.seqLen;
+  if (cache && kvLen > cache.capacity) {
+    throw new Error(`KV cache full (${kvLen} > ${cache.capacity})`);
+  }
+  // With a cache, the new keys and values go into its rows (written there by the split
+  // where it can), and attention reads each sequence's first kvLen of its capacity rows.
+  const kvRows = cache &&
+    { k: cache.k[l], v: cache.v[l], seqLen: shape.seqLen, capacity: cache.capacity, past };
+  const { q, k, v } = await qkvProjections(model, l, xn, rope, kvRows);
   const attentionShape = {
     batch: shape.batch,
     qLen: shape.seqLen,
-    kvLen: past + shape.seqLen,
+    kvLen,
     heads: s.heads,
     kvHeads: s.kvHeads,
     headDim: s.headDim,
     window: model.spec.layers[l].window,
   };
   let a: Tensor;
-  if (cache) {
-    // Write the new rows into the zeroed cache (add == copy), then attend over the cache
-    // in place: each sequence's first kvLen of its capacity rows.
-    const kvLen = attentionShape.kvLen;
-    if (kvLen > cache.capacity) throw new Error(`KV cache full (${kvLen} > ${cache.capacity})`);
-    const newRows = new Int32Array(shape.batch * shape.seqLen);
-    for (let b = 0; b < shape.batch; b++) {
-      for (let t = 0; t < shape.seqLen; t++) {
-        newRows[b * shape.seqLen + t] = b * cache.capacity + past + t;
-      }
+  if (kvRows) {
+    if (k && v) {
+      // Not written by the split (q/k norms, training): add into the zeroed rows.
+      const rows = kvCacheRows(kvRows, q.shape[0], s.kvHeads * s.headDim);
+      const ones = new Float32Array(rows.length).fill(1);
+      be.scatterAddRows(kvRows.k, k, rows, ones);
+      be.scatterAddRows(kvRows.v, v, rows, ones);
     }
-    const ones = new Float32Array(newRows.length).fill(1);
-    be.scatterAddRows(cache.k[l], k, newRows, ones);
-    be.scatterAddRows(cache.v[l], v, newRows, ones);
-    a = be.attention(q, cache.k[l], cache.v[l], { ...attentionShape, kvStride: cache.capacity });
-  } else a = be.attention(q, k, v, attentionShape);
-  be.free(q), be.free(k), be.free(v);
+    a = be.attention(q, kvRows.k, kvRows.v, { ...attentionShape, kvStride: kvRows.capacity });
+  } else a = be.attention(q, k!, v!, attentionShape);
+  be.free(q);
+  if (k) be.free(k);
+  if (v) be.free(v);
   const oBias = s.oBias ? await model.weight(`${p}o_proj.bias`) : undefined;
   const out = be.matmul(a, await model.weight(`${p}o_proj.weight`), oBias);
   be.free(a);
@@ -158,9 +169,16 @@ export async function attentionBlock(
  * Attention's q, k and v of layer l, normed (OLMoE), clipped (clip_qkv) and rotated as HF
  * does. Inference runs one matmul over the three projections stacked (Model.rowStack),
  * then splitQkv with RoPE fused in, unless q/k norms must come between the two; a model
- * in training (no stacks) runs the three weights.
+ * in training (no stacks) runs the three weights. Given a cache, the fused split writes k
+ * and v into its rows and returns them as null.
  */
-async function qkvProjections(model: Model, l: number, xn: Tensor, rope: RopeSpec) {
+async function qkvProjections(
+  model: Model,
+  l: number,
+  xn: Tensor,
+  rope: RopeSpec,
+  cache?: KvRows,
+): Promise<{ q: Tensor; k: Tensor | null; v: Tensor | null }> {
   const be = model.backend, s = model.spec, p = `${layerPrefix(l)}self_attn.`;
   const names = (suffix: string) =>
     ["q_proj", "k_proj", "v_proj"].map((proj) => `${p}${proj}.${suffix}`);
@@ -181,6 +199,11 @@ async function qkvProjections(model: Model, l: number, xn: Tensor, rope: RopeSpe
     // Without q/k norms, clip (HF: after the norms, before RoPE) all three at once.
     rotated = !s.qkNorm;
     if (rotated && s.clipQkv !== null) qkv = replace(qkv, be.clamp(qkv, s.clipQkv));
+    if (rotated && cache) {
+      q = be.splitQkvIntoCache(qkv, s.heads, s.kvHeads, s.headDim, rope, cache);
+      be.free(qkv);
+      return { q, k: null, v: null };
+    }
     ({ q, k, v } = be.splitQkv(qkv, s.heads, s.kvHeads, s.headDim, rotated ? rope : null));
     be.free(qkv);
   }
