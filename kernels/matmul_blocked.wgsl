@@ -75,14 +75,15 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
   var cols = p.cols;
   var out_col0 = p.col0;
   if (GROUPED) {
-    w_base = tiles[5u * wg.y];
-    row0 = tiles[5u * wg.y + 1u];
-    row_end = row0 + tiles[5u * wg.y + 2u];
-    out_col0 = tiles[5u * wg.y + 3u];
-    cols = tiles[5u * wg.y + 4u];
-    if (row_end == row0) {
-      return; // a padding tile of a table built on the device (grouped_tiles)
+    let tile = grouped_tile(wg.y, t);
+    if (tile.rows == 0u) {
+      return; // past the real tiles: the grid covers the most there could be
     }
+    w_base = tile.w_base;
+    row0 = tile.row0;
+    row_end = row0 + tile.rows;
+    out_col0 = tile.col0;
+    cols = tile.cols;
   }
   let col0 = wg.x * BN;
   // Thread (lid.x, lid.y) owns rows row0 + TM lid.y .. + TM - 1 and columns

@@ -9,6 +9,16 @@ struct Params {
   col0: u32, // first output column (first weight row) of this chunk
   x_off: u32, // x and out are bound from an aligned offset; these skip to row 0
   out_off: u32,
+  // GROUPED only (grouped_tile): the experts [first_group, end_group) whose matrices this
+  // weight chunk holds (its rows chunk_row0 .. + chunk_rows of the whole stack), m rows
+  // each; x rows r0 .. r0 + rows of the stacked order are bound; tiles of tile_rows rows.
+  first_group: u32,
+  end_group: u32,
+  m: u32,
+  chunk_row0: u32,
+  chunk_rows: u32,
+  r0: u32,
+  tile_rows: u32,
 }
 
 override W_DTYPE: u32 = 0u;
@@ -19,8 +29,8 @@ override VEC_X: bool = false;
 // blocked and gemv: K allows whole vec4 runs of w (see each kernel), read from w4.
 override VEC_W: bool = false;
 // blocked and gemv (groupedMatmul): w holds a run of experts' [M, k] matrices back to back,
-// and each tile of the table (5 words: first weight element, first row, row count, first
-// output column, column count) says which rows, matrix and columns a workgroup computes.
+// and each workgroup finds its tile (grouped_tile: which rows, matrix and columns) from the
+// group starts, which an earlier kernel may have written (plan_experts).
 override GROUPED: bool = false;
 // GROUPED over a gateUp stack (lib/backend/backend.ts ExpertStacks): w's rows are gate and
 // up rows interleaved in runs of 4, so each 8-row block holds 4 gate and the matching 4 up
@@ -40,4 +50,51 @@ fn silu_mul(g: f32, u: f32) -> f32 {
 // The same x and w bindings seen as vec4s (a placeholder when VEC_X / VEC_W is off).
 @group(0) @binding(5) var<storage, read> x4: array<vec4f>;
 @group(0) @binding(6) var<storage, read> w4: array<vec4u>;
-@group(0) @binding(7) var<storage, read> tiles: array<u32>; // GROUPED: the tile table
+@group(0) @binding(7) var<storage, read> starts: array<u32>; // GROUPED: [groups + 1] first rows
+
+// One workgroup's share of a grouped matmul: rows row0 .. row0 + rows of the bound x (0
+// rows: no tile, the workgroup returns), the matrix starting at weight element w_base and
+// its output columns col0 .. col0 + cols.
+struct Tile {
+  w_base: u32,
+  row0: u32,
+  rows: u32,
+  col0: u32,
+  cols: u32,
+}
+
+var<workgroup> workgroup_tile: Tile;
+
+// Tile `index` of the dispatch, found by thread t == 0 and shared with the workgroup (one
+// walk per workgroup: 256 threads walking the groups cost llvmpipe a fifth of a decode
+// step). No table has to be built by a dispatch of its own.
+fn grouped_tile(index: u32, t: u32) -> Tile {
+  if (t == 0u) {
+    workgroup_tile = find_tile(index);
+  }
+  return workgroupUniformLoad(&workgroup_tile);
+}
+
+// The groups' bound rows cut into tiles of tile_rows, group by group; tile `index` of them
+// (a few hundred groups at most).
+fn find_tile(index: u32) -> Tile {
+  var n = 0u;
+  for (var g = p.first_group; g < p.end_group; g++) {
+    let a = max(starts[g], p.r0);
+    let b = min(starts[g + 1u], p.r0 + p.rows);
+    if (b <= a) {
+      continue;
+    }
+    let count = (b - a + p.tile_rows - 1u) / p.tile_rows;
+    if (index < n + count) {
+      let s = a + (index - n) * p.tile_rows;
+      // The part of expert g's matrix rows inside this weight chunk.
+      let g_row0 = g * p.m;
+      let c0 = select(0u, p.chunk_row0 - g_row0, p.chunk_row0 > g_row0);
+      let c1 = min(p.chunk_row0 + p.chunk_rows - g_row0, p.m);
+      return Tile((g_row0 + c0 - p.chunk_row0) * p.k, s - p.r0, min(p.tile_rows, b - s), c0, c1 - c0);
+    }
+    n += count;
+  }
+  return Tile(0u, 0u, 0u, 0u, 0u);
+}

@@ -45,19 +45,17 @@ fn main(
   var cols = p.cols;
   var out_col0 = p.col0;
   if (GROUPED) {
-    let tile = flat / col_groups;
-    // Whole workgroups past the end return together, before any barrier.
-    if (tile >= arrayLength(&tiles) / 5u) {
+    let tile = grouped_tile(flat / col_groups, t);
+    // Workgroups past the real tiles (the grid covers the most there could be) return
+    // together, before any barrier.
+    if (tile.rows == 0u) {
       return;
     }
-    w_base = tiles[5u * tile];
-    row0 = tiles[5u * tile + 1u];
-    nrows = tiles[5u * tile + 2u];
-    out_col0 = tiles[5u * tile + 3u];
-    cols = tiles[5u * tile + 4u];
-    if (nrows == 0u) {
-      return; // a padding tile of a table built on the device (grouped_tiles)
-    }
+    w_base = tile.w_base;
+    row0 = tile.row0;
+    nrows = tile.rows;
+    out_col0 = tile.col0;
+    cols = tile.cols;
   } else {
     if (row0 >= p.rows) {
       return;

@@ -1138,7 +1138,7 @@ export class WebGpuBackend implements TrainingBackend {
           const vec = this.vecViews(kernel, weight.dtype, k, xRange, chunk.buffer);
           bindings.push(
             ...vec.bindings,
-            { buffer: this.emptyBuffer }, // the tile table of groupedMatmul
+            { buffer: this.emptyBuffer }, // the group starts of groupedMatmul
           );
           const vecConstants: Record<string, number> = { ...constants, ...vec.constants };
           // gemv: rows of x per workgroup, so that N = 1 does one row's work.
@@ -1205,8 +1205,8 @@ export class WebGpuBackend implements TrainingBackend {
 
   /**
    * groupedMatmul with the group starts [G + 1] in a device buffer, maybe written by an
-   * earlier kernel (plan_experts): the tile tables are built on the device too, sized for
-   * the most tiles the rows could need, so the host needs no counts; `maxGroupRows`
+   * earlier kernel (plan_experts): each workgroup finds its tile from them, the grid sized
+   * for the most tiles the rows could need, so the host needs no counts; `maxGroupRows`
    * bounds the rows of any one group.
    */
   private groupedOn(
@@ -1232,17 +1232,9 @@ export class WebGpuBackend implements TrainingBackend {
     for (const chunk of w(stack).chunks) {
       const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
       for (const [r0, rows] of this.rowChunks(r, [k * 4, outWidth * 4])) {
-        // Each non-empty group takes at most one partial tile.
+        // The grid covers the most tiles there could be (each non-empty group takes at most
+        // one partial tile); each workgroup finds its own from the starts (grouped_tile).
         const capacity = Math.floor(rows / tileRows) + Math.min(g1 - g0, rows);
-        const tableBytes = capacity * 5 * 4;
-        const tileBuf = this.acquire(tableBytes, true);
-        this.run({
-          kernel: "moe",
-          entry: "grouped_tiles",
-          params: [g0, g1, m, k, chunk.row0, chunk.rows, r0, rows, tileRows, capacity],
-          bindings: [{ buffer: groupStart }, { buffer: tileBuf, size: tableBytes, write: true }],
-          workgroups: 1,
-        });
         const xRange = this.rowRange(t(x).buffer, r0, rows, k * 4);
         const outRange = this.rowRange(out.buffer, r0, rows, outWidth * 4, true);
         const vec = this.vecViews(gemv ? "gemv" : "blocked", stack.dtype, k, xRange, chunk.buffer);
@@ -1259,21 +1251,34 @@ export class WebGpuBackend implements TrainingBackend {
           kernel: gemv ? "matmul_gemv" : "matmul_blocked",
           entry: "main",
           constants,
-          params: [rows, k, cols, outWidth, 0, xRange.skip, outRange.skip],
+          params: [
+            rows,
+            k,
+            cols,
+            outWidth,
+            0,
+            xRange.skip,
+            outRange.skip,
+            g0,
+            g1,
+            m,
+            chunk.row0,
+            chunk.rows,
+            r0,
+            tileRows,
+          ],
           bindings: [
             xRange,
             { buffer: chunk.buffer },
             { buffer: this.emptyBuffer },
             outRange,
             ...vec.bindings,
-            // Sized exactly: gemv bounds its grid by the table's length.
-            { buffer: tileBuf, size: tableBytes },
+            { buffer: groupStart },
           ],
           workgroups: gemv
             ? ceilDiv(cols, MATMUL_GEMV_COLS) * capacity
             : [ceilDiv(cols, MATMUL_BLOCKED_TILE), capacity],
         });
-        this.release(tileBuf);
       }
     }
     return out;
