@@ -32,8 +32,11 @@ var<workgroup> w_tile: array<array<vec4f, BN / 4u>, BK>; // [k][col / 4]
 
 // x[row, kk .. kk + 3], zero past the edges.
 fn load_x(row: u32, kk: u32, row_end: u32) -> vec4f {
-  let base = p.x_off + row * p.k + kk;
-  if (row < row_end && kk + 3u < p.k) {
+  if (row >= row_end) {
+    return vec4f(0.0);
+  }
+  let base = x_row_start(row) + kk;
+  if (kk + 3u < p.k) {
     if (VEC_X) {
       return x4[base / 4u];
     }
@@ -41,7 +44,7 @@ fn load_x(row: u32, kk: u32, row_end: u32) -> vec4f {
   }
   var v = vec4f(0.0);
   for (var e = 0u; e < 4u; e++) {
-    if (row < row_end && kk + e < p.k) {
+    if (kk + e < p.k) {
       v[e] = x[base + e];
     }
   }

@@ -37,6 +37,9 @@ override GROUPED: bool = false;
 // columns; the kernel writes silu(gate) * up, out_stride = the expert width. Tiles start
 // on whole blocks (the host keeps weight chunks to whole blocks).
 override SWIGLU: bool = false;
+// GROUPED: x is bound whole and row r of the grouped order is row x_rows[r0 + r] of it
+// (the plan's order), so the rows need no gather pass of their own.
+override GATHER: bool = false;
 
 fn silu_mul(g: f32, u: f32) -> f32 {
   return g / (1.0 + exp(-g)) * u;
@@ -51,6 +54,15 @@ fn silu_mul(g: f32, u: f32) -> f32 {
 @group(0) @binding(5) var<storage, read> x4: array<vec4f>;
 @group(0) @binding(6) var<storage, read> w4: array<vec4u>;
 @group(0) @binding(7) var<storage, read> starts: array<u32>; // GROUPED: [groups + 1] first rows
+@group(0) @binding(8) var<storage, read> x_rows: array<u32>; // GATHER: x row of each grouped row
+
+// Where row r of this dispatch's rows starts in x (elements).
+fn x_row_start(r: u32) -> u32 {
+  if (GATHER) {
+    return p.x_off + x_rows[p.r0 + r] * p.k;
+  }
+  return p.x_off + r * p.k;
+}
 
 // One workgroup's share of a grouped matmul: rows row0 .. row0 + rows of the bound x (0
 // rows: no tile, the workgroup returns), the matrix starting at weight element w_base and

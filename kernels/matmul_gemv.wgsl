@@ -67,7 +67,7 @@ fn main(
   var acc: array<f32, MAX_ROWS>;
   var xrow: array<u32, MAX_ROWS>; // where each row starts in x
   for (var r = 0u; r < ROWS; r++) {
-    xrow[r] = p.x_off + select(0u, (row0 + r) * p.k, r < nrows);
+    xrow[r] = x_row_start(select(row0, row0 + r, r < nrows));
   }
   if (col < cols) {
     if (VEC_W && W_DTYPE == DTYPE_F32) {

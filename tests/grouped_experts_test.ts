@@ -215,13 +215,17 @@ function expertStackValues(
 }
 
 // [tokens, experts, k, hidden, width]: decode (gemv tiles), a few tokens, every expert
-// taken, prefill past one 128-row blocked tile, odd sizes throughout.
+// taken, prefill past one 128-row blocked tile, odd sizes throughout. With 4 KiB bindings
+// the last two keep x in one binding (the gate|up matmul reads it through the plan's
+// order) while their grouped rows are bound in several ranges, gemv and blocked tiles.
 const ROUTED_CASES: [number, number, number, number, number][] = [
   [1, 8, 2, 32, 24],
   [5, 7, 2, 33, 17],
   [3, 3, 3, 20, 9],
   [37, 64, 6, 33, 20],
   [300, 3, 2, 16, 12],
+  [12, 5, 4, 20, 28],
+  [40, 6, 4, 8, 12],
 ];
 
 const routedOutputs = new Map<string, Float32Array>();

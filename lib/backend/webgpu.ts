@@ -1139,6 +1139,7 @@ export class WebGpuBackend implements TrainingBackend {
           bindings.push(
             ...vec.bindings,
             { buffer: this.emptyBuffer }, // the group starts of groupedMatmul
+            { buffer: this.emptyBuffer }, // and its gathered rows
           );
           const vecConstants: Record<string, number> = { ...constants, ...vec.constants };
           // gemv: rows of x per workgroup, so that N = 1 does one row's work.
@@ -1215,8 +1216,12 @@ export class WebGpuBackend implements TrainingBackend {
     groupStart: GPUBuffer,
     maxGroupRows: number,
     swiglu = false,
+    gather?: { rows: GPUBuffer; count: number },
   ) {
-    const [r, k] = rowsCols(x);
+    const [xRows, k] = rowsCols(x);
+    // gather: the grouped rows are x's rows in the order `gather.rows` lists (GATHER), x
+    // bound whole; else x's own rows, bound in row ranges as needed.
+    const r = gather ? gather.count : xRows;
     const [, m] = stack.shape;
     // swiglu: a gateUp stack (ExpertStacks), silu(gate) * up written, half the columns.
     const outWidth = swiglu ? m / 2 : m;
@@ -1228,14 +1233,15 @@ export class WebGpuBackend implements TrainingBackend {
       ? Math.max(1, Math.min(maxGroupRows, MATMUL_GEMV_MAX_ROWS))
       : MATMUL_BLOCKED_TILE;
     if (swiglu) this.checkWholeGateUpBlocks(stack, m);
+    const wholeX = { buffer: t(x).buffer, size: t(x).bytes, skip: 0 };
     // Stack chunks may hold many experts or part of one; x and out may be bound in row ranges.
     for (const chunk of w(stack).chunks) {
       const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
-      for (const [r0, rows] of this.rowChunks(r, [k * 4, outWidth * 4])) {
+      for (const [r0, rows] of this.rowChunks(r, gather ? [outWidth * 4] : [k * 4, outWidth * 4])) {
         // The grid covers the most tiles there could be (each non-empty group takes at most
         // one partial tile); each workgroup finds its own from the starts (grouped_tile).
         const capacity = Math.floor(rows / tileRows) + Math.min(g1 - g0, rows);
-        const xRange = this.rowRange(t(x).buffer, r0, rows, k * 4);
+        const xRange = gather ? wholeX : this.rowRange(t(x).buffer, r0, rows, k * 4);
         const outRange = this.rowRange(out.buffer, r0, rows, outWidth * 4, true);
         const vec = this.vecViews(gemv ? "gemv" : "blocked", stack.dtype, k, xRange, chunk.buffer);
         const constants: Record<string, number> = {
@@ -1243,6 +1249,7 @@ export class WebGpuBackend implements TrainingBackend {
           ...vec.constants,
           GROUPED: 1,
           SWIGLU: swiglu ? 1 : 0,
+          GATHER: gather ? 1 : 0,
         };
         if (gemv) constants.ROWS = tileRows;
         // Grid columns cover the widest tile; narrower tiles' extra workgroups idle.
@@ -1274,6 +1281,7 @@ export class WebGpuBackend implements TrainingBackend {
             outRange,
             ...vec.bindings,
             { buffer: groupStart },
+            { buffer: gather ? gather.rows : this.emptyBuffer },
           ],
           workgroups: gemv
             ? ceilDiv(cols, MATMUL_GEMV_COLS) * capacity
@@ -1676,10 +1684,17 @@ export class WebGpuBackend implements TrainingBackend {
         scales: this.upload(host.scales),
       };
     }
-    // A token picks an expert once, so no group has more than n rows.
-    const xe = this.gatherFrom(xn, plan.order, n * k);
-    const a = this.groupedOn(xe, stacks.gateUp, plan.groupStart, n, true);
-    this.free(xe);
+    // A token picks an expert once, so no group has more than n rows. The gate|up matmul
+    // reads xn's rows through the plan's order where xn fits one binding.
+    let a: GpuTensor;
+    if (t(xn).bytes <= this.maxBindingBytes) {
+      const gather = { rows: plan.order, count: n * k };
+      a = this.groupedOn(xn, stacks.gateUp, plan.groupStart, n, true, gather);
+    } else {
+      const xe = this.gatherFrom(xn, plan.order, n * k);
+      a = this.groupedOn(xe, stacks.gateUp, plan.groupStart, n, true);
+      this.free(xe);
+    }
     const y = this.groupedOn(a, stacks.down, plan.groupStart, n);
     this.free(a);
     this.combineFrom(out, y, plan.sources, plan.scales, k);
