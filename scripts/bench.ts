@@ -433,8 +433,9 @@ async function benchForward(backends: Map<string, Backend>, modelDir: string, re
 
 /**
  * Greedy decoding with the KV cache, one token per step after a prompt: tokens/s, and on
- * WebGPU the submits per step (each a wait on the device; the MoE layers add none) and,
- * where the adapter has timestamp queries, the GPU time per kernel of as many more steps.
+ * WebGPU per step the submits (each a wait on the device; the MoE layers add none), the
+ * dispatches and the host time encoding them (what bounds decoding once the GPU is fast)
+ * and, where the adapter has timestamp queries, the GPU time per kernel of as many more steps.
  */
 async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
   const rows: Record<string, unknown>[] = [];
@@ -452,11 +453,16 @@ async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
       }
     };
     await decodeSteps(warmup); // compiles the one-row kernels the prompt did not use
-    const submits0 = be instanceof WebGpuBackend ? be.submits : 0;
+    const gpu = be instanceof WebGpuBackend ? be : null;
+    const [submits0, dispatches0, encode0] = gpu
+      ? [gpu.submits, gpu.dispatches, gpu.encodeMilliseconds]
+      : [0, 0, 0];
     const t0 = performance.now();
     await decodeSteps();
     const seconds = (performance.now() - t0) / 1000;
-    const submitsPerToken = be instanceof WebGpuBackend ? (be.submits - submits0) / steps : null;
+    const submitsPerToken = gpu && (gpu.submits - submits0) / steps;
+    const dispatchesPerToken = gpu && (gpu.dispatches - dispatches0) / steps;
+    const encodeMsPerToken = gpu && (gpu.encodeMilliseconds - encode0) / steps;
     const kernels = be instanceof WebGpuBackend && be.device.features.has("timestamp-query")
       ? kernelProfile(await be.timeKernels(() => decodeSteps()), steps)
       : null;
@@ -470,11 +476,16 @@ async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
       seconds,
       tokensPerSecond: steps / seconds,
       submitsPerToken,
+      dispatchesPerToken,
+      encodeMsPerToken,
       kernels,
     });
     console.error(
       `decode ${name}: ${(steps / seconds).toFixed(1)} tok/s` +
-        (submitsPerToken === null ? "" : `, ${submitsPerToken} submits per token`),
+        (gpu
+          ? `, per token ${submitsPerToken} submits, ${dispatchesPerToken} dispatches, ` +
+            `${encodeMsPerToken!.toFixed(2)} ms host encoding`
+          : ""),
     );
     for (const k of kernels?.slice(0, 6) ?? []) {
       console.error(

@@ -385,7 +385,9 @@ Deno.test({
     };
     const first = rawWeight("w", [9, 24], randn(9 * 24), "BF16");
     const w1 = gpu!.uploadWeight(first);
+    const encoded = gpu!.encodeMilliseconds;
     await step(w1);
+    assert(gpu!.encodeMilliseconds > encoded, "the step's encoding is counted");
     const created = gpu!.bindGroupsCreated;
     // The same step again: same uniform slot, weight, input and (pooled) output buffer.
     await step(w1);

@@ -277,6 +277,10 @@ interface SharedState {
   batched: number;
   /** Batches submitted so far (the bench counts them per decoded token). */
   submits: number;
+  /** When the pending batch got its first command, and host time from there to the submit
+   * summed over every batch so far: the encoding that bounds decoding on a fast GPU. */
+  batchStart: number;
+  encodeMilliseconds: number;
   retiring: Map<number, GPUBuffer[]>;
   retiringBytes: number;
   /** Set while timeKernels runs: each dispatch gets its own pass with two timestamps. */
@@ -440,6 +444,11 @@ export class WebGpuBackend implements TrainingBackend {
     return this.shared.submits;
   }
 
+  /** Host time spent encoding batches so far: from each one's first command to its submit. */
+  get encodeMilliseconds(): number {
+    return this.shared.encodeMilliseconds;
+  }
+
   /** Bind groups created on this device so far (the rest of the dispatches reused one). */
   get bindGroupsCreated(): number {
     return this.shared.bindGroupsCreated;
@@ -471,6 +480,8 @@ export class WebGpuBackend implements TrainingBackend {
       uniformData: new ArrayBuffer(BATCH_DISPATCHES * this.uniformSlot),
       batched: 0,
       submits: 0,
+      batchStart: 0,
+      encodeMilliseconds: 0,
       retiring: new Map(),
       retiringBytes: 0,
       timer: null,
@@ -767,7 +778,10 @@ export class WebGpuBackend implements TrainingBackend {
       y = ceilDiv(x, MAX_WORKGROUPS_PER_DIM);
       x = MAX_WORKGROUPS_PER_DIM;
     }
-    this.shared.encoder ??= this.device.createCommandEncoder();
+    if (!this.shared.encoder) {
+      this.shared.encoder = this.device.createCommandEncoder();
+      this.shared.batchStart = performance.now();
+    }
     const timer = this.shared.timer;
     if (timer) {
       // One pass per dispatch, timestamped at its start and end.
@@ -834,7 +848,11 @@ export class WebGpuBackend implements TrainingBackend {
   private recordOutsidePass(): GPUCommandEncoder {
     this.shared.pass?.end();
     this.shared.pass = null;
-    return this.shared.encoder ??= this.device.createCommandEncoder();
+    if (!this.shared.encoder) {
+      this.shared.encoder = this.device.createCommandEncoder();
+      this.shared.batchStart = performance.now();
+    }
+    return this.shared.encoder;
   }
 
   /**
@@ -858,6 +876,7 @@ export class WebGpuBackend implements TrainingBackend {
     this.device.queue.submit([encoder.finish()]);
     timings?.();
     this.shared.submits++;
+    this.shared.encodeMilliseconds += performance.now() - this.shared.batchStart;
     this.shared.encoder = null;
     this.shared.batched = 0;
     const retired = this.shared.retiring;
