@@ -15,7 +15,10 @@ Deno.test("BLAS is found (CI installs libopenblas0)", () => {
 });
 
 Deno.test("cpu matmul: BLAS equals plain loops on odd sizes, with bias", async () => {
-  for (const [n, k, m] of [[1, 5, 3], [7, 63, 65], [33, 129, 17]]) {
+  // Up to 8 rows run as one sgemv per row (GEMV_MAX_ROWS in blas.ts), 9 and more as sgemm.
+  for (
+    const [n, k, m] of [[1, 5, 3], [1, 256, 77], [7, 63, 65], [8, 40, 9], [9, 40, 9], [33, 129, 17]]
+  ) {
     const x = randn(n * k, 1), wt = randn(m * k, 2), b = randn(m, 3);
     const outs = await Promise.all([reference, fast].map((be) => {
       const y = be.matmul(
