@@ -131,12 +131,14 @@ Deno.test("cpu splitQkvIntoCache puts splitQkv's k and v in each sequence's cach
   );
 });
 
-Deno.test("cpu attention: BLAS equals plain loops (GQA, qLen < kvLen, window)", async () => {
+Deno.test("cpu attention: BLAS equals plain loops (GQA, qLen < kvLen, window, decode)", async () => {
   for (
     const s of [
       { batch: 2, qLen: 7, kvLen: 7, heads: 4, kvHeads: 2, headDim: 8, window: null },
       { batch: 1, qLen: 3, kvLen: 11, heads: 6, kvHeads: 3, headDim: 16, window: null },
       { batch: 3, qLen: 9, kvLen: 9, heads: 2, kvHeads: 1, headDim: 8, window: 4 },
+      // A decode step: one query row a head, so both products run as sgemv.
+      { batch: 2, qLen: 1, kvLen: 12, heads: 4, kvHeads: 2, headDim: 8, window: null },
     ]
   ) {
     const q = randn(s.batch * s.qLen * s.heads * s.headDim, 4);

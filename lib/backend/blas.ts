@@ -50,10 +50,10 @@ const SYMBOLS = {
   },
 } as const;
 
-// matmulTransB with at most this many rows of x runs sgemv once per row. OpenBLAS's sgemm
-// is slow for a few rows: with one row sgemv took 0.17-0.21x sgemm's time, with 8 rows
+// A product with at most this many rows of output runs sgemv once per row. OpenBLAS's
+// sgemm is slow for a few rows: with one row sgemv took 0.17-0.21x sgemm's time, with 8 rows
 // 0.61-0.74x, and they tie near 12 (K x M 256 x 768 and 2048 x 1408, on this project's
-// 2-core machine). Decoding is one row per matmul.
+// 2-core machine). Decoding is one row per matmul and per attention head.
 const GEMV_MAX_ROWS = 8;
 
 export interface Blas {
@@ -97,52 +97,54 @@ export function loadBlas(): Blas | null {
     try {
       const lib = Deno.dlopen(library, SYMBOLS);
       const op = (t: boolean) => (t ? CblasTrans : CblasNoTrans);
+      const sgemv = lib.symbols.cblas_sgemv;
+      const sgemm: Blas["sgemm"] = (
+        transA,
+        transB,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        lda,
+        b,
+        ldb,
+        beta,
+        c,
+        ldc,
+      ) => {
+        if (sgemv && m <= GEMV_MAX_ROWS) {
+          // Row i of C = op(B)^T times row i of op(A) (a column of A when transposed).
+          for (let i = 0; i < m; i++) {
+            const x = transA ? a.subarray(i) : a.subarray(i * lda), incx = transA ? lda : 1;
+            const y = c.subarray(i * ldc);
+            if (transB) {
+              sgemv(CblasRowMajor, CblasNoTrans, n, k, alpha, b, ldb, x, incx, beta, y, 1);
+            } else sgemv(CblasRowMajor, CblasTrans, k, n, alpha, b, ldb, x, incx, beta, y, 1);
+          }
+          return;
+        }
+        lib.symbols.cblas_sgemm(
+          CblasRowMajor,
+          op(transA),
+          op(transB),
+          m,
+          n,
+          k,
+          alpha,
+          a,
+          lda,
+          b,
+          ldb,
+          beta,
+          c,
+          ldc,
+        );
+      };
       cached = {
         library,
-        sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) {
-          lib.symbols.cblas_sgemm(
-            CblasRowMajor,
-            op(transA),
-            op(transB),
-            m,
-            n,
-            k,
-            alpha,
-            a,
-            lda,
-            b,
-            ldb,
-            beta,
-            c,
-            ldc,
-          );
-        },
-        matmulTransB(x, w, y, n, k, m) {
-          const sgemv = lib.symbols.cblas_sgemv;
-          if (sgemv && n <= GEMV_MAX_ROWS) {
-            for (let r = 0; r < n; r++) {
-              const xr = x.subarray(r * k, (r + 1) * k), yr = y.subarray(r * m, (r + 1) * m);
-              sgemv(CblasRowMajor, CblasNoTrans, m, k, 1, w, k, xr, 1, 0, yr, 1);
-            }
-            return;
-          }
-          lib.symbols.cblas_sgemm(
-            CblasRowMajor,
-            CblasNoTrans,
-            CblasTrans,
-            n,
-            m,
-            k,
-            1,
-            x,
-            k,
-            w,
-            k,
-            0,
-            y,
-            m,
-          );
-        },
+        sgemm,
+        matmulTransB: (x, w, y, n, k, m) => sgemm(false, true, n, m, k, 1, x, k, w, k, 0, y, m),
       };
       break;
     } catch {
