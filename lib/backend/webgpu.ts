@@ -286,6 +286,8 @@ interface SharedState {
   /** Set while timeKernels runs: each dispatch gets its own pass with two timestamps. */
   timer: KernelTimer | null;
   /** Bind groups by uniform slot and bound ranges (bindGroup), buffers by a numeric id. */
+  /** The last RoPE tables splitQkv uploaded (sharedRopeTables). */
+  ropeTables: { key: string; cos: GPUBuffer; sin: GPUBuffer } | null;
   bindGroups: Map<string, GPUBindGroup>;
   bindGroupsCreated: number;
   bufferIds: WeakMap<GPUBuffer, number>;
@@ -485,6 +487,7 @@ export class WebGpuBackend implements TrainingBackend {
       retiring: new Map(),
       retiringBytes: 0,
       timer: null,
+      ropeTables: null,
       bindGroups: new Map(),
       bindGroupsCreated: 0,
       bufferIds: new WeakMap(),
@@ -1529,12 +1532,15 @@ export class WebGpuBackend implements TrainingBackend {
   ): GpuTensor {
     const [n, d] = rowsCols(qkv), qw = heads * headDim, half = headDim / 2;
     const q = this.newTensor([n, qw]);
-    const tables = rope && ropeTables(rope, headDim, 1);
+    let tables: { cos: Float32Array; sin: Float32Array } | null = null;
     plan((r0, rows, k, v, kvMap) => {
+      // All rows at once (the usual case): the step's shared tables; else this run's part.
+      const whole = rope && r0 === 0 && rows === n ? this.sharedRopeTables(rope, headDim) : null;
+      if (rope && !whole) tables ??= ropeTables(rope, headDim, 1);
       const table = (values: Float32Array) =>
         this.upload(values.subarray(r0 * half, (r0 + rows) * half));
-      const cosBuf = tables ? table(tables.cos) : this.emptyBuffer;
-      const sinBuf = tables ? table(tables.sin) : this.emptyBuffer;
+      const cosBuf = whole?.cos ?? (tables ? table(tables.cos) : this.emptyBuffer);
+      const sinBuf = whole?.sin ?? (tables ? table(tables.sin) : this.emptyBuffer);
       const ranges = [
         this.rowRange(t(qkv).buffer, r0, rows, d * 4),
         this.rowRange(q.buffer, r0, rows, qw * 4, true),
@@ -1549,16 +1555,33 @@ export class WebGpuBackend implements TrainingBackend {
           heads,
           kvHeads,
           headDim,
-          tables ? 1 : 0,
+          rope ? 1 : 0,
           ...ranges.map((r) => r.skip),
           ...kvMap,
         ],
         bindings: [ranges[0], { buffer: cosBuf }, { buffer: sinBuf }, ...ranges.slice(1)],
         workgroups: ceilDiv(rows * (heads + 2 * kvHeads) * half, 64),
       });
-      if (tables) this.release(cosBuf), this.release(sinBuf);
+      if (!whole && tables) this.release(cosBuf), this.release(sinBuf);
     });
     return q;
+  }
+
+  /**
+   * `rope`'s cos/sin tables on the device, kept while the same positions come again: every
+   * layer of a forward step shares them, so a decoded token uploads them once instead of
+   * once a layer. One entry; the previous one's buffers go back to the pool.
+   */
+  private sharedRopeTables(rope: RopeSpec, headDim: number): { cos: GPUBuffer; sin: GPUBuffer } {
+    const { positions, theta, linearFactor } = rope;
+    const key = `${headDim} ${theta} ${linearFactor} ${positions.join()}`;
+    const last = this.shared.ropeTables;
+    if (last?.key === key) return last;
+    if (last) this.release(last.cos), this.release(last.sin);
+    const { cos, sin } = ropeTables(rope, headDim, 1);
+    const entry = { key, cos: this.upload(cos), sin: this.upload(sin) };
+    this.shared.ropeTables = entry;
+    return entry;
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape): Tensor {
