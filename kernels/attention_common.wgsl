@@ -1,5 +1,5 @@
-// Shared by the forward attention kernels (attention.wgsl, attention_tiled.wgsl; the host
-// prepends it): their uniforms and bindings.
+// Shared by the forward attention kernels (attention.wgsl, attention_tiled.wgsl,
+// attention_split.wgsl; the host prepends it): their uniforms and bindings.
 
 struct Params {
   seqs: u32, // sequences in this dispatch
@@ -15,6 +15,8 @@ struct Params {
   v_off: u32,
   out_off: u32,
   kv_stride: u32, // rows per sequence in k and v (kv_len, or a KV cache's capacity)
+  splits: u32, // attention_split only: key splits a query, of split_keys keys each
+  split_keys: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

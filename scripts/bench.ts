@@ -25,6 +25,7 @@ import { Model } from "../lib/model/model.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
 import {
   ATTENTION_KERNELS,
+  type AttentionKernel,
   type KernelTime,
   MATMUL_KERNELS,
   WebGpuBackend,
@@ -334,7 +335,8 @@ async function benchAttention(gpu: WebGpuBackend, repeats: number) {
 
 /**
  * Every attention kernel running `call` (one pass at one shape): checked against `want`
- * once (which also compiles its pipelines), then timed round-robin; a row per kernel.
+ * once (which also compiles its pipelines), then timed round-robin; a row per kernel
+ * ("split" is flash-decoding, forward only).
  */
 async function timeAttentionKernels(
   gpu: WebGpuBackend,
@@ -346,7 +348,13 @@ async function timeAttentionKernels(
   want: Float32Array[],
   repeats: number,
 ): Promise<Record<string, unknown>[]> {
-  const backends = ATTENTION_KERNELS.map((kernel) => gpu.withOptions({ attentionKernel: kernel }));
+  // The forward also runs flash-decoding's split kernel (attention_split.wgsl) on every shape.
+  const kernels: string[] = [...ATTENTION_KERNELS, ...(pass === "forward" ? ["split"] : [])];
+  const backends = kernels.map((kernel) =>
+    kernel === "split"
+      ? gpu.withOptions({ attentionSplit: "always" })
+      : gpu.withOptions({ attentionKernel: kernel as AttentionKernel, attentionSplit: "never" })
+  );
   const errors: number[] = [];
   for (const be of backends) errors.push(maxRelError(await call(be), want));
   const times: number[][] = backends.map(() => []);
@@ -358,7 +366,7 @@ async function timeAttentionKernels(
     }
   }
   const rows: Record<string, unknown>[] = [], line: string[] = [];
-  for (const [i, kernel] of ATTENTION_KERNELS.entries()) {
+  for (const [i, kernel] of kernels.entries()) {
     const seconds = median(times[i]), exact = errors[i] <= ATTENTION_EXACT_TOL;
     const gflops = flops / seconds / 1e9;
     rows.push({ pass, shape, kernel, ...s, seconds, gflops, maxRelError: errors[i], exact });

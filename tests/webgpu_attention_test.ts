@@ -1,5 +1,5 @@
-// The attention kernels (naive: kernels/attention.wgsl, tiled: kernels/attention_tiled.wgsl)
-// against the CPU reference: odd head_dims (the tiled kernel pads rows to whole vec4s per
+// The attention kernels (naive: kernels/attention.wgsl, tiled: kernels/attention_tiled.wgsl,
+// and flash-decoding's split: kernels/attention_split.wgsl) against the CPU reference: odd head_dims (the tiled kernel pads rows to whole vec4s per
 // lane), GQA groups that straddle the tiled kernel's blocks of query rows, qLen < kvLen
 // (decode with a cache), qLen 1 (groups share a query row and are merged), sliding
 // windows (tiles outside every row's window skipped), batches, key counts that are not a
@@ -132,6 +132,65 @@ for (const kernel of ATTENTION_KERNELS) {
     },
   });
 }
+
+// Flash-decoding (kernels/attention_split.wgsl): every shape above split into 256-key
+// parts (one part for these), then keys spanning several parts: decode with GQA, a window,
+// a cache attended in place, and several queries a sequence.
+const LONG_SHAPES: AttentionShape[] = [
+  shape(1, 1, 700, 4, 2, 64),
+  shape(2, 1, 900, 4, 4, 32, 300),
+  { ...shape(2, 1, 530, 6, 2, 20), kvStride: 600 },
+  shape(1, 3, 600, 2, 1, 16),
+];
+
+Deno.test({
+  name:
+    "webgpu attention split (flash-decoding) matches cpu: every shape, keys over several splits",
+  ignore,
+  async fn() {
+    const be = gpu!.withOptions({ attentionSplit: "always" });
+    for (const s of [...SHAPES, ...LONG_SHAPES]) {
+      const before = be.dispatches;
+      await checkAttention(be, "attention split", s);
+      assert.equal(be.dispatches - before, 2, "a partial and a merge pass");
+    }
+  },
+});
+
+Deno.test({
+  name: "webgpu attention auto splits decode steps only; partials over a binding do not split",
+  ignore,
+  async fn() {
+    // Split: decode steps over many keys or one, and 3 queries x 2 heads a kv head (at
+    // most 8 rows); not split: 80 rows a kv head (prefill).
+    const auto = gpu as WebGpuBackend;
+    const expected: [AttentionShape, number][] = [
+      [LONG_SHAPES[0], 2],
+      [SHAPES[0], 2],
+      [LONG_SHAPES[3], 2],
+      [shape(1, 40, 600, 2, 1, 16), 1],
+    ];
+    for (const [s, dispatches] of expected) {
+      const before = auto.dispatches;
+      await checkAttention(auto, "attention auto", s);
+      assert.equal(auto.dispatches - before, dispatches, JSON.stringify(s));
+    }
+    // A forced kernel is never split.
+    const tiled = auto.withOptions({ attentionKernel: "tiled" }), before = tiled.dispatches;
+    await checkAttention(tiled, "attention tiled", LONG_SHAPES[0]);
+    assert.equal(tiled.dispatches - before, 1);
+    // 4 KiB bindings: sequences of 600 one-float keys (2,400 bytes) go one a chunk, each
+    // split in 3; 100 queries x 4 heads x 3 splits x 3 floats of partials (14,400 bytes)
+    // do not fit a binding, so that shape runs unsplit.
+    const chunked = auto.withOptions({ attentionSplit: "always", maxBindingBytes: SMALL_BINDING });
+    const b0 = chunked.dispatches;
+    await checkAttention(chunked, "attention split chunked", shape(3, 1, 600, 1, 1, 1));
+    assert.equal(chunked.dispatches - b0, 3 * 2);
+    const b1 = chunked.dispatches;
+    await checkAttention(chunked, "attention split chunked", shape(1, 100, 600, 4, 1, 1));
+    assert.equal(chunked.dispatches - b1, 1);
+  },
+});
 
 Deno.test({
   name: "webgpu attention auto: tiled up to head_dim 256, naive above; bad kernels are errors",
