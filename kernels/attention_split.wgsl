@@ -3,8 +3,9 @@
 // workgroups (attention_tiled: one per sequence and kv head) each walking every key.
 // split_partial: one workgroup per (query row, head, split) scores its split's keys in
 // workgroup memory and writes the split's max m, normaliser l and unnormalised output o
-// to `partials`; split_merge rescales the splits to their common max and sums them. Any
-// q_len works (each query on its own), but only decode gains.
+// to `partials`; split_merge rescales the splits to their common max and sums them (with
+// one split the partial pass writes the output itself). Any q_len works (each query on
+// its own), but only decode gains.
 // Params and the q, k, v, out bindings: attention_common.wgsl.
 
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>; // [rows, splits, head_dim + 2]
@@ -102,9 +103,13 @@ fn split_partial(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg:
     for (var jj = 0u; jj < count; jj++) {
       acc += scores[jj] * v[p.v_off + (qr.b * p.kv_stride + j0 + jj) * kv_width + qr.kh * hd + e];
     }
-    partials[base + e] = acc;
+    if (p.splits == 1u) {
+      out[p.out_off + qr.q_row + e] = acc / l; // all keys in one split: no merge pass
+    } else {
+      partials[base + e] = acc;
+    }
   }
-  if (t == 0u) {
+  if (t == 0u && p.splits > 1u) {
     partials[base + hd] = m;
     partials[base + hd + 1u] = l;
   }

@@ -1618,26 +1618,23 @@ export class WebGpuBackend implements TrainingBackend {
       const splits = this.attentionSplits(s, seqs);
       if (splits > 0) {
         const rows = seqs * qLen * heads;
-        const partialBytes = rows * splits * (headDim + 2) * 4;
-        const partials = this.acquire(partialBytes, true);
+        // One split writes the output itself; more leave partial results to merge.
+        const partialBytes = splits > 1 ? rows * splits * (headDim + 2) * 4 : 0;
+        const partials = splits > 1 ? this.acquire(partialBytes, true) : this.emptyBuffer;
         const common = {
           kernel: "attention_split" as const,
           params: [...params, splits, ATTN_SPLIT_KEYS],
+          bindings: [...bindings, {
+            buffer: partials,
+            size: partialBytes || undefined,
+            write: true,
+          }],
         };
-        const withPartials = [...bindings, { buffer: partials, size: partialBytes, write: true }];
-        this.run({
-          ...common,
-          entry: "split_partial",
-          bindings: withPartials,
-          workgroups: rows * splits,
-        });
-        this.run({
-          ...common,
-          entry: "split_merge",
-          bindings: withPartials,
-          workgroups: ceilDiv(rows * headDim, 64),
-        });
-        this.release(partials);
+        this.run({ ...common, entry: "split_partial", workgroups: rows * splits });
+        if (splits > 1) {
+          this.run({ ...common, entry: "split_merge", workgroups: ceilDiv(rows * headDim, 64) });
+          this.release(partials);
+        }
       } else if (tiling) {
         this.run({
           kernel: "attention_tiled",
