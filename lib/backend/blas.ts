@@ -10,43 +10,17 @@ const CANDIDATES: Record<string, string[]> = {
   windows: ["libopenblas.dll"],
 };
 
+// cblas arguments: enums and sizes (i32), scalars (f32), arrays each with its stride.
+const I = "i32", F = "f32", ARRAY = ["buffer", "i32"] as const;
 const SYMBOLS = {
   cblas_sgemm: {
-    parameters: [
-      "i32",
-      "i32",
-      "i32",
-      "i32",
-      "i32",
-      "i32",
-      "f32",
-      "buffer",
-      "i32",
-      "buffer",
-      "i32",
-      "f32",
-      "buffer",
-      "i32",
-    ],
+    parameters: [I, I, I, I, I, I, F, ...ARRAY, ...ARRAY, F, ...ARRAY],
     result: "void",
   },
-  cblas_sgemv: {
-    parameters: [
-      "i32",
-      "i32",
-      "i32",
-      "i32",
-      "f32",
-      "buffer",
-      "i32",
-      "buffer",
-      "i32",
-      "f32",
-      "buffer",
-      "i32",
-    ],
+  cblas_sgemv: { // for products of a few rows; sgemm alone is enough
+    parameters: [I, I, I, I, F, ...ARRAY, ...ARRAY, F, ...ARRAY],
     result: "void",
-    optional: true, // sgemm alone is enough
+    optional: true,
   },
 } as const;
 
