@@ -148,7 +148,8 @@ export async function attentionBlock(
   let a: Tensor;
   if (kvRows) {
     if (k && v) {
-      // Not written by the split (q/k norms, training): add into the zeroed rows.
+      // Not written by the split (q/k norms, or a model without stacks): added into the
+      // zeroed rows.
       const rows = kvCacheRows(kvRows, q.shape[0], s.kvHeads * s.headDim);
       const ones = new Float32Array(rows.length).fill(1);
       be.scatterAddRows(kvRows.k, k, rows, ones);
