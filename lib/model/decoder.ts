@@ -9,6 +9,7 @@ import {
   type RopeSpec,
   type Routing,
   type Tensor,
+  type Weight,
 } from "../backend/backend.ts";
 import {
   type CeRouting,
@@ -72,7 +73,40 @@ export async function embed(model: Model, ids: Int32Array): Promise<Tensor> {
   return model.backend.embedding(await model.weight("model.embed_tokens.weight"), ids);
 }
 
-/** One decoder block: h + attn(norm(h)), then + mlp(norm(.)). Returns a new tensor. */
+/**
+ * A block's first norm carried across the layer boundary (runLayer's `fuse`): the norm of
+ * a layer's output is computed with its last residual add, in one pass over the residual
+ * stream, and handed to the next layer as its normed input.
+ */
+export interface FusedNorm {
+  /** In: this layer's input already normed by its first norm (firstNormName); runLayer frees it. */
+  normed?: Tensor;
+  /** In: the norm weight to apply to this layer's output (the next layer's first norm). */
+  next?: Weight;
+  /** Out: that norm of the output, when the layer computed it. */
+  outNormed?: Tensor;
+}
+
+/**
+ * The first norm of layer l's input: input_layernorm, post_attention_layernorm for a block
+ * without attention, none for a block that does nothing (BlockDrop).
+ */
+export function firstNormName(model: Model, l: number): string | null {
+  const layer = model.spec.layers[l], p = layerPrefix(l);
+  if (layer.attention) return `${p}input_layernorm.weight`;
+  return layer.mlp.kind === "none" ? null : `${p}post_attention_layernorm.weight`;
+}
+
+/** The norm applied to layer l's output: the next layer's first norm, or the final norm. */
+export async function nextNorm(model: Model, l: number): Promise<Weight | undefined> {
+  const name = l + 1 < model.spec.numLayers ? firstNormName(model, l + 1) : "model.norm.weight";
+  return name === null ? undefined : await model.weight(name);
+}
+
+/**
+ * One decoder block: h + attn(norm(h)), then + mlp(norm(.)). Returns a new tensor; with
+ * `fuse`, takes its normed input from there and leaves the next norm of its output there.
+ */
 export async function runLayer(
   model: Model,
   l: number,
@@ -80,34 +114,46 @@ export async function runLayer(
   shape: BatchShape,
   hooks: ForwardHooks = {},
   cache?: KvCache,
+  fuse?: FusedNorm,
 ): Promise<Tensor> {
-  const be = model.backend, layer = model.spec.layers[l];
+  const be = model.backend, layer = model.spec.layers[l], eps = model.spec.eps;
   const p = layerPrefix(l);
   const postNorm = `${p}post_attention_layernorm.weight`;
+  let given = fuse?.normed; // this block's first norm of h, if the previous block made it
+  // The block's last residual add, with the next norm when asked for.
+  const residual = (a: Tensor, b: Tensor) => {
+    if (!fuse?.next) return be.add(a, b);
+    const fused = be.addRmsNorm(a, b, fuse.next, eps);
+    fuse.outNormed = fused.normed;
+    return fused.sum;
+  };
   let x = h;
   let xn: Tensor | undefined; // the MLP's input, post_attention_layernorm(x)
   if (layer.attention) {
-    const hn = be.rmsNorm(x, await model.weight(`${p}input_layernorm.weight`), model.spec.eps);
+    const hn = given ?? be.rmsNorm(x, await model.weight(`${p}input_layernorm.weight`), eps);
+    given = undefined;
     const attn = await attentionBlock(model, l, hn, shape, cache);
     be.free(hn);
-    if (layer.mlp.kind === "none") x = be.add(h, attn);
+    if (layer.mlp.kind === "none") x = residual(h, attn);
     else {
       // The residual add and the MLP's norm in one pass over the residual stream.
-      const fused = be.addRmsNorm(h, attn, await model.weight(postNorm), model.spec.eps);
+      const fused = be.addRmsNorm(h, attn, await model.weight(postNorm), eps);
       x = fused.sum, xn = fused.normed;
     }
     be.free(attn);
   }
   if (layer.mlp.kind !== "none") {
-    xn ??= be.rmsNorm(x, await model.weight(postNorm), model.spec.eps);
+    xn ??= given ?? be.rmsNorm(x, await model.weight(postNorm), eps);
+    given = undefined;
     const mlp = (await hooks.mlpOverride?.(l, xn)) ??
       (await mlpBlock(model, l, layer.mlp, xn, hooks));
     be.free(xn);
-    const next = be.add(x, mlp);
+    const next = residual(x, mlp);
     be.free(mlp);
     if (x !== h) be.free(x);
     x = next;
   }
+  if (given) be.free(given); // a block that does nothing
   // Dropped blocks must still hand back a tensor the caller may free.
   if (x === h) x = be.scale(h, 1);
   return x;
@@ -476,28 +522,38 @@ export async function forward(
   if (opts.collectHidden) result.hiddenStates!.push(await be.read(h));
   // Only an observer brings the routing to the host.
   const observed = opts.collectRouter || opts.onRouter;
+  let normed: Tensor | undefined; // h through the next layer's first norm (FusedNorm)
   for (let l = 0; l < model.spec.numLayers; l++) {
-    const next = await runLayer(model, l, h, shape, {
-      mlpOverride: opts.mlpOverride,
-      onRouter: observed
-        ? async (layer, logits, routing) => {
-          if (opts.collectRouter) {
-            result.routerLogits!.set(layer, (await be.read(logits)).slice());
-            result.routing!.set(layer, routing);
+    const fuse: FusedNorm = { normed, next: await nextNorm(model, l) };
+    const next = await runLayer(
+      model,
+      l,
+      h,
+      shape,
+      {
+        mlpOverride: opts.mlpOverride,
+        onRouter: observed
+          ? async (layer, logits, routing) => {
+            if (opts.collectRouter) {
+              result.routerLogits!.set(layer, (await be.read(logits)).slice());
+              result.routing!.set(layer, routing);
+            }
+            await opts.onRouter?.(layer, logits, routing);
           }
-          await opts.onRouter?.(layer, logits, routing);
-        }
-        : undefined,
-    });
+          : undefined,
+      },
+      undefined,
+      fuse,
+    );
     be.free(h);
-    h = next;
+    h = next, normed = fuse.outNormed;
     if (opts.layerwise) model.releaseLayer(l);
     await opts.onLayerOutput?.(l, h);
     if (opts.collectHidden && l < model.spec.numLayers - 1) {
       result.hiddenStates!.push((await be.read(h)).slice());
     }
   }
-  const hn = await finalNorm(model, h);
+  const hn = normed ?? await finalNorm(model, h);
   be.free(h);
   if (opts.collectHidden) result.hiddenStates!.push((await be.read(hn)).slice());
   const logits = await lmHead(model, hn);

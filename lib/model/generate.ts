@@ -3,7 +3,16 @@
 // runLayer writes each layer's keys and values into the cache (decoder.ts KvCache).
 
 import type { Tensor } from "../backend/backend.ts";
-import { embed, finalNorm, forward, type KvCache, lmHead, runLayer } from "./decoder.ts";
+import {
+  embed,
+  finalNorm,
+  forward,
+  type FusedNorm,
+  type KvCache,
+  lmHead,
+  nextNorm,
+  runLayer,
+} from "./decoder.ts";
 import type { Model } from "./model.ts";
 
 export function createKvCache(model: Model, batch: number, capacity: number): KvCache {
@@ -40,20 +49,23 @@ export async function forwardCached(
     throw new Error(`forwardCached: ${ids.length} ids for batch ${cache.batch} x ${seqLen}`);
   }
   let h: Tensor = await embed(model, ids);
+  let normed: Tensor | undefined; // h through the next layer's first norm (FusedNorm)
   for (let l = 0; l < model.spec.numLayers; l++) {
-    const next = await runLayer(model, l, h, shape, {}, cache);
+    const fuse: FusedNorm = { normed, next: await nextNorm(model, l) };
+    const next = await runLayer(model, l, h, shape, {}, cache, fuse);
     be.free(h);
-    h = next;
+    h = next, normed = fuse.outNormed;
   }
   cache.length += seqLen;
-  if (lastOnly && seqLen > 1) {
-    const rows = Int32Array.from({ length: cache.batch }, (_, b) => b * seqLen + seqLen - 1);
-    const last = be.gatherRows(h, rows);
-    be.free(h);
-    h = last;
-  }
-  const hn = await finalNorm(model, h);
+  let hn = normed ?? await finalNorm(model, h);
   be.free(h);
+  if (lastOnly && seqLen > 1) {
+    // The norm is per row, so the last rows can be picked after it.
+    const rows = Int32Array.from({ length: cache.batch }, (_, b) => b * seqLen + seqLen - 1);
+    const last = be.gatherRows(hn, rows);
+    be.free(hn);
+    hn = last;
+  }
   const logits = await lmHead(model, hn);
   be.free(hn);
   const out = (await be.read(logits)).slice();
