@@ -91,6 +91,8 @@ async function w(model: Model, name: string): Promise<Weight> {
   return await model.weight(name);
 }
 
+const postNormName = (l: number) => `${layerPrefix(l)}post_attention_layernorm.weight`;
+
 function be(model: Model): TrainingBackend {
   return model.backend as TrainingBackend;
 }
@@ -252,14 +254,19 @@ async function attentionBackward(
   return dh;
 }
 
-/** The MLP block of layer l on x (residual after attention); returns the tape and output. */
-async function mlpForward(model: Model, l: number, x: Tensor): Promise<[MlpTape, Tensor]> {
+/**
+ * The MLP block of layer l on x (residual after attention; `normed` its
+ * post_attention_layernorm when the caller fused that with the residual add); returns the
+ * tape and output.
+ */
+async function mlpForward(
+  model: Model,
+  l: number,
+  x: Tensor,
+  normed?: Tensor,
+): Promise<[MlpTape, Tensor]> {
   const b = be(model), s = model.spec, mlp = s.layers[l].mlp;
-  const xn = b.rmsNorm(
-    x,
-    await w(model, `${layerPrefix(l)}post_attention_layernorm.weight`),
-    s.eps,
-  );
+  const xn = normed ?? b.rmsNorm(x, await w(model, postNormName(l)), s.eps);
   const t: MlpTape = { xn };
   const gatedShared = async (): Promise<Tensor> => {
     t.shared = await swigluForward(model, xn, mlpNames((p) => sharedName(s, l, p)));
@@ -377,7 +384,7 @@ async function mlpBackward(
     );
     b.free(dLogits), b.free(t.logits!);
   }
-  const ln = `${layerPrefix(l)}post_attention_layernorm.weight`;
+  const ln = postNormName(l);
   const dx = b.rmsNormBackward(x, await w(model, ln), dxn, s.eps, grads.get(ln));
   b.free(dxn), b.free(t.xn);
   return dx;
@@ -392,6 +399,7 @@ async function layerForward(
 ): Promise<[LayerTape, Tensor]> {
   const b = be(model), layer = model.spec.layers[l];
   const tape: LayerTape = { h, x: h };
+  let xn: Tensor | undefined;
   if (layer.attention) {
     tape.attn = await attentionForward(model, l, h, shape);
     const o = b.matmul(
@@ -399,11 +407,16 @@ async function layerForward(
       await w(model, `${layerPrefix(l)}self_attn.o_proj.weight`),
       model.spec.oBias ? await w(model, `${layerPrefix(l)}self_attn.o_proj.bias`) : undefined,
     );
-    tape.x = b.add(h, o);
+    if (layer.mlp.kind === "none") tape.x = b.add(h, o);
+    else {
+      // The residual add and the MLP's norm in one pass, as the decoder does.
+      const fused = b.addRmsNorm(h, o, await w(model, postNormName(l)), model.spec.eps);
+      tape.x = fused.sum, xn = fused.normed;
+    }
     b.free(o);
   }
   if (layer.mlp.kind === "none") return [tape, b.scale(tape.x, 1)];
-  const [mlpTape, y] = await mlpForward(model, l, tape.x);
+  const [mlpTape, y] = await mlpForward(model, l, tape.x, xn);
   tape.mlp = mlpTape;
   const out = b.add(tape.x, y);
   b.free(y);
