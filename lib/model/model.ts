@@ -2,7 +2,13 @@
 // a backend. Weights are uploaded on first use; the layer-wise mode releases each
 // layer's weights after use so only one layer is resident at a time.
 
-import { type Backend, GATE_UP_RUN, supportsTraining, type Weight } from "../backend/backend.ts";
+import {
+  type Backend,
+  GATE_UP_RUN,
+  numelOf,
+  supportsTraining,
+  type Weight,
+} from "../backend/backend.ts";
 import {
   type Checkpoint,
   CheckpointError,
@@ -169,13 +175,46 @@ export class Model {
         );
       }
     }
-    const bytes = new Uint8Array(raws.reduce((n, r) => n + r.bytes.length, 0));
-    raws.reduce((at, r) => (bytes.set(r.bytes, at), at + r.bytes.length), 0);
+    const checkpointBytes = raws.reduce((n, r) => n + r.bytes.length, 0);
+    const dtype = this.heldDtype(first);
+    const bytes = new Uint8Array(
+      dtype === first.dtype ? checkpointBytes : 4 * raws.reduce((n, r) => n + numelOf(r.shape), 0),
+    );
+    let at = 0;
+    for (const raw of raws) {
+      const values = this.heldValues(raw);
+      bytes.set(values, at);
+      at += values.length;
+    }
     const rows = raws.reduce((n, r) => n + r.shape[0], 0);
     const shape = [rows, ...first.shape.slice(1)];
-    const weight = this.backend.uploadWeight({ name: key, dtype: first.dtype, shape, bytes });
-    this.stacks.set(key, { weight, bytes: bytes.length, members });
-    this.addResident(bytes.length);
+    return this.keepStack(key, members, { name: key, dtype, shape, bytes }, checkpointBytes);
+  }
+
+  /** The dtype the backend holds a tensor like `raw` in: f32 on the CPU, else its own. */
+  private heldDtype(raw: RawTensor): RawTensor["dtype"] {
+    return this.backend.f32Weights ? "F32" : raw.dtype;
+  }
+
+  /**
+   * raw's values in that dtype, for building a stack: on the CPU the stack is built in f32
+   * member by member, where a 16-bit stack would be dropped only after its f32 copy was made.
+   */
+  private heldValues(raw: RawTensor): Uint8Array {
+    const dtype = this.heldDtype(raw);
+    return dtype === raw.dtype ? raw.bytes : new Uint8Array(toFloat32(raw).buffer);
+  }
+
+  /** Upload a stack and keep it; like every resident weight it counts checkpoint bytes. */
+  private keepStack(
+    key: string,
+    members: string[],
+    stack: RawTensor,
+    checkpointBytes: number,
+  ): Weight {
+    const weight = this.backend.uploadWeight(stack);
+    this.stacks.set(key, { weight, bytes: checkpointBytes, members });
+    this.addResident(checkpointBytes);
     return weight;
   }
 
@@ -191,12 +230,11 @@ export class Model {
     const members = parts.flatMap(memberNames);
     const experts = members.length / parts.length;
     members.forEach((name) => this.requireTensor(name));
-    // One expert matrix at a time into the stack, so the host holds the stack and one;
-    // in f32 from the start where the backend holds f32 (a 16-bit stack would be dropped
-    // only after its f32 copy was made).
+    // One expert matrix at a time into the stack (in the dtype the backend holds), so the
+    // host holds the stack and one.
     const first = await this.rawTensor(members[0]);
     const { shape } = first;
-    const dtype = this.backend.f32Weights ? "F32" : first.dtype;
+    const dtype = this.heldDtype(first);
     const checkpointElementBytes = first.bytes.length / (shape[0] * shape[1]);
     const elementBytes = dtype === first.dtype ? checkpointElementBytes : 4;
     const width = proj === "gate_up" ? shape[0] : shape[1];
@@ -213,7 +251,7 @@ export class Model {
             `unlike "${first.name}" ${first.dtype} [${shape}]`,
         );
       }
-      const values = dtype === raw.dtype ? raw.bytes : new Uint8Array(toFloat32(raw).buffer);
+      const values = this.heldValues(raw);
       const e = i % experts, base = e * expertBytes;
       if (proj === "gate_up") {
         // Run q of gate (part 0) or up (part 1): rows 4q.. to rows 8q + 4 part..
@@ -235,12 +273,13 @@ export class Model {
     const stackShape = proj === "gate_up"
       ? [...lead, 2 * padded, hidden]
       : [...lead, hidden, padded];
-    const weight = this.backend.uploadWeight({ name: key, dtype, shape: stackShape, bytes });
-    // Counted in checkpoint dtype, like every resident weight.
     const checkpointBytes = (bytes.length / elementBytes) * checkpointElementBytes;
-    this.stacks.set(key, { weight, bytes: checkpointBytes, members });
-    this.addResident(checkpointBytes);
-    return weight;
+    return this.keepStack(
+      key,
+      members,
+      { name: key, dtype, shape: stackShape, bytes },
+      checkpointBytes,
+    );
   }
 
   /** The output projection: lm_head, or the embedding when tied. */
