@@ -261,6 +261,18 @@ interface Binding {
   write?: boolean;
 }
 
+/**
+ * One split_qkv dispatch: input rows r0 .. r0 + rows, the k and v bindings they are written
+ * to and their cache-row mapping [row0, kv_seq_len, kv_capacity, kv_past] (kernels/rope.wgsl).
+ */
+interface SplitRun {
+  r0: number;
+  rows: number;
+  k: Binding & { skip: number };
+  v: Binding & { skip: number };
+  kvMap: number[];
+}
+
 interface Dispatch {
   kernel: KernelFile;
   entry: string;
@@ -300,9 +312,9 @@ interface SharedState {
   retiringBytes: number;
   /** Set while timeKernels runs: each dispatch gets its own pass with two timestamps. */
   timer: KernelTimer | null;
-  /** Bind groups by uniform slot and bound ranges (bindGroup), buffers by a numeric id. */
   /** The last RoPE tables splitQkv uploaded (sharedRopeTables). */
   ropeTables: { key: string; cos: GPUBuffer; sin: GPUBuffer } | null;
+  /** Bind groups by uniform slot and bound ranges (bindGroup), buffers by a numeric id. */
   bindGroups: Map<string, GPUBindGroup>;
   bindGroupsCreated: number;
   bufferIds: WeakMap<GPUBuffer, number>;
@@ -390,7 +402,7 @@ const weightRows = (shape: readonly number[]) =>
 const UNIFORM_BYTES = 64;
 // Dispatches per submitted batch: their uniforms share one buffer, one slot each.
 const BATCH_DISPATCHES = 1024;
-// Bind groups kept for reuse (a decode step of the default model uses 114); the cache is
+// Bind groups kept for reuse (a decode step of the default model uses 81); the cache is
 // dropped whole when full, so groups of buffers long gone do not pile up.
 const BIND_GROUP_CACHE = 4096;
 // Buffers freed while a batch is pending are held back; past this many bytes, submit.
@@ -796,17 +808,14 @@ export class WebGpuBackend implements TrainingBackend {
       y = ceilDiv(x, MAX_WORKGROUPS_PER_DIM);
       x = MAX_WORKGROUPS_PER_DIM;
     }
-    if (!this.shared.encoder) {
-      this.shared.encoder = this.device.createCommandEncoder();
-      this.shared.batchStart = performance.now();
-    }
+    const encoder = this.pendingEncoder();
     const timer = this.shared.timer;
     if (timer) {
       // One pass per dispatch, timestamped at its start and end.
       this.shared.pass?.end();
       const index = 2 * timer.names.length;
       timer.names.push(`${d.kernel}.${d.entry}${d.constants ? JSON.stringify(d.constants) : ""}`);
-      this.shared.pass = this.shared.encoder.beginComputePass({
+      this.shared.pass = encoder.beginComputePass({
         timestampWrites: {
           querySet: timer.querySet,
           beginningOfPassWriteIndex: index,
@@ -814,7 +823,7 @@ export class WebGpuBackend implements TrainingBackend {
         },
       });
     }
-    this.shared.pass ??= this.shared.encoder.beginComputePass();
+    this.shared.pass ??= encoder.beginComputePass();
     this.shared.pass.setPipeline(pipeline);
     this.shared.pass.setBindGroup(0, bindGroup);
     this.shared.pass.dispatchWorkgroups(x, y);
@@ -862,15 +871,20 @@ export class WebGpuBackend implements TrainingBackend {
     return group;
   }
 
-  /** The pending encoder with no compute pass open, for copies and clears. */
-  private recordOutsidePass(): GPUCommandEncoder {
-    this.shared.pass?.end();
-    this.shared.pass = null;
+  /** The pending batch's encoder, begun (and its host encoding timed) on first use. */
+  private pendingEncoder(): GPUCommandEncoder {
     if (!this.shared.encoder) {
       this.shared.encoder = this.device.createCommandEncoder();
       this.shared.batchStart = performance.now();
     }
     return this.shared.encoder;
+  }
+
+  /** The pending encoder with no compute pass open, for copies and clears. */
+  private recordOutsidePass(): GPUCommandEncoder {
+    this.shared.pass?.end();
+    this.shared.pass = null;
+    return this.pendingEncoder();
   }
 
   /**
@@ -1483,13 +1497,11 @@ export class WebGpuBackend implements TrainingBackend {
     checkSplitQkv(qkv, heads, kvHeads, headDim, rope);
     const [n, d] = rowsCols(qkv), kw = kvHeads * headDim;
     const k = this.newTensor([n, kw]), v = this.newTensor([n, kw]);
-    const q = this.splitQkvRuns(qkv, heads, kvHeads, headDim, rope, (emit) => {
-      for (const [r0, rows] of this.rowChunks(n, [d * 4, heads * headDim * 4, kw * 4])) {
-        const range = (x: GpuTensor) => this.rowRange(x.buffer, r0, rows, kw * 4, true);
-        emit(r0, rows, range(k), range(v), [0, rows, rows, 0]);
-      }
+    const runs = this.rowChunks(n, [d * 4, heads * headDim * 4, kw * 4]).map(([r0, rows]) => {
+      const range = (x: GpuTensor) => this.rowRange(x.buffer, r0, rows, kw * 4, true);
+      return { r0, rows, k: range(k), v: range(v), kvMap: [0, rows, rows, 0] };
     });
-    return { q, k, v };
+    return { q: this.splitQkvRuns(qkv, heads, kvHeads, headDim, rope, runs), k, v };
   }
 
   splitQkvIntoCache(
@@ -1504,51 +1516,50 @@ export class WebGpuBackend implements TrainingBackend {
     const [n, d] = rowsCols(qkv), kw = kvHeads * headDim, qw = heads * headDim;
     kvCacheRows(cache, n, kw); // checks that the rows fit
     const { seqLen, capacity, past } = cache, k = t(cache.k), v = t(cache.v);
-    return this.splitQkvRuns(qkv, heads, kvHeads, headDim, rope, (emit) => {
-      if (k.bytes <= this.maxBindingBytes) {
-        // The whole caches bound: the kernel maps each row to its cache row.
-        const whole = (x: GpuTensor) => ({ buffer: x.buffer, size: x.bytes, write: true, skip: 0 });
-        for (const [r0, rows] of this.rowChunks(n, [d * 4, qw * 4])) {
-          emit(r0, rows, whole(k), whole(v), [r0, seqLen, capacity, past]);
-        }
-        return;
-      }
+    let runs: SplitRun[];
+    if (k.bytes <= this.maxBindingBytes) {
+      // The whole caches bound: the kernel maps each row to its cache row.
+      const whole = (x: GpuTensor) => ({ buffer: x.buffer, size: x.bytes, write: true, skip: 0 });
+      runs = this.rowChunks(n, [d * 4, qw * 4]).map(([r0, rows]) => ({
+        r0,
+        rows,
+        k: whole(k),
+        v: whole(v),
+        kvMap: [r0, seqLen, capacity, past],
+      }));
+    } else {
       // Caches beyond one binding: each sequence's new rows are one run of cache rows.
+      runs = [];
       for (let b = 0; b < n / seqLen; b++) {
         for (const [r0, rows] of this.rowChunks(seqLen, [d * 4, qw * 4, kw * 4])) {
           const range = (x: GpuTensor) =>
             this.rowRange(x.buffer, b * capacity + past + r0, rows, kw * 4, true);
-          emit(b * seqLen + r0, rows, range(k), range(v), [0, rows, rows, 0]);
+          runs.push({
+            r0: b * seqLen + r0,
+            rows,
+            k: range(k),
+            v: range(v),
+            kvMap: [0, rows, rows, 0],
+          });
         }
       }
-    });
+    }
+    return this.splitQkvRuns(qkv, heads, kvHeads, headDim, rope, runs);
   }
 
-  /**
-   * split_qkv over the runs of rows that `plan` emits, each with its k and v bindings and
-   * its cache-row mapping [row0, kv_seq_len, kv_capacity, kv_past] (kernels/rope.wgsl);
-   * returns q.
-   */
+  /** split_qkv over `runs` of rows (SplitRun); returns q. */
   private splitQkvRuns(
     qkv: Tensor,
     heads: number,
     kvHeads: number,
     headDim: number,
     rope: RopeSpec | null,
-    plan: (
-      emit: (
-        r0: number,
-        rows: number,
-        k: Binding & { skip: number },
-        v: Binding & { skip: number },
-        kvMap: number[],
-      ) => void,
-    ) => void,
+    runs: SplitRun[],
   ): GpuTensor {
     const [n, d] = rowsCols(qkv), qw = heads * headDim, half = headDim / 2;
     const q = this.newTensor([n, qw]);
     let tables: { cos: Float32Array; sin: Float32Array } | null = null;
-    plan((r0, rows, k, v, kvMap) => {
+    for (const { r0, rows, k, v, kvMap } of runs) {
       // All rows at once (the usual case): the step's shared tables; else this run's part.
       const whole = rope && r0 === 0 && rows === n ? this.sharedRopeTables(rope, headDim) : null;
       if (rope && !whole) tables ??= ropeTables(rope, headDim, 1);
@@ -1578,7 +1589,7 @@ export class WebGpuBackend implements TrainingBackend {
         workgroups: ceilDiv(rows * (heads + 2 * kvHeads) * half, 64),
       });
       if (!whole && tables) this.release(cosBuf), this.release(sinBuf);
-    });
+    }
     return q;
   }
 
