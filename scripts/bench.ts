@@ -225,18 +225,19 @@ async function benchMatmulLadder(gpu: WebGpuBackend, repeats: number) {
 // Attention shapes: 16 heads of 128 (a 1-2B model's) at a 512-token prefill and a decode
 // step over 1,024 cached keys, and the default model's 4 heads of 64 at its forward bench
 // shape and a decode step over 256 keys.
+const DEFAULT_MODEL_2X256: AttentionShape = {
+  batch: 2,
+  qLen: 256,
+  kvLen: 256,
+  heads: 4,
+  kvHeads: 4,
+  headDim: 64,
+  window: null,
+};
 const ATTENTION_SHAPES: Record<string, AttentionShape> = {
   prefill: { batch: 1, qLen: 512, kvLen: 512, heads: 16, kvHeads: 16, headDim: 128, window: null },
   decode: { batch: 1, qLen: 1, kvLen: 1024, heads: 16, kvHeads: 16, headDim: 128, window: null },
-  "prefill-default-model": {
-    batch: 2,
-    qLen: 256,
-    kvLen: 256,
-    heads: 4,
-    kvHeads: 4,
-    headDim: 64,
-    window: null,
-  },
+  "prefill-default-model": DEFAULT_MODEL_2X256,
   "decode-default-model": {
     batch: 1,
     qLen: 1,
@@ -250,15 +251,7 @@ const ATTENTION_SHAPES: Record<string, AttentionShape> = {
 // The backward (training) shapes: the default model's heads at its finetuning length
 // (2 x 256) and at 4 times that length.
 const ATTENTION_BACKWARD_SHAPES: Record<string, AttentionShape> = {
-  "train-default-model": {
-    batch: 2,
-    qLen: 256,
-    kvLen: 256,
-    heads: 4,
-    kvHeads: 4,
-    headDim: 64,
-    window: null,
-  },
+  "train-default-model": DEFAULT_MODEL_2X256,
   "train-long": {
     batch: 1,
     qLen: 1024,
