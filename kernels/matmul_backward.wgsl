@@ -1,25 +1,7 @@
-// Backward of out = x @ w^T (+ bias) for one row chunk of w (rows col0 .. col0 + cols).
-// Same 16x16 shared-memory tiling as matmul.wgsl: each workgroup owns a 16x16 tile of
-// its output and walks the reduction dimension in steps of 16, one load per thread.
-
-struct Params {
-  rows: u32, // N rows of dy / x / dx in this dispatch
-  k: u32, // K, row width of x, dx and w
-  cols: u32, // weight rows handled: rows of this w chunk, or of this dW range
-  dy_stride: u32, // M, the full row width of dy
-  col0: u32, // first weight row (= dy column) handled
-  dy_off: u32, // the f32 tensors are bound from aligned offsets; these skip to row 0
-  x_off: u32,
-  out_off: u32,
-  accumulate: u32, // input_grad: 0 = write dx, 1 = add to it (later weight chunks)
-}
-
-override W_DTYPE: u32 = 0u;
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> dy: array<f32>; // [rows, dy_stride]
-@group(0) @binding(2) var<storage, read> w: array<u32>; // [cols, k] in W_DTYPE
-@group(0) @binding(3) var<storage, read_write> dx: array<f32>; // [rows, k]
+// Backward of out = x @ w^T (+ bias), the simple rung: the same 16x16 shared-memory
+// tiling as matmul.wgsl, each workgroup owning a 16x16 tile of its output and walking the
+// reduction dimension in steps of 16, one load per thread. Params and the bindings:
+// matmul_backward_common.wgsl.
 
 const TILE: u32 = 16u;
 var<workgroup> a_tile: array<array<f32, 16>, 16>;
@@ -61,8 +43,6 @@ fn input_grad(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) li
   }
 }
 
-@group(0) @binding(2) var<storage, read> x: array<f32>; // [rows, k]
-@group(0) @binding(3) var<storage, read_write> dw: array<f32>; // [cols, k], weight rows col0..
 
 // dW[col0 + c, i] += sum_r dy[r, col0 + c] * x[r, i]: dW band [cols, k] += dy band^T @ x.
 // Thread (lid.y, lid.x) = (c, i) of a 16x16 dW tile; the loop walks the rows r. Every dW

@@ -1,34 +1,17 @@
 // out[n, col0 + c] = sum_k x[n, k] * w[c, k] (+ bias[col0 + c]) for one row chunk of w.
-// Register blocking: a 256-thread workgroup computes a BM x BN output tile, each thread a
-// TM x TN block of accumulators, so every value read from workgroup memory feeds TM or TN
-// FMAs (the 16x16 tiled kernel does 1 FMA per 2 workgroup reads). K is walked in tiles of
-// BK; each tile of x and of w is loaded cooperatively in runs of 4 k-consecutive elements,
-// weights decoded once per tile. Runs are vec4 loads (VEC_X / VEC_W, set by the host when
-// the offsets and K allow it); ragged edges and unaligned cases use scalar loads.
+// The register-blocked core (tile sizes, multiply_tiles) is kernels/matmul_tiles.wgsl:
+// here a_tile holds x, b_tile w. K is walked in tiles of BK; each tile of x and of w is
+// loaded cooperatively in runs of 4 k-consecutive elements, weights decoded once per tile.
+// Runs are vec4 loads (VEC_X / VEC_W, set by the host when the offsets and K allow it);
+// ragged edges and unaligned cases use scalar loads.
 //
 // GROUPED (groupedMatmul): w holds a run of experts' [M, k] matrices back to back and each
 // workgroup row takes its rows, matrix and column range from the tile table: one dispatch
 // runs every expert of a layer.
-//
-// Tile sizes, measured on llvmpipe (8-wide SIMD, 2 cores) at 256x1024x512: 8x8 per thread
-// (128x128 tiles) ran 1.5x faster than 4x4 (64x64); BK 32 did not beat 16. A real GPU
-// wants much the same: 128x128 tiles with 8x8 per thread and 16 KiB of workgroup memory is
-// the classic SGEMM shape (64 accumulators fit the register file; smaller problems would
-// fill more SMs with 64x64 tiles, TM = TN = 4).
 
 // Params, the overrides and the bindings: matmul_common.wgsl.
 // VEC_W here: f32 runs of 4 as vec4s of w4 (K a multiple of 4), f16/bf16 runs of 4 as two
 // whole words of w (K even).
-
-const TM: u32 = 8u; // output rows per thread (a multiple of 4)
-const TN: u32 = 8u; // output columns per thread (a multiple of 4)
-const BM: u32 = 16u * TM; // output rows (of x) per workgroup
-const BN: u32 = 16u * TN; // output columns (of w) per workgroup
-const BK: u32 = 16u; // K per tile
-// Tiles are stored k-major as vec4s of 4 consecutive rows / columns, so the inner loop
-// reads TM / 4 vec4s of x and TN / 4 of w per k and does TM * TN FMAs.
-var<workgroup> x_tile: array<array<vec4f, BM / 4u>, BK>; // [k][row / 4]
-var<workgroup> w_tile: array<array<vec4f, BN / 4u>, BK>; // [k][col / 4]
 
 // x[row, kk .. kk + 3], zero past the edges.
 fn load_x(row: u32, kk: u32, row_end: u32) -> vec4f {
@@ -89,9 +72,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
     cols = tile.cols;
   }
   let col0 = wg.x * BN;
-  // Thread (lid.x, lid.y) owns rows row0 + TM lid.y .. + TM - 1 and columns
-  // col0 + TN lid.x .. + TN - 1: acc[i * TN / 4 + j] holds row i, columns 4j .. 4j + 3.
-  var acc: array<vec4f, TM * TN / 4u>;
+  var acc: array<vec4f, MAX_TM * TN / 4u>;
   for (var k0 = 0u; k0 < p.k; k0 += BK) {
     // Loading: the tiles are BM (BN) x BK / 4 runs of 4 k-consecutive elements; thread t
     // fetches runs t, t + 256, ...
@@ -100,7 +81,7 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
       let kq = (run % (BK / 4u)) * 4u;
       let v = load_x(row0 + r, k0 + kq, row_end);
       for (var e = 0u; e < 4u; e++) {
-        x_tile[kq + e][r / 4u][r % 4u] = v[e];
+        a_tile[kq + e][r / 4u][r % 4u] = v[e];
       }
     }
     for (var run = t; run < BN * BK / 4u; run += 256u) {
@@ -108,25 +89,11 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
       let kq = (run % (BK / 4u)) * 4u;
       let v = load_w(col0 + c, k0 + kq, w_base, cols);
       for (var e = 0u; e < 4u; e++) {
-        w_tile[kq + e][c / 4u][c % 4u] = v[e];
+        b_tile[kq + e][c / 4u][c % 4u] = v[e];
       }
     }
     workgroupBarrier();
-    for (var kk = 0u; kk < BK; kk++) {
-      var b: array<vec4f, TN / 4u>;
-      for (var j = 0u; j < TN / 4u; j++) {
-        b[j] = w_tile[kk][lid.x * (TN / 4u) + j];
-      }
-      for (var i4 = 0u; i4 < TM / 4u; i4++) {
-        let a = x_tile[kk][lid.y * (TM / 4u) + i4];
-        for (var e = 0u; e < 4u; e++) {
-          for (var j = 0u; j < TN / 4u; j++) {
-            let idx = (i4 * 4u + e) * (TN / 4u) + j;
-            acc[idx] = fma(vec4f(a[e]), b[j], acc[idx]);
-          }
-        }
-      }
-    }
+    multiply_tiles(lid, &acc);
     workgroupBarrier();
   }
   if (SWIGLU) {

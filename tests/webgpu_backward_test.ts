@@ -13,7 +13,7 @@ import {
   type WeightDType,
 } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
-import type { WebGpuBackend } from "../lib/backend/webgpu.ts";
+import { MATMUL_BACKWARD_KERNELS, type WebGpuBackend } from "../lib/backend/webgpu.ts";
 import { Model } from "../lib/model/model.ts";
 import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
 import {
@@ -97,51 +97,67 @@ async function checkMatmulBackward(
   be.freeWeight(gw);
 }
 
+// [n, k, m]: ragged against the 16-wide tiles and the blocked kernels' 128-wide ones (the
+// last two span two and three of them, with partial reduction tiles). The blocked kernels
+// take 64-row tiles up to 64 output rows (n for dx, m for dW): [64, 130, 64] fills one.
 const MATMUL_SIZES: [number, number, number][] = [
   [1, 5, 3],
   [7, 63, 65],
   [33, 129, 3],
   [16, 16, 16],
   [50, 17, 1],
+  [64, 130, 64],
+  [130, 257, 129],
+  [129, 40, 300],
 ];
 
-for (const dtype of ["F32", "F16", "BF16"] as const) {
+for (const kernel of MATMUL_BACKWARD_KERNELS) {
+  for (const dtype of ["F32", "F16", "BF16"] as const) {
+    Deno.test({
+      name: `webgpu matmulBackward "${kernel}" ${dtype}: dx, dW += and dBias += match cpu ` +
+        `for ragged sizes`,
+      ignore,
+      async fn() {
+        const be = gpu!.withOptions({ matmulBackwardKernel: kernel });
+        for (const [n, k, m] of MATMUL_SIZES) await checkMatmulBackward(be, n, k, m, dtype);
+      },
+    });
+  }
+}
+
+for (const kernel of MATMUL_BACKWARD_KERNELS) {
   Deno.test({
-    name: `webgpu matmulBackward ${dtype}: dx, dW += and dBias += match cpu for ragged sizes`,
+    name: `webgpu matmulBackward "${kernel}" with chunked weights, gradients and ` +
+      `activations; trainable`,
     ignore,
-    async fn() {
-      for (const [n, k, m] of MATMUL_SIZES) await checkMatmulBackward(gpu!, n, k, m, dtype);
-    },
+    fn: () => checkChunkedMatmulBackward(kernel),
   });
 }
 
-Deno.test({
-  name: "webgpu matmulBackward with chunked weights, gradients and activations; trainable",
-  ignore,
-  async fn() {
-    const be = chunked!;
-    // [65, 129] bf16 (15 rows a chunk), dW [65, 129] f32 in bands of 7 rows, x [33, 129]
-    // and dy [33, 65] in row ranges.
-    await checkMatmulBackward(be, 33, 129, 65, "BF16");
-    await checkMatmulBackward(be, 7, 63, 33, "F16");
-    await checkMatmulBackward(be, 40, 64, 20, "F32");
-    // A trainable (f32 master) weight from a bf16 checkpoint tensor, chunked and not.
-    await checkMatmulBackward(be, 9, 64, 40, "BF16", true);
-    await checkMatmulBackward(gpu!, 9, 64, 40, "BF16", true);
-    // The split really happened: [40, 64] f32 in 3 weight chunks (16 rows of 256 B) x 1
-    // dx range (dx [9, 64] fits), dW [40, 64] in 3 bands (15 rows, as the bands are bound
-    // from aligned offsets) x 1 range, 1 bias pass.
-    const w = be.uploadWeight(rawWeight("w", [40, 64], randn(40 * 64), "F32"));
-    const x = be.tensor(randn(9 * 64), [9, 64]), dy = be.tensor(randn(9 * 40), [9, 40]);
-    const wg = be.tensor(new Float32Array(40 * 64), [40, 64]);
-    const bg = be.tensor(new Float32Array(40), [40]);
-    const before = be.dispatches;
-    be.free(be.matmulBackward(x, w, dy, { needInput: true, weightGrad: wg, biasGrad: bg })!);
-    assert.equal(be.dispatches - before, 3 + 3 + 1);
-    for (const t of [x, dy, wg, bg]) be.free(t);
-    be.freeWeight(w);
-  },
-});
+async function checkChunkedMatmulBackward(kernel: (typeof MATMUL_BACKWARD_KERNELS)[number]) {
+  const whole = gpu!.withOptions({ matmulBackwardKernel: kernel });
+  const be = whole.withMaxBindingBytes(SMALL_BINDING);
+  // [65, 129] bf16 (15 rows a chunk), dW [65, 129] f32 in bands of 7 rows, x [33, 129]
+  // and dy [33, 65] in row ranges.
+  await checkMatmulBackward(be, 33, 129, 65, "BF16");
+  await checkMatmulBackward(be, 7, 63, 33, "F16");
+  await checkMatmulBackward(be, 40, 64, 20, "F32");
+  // A trainable (f32 master) weight from a bf16 checkpoint tensor, chunked and not.
+  await checkMatmulBackward(be, 9, 64, 40, "BF16", true);
+  await checkMatmulBackward(whole, 9, 64, 40, "BF16", true);
+  // The split really happened: [40, 64] f32 in 3 weight chunks (16 rows of 256 B) x 1
+  // dx range (dx [9, 64] fits), dW [40, 64] in 3 bands (15 rows, as the bands are bound
+  // from aligned offsets) x 1 range, 1 bias pass.
+  const w = be.uploadWeight(rawWeight("w", [40, 64], randn(40 * 64), "F32"));
+  const x = be.tensor(randn(9 * 64), [9, 64]), dy = be.tensor(randn(9 * 40), [9, 40]);
+  const wg = be.tensor(new Float32Array(40 * 64), [40, 64]);
+  const bg = be.tensor(new Float32Array(40), [40]);
+  const before = be.dispatches;
+  be.free(be.matmulBackward(x, w, dy, { needInput: true, weightGrad: wg, biasGrad: bg })!);
+  assert.equal(be.dispatches - before, 3 + 3 + 1);
+  for (const t of [x, dy, wg, bg]) be.free(t);
+  be.freeWeight(w);
+}
 
 // ---- norm, elementwise, rope ----------------------------------------------------------
 

@@ -1,0 +1,23 @@
+// Shared by the backward matmul kernels (prepended after weights.wgsl): the gradients of
+// out = x @ w^T (+ bias) for one row chunk of w (rows col0 .. col0 + cols).
+
+struct Params {
+  rows: u32, // N rows of dy / x / dx in this dispatch
+  k: u32, // K, row width of x, dx and w
+  cols: u32, // weight rows handled: rows of this w chunk, or of this dW range
+  dy_stride: u32, // M, the full row width of dy
+  col0: u32, // first weight row (= dy column) handled
+  dy_off: u32, // the f32 tensors are bound from aligned offsets; these skip to row 0
+  x_off: u32,
+  out_off: u32,
+  accumulate: u32, // input_grad: 0 = write dx, 1 = add to it (later weight chunks)
+}
+
+override W_DTYPE: u32 = 0u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> dy: array<f32>; // [rows, dy_stride]
+@group(0) @binding(2) var<storage, read> w: array<u32>; // [cols, k] in W_DTYPE
+@group(0) @binding(3) var<storage, read_write> dx: array<f32>; // [rows, k]
+@group(0) @binding(2) var<storage, read> x: array<f32>; // [rows, k]
+@group(0) @binding(3) var<storage, read_write> dw: array<f32>; // [cols, k], weight rows col0..
