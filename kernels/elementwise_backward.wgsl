@@ -97,8 +97,8 @@ const BLOCK: u32 = 4096u; // entries per workgroup in sum_squares (256 threads x
 var<workgroup> part: array<f32, 256>;
 
 // Partial sums of squares: workgroup g reduces entries [g * BLOCK, (g + 1) * BLOCK) of a
-// with 256 threads (strided loads, then a shared-memory tree) into dst[g]; the host adds
-// the few partials in doubles.
+// with 256 threads (strided loads, then a shared-memory tree) into dst[out_off + g]; the
+// host adds the few partials in doubles.
 @compute @workgroup_size(256)
 fn sum_squares(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
                @builtin(local_invocation_id) lid: vec3u) {
@@ -119,6 +119,6 @@ fn sum_squares(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: v
     workgroupBarrier();
   }
   if (lid.x == 0u && start < p.count) {
-    dst[g] = part[0];
+    dst[p.out_off + g] = part[0];
   }
 }

@@ -411,13 +411,17 @@ Deno.test({
         const [gb, cb] = both(be, randn(n), [n]);
         be.addInPlace(ga, gb), cpu.addInPlace(ca, cb);
         await expectClose("addInPlace", ga, ca, 0);
-        const ss = await be.sumSquares(ga), want = await cpu.sumSquares(ca);
+        // Both tensors (in several binding ranges each with 4 KiB bindings), one read.
+        const submits = be.submits;
+        const ss = await be.sumSquares([ga, gb]), want = await cpu.sumSquares([ca, cb]);
+        assert.equal(be.submits - submits, 1, "sumSquares: one submit");
         const err = Math.abs(ss - want) / want;
         maxErrors.set("sumSquares", Math.max(maxErrors.get("sumSquares") ?? 0, err));
         assert(err <= SUM_TOL, `sumSquares ${ss} vs ${want}`);
         be.zero(ga);
         assert.deepEqual(await be.read(ga), new Float32Array(n));
       }
+      assert.equal(await be.sumSquares([]), 0);
       for (const dtype of ["F32", "F16", "BF16"] as const) {
         const raw = rawWeight("w", [33, 63], randn(33 * 63), dtype);
         const gw = be.uploadWeight(raw);

@@ -167,8 +167,11 @@ export interface BackwardOps {
   zero(t: Tensor): void;
   /** dst += src, elementwise, in place (same numel). */
   addInPlace(dst: Tensor, src: Tensor): void;
-  /** sum of squares of all entries (for the global gradient norm), read to host. */
-  sumSquares(t: Tensor): Promise<number>;
+  /**
+   * Sum of squares of all entries of all the tensors (the global gradient norm), read to
+   * the host at once: one round trip for every gradient of a model.
+   */
+  sumSquares(tensors: readonly Tensor[]): Promise<number>;
 
   /**
    * Backward of y = x @ w^T (+ bias): x [N, K], w [M, K] (any dtype, trainable or not),

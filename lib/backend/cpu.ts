@@ -473,10 +473,14 @@ export class CpuBackend implements TrainingBackend {
     }
     for (let i = 0; i < ds.length; i++) ds[i] += ss[i];
   }
-  sumSquares(x: Tensor): Promise<number> {
-    let s = 0;
-    for (const v of t(x).data) s += v * v;
-    return Promise.resolve(s);
+  sumSquares(tensors: readonly Tensor[]): Promise<number> {
+    let total = 0;
+    for (const x of tensors) {
+      let s = 0;
+      for (const v of t(x).data) s += v * v;
+      total += s;
+    }
+    return Promise.resolve(total);
   }
 
   matmulBackward(

@@ -1952,22 +1952,40 @@ export class WebGpuBackend implements TrainingBackend {
     }
   }
 
-  async sumSquares(x: Tensor): Promise<number> {
+  async sumSquares(tensors: readonly Tensor[]): Promise<number> {
     const BLOCK = 4096; // entries per workgroup, as in the kernel
+    // Every chunk's workgroups write their partial sums into one buffer, read once.
+    const chunks = tensors.map((x) => this.rowChunks(numelOf(x.shape), [4]));
+    const groupsOf = (n: number) => ceilDiv(n, BLOCK);
+    const total = chunks.flat().reduce((s, [, n]) => s + groupsOf(n), 0);
+    if (total === 0) return 0;
+    const partials = this.newTensor([total]);
+    let offset = 0;
+    tensors.forEach((x, i) => {
+      for (const [i0, n] of chunks[i]) {
+        const xRange = this.rowRange(t(x).buffer, i0, n, 4);
+        this.run({
+          kernel: "elementwise_backward",
+          entry: "sum_squares",
+          params: [n, 1, { f32: 0 }, xRange.skip, 0, 0, offset, 0],
+          bindings: [xRange, { buffer: partials.buffer, size: total * 4, write: true }],
+          workgroups: groupsOf(n),
+        });
+        offset += groupsOf(n);
+      }
+    });
+    const values = await this.read(partials);
+    this.free(partials);
+    // Added in doubles, tensor by tensor.
     let sum = 0;
-    for (const [i0, n] of this.rowChunks(numelOf(x.shape), [4])) {
-      const xRange = this.rowRange(t(x).buffer, i0, n, 4);
-      const groups = ceilDiv(n, BLOCK);
-      const partials = this.newTensor([groups]);
-      this.run({
-        kernel: "elementwise_backward",
-        entry: "sum_squares",
-        params: [n, 1, { f32: 0 }, xRange.skip, 0, 0, 0, 0],
-        bindings: [xRange, { buffer: partials.buffer, size: groups * 4, write: true }],
-        workgroups: groups,
-      });
-      for (const v of await this.read(partials)) sum += v;
-      this.free(partials);
+    offset = 0;
+    for (const tensorChunks of chunks) {
+      let s = 0;
+      for (const [, n] of tensorChunks) {
+        for (let g = 0; g < groupsOf(n); g++) s += values[offset + g];
+        offset += groupsOf(n);
+      }
+      sum += s;
     }
     return sum;
   }

@@ -303,9 +303,7 @@ export class Optimizer {
   /** Clip by global norm, then one AdamW step at learning rate lr. Returns the norm before clipping. */
   async apply(lr: number): Promise<number> {
     const be = this.model.backend as TrainingBackend, h = this.hyper;
-    let ss = 0;
-    for (const p of this.params) ss += await be.sumSquares(p.grad);
-    const norm = Math.sqrt(ss);
+    const norm = Math.sqrt(await be.sumSquares(this.params.map((p) => p.grad)));
     const gradScale = h.clip > 0 && norm > h.clip ? h.clip / norm : 1;
     this.step++;
     for (const p of this.params) {
