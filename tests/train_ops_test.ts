@@ -230,13 +230,13 @@ Deno.test("train op: scatterAddRows backward (dy, dScales) vs FD", async () => {
       return be.read(out);
     },
     async (be, { y, scales }, dOut) => {
-      const g = await be.scatterAddRowsBackward(
+      const g = be.scatterAddRowsBackward(
         be.tensor(dOut, [5, 4]),
         be.tensor(y, [3, 4]),
         rows,
         scales,
       );
-      return { y: await be.read(g.dy), scales: g.dScales };
+      return { y: await be.read(g.dy), scales: await be.read(g.dScales) };
     },
   );
 });

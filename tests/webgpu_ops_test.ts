@@ -446,6 +446,22 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "webgpu readAll: several tensors (one empty) in one submit, as read gives them",
+  ignore,
+  async fn() {
+    const be = gpu!;
+    const values = [randn(5), new Float32Array(0), randn(1000), randn(1)];
+    const tensors = values.map((v) => be.tensor(v, [v.length]));
+    const submits = be.submits;
+    const got = await be.readAll(tensors);
+    assert.equal(be.submits - submits, 1);
+    assert.deepEqual(got, values);
+    assert.deepEqual(await be.readAll([]), []);
+    tensors.forEach((x) => be.free(x));
+  },
+});
+
 Deno.test("f32ToF16Bits rounds to nearest half (checked against f16ToF32)", () => {
   const x = new Float32Array([0, -0, 1, -2.5, 65504, 1e6, 6e-8, 1 + 2 ** -11, 1 + 3 * 2 ** -11]);
   const back = Array.from(f32ToF16Bits(x), f16ToF32);

@@ -221,15 +221,16 @@ export interface BackwardOps {
   /**
    * Backward of scatterAddRows(out, y, rows, scales) with respect to y and the scales
    * (the gradient to `out` passes through unchanged): dOut [N, H], y [rows.length, H].
-   * dy[i] = scales[i] * dOut[rows[i]]; dScales[i] = dot(dOut[rows[i]], y[i]) (host).
-   * (gatherRows' backward is scatterAddRows(dx, dxe, rows, ones).)
+   * dy[i] = scales[i] * dOut[rows[i]]; dScales[i] = dot(dOut[rows[i]], y[i]) ([rows]: a
+   * layer's experts read theirs together, readAll). (gatherRows' backward is
+   * scatterAddRows(dx, dxe, rows, ones).)
    */
   scatterAddRowsBackward(
     dOut: Tensor,
     y: Tensor,
     rows: Int32Array,
     scales: Float32Array,
-  ): Promise<{ dy: Tensor; dScales: Float32Array }>;
+  ): { dy: Tensor; dScales: Tensor };
   /**
    * Backward of routeTopK for a fixed selection (the top-k choice is piecewise constant):
    * logits [N, E], routing from the forward, dWeights [N, k] (host). The gradient flows
@@ -285,6 +286,8 @@ export interface Backend {
   freeWeight(w: Weight): void;
   tensor(data: Float32Array, shape: readonly number[]): Tensor;
   read(t: Tensor): Promise<Float32Array>;
+  /** Several tensors in one round trip (read's results, in order). */
+  readAll(ts: readonly Tensor[]): Promise<Float32Array[]>;
   free(t: Tensor): void;
 
   /** [ids.length, H] rows of `table` [V, H]. */

@@ -126,6 +126,9 @@ export class CpuBackend implements TrainingBackend {
   read(x: Tensor): Promise<Float32Array> {
     return Promise.resolve(t(x).data);
   }
+  readAll(xs: readonly Tensor[]): Promise<Float32Array[]> {
+    return Promise.resolve(xs.map((x) => t(x).data));
+  }
   free(_x: Tensor): void {}
 
   embedding(table: Weight, ids: Int32Array): Tensor {
@@ -767,7 +770,7 @@ export class CpuBackend implements TrainingBackend {
     y: Tensor,
     rows: Int32Array,
     scales: Float32Array,
-  ): Promise<{ dy: Tensor; dScales: Float32Array }> {
+  ): { dy: Tensor; dScales: Tensor } {
     const [, h] = rowsCols(dOut);
     const dos = t(dOut).data, ys = t(y).data;
     const dy = new Float32Array(rows.length * h); // [rows, H]
@@ -781,7 +784,10 @@ export class CpuBackend implements TrainingBackend {
       }
       dScales[i] = dot;
     }
-    return Promise.resolve({ dy: new CpuTensor(dy, [rows.length, h]), dScales });
+    return {
+      dy: new CpuTensor(dy, [rows.length, h]),
+      dScales: new CpuTensor(dScales, [rows.length]),
+    };
   }
 
   routeTopKBackward(

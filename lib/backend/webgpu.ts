@@ -737,17 +737,36 @@ export class WebGpuBackend implements TrainingBackend {
     return new Float32Array(await this.readBytes(t(x).buffer, bytes));
   }
 
+  async readAll(xs: readonly Tensor[]): Promise<Float32Array[]> {
+    const all = await this.readRanges(xs.map((x) => ({ buffer: t(x).buffer, size: t(x).bytes })));
+    return all.map((bytes) => new Float32Array(bytes));
+  }
+
   /** The first `bytes` bytes (a multiple of 4) of a buffer, copied to the host. */
   private async readBytes(buffer: GPUBuffer, bytes: number): Promise<ArrayBuffer> {
+    return (await this.readRanges([{ buffer, size: bytes }]))[0];
+  }
+
+  /** The first `size` bytes (multiples of 4) of each buffer: one staging buffer, one submit. */
+  private async readRanges(ranges: { buffer: GPUBuffer; size: number }[]): Promise<ArrayBuffer[]> {
     this.throwIfFailed();
+    const total = ranges.reduce((s, r) => s + r.size, 0);
+    if (total === 0) return ranges.map(() => new ArrayBuffer(0));
     const staging = this.device.createBuffer({
-      size: bytes,
+      size: total,
       usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
     });
-    this.recordOutsidePass().copyBufferToBuffer(buffer, 0, staging, 0, bytes);
+    const encoder = this.recordOutsidePass();
+    let offset = 0;
+    for (const r of ranges) {
+      if (r.size > 0) encoder.copyBufferToBuffer(r.buffer, 0, staging, offset, r.size);
+      offset += r.size;
+    }
     this.flush();
     await staging.mapAsync(GPUMapMode.READ);
-    const out = staging.getMappedRange().slice(0);
+    const mapped = staging.getMappedRange();
+    offset = 0;
+    const out = ranges.map((r) => mapped.slice(offset, offset += r.size));
     staging.unmap();
     staging.destroy();
     this.throwIfFailed();
@@ -2312,12 +2331,12 @@ export class WebGpuBackend implements TrainingBackend {
     this.release(posBuf);
   }
 
-  async scatterAddRowsBackward(
+  scatterAddRowsBackward(
     dOut: Tensor,
     y: Tensor,
     rows: Int32Array,
     scales: Float32Array,
-  ): Promise<{ dy: Tensor; dScales: Float32Array }> {
+  ): { dy: Tensor; dScales: Tensor } {
     const [n, h] = rowsCols(dOut);
     this.checkRows("scatterAddRowsBackward", rows, n);
     if (numelOf(y.shape) !== rows.length * h || scales.length !== rows.length) {
@@ -2357,9 +2376,7 @@ export class WebGpuBackend implements TrainingBackend {
     }
     this.release(rowsBuf);
     this.release(scalesBuf);
-    const ds = await this.read(dScales);
-    this.free(dScales);
-    return { dy, dScales: ds };
+    return { dy, dScales };
   }
 
   routeTopKBackward(

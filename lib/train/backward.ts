@@ -358,15 +358,21 @@ async function mlpBackward(
     addFree(dxnCe);
   }
   if (t.experts && mlp.kind === "moe") {
-    const dWeights = new Float32Array(t.routing!.weights.length); // [N, k]
     const ones = new Float32Array(x.shape[0]).fill(1);
+    const dScales: Tensor[] = [];
     for (const e of t.experts) {
-      const { dy, dScales } = await b.scatterAddRowsBackward(dOut, e.mlp.y, e.rows, e.scales);
-      for (let j = 0; j < e.slots.length; j++) dWeights[e.slots[j]] = dScales[j];
+      const { dy, dScales: ds } = b.scatterAddRowsBackward(dOut, e.mlp.y, e.rows, e.scales);
+      dScales.push(ds);
       const dxe = await swigluBackward(model, e.mlp, dy, grads);
       b.scatterAddRows(dxn, dxe, e.rows, ones.subarray(0, e.rows.length)); // gatherRows backward
       b.free(dy), b.free(dxe), b.free(e.mlp.x), b.free(e.mlp.y);
     }
+    const dWeights = new Float32Array(t.routing!.weights.length); // [N, k]
+    (await b.readAll(dScales)).forEach((ds, i) => {
+      const slots = t.experts![i].slots;
+      for (let j = 0; j < slots.length; j++) dWeights[slots[j]] = ds[j];
+      b.free(dScales[i]);
+    });
     // the router: gradient through the selected routing weights only
     const dLogits = b.routeTopKBackward(
       t.logits!,
@@ -575,12 +581,12 @@ async function ceBackward(
   const k = mlp.topK, km = mlp.mainExperts!, ka = k - km;
   const zeros = (cols: number) => b.tensor(new Float32Array(n * cols), [n, cols]);
   const dxn = zeros(H), dT0 = zeros(H), dT1 = zeros(W), dT2 = zeros(H);
-  const dMain = new Float32Array(n * km); // dL/dw_m
   const ones = new Float32Array(n).fill(1);
+  const dScales: Tensor[] = [], slots: Int32Array[] = [];
   for (const e of ce.experts) {
     const one = ones.subarray(0, e.rows.length);
-    const { dy, dScales } = await b.scatterAddRowsBackward(dOut, e.y, e.rows, e.scales);
-    for (let j = 0; j < e.slots.length; j++) dMain[e.slots[j]] = dScales[j];
+    const { dy, dScales: ds } = b.scatterAddRowsBackward(dOut, e.y, e.rows, e.scales);
+    dScales.push(ds), slots.push(e.slots);
     const down = expertName(s, l, e.expert, "down");
     const das = b.matmulBackward(e.as, await w(model, down), dy, {
       needInput: true,
@@ -610,7 +616,13 @@ async function ceBackward(
   }
   // theta_v = sum_j alpha_j ces[i_j][v]: dces[i_j][v] += alpha_j dtheta_v and
   // dL/dalpha_j = sum_v dtheta_v . ces[i_j][v] (on the host: [N, ka] small loops).
-  const g0 = await b.read(dT0), g1 = await b.read(dT1), g2 = await b.read(dT2);
+  // One read for the thetas' and the main weights' gradients.
+  const [g0, g1, g2, ...dMainParts] = await b.readAll([dT0, dT1, dT2, ...dScales]);
+  const dMain = new Float32Array(n * km); // dL/dw_m
+  dMainParts.forEach((ds, i) => {
+    for (let j = 0; j < slots[i].length; j++) dMain[slots[i][j]] = ds[j];
+    b.free(dScales[i]);
+  });
   const cesGrad = grads.get(cesName(s, l));
   const dces = cesGrad ? new Float32Array(mlp.experts * 3 * d) : null;
   const dRaw = new Float32Array(n * k); // dL/dp over the sorted top-k (raw probabilities)
