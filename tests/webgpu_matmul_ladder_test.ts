@@ -41,9 +41,11 @@ const checkMatmul = (
   );
 
 // [N, K, M]: odd K (scalar fallbacks), K a multiple of 4 and 8 (vec4 paths), N across
-// gemv's 8-row groups and the blocked kernel's 128-row tiles, M across its 128-column tiles.
+// gemv's 8-row groups and the blocked kernel's 64-row (N <= 64) and 128-row tiles, M across
+// its 128-column tiles.
 const LADDER_SIZES = [
   [1, 3, 1],
+  [64, 72, 40],
   [1, 67, 33],
   [3, 17, 130],
   [17, 33, 67],

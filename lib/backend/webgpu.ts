@@ -91,8 +91,17 @@ export type MatmulBackwardKernel = (typeof MATMUL_BACKWARD_KERNELS)[number];
 export const MATMUL_AUTO_GEMV_MAX_ROWS = 32;
 // "auto" above that: the register-blocked kernel, the fastest prefill kernel measured.
 export const MATMUL_AUTO_PREFILL: MatmulKernel = "blocked";
-// Output rows and columns per workgroup of kernels/matmul_blocked.wgsl (16 x TM, 16 x TN).
+// Output rows and columns per workgroup of kernels/matmul_blocked.wgsl and
+// matmul_backward_blocked.wgsl (16 x TM, 16 x TN, TM = TN = 8).
 const MATMUL_BLOCKED_TILE = 128;
+
+/**
+ * TM of the register-blocked kernels for this many output rows: 4 (64-row tiles) where
+ * 128-row tiles would mostly multiply zeros.
+ */
+function blockedRowsPerThread(rows: number): number {
+  return rows <= MATMUL_BLOCKED_TILE / 2 ? 4 : 8;
+}
 // Output columns and most rows of x per workgroup of kernels/matmul_gemv.wgsl (its COLS
 // and MAX_ROWS).
 const MATMUL_GEMV_COLS = 32;
@@ -1249,6 +1258,7 @@ export class WebGpuBackend implements TrainingBackend {
           // gemv: rows of x per workgroup, so that N = 1 does one row's work.
           const gemvRows = Math.min(rows, MATMUL_GEMV_MAX_ROWS);
           if (kernel === "gemv") vecConstants.ROWS = gemvRows;
+          else vecConstants.TM = blockedRowsPerThread(rows);
           this.run({
             kernel: kernel === "gemv" ? "matmul_gemv" : "matmul_blocked",
             entry: "main",
@@ -1258,8 +1268,8 @@ export class WebGpuBackend implements TrainingBackend {
             workgroups: kernel === "gemv"
               // Flat: one workgroup per MATMUL_GEMV_COLS columns x gemvRows rows.
               ? ceilDiv(chunk.rows, MATMUL_GEMV_COLS) * ceilDiv(rows, gemvRows)
-              // Output tiles of MATMUL_BLOCKED_TILE (the kernel's BN x BM).
-              : [ceilDiv(chunk.rows, MATMUL_BLOCKED_TILE), ceilDiv(rows, MATMUL_BLOCKED_TILE)],
+              // Output tiles of the kernel's BN x BM.
+              : [ceilDiv(chunk.rows, MATMUL_BLOCKED_TILE), ceilDiv(rows, 16 * vecConstants.TM)],
           });
         }
       }
@@ -2034,13 +2044,12 @@ export class WebGpuBackend implements TrainingBackend {
     const dyBuf = t(dy).buffer;
     const blocked = this.matmulBackwardKernel === "blocked";
     const kernel = blocked ? "matmul_backward_blocked" : "matmul_backward";
-    // Output rows a thread (blocked): 4 where 128-row tiles would mostly multiply zeros.
-    const rowsPerThread = (rows: number) => rows <= MATMUL_BLOCKED_TILE / 2 ? 4 : 8;
     const grid = (cols: number, rows: number): [number, number] =>
       blocked
-        ? [ceilDiv(cols, MATMUL_BLOCKED_TILE), ceilDiv(rows, 16 * rowsPerThread(rows))]
+        ? [ceilDiv(cols, MATMUL_BLOCKED_TILE), ceilDiv(rows, 16 * blockedRowsPerThread(rows))]
         : [ceilDiv(cols, 16), ceilDiv(rows, 16)];
-    const tm = (rows: number): Record<string, number> => blocked ? { TM: rowsPerThread(rows) } : {};
+    const tm = (rows: number): Record<string, number> =>
+      blocked ? { TM: blockedRowsPerThread(rows) } : {};
     let dx: GpuTensor | null = null;
     if (opts.needInput) {
       // dx [N, K] = sum over weight chunks of dy[:, chunk columns] @ chunk; the first
