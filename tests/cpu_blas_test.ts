@@ -1,7 +1,7 @@
 // The BLAS fast path of the CPU backend against its plain loops, on odd sizes.
 import assert from "node:assert";
 import { CpuBackend } from "../lib/backend/cpu.ts";
-import { loadBlas } from "../lib/backend/blas.ts";
+import { coreTypeFromCpuFlags, loadBlas, OPENBLAS_FALLBACK_CORES } from "../lib/backend/blas.ts";
 import { f32Tensor } from "../lib/io/safetensors.ts";
 import { maxRelError, randn } from "./util.ts";
 
@@ -12,6 +12,18 @@ Deno.test("BLAS is found (CI installs libopenblas0)", () => {
   if (Deno.env.get("CI") === "true") {
     assert(loadBlas(), "no BLAS library found; .ci/run installs libopenblas0-pthread");
   }
+});
+
+Deno.test("OpenBLAS runs kernels for the CPU's instruction set, not its SSE fallback", () => {
+  const blas = loadBlas();
+  // Not OpenBLAS, a CPU without AVX2, or a user who asked for the fallback: nothing to check.
+  const forced = OPENBLAS_FALLBACK_CORES.includes(Deno.env.get("OPENBLAS_CORETYPE") ?? "");
+  if (!blas?.kernels || !coreTypeFromCpuFlags() || forced) return;
+  assert(
+    !OPENBLAS_FALLBACK_CORES.includes(blas.kernels),
+    `OpenBLAS chose ${blas.kernels} kernels on a CPU with ${coreTypeFromCpuFlags()}'s instructions`,
+  );
+  assert.match(fast.description, new RegExp(`\\(${blas.kernels} kernels\\)`));
 });
 
 Deno.test("cpu matmul: BLAS equals plain loops on odd sizes, with bias", async () => {

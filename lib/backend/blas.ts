@@ -22,7 +22,14 @@ const SYMBOLS = {
     result: "void",
     optional: true,
   },
+  openblas_get_corename: { parameters: [], result: "pointer", optional: true },
 } as const;
+
+// OpenBLAS picks its kernels by the CPU's model number. Under a hypervisor that reports a
+// model it does not know (seen: "Intel(R) Xeon(R) Processor" with AVX-512, 2 cores) it
+// falls back to these SSE-era kernels: sgemm ran 28 GFLOP/s there instead of SkylakeX's
+// 154, and the default model's forward at half the reference's speed.
+export const OPENBLAS_FALLBACK_CORES = ["Prescott", "Core2", "Penryn", "Dunnington", "Nehalem"];
 
 // A product with at most this many rows of output runs sgemv once per row. OpenBLAS's
 // sgemm is slow for a few rows: with one row sgemv took 0.17-0.21x sgemm's time, with 8 rows
@@ -32,6 +39,8 @@ const GEMV_MAX_ROWS = 8;
 
 export interface Blas {
   library: string;
+  /** OpenBLAS's kernel set ("SkylakeX", "Haswell", ...), where the library says. */
+  kernels: string | null;
   /** Row-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, with leading dimensions. */
   sgemm(
     transA: boolean,
@@ -69,7 +78,7 @@ export function loadBlas(): Blas | null {
   const names = Deno.env.get("MOE_CONDENSE_BLAS")?.split(",") ?? CANDIDATES[Deno.build.os] ?? [];
   for (const library of names) {
     try {
-      const lib = Deno.dlopen(library, SYMBOLS);
+      const lib = openWithKernels(library);
       const op = (t: boolean) => (t ? CblasTrans : CblasNoTrans);
       const sgemv = lib.symbols.cblas_sgemv;
       const sgemm: Blas["sgemm"] = (
@@ -115,8 +124,10 @@ export function loadBlas(): Blas | null {
           ldc,
         );
       };
+      const corename = lib.symbols.openblas_get_corename?.();
       cached = {
         library,
+        kernels: corename ? Deno.UnsafePointerView.getCString(corename) : null,
         sgemm,
         matmulTransB: (x, w, y, n, k, m) => sgemm(false, true, n, m, k, 1, x, k, w, k, 0, y, m),
       };
@@ -126,4 +137,37 @@ export function loadBlas(): Blas | null {
     }
   }
   return cached;
+}
+
+/**
+ * dlopen the library; if it is OpenBLAS and fell back to SSE-era kernels on a CPU with
+ * AVX2 or AVX-512, open it again with OPENBLAS_CORETYPE naming the kernels the CPU's
+ * instruction set allows (unless the user set OPENBLAS_CORETYPE: their choice stands).
+ */
+function openWithKernels(library: string) {
+  const lib = Deno.dlopen(library, SYMBOLS);
+  const corename = lib.symbols.openblas_get_corename?.();
+  if (!corename || Deno.env.get("OPENBLAS_CORETYPE") !== undefined) return lib;
+  if (!OPENBLAS_FALLBACK_CORES.includes(Deno.UnsafePointerView.getCString(corename))) return lib;
+  const better = coreTypeFromCpuFlags();
+  if (!better) return lib;
+  lib.close();
+  // OpenBLAS reads the variable when it is loaded.
+  Deno.env.set("OPENBLAS_CORETYPE", better);
+  return Deno.dlopen(library, SYMBOLS);
+}
+
+/** The best OpenBLAS kernel set for the instruction set Linux reports, or null. */
+export function coreTypeFromCpuFlags(): string | null {
+  let cpuinfo: string;
+  try {
+    cpuinfo = Deno.readTextFileSync("/proc/cpuinfo");
+  } catch {
+    return null; // not Linux
+  }
+  const flags = new Set(/^flags\s*:(.*)$/m.exec(cpuinfo)?.[1].trim().split(/\s+/) ?? []);
+  const all = (names: string[]) => names.every((f) => flags.has(f));
+  if (all(["avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"])) return "SkylakeX";
+  if (all(["avx2", "fma"])) return "Haswell";
+  return null;
 }

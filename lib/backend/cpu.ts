@@ -104,7 +104,8 @@ export class CpuBackend implements TrainingBackend {
   constructor(opts: CpuOptions = {}) {
     this.blas = opts.reference ? null : loadBlas();
     this.description = this.blas
-      ? `CPU f32, matmul by ${this.blas.library}`
+      ? `CPU f32, matmul by ${this.blas.library}` +
+        (this.blas.kernels ? ` (${this.blas.kernels} kernels)` : "")
       : "CPU f32 reference loops";
   }
 
