@@ -2,6 +2,7 @@
 // widened to f32 once on upload (the layer-wise mode keeps only one layer resident).
 // Sums accumulate in JS doubles, so this path is at least as accurate as f32 PyTorch.
 
+import { exp } from "./exp.ts";
 import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import { type Blas, loadBlas } from "./blas.ts";
 import {
@@ -71,7 +72,7 @@ function rmsNormRows(
 }
 
 export function silu(x: number): number {
-  return x / (1 + Math.exp(-x));
+  return x / (1 + exp(-x));
 }
 
 /**
@@ -261,7 +262,7 @@ export class CpuBackend implements TrainingBackend {
   swiglu(gate: Tensor, up: Tensor): Tensor {
     const g = t(gate).data, u = t(up).data;
     const out = new Float32Array(g.length);
-    for (let i = 0; i < g.length; i++) out[i] = (g[i] / (1 + Math.exp(-g[i]))) * u[i];
+    for (let i = 0; i < g.length; i++) out[i] = (g[i] / (1 + exp(-g[i]))) * u[i];
     return new CpuTensor(out, gate.shape);
   }
 
@@ -356,7 +357,7 @@ export class CpuBackend implements TrainingBackend {
             if (scores[j] > max) max = scores[j];
           }
           let sum = 0;
-          for (let j = lo; j <= pos; j++) sum += scores[j] = Math.exp(scores[j] - max);
+          for (let j = lo; j <= pos; j++) sum += scores[j] = exp(scores[j] - max);
           const oo = (b * qLen + i) * qw + h * headDim;
           for (let j = lo; j <= pos; j++) {
             const p = scores[j] / sum;
@@ -393,12 +394,16 @@ export class CpuBackend implements TrainingBackend {
         for (let i = 0; i < qLen; i++) {
           const pos = kvLen - qLen + i;
           const lo = window === null ? 0 : Math.max(0, pos - window + 1);
-          const row = scores.subarray(i * kvLen, (i + 1) * kvLen);
+          // Row i's visible keys are entries a .. z of scores; the rest become 0.
+          const a = i * kvLen + lo, z = i * kvLen + pos;
           let max = -Infinity;
-          for (let j = lo; j <= pos; j++) if (row[j] > max) max = row[j];
+          for (let j = a; j <= z; j++) if (scores[j] > max) max = scores[j];
           let sum = 0;
-          for (let j = lo; j <= pos; j++) sum += row[j] = Math.exp(row[j] - max);
-          for (let j = 0; j < kvLen; j++) row[j] = j >= lo && j <= pos ? row[j] / sum : 0;
+          for (let j = a; j <= z; j++) sum += scores[j] = exp(scores[j] - max);
+          const inv = 1 / sum;
+          for (let j = a; j <= z; j++) scores[j] *= inv;
+          scores.fill(0, i * kvLen, a);
+          scores.fill(0, z + 1, (i + 1) * kvLen);
         }
         const o = out.subarray(b * qLen * qw + h * headDim);
         this.blas!.sgemm(false, false, qLen, headDim, kvLen, 1, scores, kvLen, v, kw, 0, o, qw);
@@ -415,7 +420,7 @@ export class CpuBackend implements TrainingBackend {
       let max = -Infinity;
       for (let j = 0; j < e; j++) max = Math.max(max, ls[r * e + j]);
       let sum = 0;
-      for (let j = 0; j < e; j++) sum += p[j] = Math.exp(ls[r * e + j] - max);
+      for (let j = 0; j < e; j++) sum += p[j] = exp(ls[r * e + j] - max);
       for (let j = 0; j < e; j++) p[j] /= sum;
       const order = topKIndices(p, k);
       let chosen = 0;
@@ -448,7 +453,7 @@ export class CpuBackend implements TrainingBackend {
     const [n, d] = rowsCols(y);
     const ys = t(y).data, gs = t(g).data, out = new Float32Array(ys.length);
     for (let r = 0; r < n; r++) {
-      const s = 1 / (1 + Math.exp(-gs[r]));
+      const s = 1 / (1 + exp(-gs[r]));
       for (let c = 0; c < d; c++) out[r * d + c] = ys[r * d + c] * s;
     }
     return new CpuTensor(out, y.shape);
@@ -565,7 +570,7 @@ export class CpuBackend implements TrainingBackend {
     const g = t(gate).data, u = t(up).data, dys = t(dy).data;
     const dGate = new Float32Array(g.length), dUp = new Float32Array(g.length);
     for (let i = 0; i < g.length; i++) {
-      const sig = 1 / (1 + Math.exp(-g[i]));
+      const sig = 1 / (1 + exp(-g[i]));
       // d silu(g)/dg = sig (1 + g (1 - sig))
       dGate[i] = dys[i] * u[i] * sig * (1 + g[i] * (1 - sig));
       dUp[i] = dys[i] * g[i] * sig;
@@ -638,7 +643,7 @@ export class CpuBackend implements TrainingBackend {
             if (p[j] > max) max = p[j];
           }
           let sum = 0;
-          for (let j = lo; j <= pos; j++) sum += p[j] = Math.exp(p[j] - max);
+          for (let j = lo; j <= pos; j++) sum += p[j] = exp(p[j] - max);
           // dv_j += p_j dOut; dp_j = dOut . v_j; ds_j = p_j (dp_j - sum_l p_l dp_l)
           let pdp = 0;
           for (let j = lo; j <= pos; j++) {
@@ -698,7 +703,7 @@ export class CpuBackend implements TrainingBackend {
           let max = -Infinity;
           for (let j = lo; j <= pos; j++) if (row[j] > max) max = row[j];
           let sum = 0;
-          for (let j = lo; j <= pos; j++) sum += row[j] = Math.exp(row[j] - max);
+          for (let j = lo; j <= pos; j++) sum += row[j] = exp(row[j] - max);
           for (let j = 0; j < kvLen; j++) row[j] = j >= lo && j <= pos ? row[j] / sum : 0;
         }
         blas.sgemm(
@@ -806,7 +811,7 @@ export class CpuBackend implements TrainingBackend {
       let max = -Infinity;
       for (let j = 0; j < e; j++) max = Math.max(max, ls[r * e + j]);
       let sum = 0;
-      for (let j = 0; j < e; j++) sum += p[j] = Math.exp(ls[r * e + j] - max);
+      for (let j = 0; j < e; j++) sum += p[j] = exp(ls[r * e + j] - max);
       for (let j = 0; j < e; j++) p[j] /= sum;
       // gradient to the probabilities: only the selected ones receive any
       dp.fill(0);
@@ -837,7 +842,7 @@ export class CpuBackend implements TrainingBackend {
     const ys = t(y).data, gs = t(g).data, dos = t(dOut).data;
     const dy = new Float32Array(ys.length), dg = new Float32Array(n); // [N, D], [N, 1]
     for (let r = 0; r < n; r++) {
-      const sig = 1 / (1 + Math.exp(-gs[r]));
+      const sig = 1 / (1 + exp(-gs[r]));
       let dot = 0;
       for (let c = 0; c < d; c++) {
         dy[r * d + c] = dos[r * d + c] * sig;
@@ -868,9 +873,9 @@ export class CpuBackend implements TrainingBackend {
       let max = -Infinity;
       for (let j = 0; j < vocab; j++) max = Math.max(max, ls[o + j]);
       let sum = 0;
-      for (let j = 0; j < vocab; j++) sum += Math.exp(ls[o + j] - max);
+      for (let j = 0; j < vocab; j++) sum += exp(ls[o + j] - max);
       lossSum += Math.log(sum) + max - ls[o + target];
-      for (let j = 0; j < vocab; j++) dl[o + j] = g * (Math.exp(ls[o + j] - max) / sum);
+      for (let j = 0; j < vocab; j++) dl[o + j] = g * (exp(ls[o + j] - max) / sum);
       dl[o + target] -= g;
     }
     const loss = count > 0 ? lossSum / count : 0;
@@ -956,7 +961,15 @@ function ropeTable(
 
 /** Indices of the k largest values, largest first; ties keep the lower index first. */
 export function topKIndices(p: ArrayLike<number>, k: number): number[] {
-  const idx = Array.from({ length: p.length }, (_, i) => i);
-  idx.sort((a, b) => p[b] - p[a] || a - b);
-  return idx.slice(0, k);
+  // k passes of selection, not a sort: k is small, and this runs once per token per MoE
+  // layer (sorting 16 experts with a comparator was 5% of the CPU forward).
+  const chosen: number[] = [];
+  for (let j = 0; j < Math.min(k, p.length); j++) {
+    let best = -1;
+    for (let i = 0; i < p.length; i++) {
+      if (!chosen.includes(i) && (best < 0 || p[i] > p[best])) best = i;
+    }
+    chosen.push(best);
+  }
+  return chosen;
 }

@@ -3,6 +3,7 @@
 // documents, as the CD-MoE reference does. The original side is precomputed once
 // (probabilities, their entropy term) so a candidate costs one pass over its rows.
 
+import { exp } from "../backend/exp.ts";
 import type { BatchShape } from "../model/decoder.ts";
 
 export const METRICS = ["js-hidden", "js-logits", "kl-logits", "loss", "cosine"] as const;
@@ -35,10 +36,10 @@ function probsWithEps(rows: Float32Array, dim: number): { p: Float32Array; plogp
     let max = -Infinity;
     for (let i = 0; i < dim; i++) if (rows[o + i] > max) max = rows[o + i];
     let sum = 0;
-    for (let i = 0; i < dim; i++) sum += Math.exp(rows[o + i] - max);
+    for (let i = 0; i < dim; i++) sum += exp(rows[o + i] - max);
     let s = 0;
     for (let i = 0; i < dim; i++) {
-      const v = Math.fround(Math.exp(rows[o + i] - max) / sum + JS_EPS);
+      const v = Math.fround(exp(rows[o + i] - max) / sum + JS_EPS);
       p[o + i] = v;
       s += v * Math.log(v);
     }
@@ -53,7 +54,7 @@ function logSoftmaxRows(rows: Float32Array, dim: number): Float32Array {
     let max = -Infinity;
     for (let i = 0; i < dim; i++) if (rows[o + i] > max) max = rows[o + i];
     let sum = 0;
-    for (let i = 0; i < dim; i++) sum += Math.exp(rows[o + i] - max);
+    for (let i = 0; i < dim; i++) sum += exp(rows[o + i] - max);
     const lse = max + Math.log(sum);
     for (let i = 0; i < dim; i++) out[o + i] = rows[o + i] - lse;
   }
@@ -149,7 +150,7 @@ function expsOf(
   let max = -Infinity;
   for (let i = 0; i < dim; i++) if (cond[o + i] > max) max = cond[o + i];
   let sum = 0;
-  for (let i = 0; i < dim; i++) sum += e[i] = Math.exp(cond[o + i] - max);
+  for (let i = 0; i < dim; i++) sum += e[i] = exp(cond[o + i] - max);
   return { e, sum, max };
 }
 
@@ -180,10 +181,10 @@ function klRow(logp: Float32Array, cond: Float32Array, o: number, dim: number) {
   let max = -Infinity;
   for (let i = 0; i < dim; i++) if (cond[o + i] > max) max = cond[o + i];
   let sum = 0;
-  for (let i = 0; i < dim; i++) sum += Math.exp(cond[o + i] - max);
+  for (let i = 0; i < dim; i++) sum += exp(cond[o + i] - max);
   const lse = max + Math.log(sum);
   let kl = 0;
-  for (let i = 0; i < dim; i++) kl += Math.exp(logp[o + i]) * (logp[o + i] - (cond[o + i] - lse));
+  for (let i = 0; i < dim; i++) kl += exp(logp[o + i]) * (logp[o + i] - (cond[o + i] - lse));
   return Math.max(0, kl);
 }
 
@@ -201,7 +202,7 @@ function nllRow(logits: Float32Array, o: number, dim: number, target: number) {
   let max = -Infinity;
   for (let i = 0; i < dim; i++) if (logits[o + i] > max) max = logits[o + i];
   let sum = 0;
-  for (let i = 0; i < dim; i++) sum += Math.exp(logits[o + i] - max);
+  for (let i = 0; i < dim; i++) sum += exp(logits[o + i] - max);
   return max + Math.log(sum) - logits[o + target];
 }
 
