@@ -12,7 +12,7 @@
 //   decode    greedy decoding with the KV cache, tokens/s, device submits per token and
 //             GPU time per kernel per token (timestamp queries, where the adapter has them)
 //   train     training tokens/s (forward + backward + AdamW, routed and shared experts
-//             trainable) per backend
+//             trainable) per backend; on WebGPU also a step's submits and dispatches
 //   layerwise peak memory of the layer-wise mode vs all weights resident, on a generated
 //             multi-GB sharded checkpoint (each mode in its own process, peak RSS from /proc)
 
@@ -598,9 +598,14 @@ async function benchTrain(backends: Map<string, Backend>, modelDir: string, repe
     });
     const ids = new Int32Array(batch * seqLen).map((_, i) => (i * 7919 + 13) % 256);
     const targets = ids.map((_, i) => ids[(i + 1) % ids.length]);
-    const s = await timeIt(name === "cpu" ? repeats : 1, async () => {
-      await trainStep(opt, [{ ids, targets, shape: { batch, seqLen } }], 1e-5, false);
-    });
+    const step = () => trainStep(opt, [{ ids, targets, shape: { batch, seqLen } }], 1e-5, false);
+    const s = await timeIt(name === "cpu" ? repeats : 1, async () => void await step());
+    // WebGPU: the waits on the device (submits) and dispatches of one more step.
+    const gpu = be instanceof WebGpuBackend ? be : null;
+    const [submits0, dispatches0] = gpu ? [gpu.submits, gpu.dispatches] : [0, 0];
+    if (gpu) await step();
+    const submitsPerStep = gpu && gpu.submits - submits0;
+    const dispatchesPerStep = gpu && gpu.dispatches - dispatches0;
     model.close();
     rows.push({
       backend: name,
@@ -611,8 +616,13 @@ async function benchTrain(backends: Map<string, Backend>, modelDir: string, repe
       trainableParams: opt.numParams,
       seconds: s,
       tokensPerSecond: (batch * seqLen) / s,
+      submitsPerStep,
+      dispatchesPerStep,
     });
-    console.error(`train ${name} ${batch}x${seqLen}: ${((batch * seqLen) / s).toFixed(0)} tok/s`);
+    console.error(
+      `train ${name} ${batch}x${seqLen}: ${((batch * seqLen) / s).toFixed(0)} tok/s` +
+        (gpu ? `, per step ${submitsPerStep} submits, ${dispatchesPerStep} dispatches` : ""),
+    );
   }
   return rows;
 }

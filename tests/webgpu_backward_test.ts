@@ -13,7 +13,7 @@ import {
   type WeightDType,
 } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
-import { MATMUL_BACKWARD_KERNELS, type WebGpuBackend } from "../lib/backend/webgpu.ts";
+import { MATMUL_BACKWARD_KERNELS, WebGpuBackend } from "../lib/backend/webgpu.ts";
 import { Model } from "../lib/model/model.ts";
 import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
 import {
@@ -505,7 +505,16 @@ async function trainingStep(
     grads.set(n, be.tensor(new Float32Array(numelOf(w.shape)), w.shape));
   }
   const shape = { batch: 2, seqLen: 7 };
+  const submits = be instanceof WebGpuBackend ? be.submits : 0;
   const { loss } = await lossAndGrad(model, ids, targets, shape, grads, { recompute });
+  if (be instanceof WebGpuBackend) {
+    // Waits on the device: a MoE layer reads its routing (again when recompute reruns the
+    // forward) and, together, its experts' routing-weight gradients; then the loss. Not
+    // one read per expert or per tensor.
+    const moeLayers = model.spec.layers.filter((l) => l.mlp.kind === "moe").length;
+    const most = (recompute ? 3 : 2) * moeLayers + 1;
+    assert(be.submits - submits <= most, `${be.submits - submits} submits, over ${most}`);
+  }
   const g = new Map<string, Float32Array>(), p = new Map<string, Float32Array>();
   for (const n of names) {
     const w = await model.weight(n);
