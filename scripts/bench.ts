@@ -71,6 +71,26 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)];
 }
 
+/**
+ * Median seconds of `call` on each backend over `repeats` interleaved rounds (one call of
+ * each, round-robin), so a slow spell on the machine hits them all alike.
+ */
+async function roundRobin<T>(
+  backends: WebGpuBackend[],
+  repeats: number,
+  call: (be: WebGpuBackend) => Promise<T>,
+): Promise<number[]> {
+  const times: number[][] = backends.map(() => []);
+  for (let r = 0; r < repeats; r++) {
+    for (const [i, be] of backends.entries()) {
+      const t0 = performance.now();
+      await call(be);
+      times[i].push((performance.now() - t0) / 1000);
+    }
+  }
+  return times.map(median);
+}
+
 async function timeIt(repeats: number, fn: () => Promise<void>): Promise<number> {
   await fn(); // warm-up (pipeline compilation, page faults)
   const times: number[] = [];
@@ -184,9 +204,8 @@ async function adapterReport() {
 }
 
 /**
- * Every matmul kernel of the webgpu backend at the prefill and decode shapes, per dtype.
- * The kernels are timed in interleaved rounds (one call of each, round-robin, then the
- * median per kernel), so a slow spell on the machine hits them all alike.
+ * Every matmul kernel of the webgpu backend at the prefill and decode shapes, per dtype,
+ * timed in interleaved rounds (roundRobin).
  */
 async function benchMatmulLadder(gpu: WebGpuBackend, repeats: number) {
   const rows: Record<string, unknown>[] = [];
@@ -201,19 +220,12 @@ async function benchMatmulLadder(gpu: WebGpuBackend, repeats: number) {
         be.free(y);
       };
       for (const be of backends) await call(be); // warm-up: pipeline compilation
-      const times: number[][] = backends.map(() => []);
-      for (let r = 0; r < repeats; r++) {
-        for (const [i, be] of backends.entries()) {
-          const t0 = performance.now();
-          await call(be);
-          times[i].push((performance.now() - t0) / 1000);
-        }
-      }
+      const times = await roundRobin(backends, repeats, call);
       gpu.free(x), gpu.freeWeight(w);
       const weightBytes = m * k * (dtype === "F32" ? 4 : 2);
       const line: string[] = [];
       for (const [i, kernel] of MATMUL_KERNELS.entries()) {
-        const s = median(times[i]);
+        const s = times[i];
         const gflops = (2 * n * k * m) / s / 1e9, weightGBps = weightBytes / s / 1e9;
         rows.push({ shape, kernel, dtype, n, k, m, seconds: s, gflops, weightGBps });
         line.push(`${kernel} ${gflops.toFixed(2)} GFLOP/s ${weightGBps.toPrecision(3)} GB/s`);
@@ -270,18 +282,11 @@ async function benchMatmulBackward(gpu: WebGpuBackend, repeats: number) {
       );
       const errors = [];
       for (const be of backends) errors.push(maxRelError([await call(be)], [want]));
-      const times: number[][] = backends.map(() => []);
-      for (let r = 0; r < repeats; r++) {
-        for (const [i, be] of backends.entries()) {
-          const t0 = performance.now();
-          await call(be);
-          times[i].push((performance.now() - t0) / 1000);
-        }
-      }
+      const times = await roundRobin(backends, repeats, call);
       gpu.freeWeight(w);
       const line: string[] = [];
       for (const [i, kernel] of MATMUL_BACKWARD_KERNELS.entries()) {
-        const s = median(times[i]), gflops = (2 * n * k * m) / s / 1e9;
+        const s = times[i], gflops = (2 * n * k * m) / s / 1e9;
         const maxRelError = errors[i];
         rows.push({ shape, kernel, gradient, dtype, n, k, m, seconds: s, gflops, maxRelError });
         line.push(`${kernel} ${gflops.toFixed(2)} GFLOP/s (error ${maxRelError.toExponential(1)})`);
@@ -423,17 +428,10 @@ async function timeAttentionKernels(
   );
   const errors: number[] = [];
   for (const be of backends) errors.push(maxRelError(await call(be), want));
-  const times: number[][] = backends.map(() => []);
-  for (let r = 0; r < repeats; r++) {
-    for (const [i, be] of backends.entries()) {
-      const t0 = performance.now();
-      await call(be);
-      times[i].push((performance.now() - t0) / 1000);
-    }
-  }
+  const times = await roundRobin(backends, repeats, call);
   const rows: Record<string, unknown>[] = [], line: string[] = [];
   for (const [i, kernel] of kernels.entries()) {
-    const seconds = median(times[i]), exact = errors[i] <= ATTENTION_EXACT_TOL;
+    const seconds = times[i], exact = errors[i] <= ATTENTION_EXACT_TOL;
     const gflops = flops / seconds / 1e9;
     rows.push({ pass, shape, kernel, ...s, seconds, gflops, maxRelError: errors[i], exact });
     line.push(`${kernel} ${(seconds * 1000).toFixed(1)} ms${exact ? "" : " (WRONG RESULT)"}`);
@@ -441,7 +439,7 @@ async function timeAttentionKernels(
   console.error(
     `attention ${pass === "backward" ? "backward " : ""}${shape} ${s.batch}x${s.qLen}/${s.kvLen} ` +
       `${s.heads}/${s.kvHeads}x${s.headDim}: ${line.join(", ")}, ` +
-      `naive/tiled ${(median(times[0]) / median(times[1])).toFixed(2)}`,
+      `naive/tiled ${(times[0] / times[1]).toFixed(2)}`,
   );
   return rows;
 }
