@@ -1731,15 +1731,6 @@ export class WebGpuBackend implements TrainingBackend {
     return out;
   }
 
-  /**
-   * The attention kernel for a shape, forward and backward: the configured one, or the
-   * "auto" choice: tiled up to its head_dim limit. On llvmpipe it ran prefill 1.5x faster
-   * than naive (2 x 256, 4 heads of 64) and lost short decode steps slightly (0.9x at 256
-   * keys); past about 32k / head_dim keys the naive kernel's loops exceed llvmpipe's
-   * 65,535-iteration cap and its result is wrong, and on a GPU naive decode runs only
-   * batch x heads threads. The naive backward is wrong there from about 13k / head_dim
-   * keys (dq at 2 x 256, 4 heads of 64, where the tiled one was 2x faster).
-   */
   /** attentionKernelFor, refusing a forced tiled kernel past its head_dim limit. */
   private checkedAttentionKernel(op: string, s: AttentionShape): AttentionKernel {
     const kernel = this.attentionKernelFor(s);
@@ -1771,6 +1762,15 @@ export class WebGpuBackend implements TrainingBackend {
     return this.attentionKernel === "auto" && decode ? splits : 0;
   }
 
+  /**
+   * The attention kernel for a shape, forward and backward: the configured one, or the
+   * "auto" choice: tiled up to its head_dim limit. On llvmpipe it ran prefill 1.5x faster
+   * than naive (2 x 256, 4 heads of 64) and lost short decode steps slightly (0.9x at 256
+   * keys); past about 32k / head_dim keys the naive kernel's loops exceed llvmpipe's
+   * 65,535-iteration cap and its result is wrong, and on a GPU naive decode runs only
+   * batch x heads threads. The naive backward is wrong there from about 13k / head_dim
+   * keys (dq at 2 x 256, 4 heads of 64, where the tiled one was 2x faster).
+   */
   attentionKernelFor(s: AttentionShape): AttentionKernel {
     if (this.attentionKernel !== "auto") return this.attentionKernel;
     return s.headDim <= ATTN_TILED_MAX_HEAD_DIM ? "tiled" : "naive";
