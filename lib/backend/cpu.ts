@@ -195,10 +195,18 @@ export class CpuBackend implements TrainingBackend {
     checkGrouped(stack, k, groupRows, r);
     const out = new Float32Array(r * m), xs = t(x).data, ws = w(stack).data;
     for (let e = 0, r0 = 0; e < g; r0 += groupRows[e++]) {
-      if (groupRows[e] === 0) continue;
-      const rows = new CpuTensor(xs.subarray(r0 * k, (r0 + groupRows[e]) * k), [groupRows[e], k]);
-      const we = new CpuWeight(stack.name, ws.subarray(e * m * k, (e + 1) * m * k), [m, k], "F32");
-      out.set(t(this.matmul(rows, we)).data, r0 * m);
+      const n = groupRows[e];
+      if (n === 0) continue;
+      const xe = xs.subarray(r0 * k, (r0 + n) * k), we = ws.subarray(e * m * k, (e + 1) * m * k);
+      // BLAS writes each group's rows in place; the plain loops return them to copy.
+      if (this.blas) this.blas.matmulTransB(xe, we, out.subarray(r0 * m, (r0 + n) * m), n, k, m);
+      else {
+        const y = this.matmul(
+          new CpuTensor(xe, [n, k]),
+          new CpuWeight(stack.name, we, [m, k], "F32"),
+        );
+        out.set(t(y).data, r0 * m);
+      }
     }
     return new CpuTensor(out, [r, m]);
   }
