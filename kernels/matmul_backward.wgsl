@@ -43,7 +43,6 @@ fn input_grad(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) li
   }
 }
 
-
 // dW[col0 + c, i] += sum_r dy[r, col0 + c] * x[r, i]: dW band [cols, k] += dy band^T @ x.
 // Thread (lid.y, lid.x) = (c, i) of a 16x16 dW tile; the loop walks the rows r. Every dW
 // entry has one writer, and successive row chunks of dy/x are ordered dispatches.

@@ -84,7 +84,8 @@ fn weight_grad(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) l
   let i0 = wg.x * BN;
   var acc: array<vec4f, MAX_TM * TN / 4u>;
   for (var r0 = 0u; r0 < p.rows; r0 += BK) {
-    // Both operands: BK rows x 32 runs of 4 consecutive columns, each one vec4 of a tile.
+    // Both operands: BK rows x BM / 4 (BN / 4) runs of 4 consecutive columns, each one vec4
+    // of a tile.
     for (var run = t; run < BK * BM / 4u; run += 256u) {
       let kk = run / (BM / 4u);
       let c = (run % (BM / 4u)) * 4u;

@@ -400,20 +400,7 @@ export class CpuBackend implements TrainingBackend {
         const k = ks.subarray(b * stride * kw + kh * headDim);
         const v = vs.subarray(b * stride * kw + kh * headDim);
         this.blas!.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, scores, kvLen);
-        for (let i = 0; i < qLen; i++) {
-          const pos = kvLen - qLen + i;
-          const lo = window === null ? 0 : Math.max(0, pos - window + 1);
-          // Row i's visible keys are entries a .. z of scores; the rest become 0.
-          const a = i * kvLen + lo, z = i * kvLen + pos;
-          let max = -Infinity;
-          for (let j = a; j <= z; j++) if (scores[j] > max) max = scores[j];
-          let sum = 0;
-          for (let j = a; j <= z; j++) sum += scores[j] = exp(scores[j] - max);
-          const inv = 1 / sum;
-          for (let j = a; j <= z; j++) scores[j] *= inv;
-          scores.fill(0, i * kvLen, a);
-          scores.fill(0, z + 1, (i + 1) * kvLen);
-        }
+        softmaxVisibleRows(scores, qLen, kvLen, window);
         const o = out.subarray(b * qLen * qw + h * headDim);
         this.blas!.sgemm(false, false, qLen, headDim, kvLen, 1, scores, kvLen, v, kw, 0, o, qw);
       }
@@ -705,16 +692,7 @@ export class CpuBackend implements TrainingBackend {
         const q = qs.subarray(qOff), k = ks.subarray(kOff), v = vs.subarray(kOff);
         const dO = dos.subarray(qOff);
         blas.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, p, kvLen);
-        for (let i = 0; i < qLen; i++) {
-          const pos = kvLen - qLen + i;
-          const lo = window === null ? 0 : Math.max(0, pos - window + 1);
-          const row = p.subarray(i * kvLen, (i + 1) * kvLen);
-          let max = -Infinity;
-          for (let j = lo; j <= pos; j++) if (row[j] > max) max = row[j];
-          let sum = 0;
-          for (let j = lo; j <= pos; j++) sum += row[j] = exp(row[j] - max);
-          for (let j = 0; j < kvLen; j++) row[j] = j >= lo && j <= pos ? row[j] / sum : 0;
-        }
+        softmaxVisibleRows(p, qLen, kvLen, window);
         blas.sgemm(
           true,
           false,
@@ -966,6 +944,31 @@ function ropeTable(
     }
     return cs;
   };
+}
+
+/**
+ * Causal (optionally windowed) softmax of each row of scores [qLen, kvLen] in place, for
+ * the BLAS attention forward and backward: row i sees keys lo .. pos (pos = kvLen - qLen +
+ * i); only those are exponentiated and normalised, the others become 0.
+ */
+function softmaxVisibleRows(
+  scores: Float32Array,
+  qLen: number,
+  kvLen: number,
+  window: number | null,
+): void {
+  for (let i = 0; i < qLen; i++) {
+    const pos = kvLen - qLen + i;
+    const lo = window === null ? 0 : Math.max(0, pos - window + 1);
+    const a = i * kvLen + lo, z = i * kvLen + pos; // the visible entries
+    let max = -Infinity;
+    for (let j = a; j <= z; j++) if (scores[j] > max) max = scores[j];
+    let sum = 0;
+    for (let j = a; j <= z; j++) sum += scores[j] = exp(scores[j] - max);
+    for (let j = a; j <= z; j++) scores[j] /= sum;
+    scores.fill(0, i * kvLen, a);
+    scores.fill(0, z + 1, (i + 1) * kvLen);
+  }
 }
 
 /** Indices of the k largest values, largest first; ties keep the lower index first. */
