@@ -3,6 +3,7 @@
 // Sums accumulate in JS doubles, so this path is at least as accurate as f32 PyTorch.
 
 import { exp } from "./exp.ts";
+import { RowThreads, sharedFloats } from "./cpu_rows.ts";
 import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import { type Blas, loadBlas } from "./blas.ts";
 import {
@@ -18,7 +19,6 @@ import {
   checkSplitQkv,
   expertPlan,
   type ExpertStacks,
-  GATE_UP_RUN,
   kvCacheRows,
   type KvRows,
   numelOf,
@@ -31,6 +31,10 @@ import {
   type Weight,
   type WeightDType,
 } from "./backend.ts";
+
+// Scores of this many f32 entries (16 MiB) are computed before their softmax: many
+// (sequence, head) pairs per thread hand-over, and bounded memory at long contexts.
+const ATTENTION_SCORES_CHUNK = 1 << 22;
 
 export class CpuTensor implements Tensor {
   constructor(readonly data: Float32Array, readonly shape: readonly number[]) {
@@ -54,47 +58,14 @@ export class CpuWeight implements Weight {
 const t = (x: Tensor) => x as CpuTensor;
 const w = (x: Weight) => x as CpuWeight;
 
-/** out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps) for the n rows of width d. */
-function rmsNormRows(
-  xs: Float32Array,
-  ws: Float32Array,
-  out: Float32Array,
-  n: number,
-  d: number,
-  eps: number,
-): void {
-  // o is row r's first entry: indexing by r * d + i instead ran 1.5x slower in V8.
-  for (let r = 0, o = 0; r < n; r++, o += d) {
-    let ss = 0;
-    for (let i = o; i < o + d; i++) ss += xs[i] * xs[i];
-    const inv = 1 / Math.sqrt(ss / d + eps);
-    for (let i = 0; i < d; i++) out[o + i] = ws[i] * (xs[o + i] * inv);
-  }
-}
-
-export function silu(x: number): number {
-  return x / (1 + exp(-x));
-}
-
-/**
- * silu(gate) * up from a gateUp matmul output [R, 2W] (gate and up columns interleaved
- * in runs of GATE_UP_RUN, see ExpertStacks) -> [R, W]: what the fused kernels compute.
- */
-function swigluInterleaved(gu: Float32Array, rows: number, width: number): Float32Array {
-  const out = new Float32Array(rows * width);
-  // Output c of run c / GATE_UP_RUN reads gate 2c - c % GATE_UP_RUN of its row; its up
-  // value is a run later. Walked run by run: this pass is as hot as the matmul before it.
-  for (let c0 = 0, g0 = 0; c0 < rows * width; c0 += GATE_UP_RUN, g0 += 2 * GATE_UP_RUN) {
-    for (let j = 0; j < GATE_UP_RUN; j++) {
-      out[c0 + j] = silu(gu[g0 + j]) * gu[g0 + GATE_UP_RUN + j];
-    }
-  }
-  return out;
-}
-
 export interface CpuOptions {
-  /** Plain loops only, no BLAS: the oracle the fast paths are tested against. */
+  /** Plain loops only, no BLAS, one thread: the oracle the fast paths are tested against. */
   reference?: boolean;
+  /**
+   * Threads for the elementwise passes (BLAS has its own); default: every core the
+   * runtime reports. Results are the same for any count.
+   */
+  threads?: number;
 }
 
 export class CpuBackend implements TrainingBackend {
@@ -102,13 +73,23 @@ export class CpuBackend implements TrainingBackend {
   readonly description: string;
   readonly f32Weights = true;
   private blas: Blas | null;
+  private rows: RowThreads;
 
   constructor(opts: CpuOptions = {}) {
     this.blas = opts.reference ? null : loadBlas();
-    this.description = this.blas
+    this.rows = new RowThreads(
+      opts.threads ?? (opts.reference ? 1 : navigator.hardwareConcurrency),
+    );
+    this.description = (this.blas
       ? `CPU f32, matmul by ${this.blas.library}` +
         (this.blas.kernels ? ` (${this.blas.kernels} kernels)` : "")
-      : "CPU f32 reference loops";
+      : "CPU f32 reference loops") +
+      (this.rows.threads > 1 ? `, ${this.rows.threads} threads` : "");
+  }
+
+  /** A fresh f32 array, in shared memory when worker threads may write it. */
+  private floats(n: number): Float32Array {
+    return this.rows.threads > 1 ? sharedFloats(n) : new Float32Array(n);
   }
 
   uploadWeight(raw: RawTensor): Weight {
@@ -147,18 +128,19 @@ export class CpuBackend implements TrainingBackend {
 
   rmsNorm(x: Tensor, weight: Weight, eps: number): Tensor {
     const [n, d] = rowsCols(x);
-    const out = new Float32Array(n * d);
-    rmsNormRows(t(x).data, w(weight).data, out, n, d, eps);
+    const out = this.floats(n * d);
+    const args = { x: t(x).data, weight: w(weight).data, out, width: d, eps };
+    this.rows.run("rmsNorm", args, n, d, [out]);
     return new CpuTensor(out, x.shape);
   }
 
   addRmsNorm(a: Tensor, b: Tensor, weight: Weight, eps: number): { sum: Tensor; normed: Tensor } {
     checkAddRmsNorm(a, b, weight);
     const [n, d] = rowsCols(a);
-    const as = t(a).data, bs = t(b).data;
-    const sum = new Float32Array(n * d), normed = new Float32Array(n * d);
-    for (let i = 0; i < sum.length; i++) sum[i] = as[i] + bs[i];
-    rmsNormRows(sum, w(weight).data, normed, n, d, eps); // the f32 sums, as add then rmsNorm
+    const sum = this.floats(n * d), normed = this.floats(n * d);
+    // Normalises the f32 sums, as add then rmsNorm would.
+    const args = { a: t(a).data, b: t(b).data, weight: w(weight).data, sum, out: normed };
+    this.rows.run("addRmsNorm", { ...args, width: d, eps }, n, d, [sum, normed]);
     return { sum: new CpuTensor(sum, a.shape), normed: new CpuTensor(normed, a.shape) };
   }
 
@@ -171,7 +153,7 @@ export class CpuBackend implements TrainingBackend {
       );
     }
     const xs = t(x).data, ws = w(weight).data, bs = bias ? w(bias).data : null;
-    const out = new Float32Array(n * m);
+    const out = this.floats(n * m);
     if (this.blas && n > 0) {
       this.blas.matmulTransB(xs, ws, out, n, k, m);
       if (bs) { for (let r = 0; r < n; r++) for (let c = 0; c < m; c++) out[r * m + c] += bs[c]; }
@@ -193,7 +175,7 @@ export class CpuBackend implements TrainingBackend {
     const [r, k] = rowsCols(x);
     const [g, m] = stack.shape;
     checkGrouped(stack, k, groupRows, r);
-    const out = new Float32Array(r * m), xs = t(x).data, ws = w(stack).data;
+    const out = this.floats(r * m), xs = t(x).data, ws = w(stack).data;
     for (let e = 0, r0 = 0; e < g; r0 += groupRows[e++]) {
       const n = groupRows[e];
       if (n === 0) continue;
@@ -214,20 +196,21 @@ export class CpuBackend implements TrainingBackend {
   matmulSwiglu(x: Tensor, gateUp: Weight): Tensor {
     checkMatmulSwiglu(x, gateUp);
     const n = rowsCols(x)[0], width = gateUp.shape[0] / 2;
-    const gu = this.matmul(x, gateUp);
-    return new CpuTensor(swigluInterleaved(t(gu).data, n, width), [n, width]);
+    return this.swigluOfGateUp(this.matmul(x, gateUp), n, width);
+  }
+
+  /** silu(gate) * up of an interleaved gateUp product [n, 2 width] -> [n, width]. */
+  private swigluOfGateUp(gateUp: Tensor, n: number, width: number): Tensor {
+    const out = this.floats(n * width);
+    this.rows.run("swiglu", { gateUp: t(gateUp).data, out, width }, n, width, [out]);
+    return new CpuTensor(out, [n, width]);
   }
 
   combineRows(out: Tensor, y: Tensor, sources: Int32Array, scales: Float32Array, k: number): void {
     const [n, h] = rowsCols(out), [ny] = rowsCols(y);
     checkCombine(n, ny, sources, scales, k);
-    const os = t(out).data, ys = t(y).data;
-    for (let r = 0; r < n; r++) {
-      for (let j = 0; j < k; j++) {
-        const src = sources[r * k + j] * h, s = scales[r * k + j];
-        for (let c = 0; c < h; c++) os[r * h + c] += s * ys[src + c];
-      }
-    }
+    const args = { out: t(out).data, y: t(y).data, sources, scales, k, width: h };
+    this.rows.run("combine", args, n, k * h, [args.out]);
   }
 
   async routedExperts(
@@ -242,8 +225,7 @@ export class CpuBackend implements TrainingBackend {
     const plan = expertPlan(routing, route.k, stacks.down.shape[0]);
     const xe = this.gatherRows(xn, plan.order);
     const gu = this.groupedMatmul(xe, stacks.gateUp, plan.groupRows);
-    const rows = plan.order.length, width = stacks.down.shape[2];
-    const a = new CpuTensor(swigluInterleaved(t(gu).data, rows, width), [rows, width]);
+    const a = this.swigluOfGateUp(gu, plan.order.length, stacks.down.shape[2]);
     const y = this.groupedMatmul(a, stacks.down, plan.groupRows);
     this.combineRows(out, y, plan.sources, plan.scales, route.k);
   }
@@ -294,7 +276,7 @@ export class CpuBackend implements TrainingBackend {
     }
     if (positions.length !== n) throw new Error(`rope: ${positions.length} positions, ${n} rows`);
     const rope = { positions, theta, linearFactor };
-    return new CpuTensor(rotateHeads(t(x).data, d, 0, heads, headDim, rope), x.shape);
+    return new CpuTensor(this.rotateHeads(t(x).data, d, 0, heads, headDim, rope), x.shape);
   }
 
   splitQkv(
@@ -315,8 +297,8 @@ export class CpuBackend implements TrainingBackend {
     if (!rope) return { q: columns(0, qw), k: columns(qw, kw), v };
     // Rotated straight out of qkv: one pass over q and k, no copy before the rotation.
     return {
-      q: new CpuTensor(rotateHeads(xs, d, 0, heads, headDim, rope), [n, qw]),
-      k: new CpuTensor(rotateHeads(xs, d, qw, kvHeads, headDim, rope), [n, kw]),
+      q: new CpuTensor(this.rotateHeads(xs, d, 0, heads, headDim, rope), [n, qw]),
+      k: new CpuTensor(this.rotateHeads(xs, d, qw, kvHeads, headDim, rope), [n, kw]),
       v,
     };
   }
@@ -338,12 +320,43 @@ export class CpuBackend implements TrainingBackend {
     return q;
   }
 
+  /**
+   * HF rotate_half RoPE of `heads` heads read from columns c0.. of the rows of src (row
+   * width srcWidth) -> [rows, heads * headDim]; sinSign -1 rotates back (ropeBackward).
+   */
+  private rotateHeads(
+    src: Float32Array,
+    srcWidth: number,
+    c0: number,
+    heads: number,
+    headDim: number,
+    rope: RopeSpec,
+    sinSign: 1 | -1 = 1,
+  ): Float32Array {
+    const n = rope.positions.length, out = this.floats(n * heads * headDim);
+    const { positions, theta, linearFactor } = rope;
+    const args = {
+      src,
+      srcWidth,
+      c0,
+      out,
+      heads,
+      headDim,
+      sinSign,
+      positions,
+      theta,
+      linearFactor,
+    };
+    this.rows.run("rotateHeads", args, n, heads * headDim, [out]);
+    return out;
+  }
+
   attention(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape): Tensor {
     const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
     const qs = t(q).data, ks = t(k).data, vs = t(v).data;
     const qw = heads * headDim, kw = kvHeads * headDim;
     const group = heads / kvHeads, stride = checkAttentionShape("attention", q, k, v, s);
-    const out = new Float32Array(batch * qLen * qw);
+    const out = this.floats(batch * qLen * qw);
     const scale = 1 / Math.sqrt(headDim);
     if (this.blas) {
       this.attentionBlas(qs, ks, vs, out, s, stride, scale);
@@ -381,6 +394,8 @@ export class CpuBackend implements TrainingBackend {
 
   // Same math with both products in BLAS: per (sequence, head), scores = Q K^T over the
   // strided head slices, masked softmax in JS, then P V written into the head's columns.
+  // The softmax runs over the scores of many (sequence, head) pairs at once, so it can be
+  // split between threads.
   private attentionBlas(
     qs: Float32Array,
     ks: Float32Array,
@@ -392,17 +407,39 @@ export class CpuBackend implements TrainingBackend {
   ): void {
     const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
     const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
-    const scores = new Float32Array(qLen * kvLen); // [qLen, kvLen]
-    for (let b = 0; b < batch; b++) {
-      for (let h = 0; h < heads; h++) {
-        const kh = Math.floor(h / group);
-        const q = qs.subarray(b * qLen * qw + h * headDim);
-        const k = ks.subarray(b * stride * kw + kh * headDim);
-        const v = vs.subarray(b * stride * kw + kh * headDim);
-        this.blas!.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, scores, kvLen);
-        softmaxVisibleRows(scores, qLen, kvLen, window);
-        const o = out.subarray(b * qLen * qw + h * headDim);
-        this.blas!.sgemm(false, false, qLen, headDim, kvLen, 1, scores, kvLen, v, kw, 0, o, qw);
+    const blas = this.blas!, block = qLen * kvLen, pairs = batch * heads;
+    const chunk = Math.max(1, Math.min(pairs, Math.floor(ATTENTION_SCORES_CHUNK / block)));
+    const scores = this.floats(chunk * block); // [chunk pairs, qLen, kvLen]
+    const slices = (pair: number) => {
+      const b = Math.floor(pair / heads), h = pair % heads, kh = Math.floor(h / group);
+      const kOff = b * stride * kw + kh * headDim;
+      return { q: b * qLen * qw + h * headDim, k: ks.subarray(kOff), v: vs.subarray(kOff) };
+    };
+    for (let p0 = 0; p0 < pairs; p0 += chunk) {
+      const count = Math.min(chunk, pairs - p0);
+      for (let i = 0; i < count; i++) {
+        const { q, k } = slices(p0 + i), sc = scores.subarray(i * block);
+        blas.sgemm(
+          false,
+          true,
+          qLen,
+          kvLen,
+          headDim,
+          scale,
+          qs.subarray(q),
+          qw,
+          k,
+          kw,
+          0,
+          sc,
+          kvLen,
+        );
+      }
+      const args = { scores, qLen, kvLen, window };
+      this.rows.run("softmaxVisible", args, count * qLen, kvLen, [scores]);
+      for (let i = 0; i < count; i++) {
+        const { q, v } = slices(p0 + i), sc = scores.subarray(i * block);
+        blas.sgemm(false, false, qLen, headDim, kvLen, 1, sc, kvLen, v, kw, 0, out.subarray(q), qw);
       }
     }
   }
@@ -594,7 +631,7 @@ export class CpuBackend implements TrainingBackend {
     }
     // The rotation is orthogonal: its transpose is the rotation by the negated angle.
     const rope = { positions, theta, linearFactor };
-    return new CpuTensor(rotateHeads(t(dy).data, d, 0, heads, headDim, rope, -1), dy.shape);
+    return new CpuTensor(this.rotateHeads(t(dy).data, d, 0, heads, headDim, rope, -1), dy.shape);
   }
 
   attentionBackward(
@@ -683,7 +720,7 @@ export class CpuBackend implements TrainingBackend {
     const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
     const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
     const blas = this.blas!;
-    const p = new Float32Array(qLen * kvLen); // [qLen, kvLen]
+    const p = this.floats(qLen * kvLen); // [qLen, kvLen]
     const dp = new Float32Array(qLen * kvLen); // [qLen, kvLen]
     for (let b = 0; b < batch; b++) {
       for (let h = 0; h < heads; h++) {
@@ -692,7 +729,7 @@ export class CpuBackend implements TrainingBackend {
         const q = qs.subarray(qOff), k = ks.subarray(kOff), v = vs.subarray(kOff);
         const dO = dos.subarray(qOff);
         blas.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, p, kvLen);
-        softmaxVisibleRows(p, qLen, kvLen, window);
+        this.rows.run("softmaxVisible", { scores: p, qLen, kvLen, window }, qLen, kvLen, [p]);
         blas.sgemm(
           true,
           false,
@@ -882,92 +919,6 @@ export class CpuBackend implements TrainingBackend {
       const update = ms[i] / bc1 / (Math.sqrt(vs[i] / bc2) + hp.eps);
       ps[i] -= hp.lr * (hp.weightDecay * ps[i] + update);
     }
-  }
-}
-
-/**
- * HF rotate_half RoPE of `heads` heads read from columns c0.. of the rows of `src` (row
- * width srcWidth): [rows, heads * headDim], row r at position positions[r]. sinSign -1
- * rotates back: the transpose, which is ropeBackward.
- */
-function rotateHeads(
-  src: Float32Array,
-  srcWidth: number,
-  c0: number,
-  heads: number,
-  headDim: number,
-  rope: RopeSpec,
-  sinSign: 1 | -1 = 1,
-): Float32Array {
-  const n = rope.positions.length, width = heads * headDim, half = headDim / 2;
-  const out = new Float32Array(n * width);
-  const table = ropeTable(headDim, rope.theta, rope.linearFactor);
-  for (let r = 0; r < n; r++) {
-    const [cos, sin] = table(rope.positions[r]);
-    for (let h = 0; h < heads; h++) {
-      const o = r * width + h * headDim, x = r * srcWidth + c0 + h * headDim;
-      for (let i = 0; i < half; i++) {
-        const a = src[x + i], b = src[x + i + half], sn = sinSign * sin[i];
-        out[o + i] = a * cos[i] - b * sn;
-        out[o + i + half] = b * cos[i] + a * sn;
-      }
-    }
-  }
-  return out;
-}
-
-/**
- * cos/sin per distinct position (positions repeat across the batch), with HF's f32
- * inv_freq = 1 / theta^(2i/d) and f32 angle, for rotateHeads.
- */
-function ropeTable(
-  headDim: number,
-  theta: number,
-  linearFactor: number,
-): (position: number) => [Float64Array, Float64Array] {
-  const half = headDim / 2;
-  const invFreq = Array.from(
-    { length: half },
-    (_, i) => Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim))),
-  );
-  const tables = new Map<number, [Float64Array, Float64Array]>();
-  return (position) => {
-    let cs = tables.get(position);
-    if (!cs) {
-      const pos = position / linearFactor;
-      cs = [new Float64Array(half), new Float64Array(half)];
-      for (let i = 0; i < half; i++) {
-        const angle = Math.fround(pos * invFreq[i]);
-        cs[0][i] = Math.cos(angle), cs[1][i] = Math.sin(angle);
-      }
-      tables.set(position, cs);
-    }
-    return cs;
-  };
-}
-
-/**
- * Causal (optionally windowed) softmax of each row of scores [qLen, kvLen] in place, for
- * the BLAS attention forward and backward: row i sees keys lo .. pos (pos = kvLen - qLen +
- * i); only those are exponentiated and normalised, the others become 0.
- */
-function softmaxVisibleRows(
-  scores: Float32Array,
-  qLen: number,
-  kvLen: number,
-  window: number | null,
-): void {
-  for (let i = 0; i < qLen; i++) {
-    const pos = kvLen - qLen + i;
-    const lo = window === null ? 0 : Math.max(0, pos - window + 1);
-    const a = i * kvLen + lo, z = i * kvLen + pos; // the visible entries
-    let max = -Infinity;
-    for (let j = a; j <= z; j++) if (scores[j] > max) max = scores[j];
-    let sum = 0;
-    for (let j = a; j <= z; j++) sum += scores[j] = exp(scores[j] - max);
-    for (let j = a; j <= z; j++) scores[j] /= sum;
-    scores.fill(0, i * kvLen, a);
-    scores.fill(0, z + 1, (i + 1) * kvLen);
   }
 }
 

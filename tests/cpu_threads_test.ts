@@ -1,0 +1,122 @@
+// The CPU backend's elementwise passes split over worker threads (cpu_rows.ts) against one
+// thread: every row is computed the same way wherever it runs, so results are bit-identical.
+// Sizes are above the split threshold and odd, so the rows divide unevenly.
+import assert from "node:assert";
+import { CpuBackend } from "../lib/backend/cpu.ts";
+import { rowKernels, RowThreads, sharedFloats } from "../lib/backend/cpu_rows.ts";
+import { f32Tensor } from "../lib/io/safetensors.ts";
+import { Model } from "../lib/model/model.ts";
+import { forward } from "../lib/model/decoder.ts";
+import { DEFAULT_MODEL } from "./golden.ts";
+import { randn } from "./util.ts";
+
+/** got equals want bit for bit; names the first differing entry (assert's diff of large arrays runs out of memory). */
+function assertIdentical(got: Float32Array[], want: Float32Array[], label: string): void {
+  assert.equal(got.length, want.length, label);
+  want.forEach((w, a) => {
+    const g = new Uint32Array(got[a].buffer, got[a].byteOffset, got[a].length);
+    const bits = new Uint32Array(w.buffer, w.byteOffset, w.length);
+    assert.equal(
+      g.length,
+      bits.length,
+      `${label}: output ${a} has ${g.length} entries, want ${bits.length}`,
+    );
+    const i = bits.findIndex((b, j) => b !== g[j]);
+    assert(i < 0, `${label}: output ${a} differs first at entry ${i}: ${got[a][i]} vs ${w[i]}`);
+  });
+}
+
+const one = new CpuBackend({ threads: 1 });
+const three = new CpuBackend({ threads: 3 }); // more threads than CI's cores: still exact
+
+Deno.test("cpu threads: the backend says how many threads it uses", () => {
+  assert.match(three.description, /, 3 threads$/);
+  assert.doesNotMatch(one.description, /threads/);
+  assert.doesNotMatch(new CpuBackend({ reference: true }).description, /threads/);
+  assert.throws(() => new CpuBackend({ threads: 0 }), /threads must be a positive integer, got 0/);
+});
+
+Deno.test("cpu threads: the default model's forward is bit-identical on 1 and 3 threads", async () => {
+  // 4 x 67 tokens: every split op (norms, SwiGLU, RoPE, softmax, combine) crosses the
+  // threshold, and the attention softmax spans several (sequence, head) blocks.
+  const batch = 4, seqLen = 67;
+  const ids = new Int32Array(batch * seqLen).map((_, i) => (i * 7919 + 13) % 256);
+  const logits = [];
+  for (const be of [one, three]) {
+    const model = await Model.load(DEFAULT_MODEL, be);
+    logits.push((await forward(model, ids, { batch, seqLen })).logits);
+  }
+  assertIdentical([logits[1]], [logits[0]], "logits");
+});
+
+Deno.test("cpu threads: rmsNorm, addRmsNorm, rope, ropeBackward are bit-identical", async () => {
+  const n = 1237, heads = 3, hd = 32, d = heads * hd;
+  const x = randn(n * d, 1), y = randn(n * d, 2), wv = randn(d, 3);
+  const positions = new Int32Array(n).map((_, i) => (i * 13) % 301);
+  const results = [];
+  for (const be of [one, three]) {
+    const weight = be.uploadWeight(f32Tensor("norm", [d], wv));
+    const a = be.tensor(x, [n, d]), b = be.tensor(y, [n, d]);
+    const { sum, normed } = be.addRmsNorm(a, b, weight, 1e-6);
+    results.push(
+      await be.readAll([
+        be.rmsNorm(a, weight, 1e-5),
+        sum,
+        normed,
+        be.rope(a, positions, heads, hd, 10000, 1),
+        be.ropeBackward(b, positions, heads, hd, 500, 2),
+      ]),
+    );
+  }
+  assertIdentical(results[1], results[0], "rmsNorm, addRmsNorm (sum, normed), rope, ropeBackward");
+});
+
+Deno.test("cpu threads: attention and its backward are bit-identical (GQA, window, qLen < kvLen)", async () => {
+  for (
+    const s of [
+      // (sequence, head) pairs x qLen x kvLen above the split threshold
+      { batch: 3, qLen: 77, kvLen: 77, heads: 4, kvHeads: 2, headDim: 16, window: null },
+      { batch: 2, qLen: 90, kvLen: 131, heads: 3, kvHeads: 1, headDim: 8, window: 20 },
+    ]
+  ) {
+    const q = randn(s.batch * s.qLen * s.heads * s.headDim, 4);
+    const k = randn(s.batch * s.kvLen * s.kvHeads * s.headDim, 5);
+    const v = randn(s.batch * s.kvLen * s.kvHeads * s.headDim, 6);
+    const dOut = randn(q.length, 7);
+    const results = [];
+    for (const be of [one, three]) {
+      const qt = be.tensor(q, [s.batch * s.qLen, s.heads * s.headDim]);
+      const kt = be.tensor(k, [s.batch * s.kvLen, s.kvHeads * s.headDim]);
+      const vt = be.tensor(v, [s.batch * s.kvLen, s.kvHeads * s.headDim]);
+      const grads = be.attentionBackward(qt, kt, vt, be.tensor(dOut, qt.shape), s);
+      results.push(
+        await be.readAll([be.attention(qt, kt, vt, s), grads.dq, grads.dk, grads.dv]),
+      );
+    }
+    assertIdentical(results[1], results[0], `attention, dq, dk, dv ${JSON.stringify(s)}`);
+  }
+});
+
+Deno.test("cpu threads: combineRows into an array outside shared memory runs on one thread, exactly", async () => {
+  const n = 2003, k = 3, h = 40, rows = 701;
+  const ys = randn(rows * h, 8), base = randn(n * h, 9);
+  const sources = new Int32Array(n * k).map((_, i) => (i * 31) % rows);
+  const scales = randn(n * k, 10);
+  const outs = [];
+  for (const be of [one, three]) {
+    const out = be.tensor(base.slice(), [n, h]); // a plain array: a worker would write a copy
+    be.combineRows(out, be.tensor(ys, [rows, h]), sources, scales, k);
+    outs.push(await be.read(out));
+  }
+  assertIdentical([outs[1]], [outs[0]], "combineRows");
+});
+
+Deno.test("cpu threads: RowThreads splits rows unevenly, with fewer rows than threads, exactly", () => {
+  for (const [rows, width, threads] of [[3, 32768, 5], [10007, 8, 2], [9001, 12, 4]]) {
+    const gateUp = sharedFloats(rows * 2 * width).map((_, i) => Math.sin(i) * 4);
+    const want = new Float32Array(rows * width), got = sharedFloats(rows * width);
+    rowKernels.swiglu({ gateUp, out: want, width }, 0, rows);
+    new RowThreads(threads).run("swiglu", { gateUp, out: got, width }, rows, width, [got]);
+    assertIdentical([got], [want], `${rows} rows on ${threads} threads`);
+  }
+});
