@@ -34,6 +34,17 @@ Deno.test("cpu threads: the backend says how many threads it uses", () => {
   assert.doesNotMatch(one.description, /threads/);
   assert.doesNotMatch(new CpuBackend({ reference: true }).description, /threads/);
   assert.throws(() => new CpuBackend({ threads: 0 }), /threads must be a positive integer, got 0/);
+  try {
+    Deno.env.set("MOE_CONDENSE_THREADS", "5");
+    assert.match(new CpuBackend().description, /, 5 threads$/);
+    Deno.env.set("MOE_CONDENSE_THREADS", "two");
+    assert.throws(
+      () => new CpuBackend(),
+      /MOE_CONDENSE_THREADS must be a positive integer, got "two"/,
+    );
+  } finally {
+    Deno.env.delete("MOE_CONDENSE_THREADS");
+  }
 });
 
 Deno.test("cpu threads: the default model's forward is bit-identical on 1 and 3 threads", async () => {

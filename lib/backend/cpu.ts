@@ -36,6 +36,19 @@ import {
 // (sequence, head) pairs per thread hand-over, and bounded memory at long contexts.
 const ATTENTION_SCORES_CHUNK = 1 << 22;
 
+// Default thread cap: each worker is a V8 isolate (memory), and a pass split finer than
+// 8 ways is mostly hand-over at this project's model sizes.
+const MAX_THREADS = 8;
+
+function defaultThreads(): number {
+  const env = Deno.env.get("MOE_CONDENSE_THREADS");
+  if (env === undefined) return Math.min(navigator.hardwareConcurrency, MAX_THREADS);
+  if (!/^[1-9][0-9]*$/.test(env)) {
+    throw new Error(`MOE_CONDENSE_THREADS must be a positive integer, got "${env}"`);
+  }
+  return Number(env);
+}
+
 export class CpuTensor implements Tensor {
   constructor(readonly data: Float32Array, readonly shape: readonly number[]) {
     if (data.length !== numelOf(shape)) {
@@ -63,7 +76,8 @@ export interface CpuOptions {
   reference?: boolean;
   /**
    * Threads for the elementwise passes (BLAS has its own); default: every core the
-   * runtime reports. Results are the same for any count.
+   * runtime reports, at most MAX_THREADS, or MOE_CONDENSE_THREADS. Results are the same
+   * for any count.
    */
   threads?: number;
 }
@@ -78,7 +92,7 @@ export class CpuBackend implements TrainingBackend {
   constructor(opts: CpuOptions = {}) {
     this.blas = opts.reference ? null : loadBlas();
     this.rows = new RowThreads(
-      opts.threads ?? (opts.reference ? 1 : navigator.hardwareConcurrency),
+      opts.threads ?? (opts.reference ? 1 : defaultThreads()),
     );
     this.description = (this.blas
       ? `CPU f32, matmul by ${this.blas.library}` +
