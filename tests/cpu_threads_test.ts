@@ -9,6 +9,7 @@ import { Model } from "../lib/model/model.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { DEFAULT_MODEL } from "./golden.ts";
 import { randn } from "./util.ts";
+import { compileSimd, SIMD_TS } from "../scripts/build_simd.ts";
 
 /** got equals want bit for bit; names the first differing entry (assert's diff of large arrays runs out of memory). */
 function assertIdentical(got: Float32Array[], want: Float32Array[], label: string): void {
@@ -123,11 +124,65 @@ Deno.test("cpu threads: combineRows into an array outside shared memory runs on 
 });
 
 Deno.test("cpu threads: RowThreads splits rows unevenly, with fewer rows than threads, exactly", () => {
-  for (const [rows, width, threads] of [[3, 32768, 5], [10007, 8, 2], [9001, 12, 4]]) {
-    const gateUp = sharedFloats(rows * 2 * width).map((_, i) => Math.sin(i) * 4);
-    const want = new Float32Array(rows * width), got = sharedFloats(rows * width);
-    rowKernels.swiglu({ gateUp, out: want, width }, 0, rows);
-    new RowThreads(threads).run("swiglu", { gateUp, out: got, width }, rows, width, [got]);
-    assertIdentical([got], [want], `${rows} rows on ${threads} threads`);
+  for (const simd of [false, true]) {
+    for (const [rows, width, threads] of [[3, 32768, 5], [10007, 8, 2], [9001, 12, 4]]) {
+      const gateUp = sharedFloats(rows * 2 * width).map((_, i) => Math.sin(i) * 4);
+      const want = new Float32Array(rows * width), got = sharedFloats(rows * width);
+      rowKernels.swiglu({ gateUp, out: want, width, simd }, 0, rows);
+      new RowThreads(threads).run("swiglu", { gateUp, out: got, width, simd }, rows, width, [got]);
+      assertIdentical([got], [want], `${rows} rows on ${threads} threads, simd ${simd}`);
+    }
   }
+});
+
+/** Largest |a - b| / max(|b|, floor) over the entries. */
+function worstRelative(a: Float32Array, b: Float32Array, floor: number): number {
+  let worst = 0;
+  for (let i = 0; i < b.length; i++) {
+    worst = Math.max(worst, Math.abs(a[i] - b[i]) / Math.max(Math.abs(b[i]), floor));
+  }
+  return worst;
+}
+
+Deno.test("cpu SIMD SwiGLU and softmax agree with the JS doubles within f32 rounding, extremes included", () => {
+  // Gates over the whole f32 range that matters, and past exp's clamp (+-87).
+  const rows = 613, width = 36, n = rows * width;
+  const gateUp = new Float32Array(2 * n).map((_, i) => {
+    const x = Math.sin(i * 0.37) * (i % 7 === 0 ? 120 : 9);
+    return i % 11 === 0 ? 0 : x;
+  });
+  const out = [false, true].map((simd) => {
+    const o = new Float32Array(n);
+    rowKernels.swiglu({ gateUp, out: o, width, simd }, 0, rows);
+    return o;
+  });
+  // Below a gate of -88 exp is clamped: silu is then 1e-36 instead of 1e-38, compared absolutely.
+  const swigluError = worstRelative(out[1], out[0], 1e-6);
+  assert(swigluError < 1e-6, `SwiGLU: SIMD off by ${swigluError} relative`);
+
+  // Score rows with a window, very negative and tied entries, rows of 1 to 131 visible keys.
+  const qLen = 131, kvLen = 131;
+  const scores = new Float32Array(qLen * kvLen).map((_, i) =>
+    i % 13 === 0 ? -1e30 : i % 17 === 0 ? 5 : Math.cos(i * 0.71) * 30
+  );
+  for (const window of [null, 40]) {
+    const probs = [false, true].map((simd) => {
+      const p = scores.slice();
+      rowKernels.softmaxVisible({ scores: p, qLen, kvLen, window, simd }, 0, qLen);
+      return p;
+    });
+    // x - max is rounded to f32 (as in PyTorch): half an ulp of up to 60 here, 1.9e-6, is a
+    // relative error of e^x. Probabilities below 1e-30 are underflow: compared absolutely.
+    const softmaxError = worstRelative(probs[1], probs[0], 1e-30);
+    assert(softmaxError < 3e-6, `softmax window ${window}: SIMD off by ${softmaxError} relative`);
+    for (let r = 0; r < qLen; r++) {
+      let sum = 0;
+      for (let j = 0; j < kvLen; j++) sum += probs[1][r * kvLen + j];
+      assert(Math.abs(sum - 1) < 1e-6, `row ${r} sums to ${sum}`);
+    }
+  }
+});
+
+Deno.test("cpu SIMD: simd_wasm.ts is simd.wat compiled (deno task build-simd)", async () => {
+  assert.equal(Deno.readTextFileSync(SIMD_TS), await compileSimd());
 });

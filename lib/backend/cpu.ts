@@ -88,9 +88,13 @@ export class CpuBackend implements TrainingBackend {
   readonly f32Weights = true;
   private blas: Blas | null;
   private rows: RowThreads;
+  // SwiGLU and softmax in f32 WebAssembly SIMD lanes (within a few ulps of the doubles);
+  // the reference keeps its JS doubles.
+  private simd: boolean;
 
   constructor(opts: CpuOptions = {}) {
     this.blas = opts.reference ? null : loadBlas();
+    this.simd = !opts.reference;
     this.rows = new RowThreads(
       opts.threads ?? (opts.reference ? 1 : defaultThreads()),
     );
@@ -216,7 +220,8 @@ export class CpuBackend implements TrainingBackend {
   /** silu(gate) * up of an interleaved gateUp product [n, 2 width] -> [n, width]. */
   private swigluOfGateUp(gateUp: Tensor, n: number, width: number): Tensor {
     const out = this.floats(n * width);
-    this.rows.run("swiglu", { gateUp: t(gateUp).data, out, width }, n, width, [out]);
+    const args = { gateUp: t(gateUp).data, out, width, simd: this.simd };
+    this.rows.run("swiglu", args, n, width, [out]);
     return new CpuTensor(out, [n, width]);
   }
 
@@ -450,7 +455,7 @@ export class CpuBackend implements TrainingBackend {
         );
       }
       const args = { scores, qLen, kvLen, window };
-      this.rows.run("softmaxVisible", args, count * qLen, kvLen, [scores]);
+      this.rows.run("softmaxVisible", { ...args, simd: this.simd }, count * qLen, kvLen, [scores]);
       for (let i = 0; i < count; i++) {
         const { q, v } = slices(p0 + i), sc = scores.subarray(i * block);
         blas.sgemm(false, false, qLen, headDim, kvLen, 1, sc, kvLen, v, kw, 0, out.subarray(q), qw);
@@ -743,7 +748,8 @@ export class CpuBackend implements TrainingBackend {
         const q = qs.subarray(qOff), k = ks.subarray(kOff), v = vs.subarray(kOff);
         const dO = dos.subarray(qOff);
         blas.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, p, kvLen);
-        this.rows.run("softmaxVisible", { scores: p, qLen, kvLen, window }, qLen, kvLen, [p]);
+        const args = { scores: p, qLen, kvLen, window, simd: this.simd };
+        this.rows.run("softmaxVisible", args, qLen, kvLen, [p]);
         blas.sgemm(
           true,
           false,

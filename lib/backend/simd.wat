@@ -1,0 +1,76 @@
+;; WebAssembly SIMD kernels for the CPU backend's exp-heavy passes (SwiGLU, softmax), four f32
+;; lanes at a time. Compiled into simd_wasm.ts by `deno task build-simd`; cpu_rows.ts copies
+;; rows in and out of this module's memory.
+(module
+  (memory (export "memory") 1)
+  ;; e^x in each lane, f32: x = n ln2 + r, |r| <= ln2/2; e^r by Taylor to r^7 (relative
+  ;; remainder below 1e-8), 2^n from exponent bits. x is clamped to [-87.3, 88.3] so 2^n stays normal.
+  (func $exp (param $x v128) (result v128)
+    (local $n v128) (local $r v128) (local $p v128)
+    (local.set $x (f32x4.min (f32x4.max (local.get $x) (v128.const f32x4 -87.3 -87.3 -87.3 -87.3))
+                             (v128.const f32x4 88.3 88.3 88.3 88.3)))
+    (local.set $n (f32x4.nearest (f32x4.mul (local.get $x) (v128.const f32x4 1.44269504 1.44269504 1.44269504 1.44269504))))
+    ;; ln2 = 0.693359375 - 2.12194440e-4: the first part has few bits, so n * it is exact
+    (local.set $r (f32x4.sub (f32x4.sub (local.get $x)
+        (f32x4.mul (local.get $n) (v128.const f32x4 0.693359375 0.693359375 0.693359375 0.693359375)))
+        (f32x4.mul (local.get $n) (v128.const f32x4 -2.12194440e-4 -2.12194440e-4 -2.12194440e-4 -2.12194440e-4))))
+    (local.set $p (v128.const f32x4 1.98412698e-4 1.98412698e-4 1.98412698e-4 1.98412698e-4)) ;; 1/5040
+    (local.set $p (f32x4.add (f32x4.mul (local.get $p) (local.get $r)) (v128.const f32x4 1.38888889e-3 1.38888889e-3 1.38888889e-3 1.38888889e-3)))
+    (local.set $p (f32x4.add (f32x4.mul (local.get $p) (local.get $r)) (v128.const f32x4 8.33333333e-3 8.33333333e-3 8.33333333e-3 8.33333333e-3)))
+    (local.set $p (f32x4.add (f32x4.mul (local.get $p) (local.get $r)) (v128.const f32x4 4.16666667e-2 4.16666667e-2 4.16666667e-2 4.16666667e-2)))
+    (local.set $p (f32x4.add (f32x4.mul (local.get $p) (local.get $r)) (v128.const f32x4 0.166666667 0.166666667 0.166666667 0.166666667)))
+    (local.set $p (f32x4.add (f32x4.mul (local.get $p) (local.get $r)) (v128.const f32x4 0.5 0.5 0.5 0.5)))
+    (local.set $p (f32x4.add (f32x4.mul (local.get $p) (local.get $r)) (v128.const f32x4 1 1 1 1)))
+    (local.set $p (f32x4.add (f32x4.mul (local.get $p) (local.get $r)) (v128.const f32x4 1 1 1 1)))
+    (f32x4.mul (local.get $p)
+      (i32x4.shl (i32x4.add (i32x4.trunc_sat_f32x4_s (local.get $n)) (v128.const i32x4 127 127 127 127)) (i32.const 23))))
+
+  ;; out[c] = silu(gate) * up over runs of 4: 4 gate then 4 up values in, 4 out. $runs runs.
+  (func (export "swiglu") (param $gateUp i32) (param $out i32) (param $runs i32)
+    (local $g v128)
+    (block $done (loop $next
+      (br_if $done (i32.eqz (local.get $runs)))
+      (local.set $g (v128.load (local.get $gateUp)))
+      (v128.store (local.get $out)
+        (f32x4.mul
+          (f32x4.div (local.get $g)
+            (f32x4.add (v128.const f32x4 1 1 1 1) (call $exp (f32x4.neg (local.get $g)))))
+          (v128.load offset=16 (local.get $gateUp))))
+      (local.set $gateUp (i32.add (local.get $gateUp) (i32.const 32)))
+      (local.set $out (i32.add (local.get $out) (i32.const 16)))
+      (local.set $runs (i32.sub (local.get $runs) (i32.const 1)))
+      (br $next))))
+
+  ;; Softmax in place of $vecs f32x4 at $p (pad a row's tail with -inf): max, e^(x - max)
+  ;; and their sum, then each divided by the sum.
+  (func (export "softmax") (param $p i32) (param $vecs i32)
+    (local $q i32) (local $end i32) (local $v v128) (local $m v128) (local $s v128)
+    (local.set $end (i32.add (local.get $p) (i32.shl (local.get $vecs) (i32.const 4))))
+    (local.set $m (v128.const f32x4 -inf -inf -inf -inf))
+    (local.set $q (local.get $p))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $q) (local.get $end)))
+      (local.set $m (f32x4.max (local.get $m) (v128.load (local.get $q))))
+      (local.set $q (i32.add (local.get $q) (i32.const 16)))
+      (br $next)))
+    (local.set $m (f32x4.max (local.get $m) (i8x16.shuffle 8 9 10 11 12 13 14 15 0 1 2 3 4 5 6 7 (local.get $m) (local.get $m))))
+    (local.set $m (f32x4.max (local.get $m) (i8x16.shuffle 4 5 6 7 0 1 2 3 12 13 14 15 8 9 10 11 (local.get $m) (local.get $m))))
+    ;; The sum in f64 lanes: in f32 its rounding alone reached 1e-6 over 256 keys.
+    (local.set $s (v128.const f64x2 0 0))
+    (local.set $q (local.get $p))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $q) (local.get $end)))
+      (local.set $v (call $exp (f32x4.sub (v128.load (local.get $q)) (local.get $m))))
+      (v128.store (local.get $q) (local.get $v))
+      (local.set $s (f64x2.add (local.get $s) (f64x2.add (f64x2.promote_low_f32x4 (local.get $v))
+        (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 0 1 2 3 4 5 6 7 (local.get $v) (local.get $v))))))
+      (local.set $q (i32.add (local.get $q) (i32.const 16)))
+      (br $next)))
+    (local.set $s (f32x4.splat (f32.demote_f64 (f64.add (f64x2.extract_lane 0 (local.get $s)) (f64x2.extract_lane 1 (local.get $s))))))
+    (local.set $q (local.get $p))
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $q) (local.get $end)))
+      (v128.store (local.get $q) (f32x4.div (v128.load (local.get $q)) (local.get $s)))
+      (local.set $q (i32.add (local.get $q) (i32.const 16)))
+      (br $next))))
+)
