@@ -1,6 +1,8 @@
-// CPU reference backend: plain f32 loops, written to be obviously right. Weights are
-// widened to f32 once on upload (the layer-wise mode keeps only one layer resident).
-// Sums accumulate in JS doubles, so this path is at least as accurate as f32 PyTorch.
+// CPU backend. Its reference mode is plain f32 loops, written to be obviously right, with
+// sums in JS doubles, so at least as accurate as f32 PyTorch. By default matmuls run in
+// BLAS, and the elementwise passes (cpu_rows.ts) over worker threads, SwiGLU and softmax in
+// f32 WebAssembly SIMD lanes; each is tested against the reference. Weights are widened to
+// f32 once on upload (the layer-wise mode keeps only one layer resident).
 
 import { exp } from "./exp.ts";
 import { RowThreads, sharedFloats } from "./cpu_rows.ts";
@@ -412,9 +414,9 @@ export class CpuBackend implements TrainingBackend {
   }
 
   // Same math with both products in BLAS: per (sequence, head), scores = Q K^T over the
-  // strided head slices, masked softmax in JS, then P V written into the head's columns.
-  // The softmax runs over the scores of many (sequence, head) pairs at once, so it can be
-  // split between threads.
+  // strided head slices, the masked softmax (cpu_rows.ts), then P V written into the head's
+  // columns. The softmax runs over the scores of many (sequence, head) pairs at once, so it
+  // can be split between threads.
   private attentionBlas(
     qs: Float32Array,
     ks: Float32Array,
@@ -431,34 +433,25 @@ export class CpuBackend implements TrainingBackend {
     const scores = this.floats(chunk * block); // [chunk pairs, qLen, kvLen]
     const slices = (pair: number) => {
       const b = Math.floor(pair / heads), h = pair % heads, kh = Math.floor(h / group);
-      const kOff = b * stride * kw + kh * headDim;
-      return { q: b * qLen * qw + h * headDim, k: ks.subarray(kOff), v: vs.subarray(kOff) };
+      const qOff = b * qLen * qw + h * headDim, kOff = b * stride * kw + kh * headDim;
+      return {
+        q: qs.subarray(qOff),
+        o: out.subarray(qOff),
+        k: ks.subarray(kOff),
+        v: vs.subarray(kOff),
+      };
     };
     for (let p0 = 0; p0 < pairs; p0 += chunk) {
       const count = Math.min(chunk, pairs - p0);
       for (let i = 0; i < count; i++) {
         const { q, k } = slices(p0 + i), sc = scores.subarray(i * block);
-        blas.sgemm(
-          false,
-          true,
-          qLen,
-          kvLen,
-          headDim,
-          scale,
-          qs.subarray(q),
-          qw,
-          k,
-          kw,
-          0,
-          sc,
-          kvLen,
-        );
+        blas.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, sc, kvLen);
       }
-      const args = { scores, qLen, kvLen, window };
-      this.rows.run("softmaxVisible", { ...args, simd: this.simd }, count * qLen, kvLen, [scores]);
+      const args = { scores, qLen, kvLen, window, simd: this.simd };
+      this.rows.run("softmaxVisible", args, count * qLen, kvLen, [scores]);
       for (let i = 0; i < count; i++) {
-        const { q, v } = slices(p0 + i), sc = scores.subarray(i * block);
-        blas.sgemm(false, false, qLen, headDim, kvLen, 1, sc, kvLen, v, kw, 0, out.subarray(q), qw);
+        const { o, v } = slices(p0 + i), sc = scores.subarray(i * block);
+        blas.sgemm(false, false, qLen, headDim, kvLen, 1, sc, kvLen, v, kw, 0, o, qw);
       }
     }
   }
