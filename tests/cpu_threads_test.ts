@@ -160,25 +160,31 @@ Deno.test("cpu SIMD SwiGLU and softmax agree with the JS doubles within f32 roun
   const swigluError = worstRelative(out[1], out[0], 1e-6);
   assert(swigluError < 1e-6, `SwiGLU: SIMD off by ${swigluError} relative`);
 
-  // Score rows with a window, very negative and tied entries, rows of 1 to 131 visible keys.
-  const qLen = 131, kvLen = 131;
-  const scores = new Float32Array(qLen * kvLen).map((_, i) =>
-    i % 13 === 0 ? -1e30 : i % 17 === 0 ? 5 : Math.cos(i * 0.71) * 30
-  );
-  for (const window of [null, 40]) {
-    const probs = [false, true].map((simd) => {
-      const p = scores.slice();
-      rowKernels.softmaxVisible({ scores: p, qLen, kvLen, window, simd }, 0, qLen);
-      return p;
-    });
-    // x - max is rounded to f32 (as in PyTorch): half an ulp of up to 60 here, 1.9e-6, is a
-    // relative error of e^x. Probabilities below 1e-30 are underflow: compared absolutely.
-    const softmaxError = worstRelative(probs[1], probs[0], 1e-30);
-    assert(softmaxError < 3e-6, `softmax window ${window}: SIMD off by ${softmaxError} relative`);
-    for (let r = 0; r < qLen; r++) {
-      let sum = 0;
-      for (let j = 0; j < kvLen; j++) sum += probs[1][r * kvLen + j];
-      assert(Math.abs(sum - 1) < 1e-6, `row ${r} sums to ${sum}`);
+  // Score rows with a window, very negative and tied entries, 1 to 131 visible keys; two
+  // blocks of queries after a cache (qLen < kvLen), and a range that starts mid-block.
+  for (const [qLen, kvLen, blocks, r0] of [[131, 131, 1, 0], [50, 131, 2, 7]]) {
+    const rows = blocks * qLen;
+    const scores = new Float32Array(rows * kvLen).map((_, i) =>
+      i % 13 === 0 ? -1e30 : i % 17 === 0 ? 5 : Math.cos(i * 0.71) * 30
+    );
+    for (const window of [null, 40]) {
+      const probs = [false, true].map((simd) => {
+        const p = scores.slice();
+        rowKernels.softmaxVisible({ scores: p, qLen, kvLen, window, simd }, r0, rows);
+        return p;
+      });
+      // x - max is rounded to f32 (as in PyTorch): half an ulp of up to 60 here, 1.9e-6, is a
+      // relative error of e^x. Probabilities below 1e-30 are underflow: compared absolutely.
+      const label = `softmax ${qLen}/${kvLen} window ${window}`;
+      const softmaxError = worstRelative(probs[1], probs[0], 1e-30);
+      assert(softmaxError < 3e-6, `${label}: SIMD off by ${softmaxError} relative`);
+      for (let r = r0; r < rows; r++) {
+        let sum = 0;
+        for (let j = 0; j < kvLen; j++) sum += probs[1][r * kvLen + j];
+        assert(Math.abs(sum - 1) < 1e-6, `${label}: row ${r} sums to ${sum}`);
+      }
+      // Rows before r0 are not touched.
+      assertIdentical([probs[1].subarray(0, r0 * kvLen)], [scores.subarray(0, r0 * kvLen)], label);
     }
   }
 });

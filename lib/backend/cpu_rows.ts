@@ -18,7 +18,7 @@ interface SimdKernels {
   /** The module's memory as f32, at least `floats` long. */
   heap(floats: number): Float32Array;
   swiglu(gateUpByte: number, outByte: number, runs: number): void;
-  softmax(byte: number, vecs: number): void;
+  softmaxCausal(byte: number, rows: number, kvLen: number, pos0: number, window: number): void;
 }
 
 let simdKernels: SimdKernels | null | undefined;
@@ -39,7 +39,7 @@ function loadSimd(): SimdKernels | null {
         return view;
       },
       swiglu: exports.swiglu as SimdKernels["swiglu"],
-      softmax: exports.softmax as SimdKernels["softmax"],
+      softmaxCausal: exports.softmax_causal as SimdKernels["softmaxCausal"],
     };
   } catch {
     simdKernels = null; // no WebAssembly SIMD here: the JS loops run
@@ -47,8 +47,10 @@ function loadSimd(): SimdKernels | null {
   return simdKernels;
 }
 
-// SwiGLU outputs per copy into the SIMD module (with their gate and up values: 192 KiB).
+// SwiGLU outputs per copy into the SIMD module (with their gate and up values: 192 KiB),
+// and score entries per softmax copy (at least a row).
 const SIMD_SWIGLU_CHUNK = 16384;
+const SIMD_SOFTMAX_CHUNK = 65536;
 
 /** out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps) for rows of the given width. */
 function rmsNorm(
@@ -135,22 +137,24 @@ function softmaxVisible(
 ): void {
   const { scores, qLen, kvLen, window } = a;
   const wasm = a.simd ? loadSimd() : null;
+  if (wasm) {
+    // Rows of one (sequence, head) block at a time, so their positions run consecutively.
+    const perCopy = Math.max(1, Math.floor(SIMD_SOFTMAX_CHUNK / kvLen));
+    const heap = wasm.heap(perCopy * kvLen);
+    for (let r = r0, n; r < r1; r += n) {
+      n = Math.min(r1 - r, perCopy, qLen - (r % qLen));
+      heap.set(scores.subarray(r * kvLen, (r + n) * kvLen));
+      wasm.softmaxCausal(0, n, kvLen, kvLen - qLen + (r % qLen), window ?? 0);
+      scores.set(heap.subarray(0, n * kvLen), r * kvLen);
+    }
+    return;
+  }
   for (let r = r0; r < r1; r++) {
     const pos = kvLen - qLen + (r % qLen);
     const lo = window === null ? 0 : Math.max(0, pos - window + 1);
     const a = r * kvLen + lo, z = r * kvLen + pos; // the visible entries
     scores.fill(0, r * kvLen, a);
     scores.fill(0, z + 1, (r + 1) * kvLen);
-    if (wasm) {
-      // Whole lanes: the tail is padded with -inf, whose e^x (clamped: 1e-38, nothing to the
-      // sum in f32) is not copied back.
-      const n = z - a + 1, vecs = Math.ceil(n / 4), heap = wasm.heap(4 * vecs);
-      heap.set(scores.subarray(a, z + 1));
-      heap.fill(-Infinity, n, 4 * vecs);
-      wasm.softmax(0, vecs);
-      scores.set(heap.subarray(0, n), a);
-      continue;
-    }
     let max = -Infinity;
     for (let j = a; j <= z; j++) if (scores[j] > max) max = scores[j];
     let sum = 0;
