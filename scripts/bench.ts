@@ -23,6 +23,7 @@ import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { argmaxRow, createKvCache, forwardCached, freeKvCache } from "../lib/model/generate.ts";
 import { Model } from "../lib/model/model.ts";
+import { countParams } from "../lib/eval/measure.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
 import {
   ATTENTION_KERNELS,
@@ -479,6 +480,23 @@ async function benchAttentionBackward(gpu: WebGpuBackend, repeats: number) {
   return rows;
 }
 
+/**
+ * FLOPs of a forward over batch x seqLen tokens: 2 per multiply-add of every matmul a token
+ * runs (countParams' active_compute: projections, shared and routed-to experts, router,
+ * lm_head; its norm weights are noise) and of q.k and p.v over the visible keys.
+ */
+function forwardFlops(model: Model, batch: number, seqLen: number): number {
+  const s = model.spec;
+  let flops = 2 * countParams(model).active_compute * batch * seqLen;
+  for (const { attention, window } of s.layers) {
+    if (!attention) continue;
+    const { heads, kvHeads, headDim } = s;
+    const shape = { batch, qLen: seqLen, kvLen: seqLen, heads, kvHeads, headDim, window };
+    flops += 4 * headDim * heads * visiblePairs(shape);
+  }
+  return flops;
+}
+
 async function benchForward(backends: Map<string, Backend>, modelDir: string, repeats: number) {
   const rows: Record<string, unknown>[] = [];
   for (const [name, be] of backends) {
@@ -495,7 +513,9 @@ async function benchForward(backends: Map<string, Backend>, modelDir: string, re
     const run = (model: Model) => forward(model, ids, { batch, seqLen });
     for (const model of models) await run(model); // warm-up (JIT, page faults, workers)
     const times = await roundRobin(models, name === "cpu" ? repeats : 1, run);
+    const flops = forwardFlops(models[0], batch, seqLen);
     variants.forEach(([label, b], i) => {
+      const gflops = flops / times[i] / 1e9;
       rows.push({
         backend: label,
         device: b.description,
@@ -503,9 +523,11 @@ async function benchForward(backends: Map<string, Backend>, modelDir: string, re
         seqLen,
         seconds: times[i],
         tokensPerSecond: (batch * seqLen) / times[i],
+        gflops,
       });
       console.error(
-        `forward ${label} ${batch}x${seqLen}: ${(batch * seqLen / times[i]).toFixed(0)} tok/s`,
+        `forward ${label} ${batch}x${seqLen}: ${(batch * seqLen / times[i]).toFixed(0)} tok/s, ` +
+          `${gflops.toFixed(1)} GFLOP/s`,
       );
     });
     models.forEach((model) => model.close());
@@ -759,7 +781,16 @@ await runMain(async () => {
     if (gpu instanceof WebGpuBackend) result.attention = await benchAttention(gpu, repeats);
   }
   if (sections.includes("forward")) {
-    result.forward = await benchForward(backends, args.model ?? DEFAULT_MODEL, repeats);
+    const rows = await benchForward(backends, args.model ?? DEFAULT_MODEL, repeats);
+    // The CPU rows as a fraction of the machine's matmul peak, where this run measured it.
+    const peak = (result.matmul as Record<string, unknown>[] | undefined)
+      ?.find((r) => String(r.backend).startsWith("blas"))?.gflops as number | undefined;
+    for (const row of rows) {
+      if (peak && String(row.backend).startsWith("cpu")) {
+        row.fractionOfPeak = (row.gflops as number) / peak;
+      }
+    }
+    result.forward = rows;
   }
   if (sections.includes("decode")) {
     result.decode = await benchDecode(backends, args.model ?? DEFAULT_MODEL);
