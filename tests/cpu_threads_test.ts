@@ -192,3 +192,15 @@ Deno.test("cpu SIMD SwiGLU and softmax agree with the JS doubles within f32 roun
 Deno.test("cpu SIMD: simd_wasm.ts is simd.wat compiled (deno task build-simd)", async () => {
   assert.equal(Deno.readTextFileSync(SIMD_TS), await compileSimd());
 });
+
+Deno.test("cpu threads: a job that cannot be handed over fails clearly, and the next run is exact", () => {
+  const threads = new RowThreads(3), rows = 9001, width = 12;
+  const gateUp = sharedFloats(rows * 2 * width).map((_, i) => Math.cos(i) * 3);
+  const got = sharedFloats(rows * width), want = new Float32Array(rows * width);
+  // A function cannot be cloned into a message.
+  const args = { gateUp, out: got, width, simd: false, poison: () => {} };
+  assert.throws(() => threads.run("swiglu", args, rows, width, [got]), /could not be cloned/);
+  threads.run("swiglu", { gateUp, out: got, width, simd: false }, rows, width, [got]);
+  rowKernels.swiglu({ gateUp, out: want, width, simd: false }, 0, rows);
+  assertIdentical([got], [want], "after a failed run");
+});

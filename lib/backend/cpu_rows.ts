@@ -332,27 +332,26 @@ export class RowThreads {
     const bound = (i: number) => Math.round((rows * i) / parts);
     const status = this.status;
     Atomics.store(status, 0, 0);
-    for (let i = 1; i < parts; i++) {
-      const job = { kernel, args: shared, r0: bound(i), r1: bound(i + 1) } as RowJob;
-      this.ports[i - 1].postMessage(job);
-    }
-    // The workers' rows are in flight: wait for them even if this thread's rows throw.
-    let ownError: unknown = null;
+    // Jobs handed over are in flight: wait for them even if a hand-over or this thread's
+    // rows throw, so the next run starts from a clean count.
+    let posted = 0, ownError: unknown = null;
     try {
+      for (let i = 1; i < parts; i++) {
+        const job = { kernel, args: shared, r0: bound(i), r1: bound(i + 1) } as RowJob;
+        this.ports[i - 1].postMessage(job);
+        posted++;
+      }
       run(args, 0, bound(1));
     } catch (e) {
       ownError = e;
     }
-    for (let done; (done = Atomics.load(status, 0)) < parts - 1;) Atomics.wait(status, 0, done);
-    if (ownError) throw ownError;
+    for (let done; (done = Atomics.load(status, 0)) < posted;) Atomics.wait(status, 0, done);
     const errorLength = Atomics.load(status, 2);
-    if (errorLength > 0) {
-      const message = new TextDecoder().decode(
-        new Uint8Array(status.buffer, 16, errorLength).slice(),
-      );
-      Atomics.store(status, 2, 0), Atomics.store(status, 3, 0);
-      throw new Error(`CPU worker thread failed in ${kernel}: ${message}`);
-    }
+    const workerError = errorLength > 0 &&
+      new TextDecoder().decode(new Uint8Array(status.buffer, 16, errorLength).slice());
+    Atomics.store(status, 2, 0), Atomics.store(status, 3, 0);
+    if (ownError) throw ownError;
+    if (workerError) throw new Error(`CPU worker thread failed in ${kernel}: ${workerError}`);
   }
 
   private start(count: number): void {
