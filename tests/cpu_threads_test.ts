@@ -189,6 +189,27 @@ Deno.test("cpu SIMD SwiGLU and softmax agree with the JS doubles within f32 roun
   }
 });
 
+Deno.test("cpu SIMD: swiglu and swigluBackward of gate and up apart agree with the JS doubles", async () => {
+  // Odd lengths (a JS tail after whole lanes), one below the split threshold, one above.
+  for (const n of [1001, 70003]) {
+    const gate = new Float32Array(n).map((_, i) => Math.sin(i * 0.37) * (i % 7 === 0 ? 60 : 6));
+    const up = randn(n, 11), dy = randn(n, 12);
+    const results: Float32Array[][] = [];
+    for (const be of [new CpuBackend({ reference: true }), three]) {
+      const g = be.tensor(gate, [n]), u = be.tensor(up, [n]);
+      const { dGate, dUp } = be.swigluBackward(g, u, be.tensor(dy, [n]));
+      results.push(await be.readAll([be.swiglu(g, u), dGate, dUp]));
+    }
+    ["swiglu", "dGate", "dUp"].forEach((name, k) => {
+      // f32 arithmetic against doubles, relative to the largest entry: dGate's factor
+      // 1 + g (1 - sig) cancels near g = -1.28, in f32 as in PyTorch.
+      const scale = results[0][k].reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+      const error = worstRelative(results[1][k], results[0][k], scale);
+      assert(error < 1e-6, `${name} over ${n}: SIMD off by ${error} of the largest entry`);
+    });
+  }
+});
+
 Deno.test("cpu SIMD: simd_wasm.ts is simd.wat compiled (deno task build-simd)", async () => {
   assert.equal(Deno.readTextFileSync(SIMD_TS), await compileSimd());
 });

@@ -19,6 +19,8 @@ interface SimdKernels {
   heap(floats: number): Float32Array;
   swiglu(gateUpByte: number, outByte: number, runs: number): void;
   softmaxCausal(byte: number, rows: number, kvLen: number, pos0: number, window: number): void;
+  swigluApart(gateByte: number, upByte: number, outByte: number, vecs: number): void;
+  swigluApartBackward(gateByte: number, upByte: number, dyByte: number, vecs: number): void;
 }
 
 let simdKernels: SimdKernels | null | undefined;
@@ -40,6 +42,8 @@ function loadSimd(): SimdKernels | null {
       },
       swiglu: exports.swiglu as SimdKernels["swiglu"],
       softmaxCausal: exports.softmax_causal as SimdKernels["softmaxCausal"],
+      swigluApart: exports.swiglu_apart as SimdKernels["swigluApart"],
+      swigluApartBackward: exports.swiglu_apart_backward as SimdKernels["swigluApartBackward"],
     };
   } catch {
     simdKernels = null; // no WebAssembly SIMD here: the JS loops run
@@ -122,6 +126,54 @@ function swiglu(
     for (let j = 0; j < GATE_UP_RUN; j++) {
       out[c0 + j] = silu(gateUp[g0 + j]) * gateUp[g0 + GATE_UP_RUN + j];
     }
+  }
+}
+
+/**
+ * silu(gate) * up over entries i0..i1 of gate and up apart (the experts run one by one);
+ * with `dy`, its backward instead: dGate and dUp. simd: as in swiglu; a tail of fewer
+ * than 4 entries runs in JS.
+ */
+function swigluApart(
+  a: {
+    gate: Float32Array;
+    up: Float32Array;
+    out: Float32Array;
+    dy?: Float32Array;
+    dUp?: Float32Array;
+    simd: boolean;
+  },
+  i0: number,
+  i1: number,
+): void {
+  const { gate, up, out, dy, dUp } = a;
+  const wasm = a.simd ? loadSimd() : null;
+  let i = i0;
+  if (wasm) {
+    const chunk = SIMD_SWIGLU_CHUNK, heap = wasm.heap(3 * chunk);
+    for (let n; i + 4 <= i1; i += n) {
+      n = Math.min(chunk, (i1 - i) & ~3);
+      heap.set(gate.subarray(i, i + n)), heap.set(up.subarray(i, i + n), chunk);
+      if (dy) {
+        heap.set(dy.subarray(i, i + n), 2 * chunk);
+        wasm.swigluApartBackward(0, 4 * chunk, 8 * chunk, n / 4);
+        out.set(heap.subarray(0, n), i), dUp!.set(heap.subarray(chunk, chunk + n), i);
+      } else {
+        wasm.swigluApart(0, 4 * chunk, 8 * chunk, n / 4);
+        out.set(heap.subarray(2 * chunk, 2 * chunk + n), i);
+      }
+    }
+  }
+  for (; i < i1; i++) {
+    const g = gate[i];
+    if (!dy) {
+      out[i] = silu(g) * up[i];
+      continue;
+    }
+    // d silu(g)/dg = sig (1 + g (1 - sig))
+    const sig = 1 / (1 + exp(-g));
+    out[i] = dy[i] * up[i] * sig * (1 + g * (1 - sig));
+    dUp![i] = dy[i] * g * sig;
   }
 }
 
@@ -252,7 +304,15 @@ function ropeTable(
   };
 }
 
-export const rowKernels = { rmsNorm, addRmsNorm, swiglu, softmaxVisible, combine, rotateHeads };
+export const rowKernels = {
+  rmsNorm,
+  addRmsNorm,
+  swiglu,
+  swigluApart,
+  softmaxVisible,
+  combine,
+  rotateHeads,
+};
 export type RowKernel = keyof typeof rowKernels;
 type Args<K extends RowKernel> = Parameters<(typeof rowKernels)[K]>[0];
 

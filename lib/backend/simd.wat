@@ -47,6 +47,44 @@
       (local.set $runs (i32.sub (local.get $runs) (i32.const 1)))
       (br $next))))
 
+  ;; out = silu(gate) * up, gate and up apart ($vecs f32x4 each): the experts one by one.
+  (func (export "swiglu_apart") (param $gate i32) (param $up i32) (param $out i32) (param $vecs i32)
+    (local $g v128)
+    (block $done (loop $next
+      (br_if $done (i32.eqz (local.get $vecs)))
+      (local.set $g (v128.load (local.get $gate)))
+      (v128.store (local.get $out)
+        (f32x4.mul
+          (f32x4.div (local.get $g)
+            (f32x4.add (v128.const f32x4 1 1 1 1) (call $exp (f32x4.neg (local.get $g)))))
+          (v128.load (local.get $up))))
+      (local.set $gate (i32.add (local.get $gate) (i32.const 16)))
+      (local.set $up (i32.add (local.get $up) (i32.const 16)))
+      (local.set $out (i32.add (local.get $out) (i32.const 16)))
+      (local.set $vecs (i32.sub (local.get $vecs) (i32.const 1)))
+      (br $next))))
+
+  ;; The backward of swiglu_apart, in place: gate <- dy up sig (1 + gate (1 - sig)) and
+  ;; up <- dy gate sig, sig = 1 / (1 + e^-gate).
+  (func (export "swiglu_apart_backward") (param $gate i32) (param $up i32) (param $dy i32) (param $vecs i32)
+    (local $g v128) (local $sig v128) (local $d v128)
+    (block $done (loop $next
+      (br_if $done (i32.eqz (local.get $vecs)))
+      (local.set $g (v128.load (local.get $gate)))
+      (local.set $d (v128.load (local.get $dy)))
+      (local.set $sig (f32x4.div (v128.const f32x4 1 1 1 1)
+        (f32x4.add (v128.const f32x4 1 1 1 1) (call $exp (f32x4.neg (local.get $g))))))
+      (v128.store (local.get $gate)
+        (f32x4.mul (f32x4.mul (f32x4.mul (local.get $d) (v128.load (local.get $up))) (local.get $sig))
+          (f32x4.add (v128.const f32x4 1 1 1 1)
+            (f32x4.mul (local.get $g) (f32x4.sub (v128.const f32x4 1 1 1 1) (local.get $sig))))))
+      (v128.store (local.get $up) (f32x4.mul (f32x4.mul (local.get $d) (local.get $g)) (local.get $sig)))
+      (local.set $gate (i32.add (local.get $gate) (i32.const 16)))
+      (local.set $up (i32.add (local.get $up) (i32.const 16)))
+      (local.set $dy (i32.add (local.get $dy) (i32.const 16)))
+      (local.set $vecs (i32.sub (local.get $vecs) (i32.const 1)))
+      (br $next))))
+
   ;; The causal (optionally windowed) softmax of $rows score rows of $kvLen at $p, in place:
   ;; row i sees keys lo .. pos, pos = $pos0 + i, lo = max(0, pos - $window + 1) ($window 0:
   ;; none); those become e^(x - max) / sum (the sum in f64 lanes: in f32 its rounding alone
