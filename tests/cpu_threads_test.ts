@@ -8,7 +8,7 @@ import { f32Tensor } from "../lib/io/safetensors.ts";
 import { Model } from "../lib/model/model.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { DEFAULT_MODEL } from "./golden.ts";
-import { randn } from "./util.ts";
+import { maxRelError, randn } from "./util.ts";
 import { compileSimd, SIMD_TS } from "../scripts/build_simd.ts";
 
 /** got equals want bit for bit; names the first differing entry (assert's diff of large arrays runs out of memory). */
@@ -203,8 +203,7 @@ Deno.test("cpu SIMD: swiglu and swigluBackward of gate and up apart agree with t
     ["swiglu", "dGate", "dUp"].forEach((name, k) => {
       // f32 arithmetic against doubles, relative to the largest entry: dGate's factor
       // 1 + g (1 - sig) cancels near g = -1.28, in f32 as in PyTorch.
-      const scale = results[0][k].reduce((m, v) => Math.max(m, Math.abs(v)), 0);
-      const error = worstRelative(results[1][k], results[0][k], scale);
+      const error = maxRelError(results[1][k], results[0][k]);
       assert(error < 1e-6, `${name} over ${n}: SIMD off by ${error} of the largest entry`);
     });
   }
