@@ -32,10 +32,7 @@ fn input_grad(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) li
     for (var run = t; run < BM * BK / 4u; run += 256u) {
       let r = run / (BK / 4u);
       let cq = (run % (BK / 4u)) * 4u;
-      let v = load_dy_run(row0 + r, c0 + cq);
-      for (var e = 0u; e < 4u; e++) {
-        a_tile[cq + e][r / 4u][r % 4u] = v[e];
-      }
+      store_a_run(cq, r, load_dy_run(row0 + r, c0 + cq));
     }
     // w: BK rows x BN / 4 runs of 4 consecutive i, each one vec4 of the tile.
     for (var run = t; run < BK * BN / 4u; run += 256u) {

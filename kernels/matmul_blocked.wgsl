@@ -79,18 +79,12 @@ fn main(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_id) lid: vec
     for (var run = t; run < BM * BK / 4u; run += 256u) {
       let r = run / (BK / 4u);
       let kq = (run % (BK / 4u)) * 4u;
-      let v = load_x(row0 + r, k0 + kq, row_end);
-      for (var e = 0u; e < 4u; e++) {
-        a_tile[kq + e][r / 4u][r % 4u] = v[e];
-      }
+      store_a_run(kq, r, load_x(row0 + r, k0 + kq, row_end));
     }
     for (var run = t; run < BN * BK / 4u; run += 256u) {
       let c = run / (BK / 4u);
       let kq = (run % (BK / 4u)) * 4u;
-      let v = load_w(col0 + c, k0 + kq, w_base, cols);
-      for (var e = 0u; e < 4u; e++) {
-        b_tile[kq + e][c / 4u][c % 4u] = v[e];
-      }
+      store_b_run(kq, c, load_w(col0 + c, k0 + kq, w_base, cols));
     }
     workgroupBarrier();
     multiply_tiles(lid, &acc);

@@ -24,6 +24,19 @@ const BK: u32 = 16u; // reduction steps per tile
 var<workgroup> a_tile: array<array<vec4f, 16u * MAX_TM / 4u>, BK>; // [step][row / 4]
 var<workgroup> b_tile: array<array<vec4f, BN / 4u>, BK>; // [step][col / 4]
 
+// A run of 4 reduction-consecutive values (steps k .. k + 3) of output row r / column c,
+// scattered into its tile: how an operand stored along the reduction is loaded.
+fn store_a_run(k: u32, r: u32, v: vec4f) {
+  for (var e = 0u; e < 4u; e++) {
+    a_tile[k + e][r / 4u][r % 4u] = v[e];
+  }
+}
+fn store_b_run(k: u32, c: u32, v: vec4f) {
+  for (var e = 0u; e < 4u; e++) {
+    b_tile[k + e][c / 4u][c % 4u] = v[e];
+  }
+}
+
 // Thread (lid.x, lid.y) owns output rows TM lid.y .. + TM - 1 and columns
 // TN lid.x .. + TN - 1 of the tile: acc[i * TN / 4 + j] holds row i, columns 4j .. 4j + 3.
 // Only the first TM * TN / 4 entries of acc are used.
