@@ -2,6 +2,13 @@
 // base64, so loading needs no file access). Run after editing the .wat: deno task build-simd
 // (tests/cpu_threads_test.ts fails while the two disagree).
 import wabtInit from "wabt";
+import { parseCli, runMain } from "../lib/cli.ts";
+
+const USAGE = `Usage: deno task build-simd
+
+Compiles lib/backend/simd.wat (WebAssembly text, SIMD) into lib/backend/simd_wasm.ts, the
+module's bytes as base64. Run after editing the .wat; tests/cpu_threads_test.ts fails while
+the two disagree. No options.`;
 
 const root = new URL("../lib/backend/", import.meta.url);
 export const SIMD_TS = new URL("simd_wasm.ts", root);
@@ -20,8 +27,12 @@ export const SIMD_WASM_BASE64 =\n${lines};\n`;
 }
 
 if (import.meta.main) {
-  const temporary = new URL("simd_wasm.ts.tmp", root);
-  Deno.writeTextFileSync(temporary, await compileSimd());
-  Deno.renameSync(temporary, SIMD_TS);
-  console.error(`wrote ${SIMD_TS.pathname}`);
+  await runMain(async () => {
+    parseCli(USAGE, {});
+    const text = await compileSimd(); // a .wat error throws here, before anything is written
+    const temporary = new URL("simd_wasm.ts.tmp", root);
+    Deno.writeTextFileSync(temporary, text);
+    Deno.renameSync(temporary, SIMD_TS);
+    console.error(`wrote ${SIMD_TS.pathname}`);
+  });
 }

@@ -211,6 +211,15 @@ Deno.test("cpu SIMD: swiglu and swigluBackward of gate and up apart agree with t
 
 Deno.test("cpu SIMD: simd_wasm.ts is simd.wat compiled (deno task build-simd)", async () => {
   assert.equal(Deno.readTextFileSync(SIMD_TS), await compileSimd());
+  const script = new URL("../scripts/build_simd.ts", import.meta.url).pathname;
+  const run = (arg: string) =>
+    new Deno.Command(Deno.execPath(), { args: ["run", "-A", script, arg] }).output();
+  const help = await run("--help");
+  assert.equal(help.code, 0);
+  assert.match(new TextDecoder().decode(help.stdout), /Usage:/);
+  const bad = await run("--bogus");
+  assert.equal(bad.code, 1);
+  assert.match(new TextDecoder().decode(bad.stderr), /error: .*bogus/i);
 });
 
 Deno.test("cpu threads: a job that cannot be handed over fails clearly, and the next run is exact", () => {
