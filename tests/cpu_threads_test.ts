@@ -8,24 +8,8 @@ import { f32Tensor } from "../lib/io/safetensors.ts";
 import { Model } from "../lib/model/model.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { DEFAULT_MODEL } from "./golden.ts";
-import { maxRelError, randn } from "./util.ts";
+import { assertIdentical, maxRelError, randn } from "./util.ts";
 import { compileSimd, SIMD_TS } from "../scripts/build_simd.ts";
-
-/** got equals want bit for bit; names the first differing entry (assert's diff of large arrays runs out of memory). */
-function assertIdentical(got: Float32Array[], want: Float32Array[], label: string): void {
-  assert.equal(got.length, want.length, label);
-  want.forEach((w, a) => {
-    const g = new Uint32Array(got[a].buffer, got[a].byteOffset, got[a].length);
-    const bits = new Uint32Array(w.buffer, w.byteOffset, w.length);
-    assert.equal(
-      g.length,
-      bits.length,
-      `${label}: output ${a} has ${g.length} entries, want ${bits.length}`,
-    );
-    const i = bits.findIndex((b, j) => b !== g[j]);
-    assert(i < 0, `${label}: output ${a} differs first at entry ${i}: ${got[a][i]} vs ${w[i]}`);
-  });
-}
 
 const one = new CpuBackend({ threads: 1 });
 const three = new CpuBackend({ threads: 3 }); // more threads than CI's cores: still exact

@@ -1,5 +1,6 @@
 // Small deterministic helpers shared by tests.
 
+import assert from "node:assert";
 import { mulberry32 } from "../lib/random.ts";
 
 /** Deterministic N(0,1) samples (mulberry32 + Box-Muller), so failures reproduce. */
@@ -22,4 +23,20 @@ export function maxRelError(a: ArrayLike<number>, b: ArrayLike<number>): number 
     m = Math.max(m, Math.abs(b[i]));
   }
   return m === 0 ? d : d / m;
+}
+
+/** got equals want bit for bit; names the first differing entry (assert's diff of large arrays runs out of memory). */
+export function assertIdentical(got: Float32Array[], want: Float32Array[], label: string): void {
+  assert.equal(got.length, want.length, label);
+  want.forEach((w, a) => {
+    const g = new Uint32Array(got[a].buffer, got[a].byteOffset, got[a].length);
+    const bits = new Uint32Array(w.buffer, w.byteOffset, w.length);
+    assert.equal(
+      g.length,
+      bits.length,
+      `${label}: output ${a} has ${g.length} entries, want ${bits.length}`,
+    );
+    const i = bits.findIndex((b, j) => b !== g[j]);
+    assert(i < 0, `${label}: output ${a} differs first at entry ${i}: ${got[a][i]} vs ${w[i]}`);
+  });
 }

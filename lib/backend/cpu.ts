@@ -42,6 +42,9 @@ const ATTENTION_SCORES_CHUNK = 1 << 22;
 // 8 ways is mostly hand-over at this project's model sizes.
 const MAX_THREADS = 8;
 
+// Most bytes of freed arrays kept for reuse by default (the WebGPU backend keeps as much).
+const POOL_BYTES = 256 * 1024 * 1024;
+
 function defaultThreads(): number {
   const env = Deno.env.get("MOE_CONDENSE_THREADS");
   if (env === undefined) return Math.min(navigator.hardwareConcurrency, MAX_THREADS);
@@ -82,6 +85,8 @@ export interface CpuOptions {
    * for any count.
    */
   threads?: number;
+  /** Most bytes of freed arrays kept for reuse (default POOL_BYTES); 0 keeps none. */
+  poolBytes?: number;
 }
 
 export class CpuBackend implements TrainingBackend {
@@ -97,6 +102,7 @@ export class CpuBackend implements TrainingBackend {
   constructor(opts: CpuOptions = {}) {
     this.blas = opts.reference ? null : loadBlas();
     this.simd = !opts.reference;
+    this.poolBytes = opts.poolBytes ?? POOL_BYTES;
     this.rows = new RowThreads(
       opts.threads ?? (opts.reference ? 1 : defaultThreads()),
     );
@@ -107,9 +113,39 @@ export class CpuBackend implements TrainingBackend {
       (this.rows.threads > 1 ? `, ${this.rows.threads} threads` : "");
   }
 
-  /** A fresh f32 array, in shared memory when worker threads may write it. */
-  private floats(n: number): Float32Array {
-    return this.rows.threads > 1 ? sharedFloats(n) : new Float32Array(n);
+  // Freed outputs and scratch kept for reuse, by length. The first write to each page of a
+  // fresh array costs a kernel page fault: 2.4 ms for 4 MiB here, 12x the fill that reuse
+  // needs, and the forward allocated 690 MiB (a third of its time went to faults).
+  private pool = new Map<number, Float32Array[]>();
+  private pooledBytes = 0;
+  private poolBytes: number;
+  // Arrays this backend made and still owns: read() hands an array to its caller for good.
+  private recyclable = new WeakSet<Float32Array>();
+
+  /** A zeroed f32 array, in shared memory when worker threads may write it. */
+  private floats(n: number, zeroed = true): Float32Array {
+    let out = this.pool.get(n)?.pop();
+    if (out) {
+      this.pooledBytes -= out.byteLength;
+      if (zeroed) out.fill(0);
+    } else out = this.rows.threads > 1 ? sharedFloats(n) : new Float32Array(n);
+    this.recyclable.add(out);
+    return out;
+  }
+
+  /** floats() without the zero fill, for an output whose every entry the op writes. */
+  private outputFloats(n: number): Float32Array {
+    return this.floats(n, false);
+  }
+
+  /** Returns an array from floats() to the pool; anything else is left to the GC. */
+  private recycle(data: Float32Array): void {
+    if (!this.recyclable.delete(data)) return; // not ours, read, or already freed
+    if (this.pooledBytes + data.byteLength > this.poolBytes) return;
+    const list = this.pool.get(data.length) ?? [];
+    list.push(data);
+    this.pool.set(data.length, list);
+    this.pooledBytes += data.byteLength;
   }
 
   uploadWeight(raw: RawTensor): Weight {
@@ -127,17 +163,22 @@ export class CpuBackend implements TrainingBackend {
   tensor(data: Float32Array, shape: readonly number[]): Tensor {
     return new CpuTensor(data, [...shape]);
   }
+  // Reading hands the array itself to the caller (no copy), so it is never reused.
   read(x: Tensor): Promise<Float32Array> {
+    this.recyclable.delete(t(x).data);
     return Promise.resolve(t(x).data);
   }
   readAll(xs: readonly Tensor[]): Promise<Float32Array[]> {
+    for (const x of xs) this.recyclable.delete(t(x).data);
     return Promise.resolve(xs.map((x) => t(x).data));
   }
-  free(_x: Tensor): void {}
+  free(x: Tensor): void {
+    this.recycle(t(x).data);
+  }
 
   embedding(table: Weight, ids: Int32Array): Tensor {
     const [vocab, h] = table.shape;
-    const out = new Float32Array(ids.length * h);
+    const out = this.floats(ids.length * h);
     for (let i = 0; i < ids.length; i++) {
       const id = ids[i];
       if (id < 0 || id >= vocab) throw new Error(`token id ${id} out of range [0, ${vocab})`);
@@ -148,7 +189,7 @@ export class CpuBackend implements TrainingBackend {
 
   rmsNorm(x: Tensor, weight: Weight, eps: number): Tensor {
     const [n, d] = rowsCols(x);
-    const out = this.floats(n * d);
+    const out = this.outputFloats(n * d);
     const args = { x: t(x).data, weight: w(weight).data, out, width: d, eps };
     this.rows.run("rmsNorm", args, n, d, [out]);
     return new CpuTensor(out, x.shape);
@@ -157,7 +198,7 @@ export class CpuBackend implements TrainingBackend {
   addRmsNorm(a: Tensor, b: Tensor, weight: Weight, eps: number): { sum: Tensor; normed: Tensor } {
     checkAddRmsNorm(a, b, weight);
     const [n, d] = rowsCols(a);
-    const sum = this.floats(n * d), normed = this.floats(n * d);
+    const sum = this.outputFloats(n * d), normed = this.outputFloats(n * d);
     // Normalises the f32 sums, as add then rmsNorm would.
     const args = { a: t(a).data, b: t(b).data, weight: w(weight).data, sum, out: normed };
     this.rows.run("addRmsNorm", { ...args, width: d, eps }, n, d, [sum, normed]);
@@ -173,7 +214,7 @@ export class CpuBackend implements TrainingBackend {
       );
     }
     const xs = t(x).data, ws = w(weight).data, bs = bias ? w(bias).data : null;
-    const out = this.floats(n * m);
+    const out = this.outputFloats(n * m);
     if (this.blas && n > 0) {
       this.blas.matmulTransB(xs, ws, out, n, k, m);
       if (bs) { for (let r = 0; r < n; r++) for (let c = 0; c < m; c++) out[r * m + c] += bs[c]; }
@@ -195,7 +236,7 @@ export class CpuBackend implements TrainingBackend {
     const [r, k] = rowsCols(x);
     const [g, m] = stack.shape;
     checkGrouped(stack, k, groupRows, r);
-    const out = this.floats(r * m), xs = t(x).data, ws = w(stack).data;
+    const out = this.outputFloats(r * m), xs = t(x).data, ws = w(stack).data;
     for (let e = 0, r0 = 0; e < g; r0 += groupRows[e++]) {
       const n = groupRows[e];
       if (n === 0) continue;
@@ -216,12 +257,15 @@ export class CpuBackend implements TrainingBackend {
   matmulSwiglu(x: Tensor, gateUp: Weight): Tensor {
     checkMatmulSwiglu(x, gateUp);
     const n = rowsCols(x)[0], width = gateUp.shape[0] / 2;
-    return this.swigluOfGateUp(this.matmul(x, gateUp), n, width);
+    const gu = this.matmul(x, gateUp);
+    const out = this.swigluOfGateUp(gu, n, width);
+    this.free(gu);
+    return out;
   }
 
   /** silu(gate) * up of an interleaved gateUp product [n, 2 width] -> [n, width]. */
   private swigluOfGateUp(gateUp: Tensor, n: number, width: number): Tensor {
-    const out = this.floats(n * width);
+    const out = this.outputFloats(n * width);
     const args = { gateUp: t(gateUp).data, out, width, simd: this.simd };
     this.rows.run("swiglu", args, n, width, [out]);
     return new CpuTensor(out, [n, width]);
@@ -246,9 +290,13 @@ export class CpuBackend implements TrainingBackend {
     const plan = expertPlan(routing, route.k, stacks.down.shape[0]);
     const xe = this.gatherRows(xn, plan.order);
     const gu = this.groupedMatmul(xe, stacks.gateUp, plan.groupRows);
+    this.free(xe);
     const a = this.swigluOfGateUp(gu, plan.order.length, stacks.down.shape[2]);
+    this.free(gu);
     const y = this.groupedMatmul(a, stacks.down, plan.groupRows);
+    this.free(a);
     this.combineRows(out, y, plan.sources, plan.scales, route.k);
+    this.free(y);
   }
 
   add(a: Tensor, b: Tensor): Tensor {
@@ -256,7 +304,7 @@ export class CpuBackend implements TrainingBackend {
     if (as.length !== bs.length) {
       throw new Error(`add: shapes [${a.shape}] and [${b.shape}] differ`);
     }
-    const out = new Float32Array(as.length);
+    const out = this.floats(as.length);
     for (let i = 0; i < as.length; i++) out[i] = as[i] + bs[i];
     return new CpuTensor(out, a.shape);
   }
@@ -266,20 +314,20 @@ export class CpuBackend implements TrainingBackend {
     if (as.length !== bs.length) {
       throw new Error(`mul: shapes [${a.shape}] and [${b.shape}] differ`);
     }
-    const out = new Float32Array(as.length);
+    const out = this.floats(as.length);
     for (let i = 0; i < as.length; i++) out[i] = as[i] * bs[i];
     return new CpuTensor(out, a.shape);
   }
 
   swiglu(gate: Tensor, up: Tensor): Tensor {
-    const g = t(gate).data, out = this.floats(g.length);
+    const g = t(gate).data, out = this.outputFloats(g.length);
     const args = { gate: g, up: t(up).data, out, simd: this.simd };
     this.rows.run("swigluApart", args, g.length, 1, [out]);
     return new CpuTensor(out, gate.shape);
   }
 
   clamp(x: Tensor, limit: number): Tensor {
-    const xs = t(x).data, out = new Float32Array(xs.length);
+    const xs = t(x).data, out = this.outputFloats(xs.length);
     // Plain loops, not typed-array map: its callback an entry took 2.5-10x the loop's time.
     for (let i = 0; i < xs.length; i++) out[i] = Math.min(limit, Math.max(-limit, xs[i]));
     return new CpuTensor(out, x.shape);
@@ -312,7 +360,7 @@ export class CpuBackend implements TrainingBackend {
     checkSplitQkv(qkv, heads, kvHeads, headDim, rope);
     const [n, d] = rowsCols(qkv), xs = t(qkv).data;
     const columns = (c0: number, width: number) => {
-      const out = new Float32Array(n * width);
+      const out = this.outputFloats(n * width);
       for (let r = 0; r < n; r++) out.set(xs.subarray(r * d + c0, r * d + c0 + width), r * width);
       return new CpuTensor(out, [n, width]);
     };
@@ -356,7 +404,7 @@ export class CpuBackend implements TrainingBackend {
     rope: RopeSpec,
     sinSign: 1 | -1 = 1,
   ): Float32Array {
-    const n = rope.positions.length, out = this.floats(n * heads * headDim);
+    const n = rope.positions.length, out = this.outputFloats(n * heads * headDim);
     const { positions, theta, linearFactor } = rope;
     const args = {
       src,
@@ -432,7 +480,7 @@ export class CpuBackend implements TrainingBackend {
     const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
     const blas = this.blas!, block = qLen * kvLen, pairs = batch * heads;
     const chunk = Math.max(1, Math.min(pairs, Math.floor(ATTENTION_SCORES_CHUNK / block)));
-    const scores = this.floats(chunk * block); // [chunk pairs, qLen, kvLen]
+    const scores = this.outputFloats(chunk * block); // [chunk pairs, qLen, kvLen]
     const slices = (pair: number) => {
       const b = Math.floor(pair / heads), h = pair % heads, kh = Math.floor(h / group);
       const qOff = b * qLen * qw + h * headDim, kOff = b * stride * kw + kh * headDim;
@@ -456,6 +504,7 @@ export class CpuBackend implements TrainingBackend {
         blas.sgemm(false, false, qLen, headDim, kvLen, 1, sc, kvLen, v, kw, 0, o, qw);
       }
     }
+    this.recycle(scores);
   }
 
   routeTopK(logits: Tensor, k: number, normalize: boolean, eps: number): Promise<Routing> {
@@ -482,7 +531,7 @@ export class CpuBackend implements TrainingBackend {
 
   gatherRows(x: Tensor, rows: Int32Array): Tensor {
     const [, h] = rowsCols(x);
-    const xs = t(x).data, out = new Float32Array(rows.length * h);
+    const xs = t(x).data, out = this.floats(rows.length * h);
     for (let i = 0; i < rows.length; i++) out.set(xs.subarray(rows[i] * h, rows[i] * h + h), i * h);
     return new CpuTensor(out, [rows.length, h]);
   }
@@ -498,7 +547,7 @@ export class CpuBackend implements TrainingBackend {
 
   sigmoidScaleRows(y: Tensor, g: Tensor): Tensor {
     const [n, d] = rowsCols(y);
-    const ys = t(y).data, gs = t(g).data, out = new Float32Array(ys.length);
+    const ys = t(y).data, gs = t(g).data, out = this.floats(ys.length);
     for (let r = 0; r < n; r++) {
       const s = 1 / (1 + exp(-gs[r]));
       for (let c = 0; c < d; c++) out[r * d + c] = ys[r * d + c] * s;
@@ -507,7 +556,7 @@ export class CpuBackend implements TrainingBackend {
   }
 
   scale(y: Tensor, s: number): Tensor {
-    const ys = t(y).data, out = new Float32Array(ys.length);
+    const ys = t(y).data, out = this.floats(ys.length);
     for (let i = 0; i < ys.length; i++) out[i] = ys[i] * s;
     return new CpuTensor(out, y.shape);
   }
@@ -552,7 +601,7 @@ export class CpuBackend implements TrainingBackend {
     const xs = t(x).data, ws = w(weight).data, dys = t(dy).data;
     if (dys.length !== n * m) throw new Error(`matmulBackward: dy [${dy.shape}] != [${n}, ${m}]`);
     let dx: CpuTensor | null = null;
-    if (opts.needInput) dx = new CpuTensor(new Float32Array(n * k), [n, k]); // [N, K]
+    if (opts.needInput) dx = new CpuTensor(this.floats(n * k), [n, k]); // [N, K]
     if (opts.biasGrad) {
       const bg = t(opts.biasGrad).data;
       for (let c = 0; c < m; c++) {
@@ -596,7 +645,7 @@ export class CpuBackend implements TrainingBackend {
   rmsNormBackward(x: Tensor, weight: Weight, dy: Tensor, eps: number, weightGrad?: Tensor): Tensor {
     const [n, d] = rowsCols(x);
     const xs = t(x).data, ws = w(weight).data, dys = t(dy).data;
-    const dx = new Float32Array(n * d); // [N, D]
+    const dx = this.floats(n * d); // [N, D]
     const wg = weightGrad ? t(weightGrad).data : null;
     for (let r = 0; r < n; r++) {
       const o = r * d;
@@ -623,7 +672,7 @@ export class CpuBackend implements TrainingBackend {
   }
 
   clampBackward(x: Tensor, dy: Tensor, limit: number): Tensor {
-    const xs = t(x).data, dys = t(dy).data, dx = new Float32Array(xs.length);
+    const xs = t(x).data, dys = t(dy).data, dx = this.floats(xs.length);
     for (let i = 0; i < xs.length; i++) dx[i] = xs[i] >= -limit && xs[i] <= limit ? dys[i] : 0;
     return new CpuTensor(dx, x.shape);
   }
@@ -656,9 +705,9 @@ export class CpuBackend implements TrainingBackend {
     checkAttentionBackward(q, k, v, dOut, s);
     const qs = t(q).data, ks = t(k).data, vs = t(v).data, dos = t(dOut).data;
     const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
-    const dq = new Float32Array(batch * qLen * qw); // [B*qLen, heads*hd]
-    const dk = new Float32Array(batch * kvLen * kw); // [B*kvLen, kvHeads*hd]
-    const dv = new Float32Array(batch * kvLen * kw);
+    const dq = this.floats(batch * qLen * qw); // [B*qLen, heads*hd]
+    const dk = this.floats(batch * kvLen * kw); // [B*kvLen, kvHeads*hd]
+    const dv = this.floats(batch * kvLen * kw);
     const scale = 1 / Math.sqrt(headDim);
     const result = () => ({
       dq: new CpuTensor(dq, [batch * qLen, qw]),
@@ -732,7 +781,7 @@ export class CpuBackend implements TrainingBackend {
     const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
     const blas = this.blas!;
     const p = this.floats(qLen * kvLen); // [qLen, kvLen]
-    const dp = new Float32Array(qLen * kvLen); // [qLen, kvLen]
+    const dp = this.floats(qLen * kvLen); // [qLen, kvLen]
     for (let b = 0; b < batch; b++) {
       for (let h = 0; h < heads; h++) {
         const kh = Math.floor(h / group);
@@ -796,6 +845,7 @@ export class CpuBackend implements TrainingBackend {
         );
       }
     }
+    this.recycle(p), this.recycle(dp);
   }
 
   embeddingBackward(ids: Int32Array, dy: Tensor, tableGrad: Tensor): void {
@@ -815,8 +865,8 @@ export class CpuBackend implements TrainingBackend {
   ): { dy: Tensor; dScales: Tensor } {
     const [, h] = rowsCols(dOut);
     const dos = t(dOut).data, ys = t(y).data;
-    const dy = new Float32Array(rows.length * h); // [rows, H]
-    const dScales = new Float32Array(rows.length);
+    const dy = this.floats(rows.length * h); // [rows, H]
+    const dScales = this.floats(rows.length);
     for (let i = 0; i < rows.length; i++) {
       const o = rows[i] * h;
       let dot = 0;
@@ -841,7 +891,7 @@ export class CpuBackend implements TrainingBackend {
   ): Tensor {
     const [n, e] = rowsCols(logits);
     const k = routing.indices.length / n;
-    const ls = t(logits).data, dl = new Float32Array(n * e); // [N, E]
+    const ls = t(logits).data, dl = this.floats(n * e); // [N, E]
     const p = new Float64Array(e), dp = new Float64Array(e);
     for (let r = 0; r < n; r++) {
       let max = -Infinity;
@@ -876,7 +926,7 @@ export class CpuBackend implements TrainingBackend {
   sigmoidScaleRowsBackward(y: Tensor, g: Tensor, dOut: Tensor): { dy: Tensor; dg: Tensor } {
     const [n, d] = rowsCols(y);
     const ys = t(y).data, gs = t(g).data, dos = t(dOut).data;
-    const dy = new Float32Array(ys.length), dg = new Float32Array(n); // [N, D], [N, 1]
+    const dy = this.floats(ys.length), dg = this.floats(n); // [N, D], [N, 1]
     for (let r = 0; r < n; r++) {
       const sig = 1 / (1 + exp(-gs[r]));
       let dot = 0;
@@ -896,7 +946,7 @@ export class CpuBackend implements TrainingBackend {
     gradScale?: number,
   ): Promise<{ loss: number; count: number; dLogits: Tensor }> {
     const [n, vocab] = rowsCols(logits);
-    const ls = t(logits).data, dl = new Float32Array(n * vocab); // [N, V]
+    const ls = t(logits).data, dl = this.floats(n * vocab); // [N, V]
     let count = 0;
     for (let r = 0; r < n; r++) if (targets[r] !== ignoreIndex) count++;
     const g = gradScale ?? (count > 0 ? 1 / count : 0);
