@@ -193,6 +193,47 @@ Deno.test("cpu SIMD: swiglu and swigluBackward of gate and up apart agree with t
   }
 });
 
+Deno.test("cpu SIMD: norms, RoPE and combineRows agree with the JS doubles", async () => {
+  // Widths that run in lanes (96, head_dim 32) and ones that fall back to JS (42, head_dim
+  // 14); more rows than one copy into the module holds; rows of 1e-20 and 1e18 for the norms.
+  for (const [heads, hd] of [[3, 32], [3, 14]]) {
+    const n = 1237, d = heads * hd, h = d, k = 3, rows = 401;
+    const x = randn(n * d, 21), y = randn(n * d, 22), wv = randn(d, 23);
+    x.fill(1e-20, 5 * d, 6 * d), x.fill(1e18, 7 * d, 8 * d);
+    const positions = new Int32Array(n).map((_, i) => (i * 13) % 301);
+    const sources = new Int32Array(n * k).map((_, i) => (i * 31) % rows);
+    const scales = randn(n * k, 24), ys = randn(rows * h, 25);
+    const results: Float32Array[][] = [];
+    for (const be of [new CpuBackend({ reference: true }), three]) {
+      const weight = be.uploadWeight(f32Tensor("norm", [d], wv));
+      const a = be.tensor(x, [n, d]), b = be.tensor(y, [n, d]);
+      const { sum, normed } = be.addRmsNorm(a, b, weight, 1e-6);
+      const out = be.tensor(sharedFloats(n * h).fill(0.5), [n, h]);
+      be.combineRows(out, be.tensor(ys, [rows, h]), sources, scales, k);
+      results.push(
+        await be.readAll([
+          be.rmsNorm(a, weight, 1e-5),
+          sum,
+          normed,
+          be.rope(b, positions, heads, hd, 10000, 1),
+          be.ropeBackward(b, positions, heads, hd, 500, 2),
+          out,
+        ]),
+      );
+    }
+    ["rmsNorm", "sum", "addRmsNorm", "rope", "ropeBackward", "combineRows"].forEach((name, i) => {
+      const error = maxRelError(results[1][i], results[0][i]);
+      assert(error < 1e-6, `${name}, width ${d}: SIMD off by ${error} of the largest entry`);
+    });
+    // each norm row on its own scale: the 1e-20 and 1e18 rows are as exact as the others
+    for (const r of [5, 7]) {
+      const row = (o: Float32Array) => o.subarray(r * d, (r + 1) * d);
+      const error = maxRelError(row(results[1][0]), row(results[0][0]));
+      assert(error < 1e-6, `rmsNorm row ${r}, width ${d}: SIMD off by ${error}`);
+    }
+  }
+});
+
 Deno.test("cpu SIMD: simd_wasm.ts is simd.wat compiled (deno task build-simd)", async () => {
   assert.equal(Deno.readTextFileSync(SIMD_TS), await compileSimd());
   const script = new URL("../scripts/build_simd.ts", import.meta.url).pathname;

@@ -95,8 +95,8 @@ export class CpuBackend implements TrainingBackend {
   readonly f32Weights = true;
   private blas: Blas | null;
   private rows: RowThreads;
-  // SwiGLU and softmax in f32 WebAssembly SIMD lanes (within a few ulps of the doubles);
-  // the reference keeps its JS doubles.
+  // SwiGLU, softmax, the norms, RoPE and combine in f32 WebAssembly SIMD lanes (within a
+  // few ulps of the doubles); the reference keeps its JS doubles.
   private simd: boolean;
 
   constructor(opts: CpuOptions = {}) {
@@ -190,7 +190,7 @@ export class CpuBackend implements TrainingBackend {
   rmsNorm(x: Tensor, weight: Weight, eps: number): Tensor {
     const [n, d] = rowsCols(x);
     const out = this.outputFloats(n * d);
-    const args = { x: t(x).data, weight: w(weight).data, out, width: d, eps };
+    const args = { x: t(x).data, weight: w(weight).data, out, width: d, eps, simd: this.simd };
     this.rows.run("rmsNorm", args, n, d, [out]);
     return new CpuTensor(out, x.shape);
   }
@@ -201,7 +201,7 @@ export class CpuBackend implements TrainingBackend {
     const sum = this.outputFloats(n * d), normed = this.outputFloats(n * d);
     // Normalises the f32 sums, as add then rmsNorm would.
     const args = { a: t(a).data, b: t(b).data, weight: w(weight).data, sum, out: normed };
-    this.rows.run("addRmsNorm", { ...args, width: d, eps }, n, d, [sum, normed]);
+    this.rows.run("addRmsNorm", { ...args, width: d, eps, simd: this.simd }, n, d, [sum, normed]);
     return { sum: new CpuTensor(sum, a.shape), normed: new CpuTensor(normed, a.shape) };
   }
 
@@ -274,7 +274,7 @@ export class CpuBackend implements TrainingBackend {
   combineRows(out: Tensor, y: Tensor, sources: Int32Array, scales: Float32Array, k: number): void {
     const [n, h] = rowsCols(out), [ny] = rowsCols(y);
     checkCombine(n, ny, sources, scales, k);
-    const args = { out: t(out).data, y: t(y).data, sources, scales, k, width: h };
+    const args = { out: t(out).data, y: t(y).data, sources, scales, k, width: h, simd: this.simd };
     this.rows.run("combine", args, n, k * h, [args.out]);
   }
 
@@ -417,6 +417,7 @@ export class CpuBackend implements TrainingBackend {
       positions,
       theta,
       linearFactor,
+      simd: this.simd,
     };
     this.rows.run("rotateHeads", args, n, heads * headDim, [out]);
     return out;

@@ -21,6 +21,25 @@ interface SimdKernels {
   softmaxCausal(byte: number, rows: number, kvLen: number, pos0: number, window: number): void;
   swigluApart(gateByte: number, upByte: number, outByte: number, vecs: number): void;
   swigluApartBackward(gateByte: number, upByte: number, dyByte: number, vecs: number): void;
+  rmsNorm(
+    xByte: number,
+    bByte: number,
+    sumByte: number,
+    weightByte: number,
+    outByte: number,
+    rows: number,
+    width: number,
+    eps: number,
+  ): void;
+  rope(xByte: number, cosSinByte: number, rows: number, heads: number, headDim: number): void;
+  combine(
+    outByte: number,
+    yByte: number,
+    scaleByte: number,
+    rows: number,
+    k: number,
+    width: number,
+  ): void;
 }
 
 let simdKernels: SimdKernels | null | undefined;
@@ -44,6 +63,9 @@ function loadSimd(): SimdKernels | null {
       softmaxCausal: exports.softmax_causal as SimdKernels["softmaxCausal"],
       swigluApart: exports.swiglu_apart as SimdKernels["swigluApart"],
       swigluApartBackward: exports.swiglu_apart_backward as SimdKernels["swigluApartBackward"],
+      rmsNorm: exports.rms_norm as SimdKernels["rmsNorm"],
+      rope: exports.rope as SimdKernels["rope"],
+      combine: exports.combine as SimdKernels["combine"],
     };
   } catch {
     simdKernels = null; // no WebAssembly SIMD here: the JS loops run
@@ -52,17 +74,47 @@ function loadSimd(): SimdKernels | null {
 }
 
 // SwiGLU outputs per copy into the SIMD module (with their gate and up values: 192 KiB),
-// and score entries per softmax copy (at least a row).
+// score entries per softmax copy (at least a row), and entries of each array per copy of
+// the norms, RoPE and combine (at least a row).
 const SIMD_SWIGLU_CHUNK = 16384;
 const SIMD_SOFTMAX_CHUNK = 65536;
+const SIMD_ROWS_CHUNK = 16384;
 
-/** out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps) for rows of the given width. */
+/** Rows of `width` per SIMD copy. */
+function rowsPerCopy(width: number): number {
+  return Math.max(1, Math.floor(SIMD_ROWS_CHUNK / width));
+}
+
+/**
+ * out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps) for rows of the given width. simd (widths
+ * that are a multiple of 4): in f32 WebAssembly lanes with the sum of squares in f64,
+ * within an ulp or two of the JS doubles.
+ */
 function rmsNorm(
-  a: { x: Float32Array; weight: Float32Array; out: Float32Array; width: number; eps: number },
+  a: {
+    x: Float32Array;
+    weight: Float32Array;
+    out: Float32Array;
+    width: number;
+    eps: number;
+    simd: boolean;
+  },
   r0: number,
   r1: number,
 ): void {
   const { x, weight, out, width: d, eps } = a;
+  const wasm = a.simd && d % 4 === 0 ? loadSimd() : null;
+  if (wasm) {
+    const rows = rowsPerCopy(d), heap = wasm.heap((2 * rows + 1) * d); // weight | x | out
+    heap.set(weight);
+    for (let r = r0, n; r < r1; r += n) {
+      n = Math.min(rows, r1 - r);
+      heap.set(x.subarray(r * d, (r + n) * d), d);
+      wasm.rmsNorm(4 * d, 0, 0, 0, 4 * (rows + 1) * d, n, d, eps);
+      out.set(heap.subarray((rows + 1) * d, (rows + 1 + n) * d), r * d);
+    }
+    return;
+  }
   // o is row r's first entry: indexing by r * d + i instead ran 1.5x slower in V8.
   for (let o = r0 * d; o < r1 * d; o += d) {
     let ss = 0;
@@ -82,12 +134,31 @@ function addRmsNorm(
     out: Float32Array;
     width: number;
     eps: number;
+    simd: boolean;
   },
   r0: number,
   r1: number,
 ): void {
-  for (let i = r0 * a.width; i < r1 * a.width; i++) a.sum[i] = a.a[i] + a.b[i];
-  rmsNorm({ x: a.sum, weight: a.weight, out: a.out, width: a.width, eps: a.eps }, r0, r1);
+  const d = a.width, wasm = a.simd && d % 4 === 0 ? loadSimd() : null;
+  if (wasm) {
+    // weight | a | b | sum | out
+    const rows = rowsPerCopy(d),
+      heap = wasm.heap((4 * rows + 1) * d),
+      at = (i: number) => (i * rows + 1) * d;
+    heap.set(a.weight);
+    for (let r = r0, n; r < r1; r += n) {
+      n = Math.min(rows, r1 - r);
+      heap.set(a.a.subarray(r * d, (r + n) * d), at(0)),
+        heap.set(a.b.subarray(r * d, (r + n) * d), at(1));
+      wasm.rmsNorm(4 * at(0), 4 * at(1), 4 * at(2), 0, 4 * at(3), n, d, a.eps);
+      a.sum.set(heap.subarray(at(2), at(2) + n * d), r * d);
+      a.out.set(heap.subarray(at(3), at(3) + n * d), r * d);
+    }
+    return;
+  }
+  for (let i = r0 * d; i < r1 * d; i++) a.sum[i] = a.a[i] + a.b[i];
+  const norm = { x: a.sum, weight: a.weight, out: a.out, width: d, eps: a.eps, simd: false };
+  rmsNorm(norm, r0, r1);
 }
 
 function silu(x: number): number {
@@ -215,7 +286,10 @@ function softmaxVisible(
   }
 }
 
-/** out[r] += sum_j scales[r, j] * y[sources[r, j]]: routed expert outputs back to tokens. */
+/**
+ * out[r] += sum_j scales[r, j] * y[sources[r, j]]: routed expert outputs back to tokens.
+ * simd (widths a multiple of 4): f32 lanes, each product rounded before its add.
+ */
 function combine(
   a: {
     out: Float32Array;
@@ -224,11 +298,30 @@ function combine(
     scales: Float32Array;
     k: number;
     width: number;
+    simd: boolean;
   },
   r0: number,
   r1: number,
 ): void {
   const { out, y, sources, scales, k, width: h } = a;
+  const wasm = a.simd && h % 4 === 0 ? loadSimd() : null;
+  if (wasm) {
+    // out rows | their k y rows each | scales
+    const rows = Math.max(1, Math.floor(rowsPerCopy(h) / k));
+    const heap = wasm.heap(rows * (k + 1) * h + rows * k), ys = rows * h, sc = rows * (k + 1) * h;
+    for (let r = r0, n; r < r1; r += n) {
+      n = Math.min(rows, r1 - r);
+      heap.set(out.subarray(r * h, (r + n) * h));
+      for (let i = 0; i < n * k; i++) {
+        const src = sources[r * k + i] * h;
+        heap.set(y.subarray(src, src + h), ys + i * h);
+      }
+      heap.set(scales.subarray(r * k, (r + n) * k), sc);
+      wasm.combine(0, 4 * ys, 4 * sc, n, k, h);
+      out.set(heap.subarray(0, n * h), r * h);
+    }
+    return;
+  }
   for (let r = r0; r < r1; r++) {
     for (let j = 0; j < k; j++) {
       const src = sources[r * k + j] * h, s = scales[r * k + j];
@@ -240,7 +333,8 @@ function combine(
 /**
  * HF rotate_half RoPE of `heads` heads read from columns c0.. of the rows of src (row
  * width srcWidth) into out [rows, heads * headDim], row r at positions[r]. sinSign -1
- * rotates back: the transpose, which is ropeBackward.
+ * rotates back: the transpose, which is ropeBackward. simd (headDim a multiple of 8): in
+ * f32 lanes with f32 cos and sin, HF's own arithmetic.
  */
 function rotateHeads(
   a: {
@@ -254,6 +348,7 @@ function rotateHeads(
     theta: number;
     linearFactor: number;
     sinSign: 1 | -1;
+    simd: boolean;
   },
   r0: number,
   r1: number,
@@ -261,8 +356,24 @@ function rotateHeads(
   const { src, srcWidth, c0, out, heads, headDim, positions, sinSign } = a;
   const width = heads * headDim, half = headDim / 2;
   const table = ropeTable(headDim, a.theta, a.linearFactor);
+  const wasm = a.simd && headDim % 8 === 0 ? loadSimd() : null;
+  if (wasm) {
+    // rows | their cos and signed sin values (f32, per position)
+    const rows = rowsPerCopy(width), heap = wasm.heap(rows * (width + headDim));
+    for (let r = r0, n; r < r1; r += n) {
+      n = Math.min(rows, r1 - r);
+      for (let i = 0; i < n; i++) {
+        const x = (r + i) * srcWidth + c0;
+        heap.set(src.subarray(x, x + width), i * width);
+        heap.set(table.lanes(positions[r + i], sinSign), rows * width + i * headDim);
+      }
+      wasm.rope(0, 4 * rows * width, n, heads, headDim);
+      out.set(heap.subarray(0, n * width), r * width);
+    }
+    return;
+  }
   for (let r = r0; r < r1; r++) {
-    const [cos, sin] = table(positions[r]);
+    const [cos, sin] = table.doubles(positions[r]);
     for (let h = 0; h < heads; h++) {
       const o = r * width + h * headDim, x = r * srcWidth + c0 + h * headDim;
       for (let i = 0; i < half; i++) {
@@ -274,34 +385,58 @@ function rotateHeads(
   }
 }
 
+interface RopeTable {
+  /** cos and sin of each frequency at a position, in doubles (the JS loops). */
+  doubles(position: number): [Float64Array, Float64Array];
+  /** The same as one f32 row [cos | sinSign * sin] (the SIMD kernel). */
+  lanes(position: number, sinSign: 1 | -1): Float32Array;
+}
+
+let lastRopeTable: { key: string; table: RopeTable } | null = null;
+
 /**
  * cos/sin per distinct position (positions repeat across the batch), with HF's f32
- * inv_freq = 1 / theta^(2i/d) and f32 angle, for rotateHeads.
+ * inv_freq = 1 / theta^(2i/d) and f32 angle, for rotateHeads. The last table is kept:
+ * every layer's q and k use the same one, and building it cost as much as the rotation.
  */
-function ropeTable(
-  headDim: number,
-  theta: number,
-  linearFactor: number,
-): (position: number) => [Float64Array, Float64Array] {
+function ropeTable(headDim: number, theta: number, linearFactor: number): RopeTable {
+  const key = `${headDim} ${theta} ${linearFactor}`;
+  if (lastRopeTable?.key === key) return lastRopeTable.table;
   const half = headDim / 2;
   const invFreq = Array.from(
     { length: half },
     (_, i) => Math.fround(1 / Math.fround(theta ** ((2 * i) / headDim))),
   );
-  const tables = new Map<number, [Float64Array, Float64Array]>();
-  return (position) => {
-    let cs = tables.get(position);
-    if (!cs) {
-      const pos = position / linearFactor;
-      cs = [new Float64Array(half), new Float64Array(half)];
-      for (let i = 0; i < half; i++) {
-        const angle = Math.fround(pos * invFreq[i]);
-        cs[0][i] = Math.cos(angle), cs[1][i] = Math.sin(angle);
+  const doubles = new Map<number, [Float64Array, Float64Array]>();
+  const lanes = [new Map<number, Float32Array>(), new Map<number, Float32Array>()];
+  const table: RopeTable = {
+    doubles(position) {
+      let cs = doubles.get(position);
+      if (!cs) {
+        const pos = position / linearFactor;
+        cs = [new Float64Array(half), new Float64Array(half)];
+        for (let i = 0; i < half; i++) {
+          const angle = Math.fround(pos * invFreq[i]);
+          cs[0][i] = Math.cos(angle), cs[1][i] = Math.sin(angle);
+        }
+        doubles.set(position, cs);
       }
-      tables.set(position, cs);
-    }
-    return cs;
+      return cs;
+    },
+    lanes(position, sinSign) {
+      const cached = lanes[sinSign === 1 ? 0 : 1];
+      let row = cached.get(position);
+      if (!row) {
+        const [cos, sin] = table.doubles(position);
+        row = new Float32Array(headDim);
+        for (let i = 0; i < half; i++) row[i] = cos[i], row[half + i] = sinSign * sin[i];
+        cached.set(position, row);
+      }
+      return row;
+    },
   };
+  lastRopeTable = { key, table };
+  return table;
 }
 
 export const rowKernels = {

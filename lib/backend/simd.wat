@@ -163,4 +163,114 @@
       (local.set $pos (i32.add (local.get $pos) (i32.const 1)))
       (local.set $rows (i32.sub (local.get $rows) (i32.const 1)))
       (br $nextRow))))
+
+  ;; RMSNorm of $rows rows of $width floats (a multiple of 4) at $x: the sum of squares in f64
+  ;; lanes, then out = w * (x * inv) in f32, in HF's order. With $b (not 0), x = a + b is
+  ;; first stored at $sum (the residual add fused with the next norm); $x is then a.
+  (func (export "rms_norm") (param $x i32) (param $b i32) (param $sum i32) (param $w i32)
+      (param $out i32) (param $rows i32) (param $width i32) (param $eps f64)
+    (local $bytes i32) (local $i i32) (local $v v128) (local $ss v128) (local $inv v128)
+    (local $row i32)
+    (local.set $bytes (i32.shl (local.get $width) (i32.const 2)))
+    (block $done (loop $nextRow
+      (br_if $done (i32.eqz (local.get $rows)))
+      (local.set $ss (v128.const f64x2 0 0))
+      (local.set $row (if (result i32) (local.get $b) (then (local.get $sum)) (else (local.get $x))))
+      (local.set $i (i32.const 0))
+      (block $d (loop $l
+        (br_if $d (i32.ge_u (local.get $i) (local.get $bytes)))
+        (local.set $v (v128.load (i32.add (local.get $x) (local.get $i))))
+        (if (local.get $b) (then
+          (local.set $v (f32x4.add (local.get $v) (v128.load (i32.add (local.get $b) (local.get $i)))))
+          (v128.store (i32.add (local.get $sum) (local.get $i)) (local.get $v))))
+        (local.set $ss (f64x2.add (local.get $ss) (f64x2.add
+          (f64x2.mul (f64x2.promote_low_f32x4 (local.get $v)) (f64x2.promote_low_f32x4 (local.get $v)))
+          (f64x2.mul
+            (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 0 1 2 3 4 5 6 7 (local.get $v) (local.get $v)))
+            (f64x2.promote_low_f32x4 (i8x16.shuffle 8 9 10 11 12 13 14 15 0 1 2 3 4 5 6 7 (local.get $v) (local.get $v)))))))
+        (local.set $i (i32.add (local.get $i) (i32.const 16)))
+        (br $l)))
+      ;; inv = 1 / sqrt(mean + eps) in f64, rounded to f32 once
+      (local.set $inv (f32x4.splat (f32.demote_f64 (f64.div (f64.const 1) (f64.sqrt (f64.add
+        (f64.div (f64.add (f64x2.extract_lane 0 (local.get $ss)) (f64x2.extract_lane 1 (local.get $ss)))
+          (f64.convert_i32_u (local.get $width)))
+        (local.get $eps)))))))
+      (local.set $i (i32.const 0))
+      (block $d (loop $l
+        (br_if $d (i32.ge_u (local.get $i) (local.get $bytes)))
+        (v128.store (i32.add (local.get $out) (local.get $i))
+          (f32x4.mul (v128.load (i32.add (local.get $w) (local.get $i)))
+            (f32x4.mul (v128.load (i32.add (local.get $row) (local.get $i))) (local.get $inv))))
+        (local.set $i (i32.add (local.get $i) (i32.const 16)))
+        (br $l)))
+      (local.set $x (i32.add (local.get $x) (local.get $bytes)))
+      (if (local.get $b) (then
+        (local.set $b (i32.add (local.get $b) (local.get $bytes)))
+        (local.set $sum (i32.add (local.get $sum) (local.get $bytes)))))
+      (local.set $out (i32.add (local.get $out) (local.get $bytes)))
+      (local.set $rows (i32.sub (local.get $rows) (i32.const 1)))
+      (br $nextRow))))
+
+  ;; rotate_half RoPE in place over $rows rows of $heads heads of $headDim (half a multiple of
+  ;; 4) at $x; row r's cos then sin values (headDim/2 each, sin with its sign) are row r of
+  ;; $cs: [p, q] -> [p cos - q sin, q cos + p sin], in f32 as HF computes it.
+  (func (export "rope") (param $x i32) (param $cs i32) (param $rows i32) (param $heads i32)
+      (param $headDim i32)
+    (local $half i32) (local $h i32) (local $i i32) (local $p v128) (local $q v128) (local $c v128)
+    (local $s v128) (local $at i32)
+    (local.set $half (i32.shl (local.get $headDim) (i32.const 1))) ;; half a head, in bytes
+    (block $done (loop $nextRow
+      (br_if $done (i32.eqz (local.get $rows)))
+      (local.set $h (local.get $heads))
+      (block $d (loop $nextHead
+        (br_if $d (i32.eqz (local.get $h)))
+        (local.set $i (i32.const 0))
+        (block $d2 (loop $l
+          (br_if $d2 (i32.ge_u (local.get $i) (local.get $half)))
+          (local.set $at (i32.add (local.get $x) (local.get $i)))
+          (local.set $p (v128.load (local.get $at)))
+          (local.set $q (v128.load (i32.add (local.get $at) (local.get $half))))
+          (local.set $c (v128.load (i32.add (local.get $cs) (local.get $i))))
+          (local.set $s (v128.load (i32.add (i32.add (local.get $cs) (local.get $half)) (local.get $i))))
+          (v128.store (local.get $at)
+            (f32x4.sub (f32x4.mul (local.get $p) (local.get $c)) (f32x4.mul (local.get $q) (local.get $s))))
+          (v128.store (i32.add (local.get $at) (local.get $half))
+            (f32x4.add (f32x4.mul (local.get $q) (local.get $c)) (f32x4.mul (local.get $p) (local.get $s))))
+          (local.set $i (i32.add (local.get $i) (i32.const 16)))
+          (br $l)))
+        (local.set $x (i32.add (local.get $x) (i32.shl (local.get $half) (i32.const 1))))
+        (local.set $h (i32.sub (local.get $h) (i32.const 1)))
+        (br $nextHead)))
+      (local.set $cs (i32.add (local.get $cs) (i32.shl (local.get $half) (i32.const 1))))
+      (local.set $rows (i32.sub (local.get $rows) (i32.const 1)))
+      (br $nextRow))))
+
+  ;; out[r] += sum_j scale[r, j] * y[r, j] for $rows rows of $width floats (a multiple of 4):
+  ;; the routed experts' k outputs of each token (gathered in order at $y, scales at $scale)
+  ;; added in order j = 0..k-1, as the reference does.
+  (func (export "combine") (param $out i32) (param $y i32) (param $scale i32) (param $rows i32)
+      (param $k i32) (param $width i32)
+    (local $bytes i32) (local $j i32) (local $i i32) (local $s v128)
+    (local.set $bytes (i32.shl (local.get $width) (i32.const 2)))
+    (block $done (loop $nextRow
+      (br_if $done (i32.eqz (local.get $rows)))
+      (local.set $j (local.get $k))
+      (block $d (loop $nextSource
+        (br_if $d (i32.eqz (local.get $j)))
+        (local.set $s (v128.load32_splat (local.get $scale)))
+        (local.set $i (i32.const 0))
+        (block $d2 (loop $l
+          (br_if $d2 (i32.ge_u (local.get $i) (local.get $bytes)))
+          (v128.store (i32.add (local.get $out) (local.get $i))
+            (f32x4.add (v128.load (i32.add (local.get $out) (local.get $i)))
+              (f32x4.mul (local.get $s) (v128.load (i32.add (local.get $y) (local.get $i))))))
+          (local.set $i (i32.add (local.get $i) (i32.const 16)))
+          (br $l)))
+        (local.set $y (i32.add (local.get $y) (local.get $bytes)))
+        (local.set $scale (i32.add (local.get $scale) (i32.const 4)))
+        (local.set $j (i32.sub (local.get $j) (i32.const 1)))
+        (br $nextSource)))
+      (local.set $out (i32.add (local.get $out) (local.get $bytes)))
+      (local.set $rows (i32.sub (local.get $rows) (i32.const 1)))
+      (br $nextRow))))
 )
