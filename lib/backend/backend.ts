@@ -501,7 +501,9 @@ export function checkCombine(
       `combineRows: ${sources.length} sources, ${scales.length} scales for ${rows} rows x ${k}`,
     );
   }
-  for (const s of sources) {
+  // Indexed loops here and below: for-of over a typed array ran 20x slower in V8.
+  for (let i = 0; i < sources.length; i++) {
+    const s = sources[i];
     if (s < 0 || s >= yRows) throw new Error(`combineRows: source row ${s} out of [0, ${yRows})`);
   }
 }
@@ -516,7 +518,8 @@ export function checkCombine(
  */
 export function expertPlan(routing: Routing, k: number, experts: number) {
   const groupRows = new Int32Array(experts);
-  for (const e of routing.indices) {
+  for (let i = 0; i < routing.indices.length; i++) {
+    const e = routing.indices[i];
     if (e < 0 || e >= experts) throw new Error(`expertPlan: expert ${e} out of [0, ${experts})`);
     groupRows[e]++;
   }
@@ -530,7 +533,7 @@ export function expertPlan(routing: Routing, k: number, experts: number) {
     for (let j = 0; j < k; j++) {
       const e = picks[j], at = next[e]++;
       let rank = 0; // experts of this token with a smaller id come first
-      for (const other of picks) if (other < e) rank++;
+      for (let o = 0; o < k; o++) if (picks[o] < e) rank++;
       order[at] = t;
       slots[at] = t * k + j;
       sources[t * k + rank] = at;

@@ -588,8 +588,9 @@ export class CpuBackend implements TrainingBackend {
   sumSquares(tensors: readonly Tensor[]): Promise<number> {
     let total = 0;
     for (const x of tensors) {
+      const xs = t(x).data;
       let s = 0;
-      for (const v of t(x).data) s += v * v;
+      for (let i = 0; i < xs.length; i++) s += xs[i] * xs[i]; // for-of ran 20x slower
       total += s;
     }
     return Promise.resolve(total);
