@@ -52,3 +52,17 @@ Deno.test("JS divergence per document matches the textbook formula", () => {
     assert(self.every((v) => v < 1e-14), `JS(P||P) = ${self}`);
   }
 });
+
+Deno.test("JS divergence rows split between threads give the same document means", () => {
+  // Above the split threshold, an odd row count, so the threads' shares differ.
+  const random = mulberry32(11);
+  const dim = 96, batch = 5, seqLen = 201, n = batch * seqLen * dim;
+  const orig = Float32Array.from({ length: n }, () => (random() - 0.5) * 8);
+  const cand = orig.map((x) => x + (random() - 0.5));
+  const means = [1, 3].map((threads) => {
+    const ref = new Reference("js-hidden", dim, threads);
+    ref.add(orig, { batch, seqLen });
+    return ref.docMeans(0, cand);
+  });
+  assert.deepStrictEqual(means[1], means[0]);
+});

@@ -7,7 +7,7 @@
 
 import { totalmem } from "node:os";
 import { exp } from "./exp.ts";
-import { RowThreads, sharedFloats } from "./cpu_rows.ts";
+import { defaultThreads, RowThreads, sharedFloats } from "./cpu_rows.ts";
 import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import { type Blas, loadBlas } from "./blas.ts";
 import {
@@ -40,23 +40,10 @@ import {
 // (sequence, head) pairs per thread hand-over, and bounded memory at long contexts.
 const ATTENTION_SCORES_CHUNK = 1 << 22;
 
-// Default thread cap: each worker is a V8 isolate (memory), and a pass split finer than
-// 8 ways is mostly hand-over at this project's model sizes.
-const MAX_THREADS = 8;
-
 // Most bytes of freed arrays kept for reuse by default: 1 GiB, at most 1/16 of the memory.
 // A training step's tapes free about 400 MiB; with 256 MiB it still faulted in 320 MiB a
 // step and ran 10% slower.
 const POOL_BYTES = Math.min(2 ** 30, Math.floor(totalmem() / 16));
-
-function defaultThreads(): number {
-  const env = Deno.env.get("MOE_CONDENSE_THREADS");
-  if (env === undefined) return Math.min(navigator.hardwareConcurrency, MAX_THREADS);
-  if (!/^[1-9][0-9]*$/.test(env)) {
-    throw new Error(`MOE_CONDENSE_THREADS must be a positive integer, got "${env}"`);
-  }
-  return Number(env);
-}
 
 export class CpuTensor implements Tensor {
   constructor(readonly data: Float32Array, readonly shape: readonly number[]) {
@@ -107,9 +94,7 @@ export class CpuBackend implements TrainingBackend {
     this.blas = opts.reference ? null : loadBlas();
     this.simd = !opts.reference;
     this.poolBytes = opts.poolBytes ?? POOL_BYTES;
-    this.rows = new RowThreads(
-      opts.threads ?? (opts.reference ? 1 : defaultThreads()),
-    );
+    this.rows = RowThreads.shared(opts.threads ?? (opts.reference ? 1 : defaultThreads()));
     this.description = (this.blas
       ? `CPU f32, matmul by ${this.blas.library}` +
         (this.blas.kernels ? ` (${this.blas.kernels} kernels)` : "")

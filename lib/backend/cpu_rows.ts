@@ -222,8 +222,8 @@ function swigluApart(
   let i = i0;
   if (wasm) {
     const chunk = SIMD_SWIGLU_CHUNK, heap = wasm.heap(3 * chunk);
-    for (let n; i + 4 <= i1; i += n) {
-      n = Math.min(chunk, (i1 - i) & ~3);
+    while (i + 4 <= i1) {
+      const n = Math.min(chunk, (i1 - i) & ~3);
       heap.set(gate.subarray(i, i + n)), heap.set(up.subarray(i, i + n), chunk);
       if (dy) {
         heap.set(dy.subarray(i, i + n), 2 * chunk);
@@ -233,6 +233,7 @@ function swigluApart(
         wasm.swigluApart(0, 4 * chunk, 8 * chunk, n / 4);
         out.set(heap.subarray(2 * chunk, 2 * chunk + n), i);
       }
+      i += n;
     }
   }
   for (; i < i1; i++) {
@@ -439,6 +440,73 @@ function ropeTable(headDim: number, theta: number, linearFactor: number): RopeTa
   return table;
 }
 
+// Scratch for one row's exponentials, so each element costs one exp (the divergence loop is
+// the largest part of the fast expert search once matmuls are BLAS-fast).
+let expScratch = new Float64Array(0);
+function expsOf(
+  cond: Float32Array,
+  o: number,
+  dim: number,
+): { e: Float64Array; sum: number; max: number } {
+  if (expScratch.length < dim) expScratch = new Float64Array(dim);
+  const e = expScratch;
+  let max = -Infinity;
+  for (let i = 0; i < dim; i++) if (cond[o + i] > max) max = cond[o + i];
+  let sum = 0;
+  for (let i = 0; i < dim; i++) sum += e[i] = exp(cond[o + i] - max);
+  return { e, sum, max };
+}
+
+/**
+ * JS(P||Q) with Q = softmax(cond row) + eps; P precomputed with its sum p log p.
+ * log q comes without a Math.log where eps is negligible: q = s + eps with s = e / sum,
+ * so log q = log s + log1p(eps / s) and log s = (x - max) - log(sum); the series
+ * t - t^2/2 + t^3/3 for log1p(t) is exact to f64 rounding below t = 1e-5. One exp and
+ * one log per entry instead of one exp and two: this loop dominated the searches.
+ */
+function jsRow(
+  p: Float32Array,
+  plogp: number,
+  cond: Float32Array,
+  o: number,
+  dim: number,
+  eps: number,
+) {
+  const { e, sum, max } = expsOf(cond, o, dim);
+  const inv = 1 / sum, logSum = Math.log(sum);
+  let qlogq = 0, mlogm = 0;
+  for (let i = 0; i < dim; i++) {
+    const s = e[i] * inv, q = s + eps, t = eps / s;
+    const logq = t < 1e-5 ? cond[o + i] - max - logSum + t * (1 - t * (0.5 - t / 3)) : Math.log(q);
+    const m = 0.5 * (p[o + i] + q);
+    qlogq += q * logq;
+    mlogm += m * Math.log(m);
+  }
+  // 0.5 KL(P||M) + 0.5 KL(Q||M) = 0.5 (sum p log p + sum q log q) - sum m log m
+  return Math.max(0, 0.5 * (plogp + qlogq) - mlogm);
+}
+
+/**
+ * The searches' Jensen-Shannon divergence (lib/methods/divergence.ts) of rows r0..r1:
+ * out[r] = JS(P||Q), Q = softmax(cond row) + eps, against P's f32 rows and each row's sum
+ * p ln p. A row kernel so that its rows split between threads: it was most of the expert
+ * search, one thread busy while BLAS's idled.
+ */
+function jsDivergence(
+  a: {
+    p: Float32Array;
+    plogp: Float64Array;
+    cond: Float32Array;
+    out: Float64Array;
+    dim: number;
+    eps: number;
+  },
+  r0: number,
+  r1: number,
+): void {
+  for (let r = r0; r < r1; r++) a.out[r] = jsRow(a.p, a.plogp[r], a.cond, r * a.dim, a.dim, a.eps);
+}
+
 export const rowKernels = {
   rmsNorm,
   addRmsNorm,
@@ -447,6 +515,7 @@ export const rowKernels = {
   softmaxVisible,
   combine,
   rotateHeads,
+  jsDivergence,
 };
 export type RowKernel = keyof typeof rowKernels;
 type Args<K extends RowKernel> = Parameters<(typeof rowKernels)[K]>[0];
@@ -467,6 +536,20 @@ const STATUS_BYTES = 16 + 4096;
 // Below this many row elements, handing rows over (0.1-0.3 ms measured) costs more than it saves.
 const MIN_SPLIT_ELEMENTS = 1 << 16;
 const START_TIMEOUT_MS = 30_000;
+
+// Default thread cap: each worker is a V8 isolate (memory), and a pass split finer than
+// 8 ways is mostly hand-over at this project's model sizes.
+const MAX_THREADS = 8;
+
+/** Every core the runtime reports, at most MAX_THREADS, or MOE_CONDENSE_THREADS. */
+export function defaultThreads(): number {
+  const env = Deno.env.get("MOE_CONDENSE_THREADS");
+  if (env === undefined) return Math.min(navigator.hardwareConcurrency, MAX_THREADS);
+  if (!/^[1-9][0-9]*$/.test(env)) {
+    throw new Error(`MOE_CONDENSE_THREADS must be a positive integer, got "${env}"`);
+  }
+  return Number(env);
+}
 
 /** A Float32Array in shared memory, so worker threads can read and write it in place. */
 export function sharedFloats(n: number): Float32Array {
@@ -492,6 +575,19 @@ export class RowThreads {
     }
   }
 
+  private static pools = new Map<number, RowThreads>();
+
+  /**
+   * One pool per thread count for the whole process (backends and the searches'
+   * divergences), rather than a set of workers each: runs block the main thread, so
+   * they never overlap.
+   */
+  static shared(threads: number): RowThreads {
+    let pool = RowThreads.pools.get(threads);
+    if (!pool) RowThreads.pools.set(threads, pool = new RowThreads(threads));
+    return pool;
+  }
+
   /**
    * kernel over rows 0..rows of rowElements each; `writes` are the arrays it writes. Runs
    * on one thread when the work is small or a written array is not shared (a worker would
@@ -502,7 +598,7 @@ export class RowThreads {
     args: Args<K>,
     rows: number,
     rowElements: number,
-    writes: readonly Float32Array[],
+    writes: readonly (Float32Array | Float64Array)[],
   ): void {
     const parts = Math.min(this.threads, rows);
     const run = rowKernels[kernel] as (a: Args<K>, r0: number, r1: number) => void;

@@ -4,6 +4,7 @@
 // (probabilities, their entropy term) so a candidate costs one pass over its rows.
 
 import { exp } from "../backend/exp.ts";
+import { defaultThreads, RowThreads, sharedFloats } from "../backend/cpu_rows.ts";
 import type { BatchShape } from "../model/decoder.ts";
 
 export const METRICS = ["js-hidden", "js-logits", "kl-logits", "loss", "cosine"] as const;
@@ -30,7 +31,8 @@ export const JS_EPS = 1e-10;
  */
 function probsWithEps(rows: Float32Array, dim: number): { p: Float32Array; plogp: Float64Array } {
   const n = rows.length / dim;
-  const p = new Float32Array(rows.length), plogp = new Float64Array(n);
+  // in shared memory: the JS rows are split between threads
+  const p = sharedFloats(rows.length), plogp = new Float64Array(new SharedArrayBuffer(8 * n));
   for (let r = 0; r < n; r++) {
     const o = r * dim;
     let max = -Infinity;
@@ -77,7 +79,13 @@ interface RefBatch {
  */
 export class Reference {
   private batches: RefBatch[] = [];
-  constructor(readonly metric: Metric, readonly dim: number) {}
+  private threads: RowThreads;
+  private jsOfRows: Float64Array = new Float64Array(0);
+
+  /** threads: for the JS rows (default as the CPU backend's); each row runs the same way. */
+  constructor(readonly metric: Metric, readonly dim: number, threads = defaultThreads()) {
+    this.threads = RowThreads.shared(threads);
+  }
 
   /** `rows` [batch*seqLen, dim] of the original model; `ids` needed for "loss". */
   add(rows: Float32Array | null, shape: BatchShape, ids?: Int32Array): void {
@@ -107,6 +115,14 @@ export class Reference {
   /** Per-document mean divergence of batch `bi` against candidate rows `cond`. */
   docMeans(bi: number, cond: Float32Array): number[] {
     const b = this.batches[bi], dim = this.dim, { batch, seqLen } = b.shape;
+    if (this.metric === "js-hidden" || this.metric === "js-logits") {
+      const rows = batch * seqLen;
+      if (this.jsOfRows.length < rows) {
+        this.jsOfRows = new Float64Array(new SharedArrayBuffer(8 * rows));
+      }
+      const args = { p: b.p!, plogp: b.plogp!, cond, out: this.jsOfRows, dim, eps: JS_EPS };
+      this.threads.run("jsDivergence", args, rows, dim, [this.jsOfRows]);
+    }
     const out: number[] = [];
     for (let d = 0; d < batch; d++) {
       let sum = 0, count = 0;
@@ -115,7 +131,7 @@ export class Reference {
         switch (this.metric) {
           case "js-hidden":
           case "js-logits":
-            sum += jsRow(b.p!, b.plogp![r], cond, o, dim);
+            sum += this.jsOfRows[r];
             break;
           case "kl-logits":
             sum += klRow(b.logp!, cond, o, dim);
@@ -135,45 +151,6 @@ export class Reference {
     }
     return out;
   }
-}
-
-// Scratch for one row's exponentials, so each element costs one exp (the divergence loop is
-// the largest part of the fast expert search once matmuls are BLAS-fast).
-let expScratch = new Float64Array(0);
-function expsOf(
-  cond: Float32Array,
-  o: number,
-  dim: number,
-): { e: Float64Array; sum: number; max: number } {
-  if (expScratch.length < dim) expScratch = new Float64Array(dim);
-  const e = expScratch;
-  let max = -Infinity;
-  for (let i = 0; i < dim; i++) if (cond[o + i] > max) max = cond[o + i];
-  let sum = 0;
-  for (let i = 0; i < dim; i++) sum += e[i] = exp(cond[o + i] - max);
-  return { e, sum, max };
-}
-
-/**
- * JS(P||Q) with Q = softmax(cond row) + eps; P precomputed with its sum p log p.
- * log q comes without a Math.log where eps is negligible: q = s + eps with s = e / sum,
- * so log q = log s + log1p(eps / s) and log s = (x - max) - log(sum); the series
- * t - t^2/2 + t^3/3 for log1p(t) is exact to f64 rounding below t = 1e-5. One exp and
- * one log per entry instead of one exp and two: this loop dominated the searches.
- */
-function jsRow(p: Float32Array, plogp: number, cond: Float32Array, o: number, dim: number) {
-  const { e, sum, max } = expsOf(cond, o, dim);
-  const inv = 1 / sum, logSum = Math.log(sum);
-  let qlogq = 0, mlogm = 0;
-  for (let i = 0; i < dim; i++) {
-    const s = e[i] * inv, q = s + JS_EPS, t = JS_EPS / s;
-    const logq = t < 1e-5 ? cond[o + i] - max - logSum + t * (1 - t * (0.5 - t / 3)) : Math.log(q);
-    const m = 0.5 * (p[o + i] + q);
-    qlogq += q * logq;
-    mlogm += m * Math.log(m);
-  }
-  // 0.5 KL(P||M) + 0.5 KL(Q||M) = 0.5 (sum p log p + sum q log q) - sum m log m
-  return Math.max(0, 0.5 * (plogp + qlogq) - mlogm);
 }
 
 /** KL(P||Q) over the vocabulary, P the original model's distribution. */
