@@ -60,9 +60,34 @@ Deno.test("JS divergence rows split between threads give the same document means
   const orig = Float32Array.from({ length: n }, () => (random() - 0.5) * 8);
   const cand = orig.map((x) => x + (random() - 0.5));
   const means = [1, 3].map((threads) => {
-    const ref = new Reference("js-hidden", dim, threads);
+    const ref = new Reference("js-hidden", dim, { threads });
     ref.add(orig, { batch, seqLen });
     return ref.docMeans(0, cand);
   });
   assert.deepStrictEqual(means[1], means[0]);
+});
+
+Deno.test("JS divergence in f64 SIMD lanes agrees with the JS loop, peaked and flat rows", () => {
+  // Spreads from near-uniform rows (JS ~1e-8: only absolute rounding is meaningful there) to
+  // peaked ones where most q entries fall below eps (simd.wat's ln q branch); one row of
+  // -3e38 entries; dims that run in lanes and one that falls back.
+  const random = mulberry32(13);
+  for (const [dim, spread] of [[256, 0.01], [256, 4], [128, 300], [36, 40], [30, 4]]) {
+    const batch = 3, seqLen = 50, n = batch * seqLen * dim;
+    const orig = Float32Array.from({ length: n }, () => (random() - 0.5) * spread);
+    const cand = orig.map((x) => x + (random() - 0.5) * spread * 0.05);
+    cand.fill(-3e38, 7 * dim, 7 * dim + dim / 2);
+    const [simd, js] = [true, false].map((simd) => {
+      const ref = new Reference("js-hidden", dim, { simd });
+      ref.add(orig, { batch, seqLen });
+      return ref.docMeans(0, cand);
+    });
+    js.forEach((want, d) => {
+      const err = Math.abs(simd[d] - want);
+      assert(
+        err < 1e-9 * want || err < 1e-14,
+        `dim ${dim} spread ${spread} doc ${d}: ${simd[d]} vs ${want} (${err})`,
+      );
+    });
+  }
 });

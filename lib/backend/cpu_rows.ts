@@ -40,6 +40,16 @@ interface SimdKernels {
     k: number,
     width: number,
   ): void;
+  jsRows(
+    pByte: number,
+    plogpByte: number,
+    condByte: number,
+    outByte: number,
+    expByte: number,
+    rows: number,
+    dim: number,
+    eps: number,
+  ): void;
 }
 
 let simdKernels: SimdKernels | null | undefined;
@@ -66,6 +76,7 @@ function loadSimd(): SimdKernels | null {
       rmsNorm: exports.rms_norm as SimdKernels["rmsNorm"],
       rope: exports.rope as SimdKernels["rope"],
       combine: exports.combine as SimdKernels["combine"],
+      jsRows: exports.js_rows as SimdKernels["jsRows"],
     };
   } catch {
     simdKernels = null; // no WebAssembly SIMD here: the JS loops run
@@ -490,7 +501,8 @@ function jsRow(
  * The searches' Jensen-Shannon divergence (lib/methods/divergence.ts) of rows r0..r1:
  * out[r] = JS(P||Q), Q = softmax(cond row) + eps, against P's f32 rows and each row's sum
  * p ln p. A row kernel so that its rows split between threads: it was most of the expert
- * search, one thread busy while BLAS's idled.
+ * search, one thread busy while BLAS's idled. simd (dim a multiple of 4): simd.wat's
+ * js_rows, jsRow in f64 lanes with its own e^x and ln x (within 1e-10 of jsRow, tested).
  */
 function jsDivergence(
   a: {
@@ -500,11 +512,30 @@ function jsDivergence(
     out: Float64Array;
     dim: number;
     eps: number;
+    simd: boolean;
   },
   r0: number,
   r1: number,
 ): void {
-  for (let r = r0; r < r1; r++) a.out[r] = jsRow(a.p, a.plogp[r], a.cond, r * a.dim, a.dim, a.eps);
+  const { p, plogp, cond, out, dim, eps } = a;
+  const wasm = a.simd && dim % 4 === 0 ? loadSimd() : null;
+  if (wasm) {
+    // bytes: P rows | candidate rows | their p ln p (f64) | JS out (f64) | a row of e^x (f64)
+    const rows = Math.max(1, Math.floor(4 * SIMD_ROWS_CHUNK / dim));
+    const condAt = 4 * rows * dim, plogpAt = 8 * rows * dim, outAt = plogpAt + 8 * rows;
+    const expAt = outAt + 8 * rows;
+    const heap = wasm.heap((expAt + 8 * dim) / 4), f64 = new Float64Array(heap.buffer);
+    for (let r = r0, n; r < r1; r += n) {
+      n = Math.min(rows, r1 - r);
+      heap.set(p.subarray(r * dim, (r + n) * dim));
+      heap.set(cond.subarray(r * dim, (r + n) * dim), condAt / 4);
+      f64.set(plogp.subarray(r, r + n), plogpAt / 8);
+      wasm.jsRows(0, plogpAt, condAt, outAt, expAt, n, dim, eps);
+      out.set(f64.subarray(outAt / 8, outAt / 8 + n), r);
+    }
+    return;
+  }
+  for (let r = r0; r < r1; r++) out[r] = jsRow(p, plogp[r], cond, r * dim, dim, eps);
 }
 
 export const rowKernels = {

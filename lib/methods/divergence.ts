@@ -82,9 +82,19 @@ export class Reference {
   private threads: RowThreads;
   private jsOfRows: Float64Array = new Float64Array(0);
 
-  /** threads: for the JS rows (default as the CPU backend's); each row runs the same way. */
-  constructor(readonly metric: Metric, readonly dim: number, threads = defaultThreads()) {
-    this.threads = RowThreads.shared(threads);
+  private simd: boolean;
+
+  /**
+   * threads: for the JS rows (default as the CPU backend's; each row runs the same way);
+   * simd: the JS rows in f64 WebAssembly lanes where available (false: jsRow's JS).
+   */
+  constructor(
+    readonly metric: Metric,
+    readonly dim: number,
+    opts: { threads?: number; simd?: boolean } = {},
+  ) {
+    this.threads = RowThreads.shared(opts.threads ?? defaultThreads());
+    this.simd = opts.simd ?? true;
   }
 
   /** `rows` [batch*seqLen, dim] of the original model; `ids` needed for "loss". */
@@ -120,7 +130,15 @@ export class Reference {
       if (this.jsOfRows.length < rows) {
         this.jsOfRows = new Float64Array(new SharedArrayBuffer(8 * rows));
       }
-      const args = { p: b.p!, plogp: b.plogp!, cond, out: this.jsOfRows, dim, eps: JS_EPS };
+      const args = {
+        p: b.p!,
+        plogp: b.plogp!,
+        cond,
+        out: this.jsOfRows,
+        dim,
+        eps: JS_EPS,
+        simd: this.simd,
+      };
       this.threads.run("jsDivergence", args, rows, dim, [this.jsOfRows]);
     }
     const out: number[] = [];
