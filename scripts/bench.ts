@@ -15,6 +15,8 @@
 //             trainable) per backend; on WebGPU also a step's submits and dispatches
 //   layerwise peak memory of the layer-wise mode vs all weights resident, on a generated
 //             multi-GB sharded checkpoint (each mode in its own process, peak RSS from /proc)
+//   divergence the searches' JS divergence per entry: the JS loop and f64 SIMD lanes on one
+//             thread, and SIMD on the default threads, on flat and peaked rows
 
 import type { AttentionShape, Backend } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
@@ -37,10 +39,14 @@ import { loadBlas } from "../lib/backend/blas.ts";
 import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
 import { supportsTraining } from "../lib/backend/backend.ts";
 import { Optimizer, selectTrainable, trainStep } from "../lib/train/trainer.ts";
+import { Reference } from "../lib/methods/divergence.ts";
+import { defaultThreads } from "../lib/backend/cpu_rows.ts";
+import { mulberry32 } from "../lib/random.ts";
 
 const USAGE = `Usage: deno task bench [options]
 
-  --only LIST        sections to run: matmul,attention,forward,decode,train,layerwise (default all)
+  --only LIST        sections to run: matmul,attention,forward,decode,train,layerwise,
+                     divergence (default all)
   --backends LIST    cpu,cpu-reference,webgpu (default all; an unavailable one is recorded, not fatal)
   --model DIR        model for the forward section (default data/models/tiny-deepseek-moe)
   --repeats N        timed repeats per measurement, median reported (default 3)
@@ -48,6 +54,7 @@ const USAGE = `Usage: deno task bench [options]
   --out FILE         result JSON (default results/bench/<date>.json)`;
 
 const SCHEMA_VERSION = 1;
+const SECTIONS = ["matmul", "attention", "forward", "decode", "train", "layerwise", "divergence"];
 const DEFAULT_MODEL = new URL("../data/models/tiny-deepseek-moe", import.meta.url).pathname;
 
 // A DeepSeekMoE-shaped model of 2.4 GB in bf16 (13 shards): big enough that "one layer resident"
@@ -720,6 +727,55 @@ async function benchLayerwise(dir: string) {
   };
 }
 
+/**
+ * The searches' JS divergence (lib/methods/divergence.ts), most of the expert search: ns
+ * per (token, hidden) entry of the JS loop (the reference) and of the f64 SIMD lanes on
+ * one thread, and of SIMD on the default threads, round-robin. Rows of the default model's
+ * hidden size and of DeepSeekMoE-16B's, flat (spread 4) and peaked (spread 300: most q
+ * entries below eps, the slower ln q branch), a candidate being the rows plus 5% noise.
+ */
+async function benchDivergence(repeats: number) {
+  const rows: Record<string, unknown>[] = [];
+  const tokens = 2048, shape = { batch: 8, seqLen: 256 };
+  const threads = defaultThreads();
+  const variants: [string, { threads: number; simd: boolean }][] = [
+    ["js-1-thread", { threads: 1, simd: false }],
+    ["simd-1-thread", { threads: 1, simd: true }],
+    [`simd-${threads}-threads`, { threads, simd: true }],
+  ];
+  for (const [dim, spread] of [[256, 4], [256, 300], [2048, 4], [2048, 300]]) {
+    const random = mulberry32(dim + spread);
+    const orig = Float32Array.from({ length: tokens * dim }, () => (random() - 0.5) * spread);
+    const cand = orig.map((x) => x + (random() - 0.5) * spread * 0.05);
+    const refs = variants.map(([, opts]) => {
+      const ref = new Reference("js-hidden", dim, opts);
+      ref.add(orig, shape);
+      return ref;
+    });
+    const means = refs.map((ref) => ref.docMeans(0, cand)); // also the warm-up
+    const times = await roundRobin(refs, repeats, (ref) => Promise.resolve(ref.docMeans(0, cand)));
+    variants.forEach(([label], i) => {
+      const maxRelDiff = Math.max(
+        ...means[i].map((m, d) => Math.abs(m - means[0][d]) / means[0][d]),
+      );
+      rows.push({
+        variant: label,
+        dim,
+        spread,
+        tokens,
+        seconds: times[i],
+        nsPerEntry: (times[i] * 1e9) / (tokens * dim),
+        maxRelDiffFromJs: maxRelDiff,
+      });
+      console.error(
+        `divergence ${label} dim ${dim} spread ${spread}: ` +
+          `${((times[i] * 1e9) / (tokens * dim)).toFixed(1)} ns/entry`,
+      );
+    });
+  }
+  return rows;
+}
+
 await runMain(async () => {
   const args = parseCli(USAGE, {
     only: { type: "string" },
@@ -734,11 +790,9 @@ await runMain(async () => {
     new URL("../results/tmp/synthetic-moe", import.meta.url).pathname;
   if (args.child) return await layerwiseChild(args.child, syntheticDir);
 
-  const sections = (args.only ?? "matmul,attention,forward,decode,train,layerwise").split(",");
+  const sections = (args.only ?? SECTIONS.join(",")).split(",");
   for (const s of sections) {
-    if (!["matmul", "attention", "forward", "decode", "train", "layerwise"].includes(s)) {
-      throw new UsageError(`unknown section "${s}"`);
-    }
+    if (!SECTIONS.includes(s)) throw new UsageError(`unknown section "${s}"`);
   }
   const repeats = positiveInt("repeats", args.repeats, 3);
   const backends = new Map<string, Backend>();
@@ -799,6 +853,7 @@ await runMain(async () => {
     result.train = await benchTrain(backends, args.model ?? DEFAULT_MODEL, repeats);
   }
   if (sections.includes("layerwise")) result.layerwise = await benchLayerwise(syntheticDir);
+  if (sections.includes("divergence")) result.divergence = await benchDivergence(repeats);
   result.wall_seconds = (performance.now() - t0) / 1000;
   const out = args.out ??
     new URL(
