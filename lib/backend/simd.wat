@@ -313,7 +313,7 @@
   ;; $rows rows of $dim f32 values (a multiple of 4) at $cond, Q = softmax(row) + $eps against
   ;; P (f32 rows at $p; each row's sum p ln p at $plogp, f64): JS(P||Q) -> $out (f64). $e:
   ;; room for a row's e^(x - max), f64. As in jsRow, ln q comes from x where eps / s < 1e-5.
-  ;; e^x and ln m are written out in the loops with their constants in locals: V8 builds a
+  ;; e^x and ln are written out in the loops with their constants in locals: V8 builds a
   ;; v128.const anew at each use, and calls to $log64 ran the loop at Math.log's speed.
   ;; e^x: x = n ln2 + r, |r| <= ln2/2, n ln2hi exact; e^r by Taylor to r^13 (remainder
   ;; 4e-18); 2^n from exponent bits; x = value - max <= 0, clamped at -708 (2^n normal).
@@ -324,7 +324,7 @@
     (local $r v128) (local $y v128) (local $s v128) (local $q v128) (local $t v128)
     (local $small v128) (local $logq v128) (local $m v128) (local $f v128) (local $ex v128)
     (local $big v128) (local $u v128) (local $u2 v128) (local $qlogq v128) (local $mlogm v128)
-    (local $epsv v128) (local $total f64)
+    (local $epsv v128) (local $total f64) (local $lnOf v128) (local $lnOfQ i32)
     (local $kOne v128)
     (local $kHalf v128)
     (local $kLo v128)
@@ -466,34 +466,40 @@
             (local.get $max)) (local.get $logSum))
           (f64x2.mul (local.get $t) (f64x2.sub (local.get $kOne) (f64x2.mul (local.get $t)
             (f64x2.sub (local.get $kHalf) (f64x2.div (local.get $t) (local.get $kThree))))))))
-        (if (i32.eqz (i64x2.all_true (local.get $small))) (then
-          (local.set $logq (v128.bitselect (local.get $logq) (call $log64 (local.get $q)) (local.get $small)))))
         (local.set $m (f64x2.mul (local.get $kHalf) (f64x2.add
           (f64x2.promote_low_f32x4 (v128.load64_zero (i32.add (local.get $p) (local.get $i))))
           (local.get $q))))
-        ;; ln m, as $log64
-        (local.set $ex (f64x2.sub (v128.or (i64x2.shr_u (local.get $m) (i32.const 52)) (local.get $kExpBits))
-          (local.get $kExpBias)))
-        (local.set $f (v128.or (v128.and (local.get $m) (local.get $kMantissa)) (local.get $kOneBits)))
-        (local.set $big (f64x2.gt (local.get $f) (local.get $kSqrt2)))
-        (local.set $f (v128.bitselect (f64x2.mul (local.get $f) (local.get $kHalf)) (local.get $f) (local.get $big)))
-        (local.set $ex (f64x2.add (local.get $ex) (v128.and (local.get $big) (local.get $kOne))))
-        (local.set $u (f64x2.div (f64x2.sub (local.get $f) (local.get $kOne)) (f64x2.add (local.get $f) (local.get $kOne))))
-        (local.set $u2 (f64x2.mul (local.get $u) (local.get $u)))
-        (local.set $y (local.get $l21))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l19)))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l17)))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l15)))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l13)))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l11)))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l9)))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l7)))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l5)))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l3)))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $kOne)))
-        (local.set $y (f64x2.add (f64x2.mul (local.get $ex) (local.get $kLn2Hi))
-          (f64x2.add (f64x2.mul (local.get $ex) (local.get $kLn2Lo))
-            (f64x2.mul (f64x2.add (local.get $u) (local.get $u)) (local.get $y)))))
+        ;; ln m, and first ln q where a lane needs it: one pass of $log64's steps, or two
+        (local.set $lnOfQ (i32.eqz (i64x2.all_true (local.get $small))))
+        (local.set $lnOf (select (result v128) (local.get $q) (local.get $m) (local.get $lnOfQ)))
+        (loop $ln
+          (local.set $ex (f64x2.sub (v128.or (i64x2.shr_u (local.get $lnOf) (i32.const 52)) (local.get $kExpBits))
+            (local.get $kExpBias)))
+          (local.set $f (v128.or (v128.and (local.get $lnOf) (local.get $kMantissa)) (local.get $kOneBits)))
+          (local.set $big (f64x2.gt (local.get $f) (local.get $kSqrt2)))
+          (local.set $f (v128.bitselect (f64x2.mul (local.get $f) (local.get $kHalf)) (local.get $f) (local.get $big)))
+          (local.set $ex (f64x2.add (local.get $ex) (v128.and (local.get $big) (local.get $kOne))))
+          (local.set $u (f64x2.div (f64x2.sub (local.get $f) (local.get $kOne)) (f64x2.add (local.get $f) (local.get $kOne))))
+          (local.set $u2 (f64x2.mul (local.get $u) (local.get $u)))
+          (local.set $y (local.get $l21))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l19)))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l17)))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l15)))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l13)))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l11)))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l9)))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l7)))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l5)))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $l3)))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $y) (local.get $u2)) (local.get $kOne)))
+          (local.set $y (f64x2.add (f64x2.mul (local.get $ex) (local.get $kLn2Hi))
+            (f64x2.add (f64x2.mul (local.get $ex) (local.get $kLn2Lo))
+              (f64x2.mul (f64x2.add (local.get $u) (local.get $u)) (local.get $y)))))
+          (if (local.get $lnOfQ) (then
+            (local.set $logq (v128.bitselect (local.get $logq) (local.get $y) (local.get $small)))
+            (local.set $lnOfQ (i32.const 0))
+            (local.set $lnOf (local.get $m))
+            (br $ln))))
         (local.set $qlogq (f64x2.add (local.get $qlogq) (f64x2.mul (local.get $q) (local.get $logq))))
         (local.set $mlogm (f64x2.add (local.get $mlogm) (f64x2.mul (local.get $m) (local.get $y))))
         (local.set $i (i32.add (local.get $i) (i32.const 8)))
