@@ -770,70 +770,44 @@ export class CpuBackend implements TrainingBackend {
   ): void {
     const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
     const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
-    const blas = this.blas!;
-    const p = this.floats(qLen * kvLen); // [qLen, kvLen]
-    const dp = this.floats(qLen * kvLen); // [qLen, kvLen]
-    for (let b = 0; b < batch; b++) {
-      for (let h = 0; h < heads; h++) {
-        const kh = Math.floor(h / group);
-        const qOff = b * qLen * qw + h * headDim, kOff = b * kvLen * kw + kh * headDim;
-        const q = qs.subarray(qOff), k = ks.subarray(kOff), v = vs.subarray(kOff);
-        const dO = dos.subarray(qOff);
-        blas.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, p, kvLen);
-        const args = { scores: p, qLen, kvLen, window, simd: this.simd };
-        this.rows.run("softmaxVisible", args, qLen, kvLen, [p]);
-        blas.sgemm(
-          true,
-          false,
-          kvLen,
-          headDim,
-          qLen,
-          1,
-          p,
-          kvLen,
-          dO,
-          qw,
-          1,
-          dv.subarray(kOff),
-          kw,
-        );
-        blas.sgemm(false, true, qLen, kvLen, headDim, 1, dO, qw, v, kw, 0, dp, kvLen);
-        for (let i = 0; i < qLen; i++) {
-          const o = i * kvLen;
-          let pdp = 0;
-          for (let j = 0; j < kvLen; j++) pdp += p[o + j] * dp[o + j];
-          for (let j = 0; j < kvLen; j++) dp[o + j] = p[o + j] * (dp[o + j] - pdp); // dS
-        }
-        blas.sgemm(
-          false,
-          false,
-          qLen,
-          headDim,
-          kvLen,
-          scale,
-          dp,
-          kvLen,
-          k,
-          kw,
-          0,
-          dq.subarray(qOff),
-          qw,
-        );
-        blas.sgemm(
-          true,
-          false,
-          kvLen,
-          headDim,
-          qLen,
-          scale,
-          dp,
-          kvLen,
-          q,
-          qw,
-          1,
-          dk.subarray(kOff),
-          kw,
-        );
+    const blas = this.blas!, block = qLen * kvLen, pairs = batch * heads;
+    // As the forward: the softmax and its backward run over chunks of (sequence, head)
+    // pairs at once, so their rows split between threads.
+    const chunk = Math.max(1, Math.min(pairs, Math.floor(ATTENTION_SCORES_CHUNK / block)));
+    const p = this.outputFloats(chunk * block); // [chunk pairs, qLen, kvLen]
+    const dp = this.outputFloats(chunk * block);
+    const slices = (pair: number) => {
+      const b = Math.floor(pair / heads), h = pair % heads, kh = Math.floor(h / group);
+      const qOff = b * qLen * qw + h * headDim, kOff = b * kvLen * kw + kh * headDim;
+      return {
+        q: qs.subarray(qOff),
+        dO: dos.subarray(qOff),
+        dq: dq.subarray(qOff),
+        k: ks.subarray(kOff),
+        v: vs.subarray(kOff),
+        dk: dk.subarray(kOff),
+        dv: dv.subarray(kOff),
+      };
+    };
+    for (let p0 = 0; p0 < pairs; p0 += chunk) {
+      const count = Math.min(chunk, pairs - p0);
+      for (let i = 0; i < count; i++) {
+        const { q, k } = slices(p0 + i), pi = p.subarray(i * block);
+        blas.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, pi, kvLen);
+      }
+      const args = { scores: p, qLen, kvLen, window, simd: this.simd };
+      this.rows.run("softmaxVisible", args, count * qLen, kvLen, [p]);
+      for (let i = 0; i < count; i++) {
+        const { dO, v, dv: dvi } = slices(p0 + i);
+        const pi = p.subarray(i * block), dpi = dp.subarray(i * block);
+        blas.sgemm(true, false, kvLen, headDim, qLen, 1, pi, kvLen, dO, qw, 1, dvi, kw);
+        blas.sgemm(false, true, qLen, kvLen, headDim, 1, dO, qw, v, kw, 0, dpi, kvLen);
+      }
+      this.rows.run("softmaxBackward", { p, dp, width: kvLen }, count * qLen, kvLen, [dp]);
+      for (let i = 0; i < count; i++) {
+        const { q, k, dq: dqi, dk: dki } = slices(p0 + i), ds = dp.subarray(i * block);
+        blas.sgemm(false, false, qLen, headDim, kvLen, scale, ds, kvLen, k, kw, 0, dqi, qw);
+        blas.sgemm(true, false, kvLen, headDim, qLen, scale, ds, kvLen, q, qw, 1, dki, kw);
       }
     }
     this.recycle(p), this.recycle(dp);

@@ -298,6 +298,20 @@ function softmaxVisible(
   }
 }
 
+/** dS = P * (dP - rowsum(P * dP)) in place of dP: the softmax's backward, rows of `width`. */
+function softmaxBackward(
+  a: { p: Float32Array; dp: Float32Array; width: number },
+  r0: number,
+  r1: number,
+): void {
+  const { p, dp, width } = a;
+  for (let o = r0 * width; o < r1 * width; o += width) {
+    let pdp = 0;
+    for (let j = o; j < o + width; j++) pdp += p[j] * dp[j];
+    for (let j = o; j < o + width; j++) dp[j] = p[j] * (dp[j] - pdp);
+  }
+}
+
 /**
  * out[r] += sum_j scales[r, j] * y[sources[r, j]]: routed expert outputs back to tokens.
  * simd (widths a multiple of 4): f32 lanes, each product rounded before its add.
@@ -544,6 +558,7 @@ export const rowKernels = {
   swiglu,
   swigluApart,
   softmaxVisible,
+  softmaxBackward,
   combine,
   rotateHeads,
   jsDivergence,
