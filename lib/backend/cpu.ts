@@ -293,7 +293,7 @@ export class CpuBackend implements TrainingBackend {
     if (as.length !== bs.length) {
       throw new Error(`add: shapes [${a.shape}] and [${b.shape}] differ`);
     }
-    const out = this.floats(as.length);
+    const out = this.outputFloats(as.length);
     for (let i = 0; i < as.length; i++) out[i] = as[i] + bs[i];
     return new CpuTensor(out, a.shape);
   }
@@ -303,7 +303,7 @@ export class CpuBackend implements TrainingBackend {
     if (as.length !== bs.length) {
       throw new Error(`mul: shapes [${a.shape}] and [${b.shape}] differ`);
     }
-    const out = this.floats(as.length);
+    const out = this.outputFloats(as.length);
     for (let i = 0; i < as.length; i++) out[i] = as[i] * bs[i];
     return new CpuTensor(out, a.shape);
   }
@@ -537,7 +537,7 @@ export class CpuBackend implements TrainingBackend {
 
   sigmoidScaleRows(y: Tensor, g: Tensor): Tensor {
     const [n, d] = rowsCols(y);
-    const ys = t(y).data, gs = t(g).data, out = this.floats(ys.length);
+    const ys = t(y).data, gs = t(g).data, out = this.outputFloats(ys.length);
     for (let r = 0; r < n; r++) {
       const s = 1 / (1 + exp(-gs[r]));
       for (let c = 0; c < d; c++) out[r * d + c] = ys[r * d + c] * s;
@@ -546,7 +546,7 @@ export class CpuBackend implements TrainingBackend {
   }
 
   scale(y: Tensor, s: number): Tensor {
-    const ys = t(y).data, out = this.floats(ys.length);
+    const ys = t(y).data, out = this.outputFloats(ys.length);
     for (let i = 0; i < ys.length; i++) out[i] = ys[i] * s;
     return new CpuTensor(out, y.shape);
   }
@@ -592,7 +592,7 @@ export class CpuBackend implements TrainingBackend {
     const xs = t(x).data, ws = w(weight).data, dys = t(dy).data;
     if (dys.length !== n * m) throw new Error(`matmulBackward: dy [${dy.shape}] != [${n}, ${m}]`);
     let dx: CpuTensor | null = null;
-    if (opts.needInput) dx = new CpuTensor(this.floats(n * k), [n, k]); // [N, K]
+    if (opts.needInput) dx = new CpuTensor(this.outputFloats(n * k), [n, k]); // [N, K]
     if (opts.biasGrad) {
       const bg = t(opts.biasGrad).data;
       for (let c = 0; c < m; c++) {
@@ -636,7 +636,7 @@ export class CpuBackend implements TrainingBackend {
   rmsNormBackward(x: Tensor, weight: Weight, dy: Tensor, eps: number, weightGrad?: Tensor): Tensor {
     const [n, d] = rowsCols(x);
     const xs = t(x).data, ws = w(weight).data, dys = t(dy).data;
-    const dx = this.floats(n * d); // [N, D]
+    const dx = this.outputFloats(n * d); // [N, D]
     const wg = weightGrad ? t(weightGrad).data : null;
     for (let r = 0; r < n; r++) {
       const o = r * d;
@@ -656,14 +656,14 @@ export class CpuBackend implements TrainingBackend {
   }
 
   swigluBackward(gate: Tensor, up: Tensor, dy: Tensor): { dGate: Tensor; dUp: Tensor } {
-    const g = t(gate).data, dGate = this.floats(g.length), dUp = this.floats(g.length);
+    const g = t(gate).data, dGate = this.outputFloats(g.length), dUp = this.outputFloats(g.length);
     const args = { gate: g, up: t(up).data, out: dGate, dy: t(dy).data, dUp, simd: this.simd };
     this.rows.run("swigluApart", args, g.length, 1, [dGate, dUp]);
     return { dGate: new CpuTensor(dGate, gate.shape), dUp: new CpuTensor(dUp, gate.shape) };
   }
 
   clampBackward(x: Tensor, dy: Tensor, limit: number): Tensor {
-    const xs = t(x).data, dys = t(dy).data, dx = this.floats(xs.length);
+    const xs = t(x).data, dys = t(dy).data, dx = this.outputFloats(xs.length);
     for (let i = 0; i < xs.length; i++) dx[i] = xs[i] >= -limit && xs[i] <= limit ? dys[i] : 0;
     return new CpuTensor(dx, x.shape);
   }
@@ -830,8 +830,8 @@ export class CpuBackend implements TrainingBackend {
   ): { dy: Tensor; dScales: Tensor } {
     const [, h] = rowsCols(dOut);
     const dos = t(dOut).data, ys = t(y).data;
-    const dy = this.floats(rows.length * h); // [rows, H]
-    const dScales = this.floats(rows.length);
+    const dy = this.outputFloats(rows.length * h); // [rows, H]
+    const dScales = this.outputFloats(rows.length);
     for (let i = 0; i < rows.length; i++) {
       const o = rows[i] * h;
       let dot = 0;
