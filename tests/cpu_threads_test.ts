@@ -11,6 +11,32 @@ import { DEFAULT_MODEL } from "./golden.ts";
 import { assertIdentical, maxRelError, randn } from "./util.ts";
 import { compileSimd, SIMD_TS } from "../scripts/build_simd.ts";
 
+/**
+ * rmsNorm(x), addRmsNorm(x, y) (sum, normed), rope(x) and ropeBackward(y) on rows of
+ * heads x hd, read back.
+ */
+async function normsAndRope(
+  be: CpuBackend,
+  x: Float32Array,
+  y: Float32Array,
+  normWeight: Float32Array,
+  heads: number,
+  hd: number,
+  positions: Int32Array,
+): Promise<Float32Array[]> {
+  const d = heads * hd, n = x.length / d;
+  const weight = be.uploadWeight(f32Tensor("norm", [d], normWeight));
+  const a = be.tensor(x, [n, d]), b = be.tensor(y, [n, d]);
+  const { sum, normed } = be.addRmsNorm(a, b, weight, 1e-6);
+  return await be.readAll([
+    be.rmsNorm(a, weight, 1e-5),
+    sum,
+    normed,
+    be.rope(a, positions, heads, hd, 10000, 1),
+    be.ropeBackward(b, positions, heads, hd, 500, 2),
+  ]);
+}
+
 const one = new CpuBackend({ threads: 1 });
 const three = new CpuBackend({ threads: 3 }); // more threads than CI's cores: still exact
 
@@ -51,18 +77,7 @@ Deno.test("cpu threads: rmsNorm, addRmsNorm, rope, ropeBackward are bit-identica
   const positions = new Int32Array(n).map((_, i) => (i * 13) % 301);
   const results = [];
   for (const be of [one, three]) {
-    const weight = be.uploadWeight(f32Tensor("norm", [d], wv));
-    const a = be.tensor(x, [n, d]), b = be.tensor(y, [n, d]);
-    const { sum, normed } = be.addRmsNorm(a, b, weight, 1e-6);
-    results.push(
-      await be.readAll([
-        be.rmsNorm(a, weight, 1e-5),
-        sum,
-        normed,
-        be.rope(a, positions, heads, hd, 10000, 1),
-        be.ropeBackward(b, positions, heads, hd, 500, 2),
-      ]),
-    );
+    results.push(await normsAndRope(be, x, y, wv, heads, hd, positions));
   }
   assertIdentical(results[1], results[0], "rmsNorm, addRmsNorm (sum, normed), rope, ropeBackward");
 });
@@ -205,21 +220,9 @@ Deno.test("cpu SIMD: norms, RoPE and combineRows agree with the JS doubles", asy
     const scales = randn(n * k, 24), ys = randn(rows * h, 25);
     const results: Float32Array[][] = [];
     for (const be of [new CpuBackend({ reference: true }), three]) {
-      const weight = be.uploadWeight(f32Tensor("norm", [d], wv));
-      const a = be.tensor(x, [n, d]), b = be.tensor(y, [n, d]);
-      const { sum, normed } = be.addRmsNorm(a, b, weight, 1e-6);
       const out = be.tensor(sharedFloats(n * h).fill(0.5), [n, h]);
       be.combineRows(out, be.tensor(ys, [rows, h]), sources, scales, k);
-      results.push(
-        await be.readAll([
-          be.rmsNorm(a, weight, 1e-5),
-          sum,
-          normed,
-          be.rope(b, positions, heads, hd, 10000, 1),
-          be.ropeBackward(b, positions, heads, hd, 500, 2),
-          out,
-        ]),
-      );
+      results.push([...await normsAndRope(be, x, y, wv, heads, hd, positions), await be.read(out)]);
     }
     ["rmsNorm", "sum", "addRmsNorm", "rope", "ropeBackward", "combineRows"].forEach((name, i) => {
       const error = maxRelError(results[1][i], results[0][i]);

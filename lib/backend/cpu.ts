@@ -45,6 +45,23 @@ const ATTENTION_SCORES_CHUNK = 1 << 22;
 // step and ran 10% slower.
 const POOL_BYTES = Math.min(2 ** 30, Math.floor(totalmem() / 16));
 
+/**
+ * The BLAS attention's (sequence, head) pairs: how many share one scores buffer (up to
+ * ATTENTION_SCORES_CHUNK entries, at least one), and where a pair's head starts in the
+ * q-side rows (q, o, dO, dq) and the k-side rows (k, v, dk, dv; `stride` rows a sequence).
+ */
+function attentionPairs(s: AttentionShape, stride: number) {
+  const { batch, qLen, kvLen, heads, kvHeads, headDim } = s;
+  const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
+  const block = qLen * kvLen, pairs = batch * heads;
+  const chunk = Math.max(1, Math.min(pairs, Math.floor(ATTENTION_SCORES_CHUNK / block)));
+  const offsets = (pair: number) => {
+    const b = Math.floor(pair / heads), h = pair % heads, kh = Math.floor(h / group);
+    return { q: b * qLen * qw + h * headDim, k: b * stride * kw + kh * headDim };
+  };
+  return { chunk, block, pairs, offsets };
+}
+
 export class CpuTensor implements Tensor {
   constructor(readonly data: Float32Array, readonly shape: readonly number[]) {
     if (data.length !== numelOf(shape)) {
@@ -466,35 +483,46 @@ export class CpuBackend implements TrainingBackend {
     stride: number, // rows per sequence in ks and vs
     scale: number,
   ): void {
-    const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
-    const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
-    const blas = this.blas!, block = qLen * kvLen, pairs = batch * heads;
-    const chunk = Math.max(1, Math.min(pairs, Math.floor(ATTENTION_SCORES_CHUNK / block)));
-    const scores = this.outputFloats(chunk * block); // [chunk pairs, qLen, kvLen]
-    const slices = (pair: number) => {
-      const b = Math.floor(pair / heads), h = pair % heads, kh = Math.floor(h / group);
-      const qOff = b * qLen * qw + h * headDim, kOff = b * stride * kw + kh * headDim;
-      return {
-        q: qs.subarray(qOff),
-        o: out.subarray(qOff),
-        k: ks.subarray(kOff),
-        v: vs.subarray(kOff),
-      };
-    };
+    const { qLen, kvLen, headDim } = s;
+    const qw = s.heads * headDim, kw = s.kvHeads * headDim, blas = this.blas!;
+    const { chunk, block, pairs, offsets } = attentionPairs(s, stride);
+    const p = this.outputFloats(chunk * block); // [chunk pairs, qLen, kvLen]
     for (let p0 = 0; p0 < pairs; p0 += chunk) {
       const count = Math.min(chunk, pairs - p0);
+      this.attentionProbs(qs, ks, s, stride, scale, p0, count, p);
       for (let i = 0; i < count; i++) {
-        const { q, k } = slices(p0 + i), sc = scores.subarray(i * block);
-        blas.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, sc, kvLen);
-      }
-      const args = { scores, qLen, kvLen, window, simd: this.simd };
-      this.rows.run("softmaxVisible", args, count * qLen, kvLen, [scores]);
-      for (let i = 0; i < count; i++) {
-        const { o, v } = slices(p0 + i), sc = scores.subarray(i * block);
-        blas.sgemm(false, false, qLen, headDim, kvLen, 1, sc, kvLen, v, kw, 0, o, qw);
+        const { q: qOff, k: kOff } = offsets(p0 + i), pi = p.subarray(i * block);
+        const o = out.subarray(qOff), v = vs.subarray(kOff);
+        blas.sgemm(false, false, qLen, headDim, kvLen, 1, pi, kvLen, v, kw, 0, o, qw);
       }
     }
-    this.recycle(scores);
+    this.recycle(p);
+  }
+
+  /**
+   * P = the masked softmax of scale Q K^T for the `count` (sequence, head) pairs from p0,
+   * into p [count, qLen, kvLen]: the forward's and the backward's first steps.
+   */
+  private attentionProbs(
+    qs: Float32Array,
+    ks: Float32Array,
+    s: AttentionShape,
+    stride: number,
+    scale: number,
+    p0: number,
+    count: number,
+    p: Float32Array,
+  ): void {
+    const { qLen, kvLen, headDim, window } = s;
+    const qw = s.heads * headDim, kw = s.kvHeads * headDim, blas = this.blas!;
+    const { block, offsets } = attentionPairs(s, stride);
+    for (let i = 0; i < count; i++) {
+      const { q: qOff, k: kOff } = offsets(p0 + i), pi = p.subarray(i * block);
+      const q = qs.subarray(qOff), k = ks.subarray(kOff);
+      blas.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, pi, kvLen);
+    }
+    const args = { scores: p, qLen, kvLen, window, simd: this.simd };
+    this.rows.run("softmaxVisible", args, count * qLen, kvLen, [p]);
   }
 
   routeTopK(logits: Tensor, k: number, normalize: boolean, eps: number): Promise<Routing> {
@@ -768,44 +796,28 @@ export class CpuBackend implements TrainingBackend {
     s: AttentionShape,
     scale: number,
   ): void {
-    const { batch, qLen, kvLen, heads, kvHeads, headDim, window } = s;
-    const qw = heads * headDim, kw = kvHeads * headDim, group = heads / kvHeads;
-    const blas = this.blas!, block = qLen * kvLen, pairs = batch * heads;
+    const { qLen, kvLen, headDim } = s;
+    const qw = s.heads * headDim, kw = s.kvHeads * headDim, blas = this.blas!;
     // As the forward: the softmax and its backward run over chunks of (sequence, head)
     // pairs at once, so their rows split between threads.
-    const chunk = Math.max(1, Math.min(pairs, Math.floor(ATTENTION_SCORES_CHUNK / block)));
+    const { chunk, block, pairs, offsets } = attentionPairs(s, kvLen);
     const p = this.outputFloats(chunk * block); // [chunk pairs, qLen, kvLen]
     const dp = this.outputFloats(chunk * block);
-    const slices = (pair: number) => {
-      const b = Math.floor(pair / heads), h = pair % heads, kh = Math.floor(h / group);
-      const qOff = b * qLen * qw + h * headDim, kOff = b * kvLen * kw + kh * headDim;
-      return {
-        q: qs.subarray(qOff),
-        dO: dos.subarray(qOff),
-        dq: dq.subarray(qOff),
-        k: ks.subarray(kOff),
-        v: vs.subarray(kOff),
-        dk: dk.subarray(kOff),
-        dv: dv.subarray(kOff),
-      };
-    };
     for (let p0 = 0; p0 < pairs; p0 += chunk) {
       const count = Math.min(chunk, pairs - p0);
+      this.attentionProbs(qs, ks, s, kvLen, scale, p0, count, p);
       for (let i = 0; i < count; i++) {
-        const { q, k } = slices(p0 + i), pi = p.subarray(i * block);
-        blas.sgemm(false, true, qLen, kvLen, headDim, scale, q, qw, k, kw, 0, pi, kvLen);
-      }
-      const args = { scores: p, qLen, kvLen, window, simd: this.simd };
-      this.rows.run("softmaxVisible", args, count * qLen, kvLen, [p]);
-      for (let i = 0; i < count; i++) {
-        const { dO, v, dv: dvi } = slices(p0 + i);
+        const { q: qOff, k: kOff } = offsets(p0 + i);
         const pi = p.subarray(i * block), dpi = dp.subarray(i * block);
+        const dO = dos.subarray(qOff), v = vs.subarray(kOff), dvi = dv.subarray(kOff);
         blas.sgemm(true, false, kvLen, headDim, qLen, 1, pi, kvLen, dO, qw, 1, dvi, kw);
         blas.sgemm(false, true, qLen, kvLen, headDim, 1, dO, qw, v, kw, 0, dpi, kvLen);
       }
       this.rows.run("softmaxBackward", { p, dp, width: kvLen }, count * qLen, kvLen, [dp]);
       for (let i = 0; i < count; i++) {
-        const { q, k, dq: dqi, dk: dki } = slices(p0 + i), ds = dp.subarray(i * block);
+        const { q: qOff, k: kOff } = offsets(p0 + i), ds = dp.subarray(i * block);
+        const q = qs.subarray(qOff), k = ks.subarray(kOff);
+        const dqi = dq.subarray(qOff), dki = dk.subarray(kOff);
         blas.sgemm(false, false, qLen, headDim, kvLen, scale, ds, kvLen, k, kw, 0, dqi, qw);
         blas.sgemm(true, false, kvLen, headDim, qLen, scale, ds, kvLen, q, qw, 1, dki, kw);
       }
