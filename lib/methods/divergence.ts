@@ -80,9 +80,8 @@ interface RefBatch {
 export class Reference {
   private batches: RefBatch[] = [];
   private threads: RowThreads;
-  private jsOfRows: Float64Array = new Float64Array(0);
-
   private simd: boolean;
+  private jsOfRows: Float64Array = new Float64Array(0); // the JS of each row of a batch
 
   /**
    * threads: for the JS rows (default as the CPU backend's; each row runs the same way);
