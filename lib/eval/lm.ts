@@ -145,7 +145,19 @@ export class ModelLM implements LanguageModel {
       const padLen = chunk[0].input.length;
       const ids = new Int32Array(chunk.length * padLen); // right padding with token 0
       chunk.forEach((g, b) => ids.set(g.input, b * padLen));
-      const { logits } = await forward(this.model, ids, { batch: chunk.length, seqLen: padLen });
+      // Only the rows that predict a continuation token go through the LM head.
+      const logitRow = new Map<number, number>(); // row of the batch -> row of the logits
+      chunk.forEach((g, b) => {
+        for (const i of g.members) {
+          const first = b * padLen + g.input.length - requests[i].continuation.length;
+          for (let row = first; row < b * padLen + g.input.length; row++) {
+            if (!logitRow.has(row)) logitRow.set(row, logitRow.size);
+          }
+        }
+      });
+      const { logits } = await forward(this.model, ids, { batch: chunk.length, seqLen: padLen }, {
+        logitRows: Int32Array.from(logitRow.keys()),
+      });
       this.stats.batches++;
       this.stats.tokens += chunk.reduce((s, g) => s + g.input.length, 0);
       this.stats.paddedTokens += ids.length;
@@ -156,7 +168,7 @@ export class ModelLM implements LanguageModel {
           let logprob = 0, isGreedy = true;
           for (let j = 0; j < cont.length; j++) {
             // The logits at position p predict token p + 1; the continuation's are the last ones.
-            const row = b * padLen + inplen - cont.length + j;
+            const row = logitRow.get(b * padLen + inplen - cont.length + j)!;
             logprob += logSoftmaxAt(logits, row, vocab, cont[j]);
             if (argmaxRow(logits, row, vocab) !== cont[j]) isGreedy = false;
           }

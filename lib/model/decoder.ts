@@ -488,7 +488,7 @@ export async function lmHead(model: Model, hn: Tensor): Promise<Tensor> {
 }
 
 export interface ForwardResult {
-  /** [batch * seqLen, vocab] */
+  /** [batch * seqLen, vocab], or [logitRows.length, vocab] */
   logits: Float32Array;
   /** HF hidden_states: [0] embeddings, [l] output of layer l-1, [L] after the final norm. Only with collectHidden. */
   hiddenStates?: Float32Array[];
@@ -502,6 +502,12 @@ export interface ForwardOptions extends ForwardHooks {
   collectRouter?: boolean;
   /** Release each layer's weights after use (layer-wise mode; the next call reloads them). */
   layerwise?: boolean;
+  /**
+   * Only these rows of [batch * seqLen] through the LM head, in this order (an evaluation
+   * scores a few positions of each sequence: at a real vocabulary, all rows' logits are the
+   * largest matmul of the forward and gigabytes to read back).
+   */
+  logitRows?: Int32Array;
 }
 
 /** Full forward pass of token ids [batch, seqLen] (row-major). */
@@ -514,6 +520,11 @@ export async function forward(
   const be = model.backend;
   if (ids.length !== shape.batch * shape.seqLen) {
     throw new Error(`forward: ${ids.length} ids for batch ${shape.batch} x ${shape.seqLen}`);
+  }
+  for (const row of opts.logitRows ?? []) {
+    if (!Number.isInteger(row) || row < 0 || row >= ids.length) {
+      throw new Error(`forward: logit row ${row} out of [0, ${ids.length})`);
+    }
   }
   const result = {} as ForwardResult;
   if (opts.collectHidden) result.hiddenStates = [];
@@ -553,9 +564,13 @@ export async function forward(
       result.hiddenStates!.push((await be.read(h)).slice());
     }
   }
-  const hn = normed ?? await finalNorm(model, h);
+  let hn = normed ?? await finalNorm(model, h);
   be.free(h);
   if (opts.collectHidden) result.hiddenStates!.push((await be.read(hn)).slice());
+  if (opts.logitRows) {
+    const rows = be.gatherRows(hn, opts.logitRows);
+    be.free(hn), hn = rows;
+  }
   const logits = await lmHead(model, hn);
   be.free(hn);
   result.logits = (await be.read(logits)).slice();
