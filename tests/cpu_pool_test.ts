@@ -3,7 +3,7 @@
 // a result, an array handed out by read() belongs to the caller, and freeing a tensor
 // twice must not give one array to two tensors.
 import assert from "node:assert";
-import { CpuBackend } from "../lib/backend/cpu.ts";
+import { CpuBackend, type CpuTensor } from "../lib/backend/cpu.ts";
 import { Model } from "../lib/model/model.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { f32Tensor } from "../lib/io/safetensors.ts";
@@ -66,4 +66,20 @@ Deno.test("cpu pool: a read array stays the caller's, and a double free is harml
   const a = be.matmul(x, weight),
     b = be.rmsNorm(a, be.uploadWeight(f32Tensor("n", [37], randn(37, 4))), 1e-6);
   assert.notStrictEqual(await be.read(a), await be.read(b), "two live tensors share one array");
+});
+
+Deno.test("cpu pool: a full pool makes room for a newly freed array, the oldest first", () => {
+  // Room for one output of 11 rows and one of 13: an evaluation's batches change length,
+  // and each forward must still reuse its own arrays rather than find the pool full.
+  const k = 29, m = 37, bytes = (rows: number) => 4 * rows * m;
+  const be = new CpuBackend({ threads: 1, poolBytes: bytes(11) + bytes(13) });
+  const weight = be.uploadWeight(f32Tensor("w", [m, k], randn(m * k, 1)));
+  const x11 = be.tensor(randn(11 * k, 2), [11, k]), x13 = be.tensor(randn(13 * k, 3), [13, k]);
+  const data = (t: unknown) => (t as CpuTensor).data;
+  const a1 = be.matmul(x11, weight), a2 = be.matmul(x11, weight);
+  be.free(a1), be.free(a2); // the pool holds both 11-row arrays
+  const b1 = be.matmul(x13, weight);
+  be.free(b1); // a1's array, freed first, makes room
+  assert.strictEqual(data(be.matmul(x13, weight)), data(b1), "the 13-row array was not kept");
+  assert.strictEqual(data(be.matmul(x11, weight)), data(a2), "the later 11-row array was dropped");
 });

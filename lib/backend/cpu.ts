@@ -122,7 +122,8 @@ export class CpuBackend implements TrainingBackend {
   // Freed outputs and scratch kept for reuse, by length. The first write to each page of a
   // fresh array costs a kernel page fault: 2.4 ms for 4 MiB here, 12x the fill that reuse
   // needs, and the forward allocated 690 MiB (a third of its time went to faults).
-  private pool = new Map<number, Float32Array[]>();
+  private pool = new Map<number, Float32Array[]>(); // by length, the last freed last
+  private pooledOrder = new Set<Float32Array>(); // every pooled array, the first freed first
   private pooledBytes = 0;
   private poolBytes: number;
   // Arrays this backend made and still owns: read() hands an array to its caller for good.
@@ -132,6 +133,7 @@ export class CpuBackend implements TrainingBackend {
   private floats(n: number, zeroed = true): Float32Array {
     let out = this.pool.get(n)?.pop();
     if (out) {
+      this.pooledOrder.delete(out);
       this.pooledBytes -= out.byteLength;
       if (zeroed) out.fill(0);
     } else out = this.rows.threads > 1 ? sharedFloats(n) : new Float32Array(n);
@@ -147,10 +149,20 @@ export class CpuBackend implements TrainingBackend {
   /** Returns an array from floats() to the pool; anything else is left to the GC. */
   private recycle(data: Float32Array): void {
     if (!this.recyclable.delete(data)) return; // not ours, read, or already freed
-    if (this.pooledBytes + data.byteLength > this.poolBytes) return;
+    if (data.byteLength > this.poolBytes) return;
+    // The arrays freed longest ago make room: where sizes change (an evaluation's batches
+    // of other lengths), each forward still reuses its own arrays, layer after layer.
+    for (const old of this.pooledOrder) {
+      if (this.pooledBytes + data.byteLength <= this.poolBytes) break;
+      const list = this.pool.get(old.length)!;
+      list.splice(list.indexOf(old), 1);
+      this.pooledOrder.delete(old);
+      this.pooledBytes -= old.byteLength;
+    }
     const list = this.pool.get(data.length) ?? [];
     list.push(data);
     this.pool.set(data.length, list);
+    this.pooledOrder.add(data);
     this.pooledBytes += data.byteLength;
   }
 
