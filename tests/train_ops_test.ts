@@ -323,3 +323,29 @@ Deno.test("train op: adamwStep matches torch.optim.AdamW's formula over 3 steps"
   }
   assert(maxRelError(await be.readWeight(param), p) < 1e-6);
 });
+
+Deno.test("train op: adamwStep in SIMD lanes agrees with the JS doubles over 5 steps", async () => {
+  // An odd length (a JS tail after whole lanes), zero and large gradients among them.
+  const n = 1003, p0 = randn(n, 31);
+  const grads = [32, 33, 34, 35, 36].map((seed) =>
+    randn(n, seed, 3).fill(0, 10, 20).fill(1e4, 20, 25)
+  );
+  const hp = { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, gradScale: 0.25 };
+  const results: Float32Array[][] = [];
+  for (const be of [reference, new CpuBackend({ threads: 1 })]) {
+    const param = be.uploadTrainableWeight(f32Tensor("p", [n], p0));
+    const m = zeros(be, [n]), v = zeros(be, [n]);
+    for (let step = 1; step <= 5; step++) {
+      be.adamwStep(param, be.tensor(grads[step - 1], [n]), m, v, { ...hp, step });
+    }
+    results.push([await be.readWeight(param), await be.read(m), await be.read(v)]);
+  }
+  ["param", "m", "v"].forEach((name, i) => {
+    const error = maxRelError(results[1][i], results[0][i]);
+    assert(error < 1e-6, `${name}: SIMD off by ${error} of the largest entry`);
+  });
+  // the update itself (p - p0), not just the parameter it is small against
+  const delta = (p: Float32Array) => p.map((x, i) => x - p0[i]);
+  const error = maxRelError(delta(results[1][0]), delta(results[0][0]));
+  assert(error < 1e-4, `update: SIMD off by ${error} of the largest`);
+});

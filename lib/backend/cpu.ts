@@ -962,14 +962,8 @@ export class CpuBackend implements TrainingBackend {
     if (param.dtype !== "F32" || gs.length !== ps.length) {
       throw new Error(`adamwStep: "${param.name}" is not a trainable weight of grad's size`);
     }
-    const bc1 = 1 - hp.beta1 ** hp.step, bc2 = 1 - hp.beta2 ** hp.step;
-    for (let i = 0; i < ps.length; i++) {
-      const g = hp.gradScale * gs[i];
-      ms[i] = hp.beta1 * ms[i] + (1 - hp.beta1) * g;
-      vs[i] = hp.beta2 * vs[i] + (1 - hp.beta2) * g * g;
-      const update = ms[i] / bc1 / (Math.sqrt(vs[i] / bc2) + hp.eps);
-      ps[i] -= hp.lr * (hp.weightDecay * ps[i] + update);
-    }
+    const args = { p: ps, g: gs, m: ms, v: vs, hp, simd: this.simd };
+    this.rows.run("adamw", args, ps.length, 1, [ps, ms, vs]);
   }
 }
 

@@ -274,6 +274,35 @@
       (local.set $rows (i32.sub (local.get $rows) (i32.const 1)))
       (br $nextRow))))
 
+  ;; AdamW in place over $vecs f32x4 of parameters $p, gradients $g and moments $m, $v, in
+  ;; cpu.ts adamwStep's order of operations, in f32 as torch.optim.AdamW on f32 tensors.
+  ;; $c1 = 1 - beta1, $c2 = 1 - beta2; $bc1, $bc2 the bias corrections.
+  (func (export "adamw") (param $p i32) (param $g i32) (param $m i32) (param $v i32) (param $vecs i32)
+      (param $lr f32) (param $beta1 f32) (param $c1 f32) (param $beta2 f32) (param $c2 f32)
+      (param $eps f32) (param $wd f32) (param $gradScale f32) (param $bc1 f32) (param $bc2 f32)
+    (local $gv v128) (local $mv v128) (local $vv v128) (local $pv v128) (local $update v128)
+    (block $done (loop $next
+      (br_if $done (i32.eqz (local.get $vecs)))
+      (local.set $gv (f32x4.mul (f32x4.splat (local.get $gradScale)) (v128.load (local.get $g))))
+      (local.set $mv (f32x4.add (f32x4.mul (f32x4.splat (local.get $beta1)) (v128.load (local.get $m)))
+        (f32x4.mul (f32x4.splat (local.get $c1)) (local.get $gv))))
+      (local.set $vv (f32x4.add (f32x4.mul (f32x4.splat (local.get $beta2)) (v128.load (local.get $v)))
+        (f32x4.mul (f32x4.mul (f32x4.splat (local.get $c2)) (local.get $gv)) (local.get $gv))))
+      (v128.store (local.get $m) (local.get $mv))
+      (v128.store (local.get $v) (local.get $vv))
+      (local.set $update (f32x4.div (f32x4.div (local.get $mv) (f32x4.splat (local.get $bc1)))
+        (f32x4.add (f32x4.sqrt (f32x4.div (local.get $vv) (f32x4.splat (local.get $bc2))))
+          (f32x4.splat (local.get $eps)))))
+      (local.set $pv (v128.load (local.get $p)))
+      (v128.store (local.get $p) (f32x4.sub (local.get $pv) (f32x4.mul (f32x4.splat (local.get $lr))
+        (f32x4.add (f32x4.mul (f32x4.splat (local.get $wd)) (local.get $pv)) (local.get $update)))))
+      (local.set $p (i32.add (local.get $p) (i32.const 16)))
+      (local.set $g (i32.add (local.get $g) (i32.const 16)))
+      (local.set $m (i32.add (local.get $m) (i32.const 16)))
+      (local.set $v (i32.add (local.get $v) (i32.const 16)))
+      (local.set $vecs (i32.sub (local.get $vecs) (i32.const 1)))
+      (br $next))))
+
   ;; ---- f64 lanes: the searches' JS divergence (lib/methods/divergence.ts) ----------------
   ;; Its sums cancel (JS is a difference of entropies near 5.5 that can be near 1e-5), so f32
   ;; would lose its digits: these stay in f64, within a few ulps of Math.exp and Math.log.
