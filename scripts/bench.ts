@@ -25,7 +25,7 @@ import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { argmaxRow, createKvCache, forwardCached, freeKvCache } from "../lib/model/generate.ts";
 import { Model } from "../lib/model/model.ts";
-import { countParams } from "../lib/eval/measure.ts";
+import { countParams, median } from "../lib/eval/measure.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
 import {
   ATTENTION_KERNELS,
@@ -73,11 +73,6 @@ const SYNTHETIC_CONFIG = {
   first_k_dense_replace: 1,
   max_position_embeddings: 512,
 };
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)];
-}
 
 /**
  * Median seconds of `call` on each backend over `repeats` interleaved rounds (one call of
