@@ -487,6 +487,27 @@ export async function lmHead(model: Model, hn: Tensor): Promise<Tensor> {
   return model.backend.matmul(hn, await model.weight(model.lmHeadName()));
 }
 
+/**
+ * The LM head's logits of the final normed hidden states, read back: every row, or only
+ * `rows` in that order (the norm is per row, so rows can be picked after it). Frees hn.
+ */
+export async function readLogits(
+  model: Model,
+  hn: Tensor,
+  rows?: Int32Array,
+): Promise<Float32Array> {
+  const be = model.backend;
+  if (rows) {
+    const picked = be.gatherRows(hn, rows);
+    be.free(hn), hn = picked;
+  }
+  const logits = await lmHead(model, hn);
+  be.free(hn);
+  const out = (await be.read(logits)).slice();
+  be.free(logits);
+  return out;
+}
+
 export interface ForwardResult {
   /** [batch * seqLen, vocab], or [logitRows.length, vocab] */
   logits: Float32Array;
@@ -564,16 +585,9 @@ export async function forward(
       result.hiddenStates!.push((await be.read(h)).slice());
     }
   }
-  let hn = normed ?? await finalNorm(model, h);
+  const hn = normed ?? await finalNorm(model, h);
   be.free(h);
   if (opts.collectHidden) result.hiddenStates!.push((await be.read(hn)).slice());
-  if (opts.logitRows) {
-    const rows = be.gatherRows(hn, opts.logitRows);
-    be.free(hn), hn = rows;
-  }
-  const logits = await lmHead(model, hn);
-  be.free(hn);
-  result.logits = (await be.read(logits)).slice();
-  be.free(logits);
+  result.logits = await readLogits(model, hn, opts.logitRows);
   return result;
 }

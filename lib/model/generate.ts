@@ -1,5 +1,5 @@
 // Incremental decoding with a KV cache: prefill the prompts once, then one token per
-// step for the whole batch. Reuses the decoder's embed / runLayer / finalNorm / lmHead;
+// step for the whole batch. Reuses the decoder's embed / runLayer / finalNorm / readLogits;
 // runLayer writes each layer's keys and values into the cache (decoder.ts KvCache).
 
 import type { Tensor } from "../backend/backend.ts";
@@ -9,8 +9,8 @@ import {
   forward,
   type FusedNorm,
   type KvCache,
-  lmHead,
   nextNorm,
+  readLogits,
   runLayer,
 } from "./decoder.ts";
 import type { Model } from "./model.ts";
@@ -57,20 +57,12 @@ export async function forwardCached(
     h = next, normed = fuse.outNormed;
   }
   cache.length += seqLen;
-  let hn = normed ?? await finalNorm(model, h);
+  const hn = normed ?? await finalNorm(model, h);
   be.free(h);
-  if (lastOnly && seqLen > 1) {
-    // The norm is per row, so the last rows can be picked after it.
-    const rows = Int32Array.from({ length: cache.batch }, (_, b) => b * seqLen + seqLen - 1);
-    const last = be.gatherRows(hn, rows);
-    be.free(hn);
-    hn = last;
-  }
-  const logits = await lmHead(model, hn);
-  be.free(hn);
-  const out = (await be.read(logits)).slice();
-  be.free(logits);
-  return out;
+  const last = lastOnly && seqLen > 1
+    ? Int32Array.from({ length: cache.batch }, (_, b) => b * seqLen + seqLen - 1)
+    : undefined;
+  return await readLogits(model, hn, last);
 }
 
 export function argmaxRow(logits: Float32Array, row: number, vocab: number): number {
