@@ -104,7 +104,7 @@ function loadSimd(): SimdKernels | null {
 
 // SwiGLU outputs per copy into the SIMD module (with their gate and up values: 192 KiB),
 // score entries per softmax copy (at least a row), and entries of each array per copy of
-// the norms, RoPE and combine (at least a row).
+// the norms, RoPE, combine and AdamW (at least a row).
 const SIMD_SWIGLU_CHUNK = 16384;
 const SIMD_SOFTMAX_CHUNK = 65536;
 const SIMD_ROWS_CHUNK = 16384;
@@ -344,7 +344,7 @@ function adamw(
   const wasm = a.simd ? loadSimd() : null;
   let i = i0;
   if (wasm) {
-    const chunk = SIMD_SWIGLU_CHUNK, heap = wasm.heap(4 * chunk); // p | g | m | v
+    const chunk = SIMD_ROWS_CHUNK, heap = wasm.heap(4 * chunk); // p | g | m | v
     while (i + 4 <= i1) {
       const n = Math.min(chunk, (i1 - i) & ~3);
       heap.set(p.subarray(i, i + n)), heap.set(g.subarray(i, i + n), chunk);
