@@ -57,6 +57,20 @@ fn swiglu(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
   }
 }
 
+// silu(gate) * up of a gateUp product (gate and up interleaved in runs of 4, see
+// lib/backend/backend.ts ExpertStacks): output i reads gate 2i - i % 4 of a, its up value
+// 4 later. Dispatches start on whole runs.
+@compute @workgroup_size(64)
+fn swiglu_gate_up(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                  @builtin(local_invocation_id) lid: vec3u) {
+  let i = flat_index(wg, nwg, lid);
+  if (i < p.count) {
+    let gi = p.a_off + 2u * i - i % 4u;
+    let g = a[gi];
+    out[p.out_off + i] = g * sigmoid(g) * a[gi + 4u];
+  }
+}
+
 @compute @workgroup_size(64)
 fn clamp_abs(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
              @builtin(local_invocation_id) lid: vec3u) {

@@ -47,6 +47,22 @@ fn swiglu_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nw
   }
 }
 
+// Backward of elementwise.wgsl swiglu_gate_up: gateUp = a, dy = c -> out, dGate and dUp
+// interleaved like gateUp. One thread per dy entry; dispatches start on whole runs.
+@compute @workgroup_size(64)
+fn swiglu_gate_up_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                           @builtin(local_invocation_id) lid: vec3u) {
+  let i = flat_index(wg, nwg, lid);
+  if (i < p.count) {
+    let gi = 2u * i - i % 4u;
+    let g = a[p.a_off + gi];
+    let d = c[p.c_off + i];
+    let s = sigmoid(g);
+    out[p.out_off + gi] = d * a[p.a_off + gi + 4u] * s * (1.0 + g * (1.0 - s));
+    out[p.out_off + gi + 4u] = d * g * s;
+  }
+}
+
 // y = a [rows, cols], g = b [rows], dOut = c [rows, cols]:
 // dg[r] = sig(g) (1 - sig(g)) sum_c dOut[r, c] y[r, c] -> out. One thread per row.
 @compute @workgroup_size(64)

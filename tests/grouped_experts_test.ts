@@ -10,6 +10,7 @@ import {
   GATE_UP_RUN,
   type RouteSpec,
   type Tensor,
+  type TrainingBackend,
   type WeightDType,
 } from "../lib/backend/backend.ts";
 import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
@@ -29,7 +30,7 @@ import {
 const gpu = await webgpuForTests();
 const reference = new CpuBackend({ reference: true });
 const fast = new CpuBackend();
-const backends: [string, Backend][] = [["cpu", fast], ["cpu-reference", reference]];
+const backends: [string, TrainingBackend][] = [["cpu", fast], ["cpu-reference", reference]];
 if (gpu) backends.push(["webgpu", gpu], ["webgpu 4 KiB", gpu.withMaxBindingBytes(4096)]);
 const { randn, random } = seededInputs(0x51ed);
 const worst = new Map<string, number>();
@@ -115,6 +116,80 @@ for (const [name, be] of backends) {
   });
 
   Deno.test({
+    name: `${name} groupedMatmulBackward: each group's dy times its matrix (every dtype, ragged)`,
+    async fn() {
+      for (const dtype of ["F32", "BF16", "F16"] as WeightDType[]) {
+        for (const [groupRows, k, m] of CASES) {
+          const rows = groupRows.reduce((a, b) => a + b, 0), g = groupRows.length;
+          const raw = rawWeight("stack", [g, m, k], randn(g * m * k), dtype);
+          const dys = randn(rows * m);
+          const stackValues = (reference.uploadWeight(raw) as CpuWeight).data;
+          // dx = dy_g @ stack[g]: the forward oracle over each matrix transposed
+          const transposed = new Float32Array(stackValues.length);
+          for (let e = 0; e < g; e++) {
+            for (let c = 0; c < m; c++) {
+              for (let i = 0; i < k; i++) {
+                transposed[(e * k + i) * m + c] = stackValues[(e * m + c) * k + i];
+              }
+            }
+          }
+          const want = groupedReference(dys, transposed, groupRows, m, k);
+          const dy = be.tensor(dys, [rows, m]), stack = be.uploadWeight(raw);
+          const dx = be.groupedMatmulBackward(dy, stack, Int32Array.from(groupRows));
+          assert.deepEqual([...dx.shape], [rows, k]);
+          const err = sharedRelError(
+            worst,
+            `groupedMatmulBackward ${dtype}`,
+            await readBack(be, dx),
+            want,
+          );
+          assert(err <= MATMUL_TOL, `${name} ${dtype} ${groupRows} ${k}x${m}: error ${err}`);
+          be.free(dy), be.free(dx), be.freeWeight(stack);
+        }
+      }
+    },
+  });
+
+  Deno.test({
+    name: `${name} swigluGateUp and its backward match swiglu on the de-interleaved runs`,
+    async fn() {
+      for (const [rows, width] of [[1, 8], [7, 24], [65, 136]]) {
+        const gu = randn(rows * 2 * width, 3), dys = randn(rows * width);
+        // gate and up apart: run j of a row holds gate columns 4j.., then the up ones
+        const gate = new Float32Array(rows * width), up = new Float32Array(rows * width);
+        for (let i = 0; i < rows * width; i++) {
+          const at = 2 * i - (i % GATE_UP_RUN);
+          gate[i] = gu[at], up[i] = gu[at + GATE_UP_RUN];
+        }
+        const [g, u, d] = [gate, up, dys].map((v) => reference.tensor(v, [rows, width]));
+        const wantY = await reference.read(reference.swiglu(g, u));
+        const { dGate, dUp } = reference.swigluBackward(g, u, d);
+        const [wantDGate, wantDUp] = await reference.readAll([dGate, dUp]);
+        const x = be.tensor(gu, [rows, 2 * width]), dy = be.tensor(dys, [rows, width]);
+        const y = be.swigluGateUp(x), dx = be.swigluGateUpBackward(x, dy);
+        assert.deepEqual([...y.shape], [rows, width]);
+        assert.deepEqual([...dx.shape], [rows, 2 * width]);
+        const got = await readBack(be, dx);
+        const gotDGate = new Float32Array(rows * width), gotDUp = new Float32Array(rows * width);
+        for (let i = 0; i < rows * width; i++) {
+          const at = 2 * i - (i % GATE_UP_RUN);
+          gotDGate[i] = got[at], gotDUp[i] = got[at + GATE_UP_RUN];
+        }
+        const checks: [string, Float32Array, Float32Array][] = [
+          ["swigluGateUp", await readBack(be, y), wantY],
+          ["swigluGateUpBackward dGate", gotDGate, wantDGate],
+          ["swigluGateUpBackward dUp", gotDUp, wantDUp],
+        ];
+        for (const [op, gotValues, want] of checks) {
+          const err = sharedRelError(worst, op, gotValues, want);
+          assert(err <= 1e-6, `${name} ${op} ${rows}x${width}: error ${err}`);
+        }
+        be.free(x), be.free(dy), be.free(y), be.free(dx);
+      }
+    },
+  });
+
+  Deno.test({
     name: `${name} groupedMatmul and combineRows reject inconsistent inputs`,
     fn() {
       const stack = be.uploadWeight(rawWeight("s", [2, 3, 4], randn(24), "F32"));
@@ -124,6 +199,16 @@ for (const [name, be] of backends) {
       assert.throws(() => be.groupedMatmul(x, stack, Int32Array.of(6, -1)), /negative/);
       const flat = be.uploadWeight(rawWeight("w", [3, 4], randn(12), "F32"));
       assert.throws(() => be.groupedMatmul(x, flat, Int32Array.of(5)), /"w" is \[3,4\]/);
+      assert.throws(
+        () => be.groupedMatmulBackward(x, stack, Int32Array.of(2, 3)),
+        /groupedMatmulBackward: dy has 4 columns but "s" is \[2,3,4\]/,
+      );
+      const dy = be.tensor(randn(5 * 3), [5, 3]);
+      assert.throws(() => be.groupedMatmulBackward(dy, stack, Int32Array.of(5)), /1 groups/);
+      assert.throws(() => be.swigluGateUp(dy), /swigluGateUp: \[5,3\] is not rows of whole/);
+      const gu = be.tensor(randn(2 * 8), [2, 8]);
+      assert.throws(() => be.swigluGateUpBackward(gu, dy), /dy \[5,3\] != \[2, 4\]/);
+      be.free(dy), be.free(gu);
       const out = be.tensor(new Float32Array(2 * 4), [2, 4]);
       assert.throws(
         () => be.combineRows(out, x, Int32Array.of(0, 5), Float32Array.of(1, 1), 1),

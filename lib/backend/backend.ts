@@ -193,6 +193,19 @@ export interface BackwardOps {
   rmsNormBackward(x: Tensor, w: Weight, dy: Tensor, eps: number, weightGrad?: Tensor): Tensor;
   /** Backward of silu(gate) * up: returns dGate, dUp with the shape of gate. */
   swigluBackward(gate: Tensor, up: Tensor, dy: Tensor): { dGate: Tensor; dUp: Tensor };
+  /**
+   * silu(gate) * up of a gateUp product [R, 2W] (gate and up columns interleaved in runs of
+   * GATE_UP_RUN, a groupedMatmul over ExpertStacks.gateUp) -> [R, W]: the training forward
+   * of the grouped experts, which keeps the product for the backward.
+   */
+  swigluGateUp(gateUp: Tensor): Tensor;
+  /** Backward of swigluGateUp: dy [R, W] -> dGateUp [R, 2W], interleaved like gateUp. */
+  swigluGateUpBackward(gateUp: Tensor, dy: Tensor): Tensor;
+  /**
+   * Input gradient of groupedMatmul(x, stack, groupRows) for a frozen stack [G, M, K]:
+   * dy [R, M] -> dx [R, K], each group's rows times its matrix (dy_g @ stack[g]).
+   */
+  groupedMatmulBackward(dy: Tensor, stack: Weight, groupRows: Int32Array): Tensor;
   /** Backward of clamp(x, limit): dx = dy where -limit <= x <= limit, else 0. */
   clampBackward(x: Tensor, dy: Tensor, limit: number): Tensor;
   /** Backward of rope (same arguments as rope): the inverse rotation of dy, [N, heads*headDim]. */
@@ -406,20 +419,34 @@ export function rowsCols(t: { shape: readonly number[] }): [number, number] {
   return [numelOf(t.shape) / cols, cols];
 }
 
-/** groupedMatmul's contract: stack [G, M, K] matches x's K, and groupRows sums to x's rows. */
-export function checkGrouped(stack: Weight, k: number, groupRows: Int32Array, rows: number) {
-  const [g, , k2] = stack.shape;
-  if (stack.shape.length !== 3 || k2 !== k) {
-    throw new Error(`groupedMatmul: x has ${k} columns but "${stack.name}" is [${stack.shape}]`);
+/**
+ * groupedMatmul's contract: stack [G, M, K] matches x's K (`along` 2; its backward's dy
+ * matches M, `along` 1), and groupRows sums to x's rows.
+ */
+export function checkGrouped(
+  stack: Weight,
+  cols: number,
+  groupRows: Int32Array,
+  rows: number,
+  op = "groupedMatmul",
+  along: 1 | 2 = 2,
+) {
+  const g = stack.shape[0];
+  if (stack.shape.length !== 3 || stack.shape[along] !== cols) {
+    throw new Error(
+      `${op}: ${
+        along === 2 ? "x" : "dy"
+      } has ${cols} columns but "${stack.name}" is [${stack.shape}]`,
+    );
   }
   let sum = 0;
   for (const r of groupRows) {
-    if (r < 0) throw new Error(`groupedMatmul: negative row count ${r}`);
+    if (r < 0) throw new Error(`${op}: negative row count ${r}`);
     sum += r;
   }
   if (groupRows.length !== g || sum !== rows) {
     throw new Error(
-      `groupedMatmul: ${groupRows.length} groups of ${sum} rows for ${g} matrices and ${rows} rows`,
+      `${op}: ${groupRows.length} groups of ${sum} rows for ${g} matrices and ${rows} rows`,
     );
   }
 }
@@ -438,6 +465,15 @@ export function checkAttentionBackward(
   if (numelOf(dOut.shape) !== numelOf(q.shape)) {
     throw new Error(`attentionBackward: dOut [${dOut.shape}] unlike q [${q.shape}]`);
   }
+}
+
+/** swigluGateUp's (and its backward's) contract: rows of whole gate/up blocks. */
+export function checkGateUp(op: string, gateUp: Tensor): [number, number] {
+  const [rows, cols] = rowsCols(gateUp);
+  if (cols % (2 * GATE_UP_RUN) !== 0) {
+    throw new Error(`${op}: [${gateUp.shape}] is not rows of whole gate/up runs of ${GATE_UP_RUN}`);
+  }
+  return [rows, cols / 2];
 }
 
 /** matmulSwiglu's contract: a 2-D stack of whole gate/up blocks as wide as x's rows. */

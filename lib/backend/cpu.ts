@@ -17,6 +17,7 @@ import {
   checkAttentionBackward,
   checkAttentionShape,
   checkCombine,
+  checkGateUp,
   checkGrouped,
   checkMatmulSwiglu,
   checkRoutedExperts,
@@ -642,23 +643,13 @@ export class CpuBackend implements TrainingBackend {
       }
     }
     if (n === 0) return dx;
+    if (dx) this.inputGrad(dys, ws, dx.data, n, k, m);
     if (this.blas) {
-      // dx[N, K] = dy[N, M] @ w[M, K]; dW[M, K] += dy^T @ x
-      if (dx) this.blas.sgemm(false, false, n, k, m, 1, dys, m, ws, k, 0, dx.data, k);
+      // dW[M, K] += dy^T @ x
       if (opts.weightGrad) {
         this.blas.sgemm(true, false, m, k, n, 1, dys, m, xs, k, 1, t(opts.weightGrad).data, k);
       }
       return dx;
-    }
-    if (dx) {
-      const dxs = dx.data;
-      for (let r = 0; r < n; r++) {
-        for (let i = 0; i < k; i++) {
-          let s = 0;
-          for (let c = 0; c < m; c++) s += dys[r * m + c] * ws[c * k + i];
-          dxs[r * k + i] = s;
-        }
-      }
     }
     if (opts.weightGrad) {
       const wg = t(opts.weightGrad).data;
@@ -671,6 +662,25 @@ export class CpuBackend implements TrainingBackend {
       }
     }
     return dx;
+  }
+
+  /** dx [n, K] = dy [n, M] @ w [M, K], written. */
+  private inputGrad(
+    dys: Float32Array,
+    ws: Float32Array,
+    dx: Float32Array,
+    n: number,
+    k: number,
+    m: number,
+  ): void {
+    if (this.blas) return this.blas.sgemm(false, false, n, k, m, 1, dys, m, ws, k, 0, dx, k);
+    for (let r = 0; r < n; r++) {
+      for (let i = 0; i < k; i++) {
+        let s = 0;
+        for (let c = 0; c < m; c++) s += dys[r * m + c] * ws[c * k + i];
+        dx[r * k + i] = s;
+      }
+    }
   }
 
   rmsNormBackward(x: Tensor, weight: Weight, dy: Tensor, eps: number, weightGrad?: Tensor): Tensor {
@@ -693,6 +703,36 @@ export class CpuBackend implements TrainingBackend {
       }
     }
     return new CpuTensor(dx, x.shape);
+  }
+
+  swigluGateUp(gateUp: Tensor): Tensor {
+    const [n, width] = checkGateUp("swigluGateUp", gateUp);
+    return this.swigluOfGateUp(gateUp, n, width);
+  }
+
+  swigluGateUpBackward(gateUp: Tensor, dy: Tensor): Tensor {
+    const [n, width] = checkGateUp("swigluGateUpBackward", gateUp);
+    if (numelOf(dy.shape) !== n * width) {
+      throw new Error(`swigluGateUpBackward: dy [${dy.shape}] != [${n}, ${width}]`);
+    }
+    const out = this.outputFloats(2 * n * width);
+    const args = { gateUp: t(gateUp).data, dy: t(dy).data, out, width };
+    this.rows.run("swigluGateUpBackward", args, n, 2 * width, [out]);
+    return new CpuTensor(out, gateUp.shape);
+  }
+
+  groupedMatmulBackward(dy: Tensor, stack: Weight, groupRows: Int32Array): Tensor {
+    const [r, m] = rowsCols(dy);
+    const [g, , k] = stack.shape;
+    checkGrouped(stack, m, groupRows, r, "groupedMatmulBackward", 1);
+    const dx = this.outputFloats(r * k), dys = t(dy).data, ws = w(stack).data;
+    for (let e = 0, r0 = 0; e < g; r0 += groupRows[e++]) {
+      const n = groupRows[e];
+      if (n === 0) continue;
+      const dye = dys.subarray(r0 * m, (r0 + n) * m), we = ws.subarray(e * m * k, (e + 1) * m * k);
+      this.inputGrad(dye, we, dx.subarray(r0 * k, (r0 + n) * k), n, k, m);
+    }
+    return new CpuTensor(dx, [r, k]);
   }
 
   swigluBackward(gate: Tensor, up: Tensor, dy: Tensor): { dGate: Tensor; dUp: Tensor } {

@@ -235,6 +235,32 @@ function swiglu(
 }
 
 /**
+ * Backward of swiglu on rows r0..r1: dy [R, W] -> out [R, 2W], dGate and dUp interleaved
+ * in the gateUp product's runs. In JS doubles: next to the matmuls around it this pass
+ * is small, and it runs once a training step.
+ */
+function swigluGateUpBackward(
+  a: { gateUp: Float32Array; dy: Float32Array; out: Float32Array; width: number },
+  r0: number,
+  r1: number,
+): void {
+  const { gateUp, dy, out, width } = a;
+  for (
+    let c0 = r0 * width, g0 = 2 * c0;
+    c0 < r1 * width;
+    c0 += GATE_UP_RUN, g0 += 2 * GATE_UP_RUN
+  ) {
+    for (let j = 0; j < GATE_UP_RUN; j++) {
+      const g = gateUp[g0 + j], d = dy[c0 + j];
+      // d silu(g)/dg = sig (1 + g (1 - sig))
+      const sig = 1 / (1 + exp(-g));
+      out[g0 + j] = d * gateUp[g0 + GATE_UP_RUN + j] * sig * (1 + g * (1 - sig));
+      out[g0 + GATE_UP_RUN + j] = d * g * sig;
+    }
+  }
+}
+
+/**
  * silu(gate) * up over entries i0..i1 of gate and up apart (the experts run one by one);
  * with `dy`, its backward instead: dGate and dUp. simd: as in swiglu; a tail of fewer
  * than 4 entries runs in JS.
@@ -640,6 +666,7 @@ export const rowKernels = {
   rmsNorm,
   addRmsNorm,
   swiglu,
+  swigluGateUpBackward,
   swigluApart,
   softmaxVisible,
   softmaxBackward,

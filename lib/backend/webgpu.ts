@@ -16,6 +16,7 @@ import {
   checkAttentionBackward,
   checkAttentionShape,
   checkCombine,
+  checkGateUp,
   checkGrouped,
   checkMatmulSwiglu,
   checkRoutedExperts,
@@ -144,6 +145,7 @@ const ATTN_BACKWARD_MAX_TILE = 16;
 const KERNEL_FILES = [
   "weights",
   "matmul_common",
+  "matmul_grouped",
   "matmul",
   "matmul_naive",
   "matmul_tiles",
@@ -197,6 +199,12 @@ const MATMUL_FORWARD: ReadonlySet<KernelFile> = new Set([
 // both directions the tile core, kernels/matmul_tiles.wgsl.
 const MATMUL_BACKWARD: ReadonlySet<KernelFile> = new Set([
   "matmul_backward",
+  "matmul_backward_blocked",
+]);
+// The grouped ones (forward, and the blocked input gradient) the tile table,
+// kernels/matmul_grouped.wgsl.
+const MATMUL_GROUPED: ReadonlySet<KernelFile> = new Set([
+  ...MATMUL_FORWARD,
   "matmul_backward_blocked",
 ]);
 const MATMUL_TILES: ReadonlySet<KernelFile> = new Set([
@@ -805,6 +813,7 @@ export class WebGpuBackend implements TrainingBackend {
         USES_WEIGHTS.has(d.kernel) ? kernelSources.get("weights") : "",
         MATMUL_FORWARD.has(d.kernel) ? kernelSources.get("matmul_common") : "",
         MATMUL_BACKWARD.has(d.kernel) ? kernelSources.get("matmul_backward_common") : "",
+        MATMUL_GROUPED.has(d.kernel) ? kernelSources.get("matmul_grouped") : "",
         MATMUL_TILES.has(d.kernel) ? kernelSources.get("matmul_tiles") : "",
         ATTENTION_FORWARD.has(d.kernel) ? kernelSources.get("attention_common") : "",
         ATTENTION_BACKWARD.has(d.kernel) ? kernelSources.get("attention_backward_common") : "",
@@ -2074,7 +2083,8 @@ export class WebGpuBackend implements TrainingBackend {
               dxRange.skip,
               ci > 0 ? 1 : 0,
             ],
-            bindings: [dyRange, { buffer: chunk.buffer }, dxRange],
+            // blocked: the group starts of groupedMatmulBackward (none here)
+            bindings: [dyRange, { buffer: chunk.buffer }, dxRange, { buffer: this.emptyBuffer }],
             workgroups: grid(k, rows),
           });
         }
@@ -2162,6 +2172,109 @@ export class WebGpuBackend implements TrainingBackend {
       }
     }
     this.free(inv);
+    return dx;
+  }
+
+  swigluGateUp(gateUp: Tensor): Tensor {
+    const [n, width] = checkGateUp("swigluGateUp", gateUp);
+    const out = this.newTensor([n, width]);
+    this.gateUpRuns("elementwise", "swiglu_gate_up", gateUp, null, out, n * width);
+    return out;
+  }
+
+  swigluGateUpBackward(gateUp: Tensor, dy: Tensor): Tensor {
+    const [n, width] = checkGateUp("swigluGateUpBackward", gateUp);
+    if (numelOf(dy.shape) !== n * width) {
+      throw new Error(`swigluGateUpBackward: dy [${dy.shape}] != [${n}, ${width}]`);
+    }
+    const dGateUp = this.newTensor(gateUp.shape);
+    this.gateUpRuns("elementwise_backward", "swiglu_gate_up_backward", gateUp, dy, dGateUp, 0);
+    return dGateUp;
+  }
+
+  /**
+   * The swiglu_gate_up kernels over `entries` (= W-wide values) in chunks of whole runs
+   * (GATE_UP_RUN values, 2 GATE_UP_RUN of gateUp): with `dy` (the backward) the output is
+   * gateUp-wide, else dy-wide.
+   */
+  private gateUpRuns(
+    kernel: "elementwise" | "elementwise_backward",
+    entry: string,
+    gateUp: Tensor,
+    dy: Tensor | null,
+    out: GpuTensor,
+    entries: number,
+  ): void {
+    const runBytes = GATE_UP_RUN * 4;
+    const runs = (dy ? numelOf(dy.shape) : entries) / GATE_UP_RUN;
+    const outRunBytes = dy ? 2 * runBytes : runBytes;
+    for (const [q0, q] of this.rowChunks(runs, [2 * runBytes])) {
+      const guRange = this.rowRange(t(gateUp).buffer, q0, q, 2 * runBytes);
+      const outRange = this.rowRange(out.buffer, q0, q, outRunBytes, true);
+      const count = q * GATE_UP_RUN, empty = { buffer: this.emptyBuffer, skip: 0 };
+      if (dy) {
+        const dyRange = this.rowRange(t(dy).buffer, q0, q, runBytes);
+        this.run({
+          kernel,
+          entry,
+          params: [count, 1, { f32: 0 }, guRange.skip, 0, dyRange.skip, outRange.skip, 0],
+          bindings: [guRange, empty, dyRange, outRange, empty],
+          workgroups: ceilDiv(count, 64),
+        });
+      } else {
+        this.run({
+          kernel,
+          entry,
+          params: [count, 1, { f32: 0 }, guRange.skip, 0, outRange.skip],
+          bindings: [guRange, empty, outRange],
+          workgroups: ceilDiv(count, 64),
+        });
+      }
+    }
+  }
+
+  groupedMatmulBackward(dy: Tensor, stack: Weight, groupRows: Int32Array): Tensor {
+    const [r, m] = rowsCols(dy);
+    const k = stack.shape[2];
+    checkGrouped(stack, m, groupRows, r, "groupedMatmulBackward", 1);
+    const startBuf = this.upload(groupStarts(groupRows));
+    const dx = this.newTensor([r, k]);
+    // Tiles of up to 128 rows (64 where no group has more than 64), one group's rows each.
+    const tm = blockedRowsPerThread(Math.max(0, ...groupRows)), tileRows = 16 * tm;
+    for (const chunk of w(stack).chunks) {
+      const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
+      for (const [r0, rows] of this.rowChunks(r, [k * 4, m * 4])) {
+        const capacity = Math.floor(rows / tileRows) + Math.min(g1 - g0, rows);
+        const dyRange = this.rowRange(t(dy).buffer, r0, rows, m * 4);
+        const dxRange = this.rowRange(dx.buffer, r0, rows, k * 4, true);
+        this.run({
+          kernel: "matmul_backward_blocked",
+          entry: "input_grad",
+          constants: { W_DTYPE: DTYPE_CODE[stack.dtype], TM: tm, GROUPED: 1 },
+          params: [
+            rows,
+            k,
+            0,
+            m,
+            0,
+            dyRange.skip,
+            0,
+            dxRange.skip,
+            0,
+            g0,
+            g1,
+            m,
+            chunk.row0,
+            chunk.rows,
+            r0,
+            tileRows,
+          ],
+          bindings: [dyRange, { buffer: chunk.buffer }, dxRange, { buffer: startBuf }],
+          workgroups: [ceilDiv(k, MATMUL_BLOCKED_TILE), capacity],
+        });
+      }
+    }
+    this.release(startBuf);
     return dx;
   }
 
