@@ -102,6 +102,58 @@ Deno.test("train model: olmoe-a gradient vs FD through the whole-projection q/k 
   ], false);
 });
 
+// deepseek-a's layers 1-3 are MoE. None of these tensors is a routed expert, so every MoE
+// layer runs its frozen experts grouped from the stacks (groupedExpertsForward/Backward);
+// the gradients pass through them to the attention below and to the router.
+const BELOW_FROZEN_EXPERTS = [
+  "model.layers.1.self_attn.q_proj.weight",
+  "model.layers.1.post_attention_layernorm.weight",
+  "model.layers.2.mlp.gate.weight",
+  "model.layers.3.mlp.shared_experts.down_proj.weight",
+];
+
+Deno.test("train model: gradients through frozen grouped experts vs FD", async () => {
+  await checkModel("deepseek-a", BELOW_FROZEN_EXPERTS, false);
+});
+
+Deno.test("train model: frozen experts grouped give the gradients of experts one by one", async () => {
+  const results = [];
+  for (const grouped of [true, false]) {
+    const be = new CpuBackend({ reference: true });
+    const model = await Model.load(`${FIXTURES}deepseek-a`, be);
+    // One by one: every routed expert trainable as well (their own gradients unused).
+    const experts = grouped
+      ? []
+      : [...model.ckpt.files.keys()].filter((n) => /\.experts\.\d+\./.test(n));
+    const names = [...BELOW_FROZEN_EXPERTS, ...experts];
+    for (const n of names) model.makeTrainable(n);
+    for (const l of [1, 2, 3]) assert.equal(model.expertsStackable(l), grouped, `layer ${l}`);
+    const { ids, targets, shape } = trainingBatch(model.spec.vocab);
+    const grads = await zeroGrads(model, names);
+    for (const recompute of [false, true]) {
+      const { loss } = await lossAndGrad(model, ids, targets, shape, grads, { recompute });
+      results.push({ grouped, recompute, loss });
+    }
+    const read = await Promise.all(BELOW_FROZEN_EXPERTS.map((n) => be.read(grads.get(n)!)));
+    results.push({ grouped, grads: read });
+    model.close();
+  }
+  const [g, oneByOne] = [results.filter((r) => r.grouped), results.filter((r) => !r.grouped)];
+  for (let i = 0; i < 2; i++) {
+    const [a, b] = [g[i].loss!, oneByOne[i].loss!];
+    assert(Math.abs(a - b) <= 1e-6 * Math.abs(b), `loss ${a} grouped, ${b} one by one`);
+  }
+  BELOW_FROZEN_EXPERTS.forEach((n, i) => {
+    // twice accumulated (tape, then recompute): both runs add the same gradient
+    const [a, b] = [g[2].grads![i], oneByOne[2].grads![i]];
+    let worst = 0, largest = 0;
+    for (let j = 0; j < b.length; j++) {
+      worst = Math.max(worst, Math.abs(a[j] - b[j])), largest = Math.max(largest, Math.abs(b[j]));
+    }
+    assert(largest > 0 && worst <= 1e-5 * largest, `${n}: ${worst} of ${largest}`);
+  });
+});
+
 Deno.test("train model: tape and recompute modes give identical loss and gradients", async () => {
   for (const fixture of ["deepseek-a", "qwen2_moe-a", "olmoe-a"]) {
     const results = [];
@@ -122,7 +174,7 @@ Deno.test("train model: tape and recompute modes give identical loss and gradien
   }
 });
 
-Deno.test("a model in training frees its stacks and runs from its own weights, one copy each", async () => {
+Deno.test("a model in training frees its stacks and runs from its own weights or frozen experts' stacks, one copy each", async () => {
   for (const fixture of ["deepseek-a", "olmoe-a"]) {
     const model = await Model.load(`${FIXTURES}${fixture}`, new CpuBackend());
     const { ids, targets, shape } = trainingBatch(model.spec.vocab);
@@ -131,8 +183,8 @@ Deno.test("a model in training frees its stacks and runs from its own weights, o
     const trained = "model.layers.1.self_attn.q_proj.weight";
     model.makeTrainable(trained);
     assert(!model.stacking);
-    // The stacks went: afterwards the model holds the plain weights once, as a model that
-    // never stacked does.
+    // The stacks went: afterwards the model holds the plain weights once (the frozen
+    // routed experts in their stacks, rebuilt), as a model that never stacked does.
     const unstacked = await decoderLoss(model, ids, targets, shape);
     assert(Math.abs(unstacked.loss - stacked.loss) < 1e-5, `${fixture}: ${unstacked.loss}`);
     const fresh = await Model.load(`${FIXTURES}${fixture}`, new CpuBackend());

@@ -325,7 +325,7 @@ export async function mlpBlock(
   const route = ce
     ? { k: mlp.topK, normalize: false, eps: 0 }
     : { k: mlp.topK, normalize: mlp.renorm.normalize, eps: mlp.renorm.eps };
-  const oneByOne = !model.stacking;
+  const oneByOne = !model.expertsStackable(l);
   // The routing comes to the host only where something needs it there: an observer,
   // compressed experts or experts run one by one. Else it never leaves the device.
   let routing: Routing | undefined;

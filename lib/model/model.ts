@@ -47,6 +47,24 @@ export class Model {
     return this.trainable.size === 0;
   }
 
+  /**
+   * Whether layer l's routed experts run from their stacks (expertStack): always when
+   * stacking, and in training where none of them trains (training backpropagates through
+   * frozen experts grouped like inference; trainable ones run one by one on their f32
+   * master copies).
+   */
+  expertsStackable(l: number): boolean {
+    if (this.stacking) return true;
+    const mlp = this.spec.layers[l].mlp;
+    if (mlp.kind !== "moe") return false;
+    for (let e = 0; e < mlp.experts; e++) {
+      for (const part of ["gate", "up", "down"] as const) {
+        if (this.trainable.has(expertName(this.spec, l, e, part))) return false;
+      }
+    }
+    return true;
+  }
+
   /** Marks `name` trainable: an f32 master copy from its next use on; the stacks go. */
   makeTrainable(name: string): void {
     this.release(name);

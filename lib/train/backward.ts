@@ -6,7 +6,13 @@
 // tensor. With `recompute`, only each layer's input is kept during the forward and the
 // layer is re-run (bit-identically: same ops, same routing) just before its backward.
 
-import type { Routing, Tensor, TrainingBackend, Weight } from "../backend/backend.ts";
+import {
+  expertPlan,
+  type Routing,
+  type Tensor,
+  type TrainingBackend,
+  type Weight,
+} from "../backend/backend.ts";
 import { type CeRouting, type MoeSpec } from "../methods/compressed_experts.ts";
 import {
   cesName,
@@ -62,6 +68,16 @@ interface ExpertTape {
   mlp: SwigluTape;
 }
 
+/**
+ * A layer's frozen routed experts run grouped from their stacks, as the decoder runs them:
+ * the plan, the gate|up product [R, 2W] (interleaved runs) and the outputs y [R, H].
+ */
+interface GroupedTape {
+  plan: ReturnType<typeof expertPlan>;
+  gateUp: Tensor;
+  y: Tensor;
+}
+
 /** A compressed-experts main expert: down(silu(gate(x*t0)) * up(x*t2) * t1). */
 interface CeTape {
   split: CeRouting;
@@ -77,6 +93,7 @@ interface MlpTape {
   logits?: Tensor; // [N, E] router logits
   routing?: Routing;
   experts?: ExpertTape[];
+  grouped?: GroupedTape;
   ce?: CeTape;
 }
 
@@ -309,6 +326,10 @@ async function mlpForward(
     t.ce = { split, ces, experts };
     return [t, out];
   }
+  if (model.expertsStackable(l)) {
+    t.grouped = await groupedExpertsForward(model, l, mlp, xn, t.routing, out);
+    return [t, out];
+  }
   t.experts = [];
   const groups = groupByExpert(t.routing, mlp.topK, mlp.experts);
   for (let e = 0; e < mlp.experts; e++) {
@@ -320,6 +341,72 @@ async function mlpForward(
     t.experts.push({ expert: e, rows, slots, scales, mlp: tape });
   }
   return [t, out];
+}
+
+/**
+ * Frozen routed experts on their tokens from the stacks (gather, gate|up, SwiGLU, down,
+ * combine: the decoder's routedExperts in separate ops), added into out; a few dispatches
+ * a layer where one by one takes six an expert.
+ */
+async function groupedExpertsForward(
+  model: Model,
+  l: number,
+  mlp: MoeSpec,
+  xn: Tensor,
+  routing: Routing,
+  out: Tensor,
+): Promise<GroupedTape> {
+  const b = be(model);
+  const plan = expertPlan(routing, mlp.topK, mlp.experts);
+  const xe = b.gatherRows(xn, plan.order);
+  const gateUp = b.groupedMatmul(
+    xe,
+    await model.expertStack(l, "gate_up", mlp.experts),
+    plan.groupRows,
+  );
+  b.free(xe);
+  const a = b.swigluGateUp(gateUp);
+  const y = b.groupedMatmul(a, await model.expertStack(l, "down", mlp.experts), plan.groupRows);
+  b.free(a);
+  b.combineRows(out, y, plan.sources, plan.scales, mlp.topK);
+  return { plan, gateUp, y };
+}
+
+/**
+ * Backward of groupedExpertsForward from dOut: adds each token's input gradient into dxn
+ * and writes the routing-weight gradients into dWeights [N, k]; frees the grouped tape.
+ */
+async function groupedExpertsBackward(
+  model: Model,
+  l: number,
+  mlp: MoeSpec,
+  t: MlpTape,
+  dOut: Tensor,
+  dxn: Tensor,
+  dWeights: Float32Array,
+): Promise<void> {
+  const b = be(model), { plan, gateUp, y } = t.grouped!, weights = t.routing!.weights;
+  // combineRows backward: grouped row i took weight weights[slots[i]] of token order[i]
+  const rowScales = Float32Array.from(plan.slots, (slot) => weights[slot]);
+  const { dy, dScales } = b.scatterAddRowsBackward(dOut, y, plan.order, rowScales);
+  b.free(y);
+  const da = b.groupedMatmulBackward(
+    dy,
+    await model.expertStack(l, "down", mlp.experts),
+    plan.groupRows,
+  );
+  b.free(dy);
+  const dGateUp = b.swigluGateUpBackward(gateUp, da);
+  b.free(da), b.free(gateUp);
+  const gateUpStack = await model.expertStack(l, "gate_up", mlp.experts);
+  const dxe = b.groupedMatmulBackward(dGateUp, gateUpStack, plan.groupRows);
+  b.free(dGateUp);
+  // gatherRows backward: each token sums its k rows' gradients, in the forward's order
+  b.combineRows(dxn, dxe, plan.sources, new Float32Array(plan.sources.length).fill(1), mlp.topK);
+  b.free(dxe);
+  const ds = await b.read(dScales);
+  for (let i = 0; i < ds.length; i++) dWeights[plan.slots[i]] = ds[i];
+  t.grouped = undefined;
 }
 
 /** Backward of the MLP block from dOut down to dx (through post_attention_layernorm); frees the tape. */
@@ -357,22 +444,25 @@ async function mlpBackward(
     const dxnCe = await ceBackward(model, l, mlp, t, dOut, grads);
     addFree(dxnCe);
   }
-  if (t.experts && mlp.kind === "moe") {
-    const ones = new Float32Array(x.shape[0]).fill(1);
-    const dScales: Tensor[] = [];
-    for (const e of t.experts) {
-      const { dy, dScales: ds } = b.scatterAddRowsBackward(dOut, e.mlp.y, e.rows, e.scales);
-      dScales.push(ds);
-      const dxe = await swigluBackward(model, e.mlp, dy, grads);
-      b.scatterAddRows(dxn, dxe, e.rows, ones.subarray(0, e.rows.length)); // gatherRows backward
-      b.free(dy), b.free(dxe), b.free(e.mlp.x), b.free(e.mlp.y);
-    }
+  if ((t.experts || t.grouped) && mlp.kind === "moe") {
     const dWeights = new Float32Array(t.routing!.weights.length); // [N, k]
-    (await b.readAll(dScales)).forEach((ds, i) => {
-      const slots = t.experts![i].slots;
-      for (let j = 0; j < slots.length; j++) dWeights[slots[j]] = ds[j];
-      b.free(dScales[i]);
-    });
+    if (t.grouped) await groupedExpertsBackward(model, l, mlp, t, dOut, dxn, dWeights);
+    else {
+      const ones = new Float32Array(x.shape[0]).fill(1);
+      const dScales: Tensor[] = [];
+      for (const e of t.experts!) {
+        const { dy, dScales: ds } = b.scatterAddRowsBackward(dOut, e.mlp.y, e.rows, e.scales);
+        dScales.push(ds);
+        const dxe = await swigluBackward(model, e.mlp, dy, grads);
+        b.scatterAddRows(dxn, dxe, e.rows, ones.subarray(0, e.rows.length)); // gatherRows backward
+        b.free(dy), b.free(dxe), b.free(e.mlp.x), b.free(e.mlp.y);
+      }
+      (await b.readAll(dScales)).forEach((ds, i) => {
+        const slots = t.experts![i].slots;
+        for (let j = 0; j < slots.length; j++) dWeights[slots[j]] = ds[j];
+        b.free(dScales[i]);
+      });
+    }
     // the router: gradient through the selected routing weights only
     const dLogits = b.routeTopKBackward(
       t.logits!,
@@ -550,6 +640,7 @@ function freeTape(model: Model, t: LayerTape): void {
     if (m.sharedGate) b.free(m.sharedGate.g), b.free(m.sharedGate.y);
     if (m.logits) b.free(m.logits);
     for (const e of m.experts ?? []) sw(e.mlp), b.free(e.mlp.x);
+    if (m.grouped) b.free(m.grouped.gateUp), b.free(m.grouped.y);
     for (const e of m.ce?.experts ?? []) freeCeExpert(model, e);
     b.free(m.xn);
   }
