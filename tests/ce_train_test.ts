@@ -18,7 +18,13 @@ import {
 } from "../lib/train/trainer.ts";
 import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 import { loadCe, relMaxDiff } from "./ce_util.ts";
-import { decoderLoss, fdWithoutRoutingFlip, trainingBatch, zeroGrads } from "./train_fd.ts";
+import {
+  decoderLoss,
+  fdWithoutRoutingFlip,
+  groupedVersusOneByOne,
+  trainingBatch,
+  zeroGrads,
+} from "./train_fd.ts";
 import { FIXTURE_ROOT } from "./golden.ts";
 
 type Moe = Extract<MlpSpec, { kind: "moe" }>;
@@ -91,6 +97,19 @@ for (const recompute of [false, true]) {
     ], recompute);
   });
 }
+Deno.test("ce train: frozen main experts grouped give the gradients of experts one by one", async () => {
+  await groupedVersusOneByOne(
+    () => loadCe(`${FIXTURE_ROOT}olmoe-a`, new CpuBackend({ reference: true }), 2, 900),
+    [
+      "model.layers.0.mlp.ces",
+      "model.layers.1.mlp.ces",
+      "model.layers.1.mlp.gate.weight",
+      "model.layers.0.self_attn.q_proj.weight",
+    ],
+    [0, 1],
+  );
+});
+
 Deno.test("ce train: deepseek-a (shared experts, k_m=1) grads vs FD", async () => {
   await checkCe("deepseek-a", 1, [
     "model.layers.2.mlp.ces",

@@ -531,6 +531,16 @@ for (const [label, dir] of [["default model", DEFAULT_MODEL], ["width 10", oddWi
       assert.deepEqual(sharedDown.shape, [h, sharedWant.padded]);
       assert.deepEqual(sharedDown.data, sharedWant.down);
       assert.deepEqual(((await model.expertStack(l, "down", e)) as CpuWeight).data, want.down);
+      // Gate and up alone (compressed experts): each expert's matrix, then zero padding rows.
+      for (const part of ["gate", "up"] as const) {
+        const alone = (await model.expertStack(l, part, e)) as CpuWeight;
+        assert.deepEqual(alone.shape, [e, want.padded, h]);
+        const members = await experts(part), padded = new Float32Array(e * want.padded * h);
+        for (let ex = 0; ex < e; ex++) {
+          padded.set(members.subarray(ex * width * h, (ex + 1) * width * h), ex * want.padded * h);
+        }
+        assert.deepEqual(alone.data, padded);
+      }
       // Zero expert 1's up matrix: its up runs in the new stack are zero, the rest as before.
       const raw = await model.rawTensor(expertName(model.spec, l, 1, "up"));
       model.putTensor({ ...raw, bytes: new Uint8Array(raw.bytes.length) });

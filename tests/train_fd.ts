@@ -7,7 +7,9 @@
 import { type BatchShape, forward } from "../lib/model/decoder.ts";
 import type { Model } from "../lib/model/model.ts";
 import type { Grads } from "../lib/train/backward.ts";
+import assert from "node:assert";
 import { numelOf } from "../lib/backend/backend.ts";
+import { lossAndGrad } from "../lib/train/backward.ts";
 
 /** Central-difference gradient of loss() with respect to every entry of `x` (listed in `entries`). */
 export async function finiteDifference(
@@ -118,4 +120,47 @@ export async function fdWithoutRoutingFlip(
     if (!flipped) return one.get(i)!;
   }
   return undefined;
+}
+
+/**
+ * Loss and gradients of `names` (no routed expert among them) with the frozen routed
+ * experts grouped from their stacks, against the same with every routed expert trainable
+ * too (so run one by one, their own gradients unused): in tape then recompute mode,
+ * accumulated. `moeLayers` are checked to take each path.
+ */
+export async function groupedVersusOneByOne(
+  load: () => Promise<Model>,
+  names: string[],
+  moeLayers: number[],
+): Promise<void> {
+  const runs: { losses: number[]; grads: Float32Array[] }[] = [];
+  for (const grouped of [true, false]) {
+    const model = await load();
+    const experts = grouped
+      ? []
+      : [...model.ckpt.files.keys()].filter((n) => /\.experts\.\d+\./.test(n));
+    const all = [...names, ...experts];
+    for (const n of all) model.makeTrainable(n);
+    for (const l of moeLayers) assert.equal(model.expertsStackable(l), grouped, `layer ${l}`);
+    const { ids, targets, shape } = trainingBatch(model.spec.vocab);
+    const grads = await zeroGrads(model, all), losses = [];
+    for (const recompute of [false, true]) {
+      losses.push((await lossAndGrad(model, ids, targets, shape, grads, { recompute })).loss);
+    }
+    runs.push({ losses, grads: await model.backend.readAll(names.map((n) => grads.get(n)!)) });
+    model.close();
+  }
+  const [grouped, oneByOne] = runs;
+  grouped.losses.forEach((a, i) => {
+    const b = oneByOne.losses[i];
+    assert(Math.abs(a - b) <= 1e-6 * Math.abs(b), `loss ${a} grouped, ${b} one by one`);
+  });
+  names.forEach((n, i) => {
+    const [a, b] = [grouped.grads[i], oneByOne.grads[i]];
+    let worst = 0, largest = 0;
+    for (let j = 0; j < b.length; j++) {
+      worst = Math.max(worst, Math.abs(a[j] - b[j])), largest = Math.max(largest, Math.abs(b[j]));
+    }
+    assert(largest > 0 && worst <= 1e-5 * largest, `${n}: ${worst} of ${largest}`);
+  });
 }

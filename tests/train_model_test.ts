@@ -7,7 +7,13 @@ import type { Tensor } from "../lib/backend/backend.ts";
 import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
 import { Model } from "../lib/model/model.ts";
 import { lossAndGrad } from "../lib/train/backward.ts";
-import { decoderLoss, fdWithoutRoutingFlip, trainingBatch, zeroGrads } from "./train_fd.ts";
+import {
+  decoderLoss,
+  fdWithoutRoutingFlip,
+  groupedVersusOneByOne,
+  trainingBatch,
+  zeroGrads,
+} from "./train_fd.ts";
 
 const FIXTURES = new URL("./fixtures/hf-golden/", import.meta.url).pathname;
 // The fixtures' weights are ~0.02 and their gradients ~1e-3, so a small step drowns in the
@@ -117,41 +123,11 @@ Deno.test("train model: gradients through frozen grouped experts vs FD", async (
 });
 
 Deno.test("train model: frozen experts grouped give the gradients of experts one by one", async () => {
-  const results = [];
-  for (const grouped of [true, false]) {
-    const be = new CpuBackend({ reference: true });
-    const model = await Model.load(`${FIXTURES}deepseek-a`, be);
-    // One by one: every routed expert trainable as well (their own gradients unused).
-    const experts = grouped
-      ? []
-      : [...model.ckpt.files.keys()].filter((n) => /\.experts\.\d+\./.test(n));
-    const names = [...BELOW_FROZEN_EXPERTS, ...experts];
-    for (const n of names) model.makeTrainable(n);
-    for (const l of [1, 2, 3]) assert.equal(model.expertsStackable(l), grouped, `layer ${l}`);
-    const { ids, targets, shape } = trainingBatch(model.spec.vocab);
-    const grads = await zeroGrads(model, names);
-    for (const recompute of [false, true]) {
-      const { loss } = await lossAndGrad(model, ids, targets, shape, grads, { recompute });
-      results.push({ grouped, recompute, loss });
-    }
-    const read = await Promise.all(BELOW_FROZEN_EXPERTS.map((n) => be.read(grads.get(n)!)));
-    results.push({ grouped, grads: read });
-    model.close();
-  }
-  const [g, oneByOne] = [results.filter((r) => r.grouped), results.filter((r) => !r.grouped)];
-  for (let i = 0; i < 2; i++) {
-    const [a, b] = [g[i].loss!, oneByOne[i].loss!];
-    assert(Math.abs(a - b) <= 1e-6 * Math.abs(b), `loss ${a} grouped, ${b} one by one`);
-  }
-  BELOW_FROZEN_EXPERTS.forEach((n, i) => {
-    // twice accumulated (tape, then recompute): both runs add the same gradient
-    const [a, b] = [g[2].grads![i], oneByOne[2].grads![i]];
-    let worst = 0, largest = 0;
-    for (let j = 0; j < b.length; j++) {
-      worst = Math.max(worst, Math.abs(a[j] - b[j])), largest = Math.max(largest, Math.abs(b[j]));
-    }
-    assert(largest > 0 && worst <= 1e-5 * largest, `${n}: ${worst} of ${largest}`);
-  });
+  await groupedVersusOneByOne(
+    () => Model.load(`${FIXTURES}deepseek-a`, new CpuBackend({ reference: true })),
+    BELOW_FROZEN_EXPERTS,
+    [1, 2, 3],
+  );
 });
 
 Deno.test("train model: tape and recompute modes give identical loss and gradients", async () => {

@@ -4,6 +4,7 @@
 
 import {
   expertPlan,
+  GATE_UP_RUN,
   kvCacheRows,
   type KvRows,
   type RopeSpec,
@@ -356,9 +357,14 @@ export async function mlpBlock(
   return out;
 }
 
-/** One main expert's inputs and intermediates in a compressed-experts layer. */
+/**
+ * One main expert's inputs and intermediates in a compressed-experts layer, or with
+ * `grouped` every main expert's at once (their stacks' plan: rows are then a token once
+ * per main expert of it, expert by expert).
+ */
 export interface ScaledExpertValues {
-  expert: number;
+  expert: number; // -1 when grouped
+  grouped?: { groupRows: Int32Array; sources: Int32Array };
   rows: Int32Array; // token rows
   slots: Int32Array; // index into the [N, k_m] main arrays for each row
   scales: Float32Array; // w_m per row
@@ -379,8 +385,10 @@ export interface ScaledExpertValues {
  * Compressed experts (lib/methods/compressed_experts.ts): theta per token from the aux
  * experts' ces vectors, then each main expert on its tokens with scaled inputs and
  * intermediate: out[t] += w_m * down(silu(gate(x*theta0)) * up(x*theta2) * theta1).
- * Training passes `keep` to receive each expert's values for its backward; otherwise
- * they are freed as soon as the expert is done.
+ * Frozen main experts run grouped from their stacks (gate and up apart: their inputs are
+ * scaled differently); trainable ones, or widths the stacks pad, one by one.
+ * Training passes `keep` to receive the values for its backward; otherwise they are
+ * freed as soon as they are used.
  */
 export async function dispatchCompressedExperts(
   model: Model,
@@ -399,28 +407,76 @@ export async function dispatchCompressedExperts(
   const t1 = be.tensor(theta.t1, [n, W]); // [N, W] intermediate scale
   const t2 = be.tensor(theta.t2, [n, s.hidden]); // [N, H] up input scale
   const main = { indices: split.mainIndices, weights: split.mainWeights };
-  const groups = groupByExpert(main, mlp.mainExperts!, mlp.experts);
-  const weight = (e: number, part: "gate" | "up" | "down") =>
-    model.weight(expertName(s, l, e, part));
-  for (let e = 0; e < mlp.experts; e++) {
-    const rows = groups.rows[e];
-    if (rows.length === 0) continue;
-    const x = be.gatherRows(xn, rows);
-    const [e0, e1, e2] = [t0, t1, t2].map((th) => be.gatherRows(th, rows));
-    const xg = be.mul(x, e0), xu = be.mul(x, e2);
-    const g = be.matmul(xg, await weight(e, "gate"));
-    const u = be.matmul(xu, await weight(e, "up"));
-    const a = be.swiglu(g, u);
-    const as = be.mul(a, e1);
-    const y = be.matmul(as, await weight(e, "down"));
-    be.scatterAddRows(out, y, rows, groups.scales[e]);
-    const values = { x, t0: e0, t1: e1, t2: e2, xg, xu, g, u, a, as, y };
-    if (keep) {
-      keep.push({ expert: e, rows, slots: groups.slots[e], scales: groups.scales[e], ...values });
-    } else Object.values(values).forEach((v) => be.free(v));
+  const km = mlp.mainExperts!;
+  const done = (values: ScaledExpertValues) => {
+    if (keep) keep.push(values);
+    else for (const v of scaledTensors(values)) be.free(v);
+  };
+  if (model.expertsStackable(l) && W % GATE_UP_RUN === 0) {
+    const plan = expertPlan(main, km, mlp.experts);
+    const stacks = {
+      gate: await model.expertStack(l, "gate", mlp.experts),
+      up: await model.expertStack(l, "up", mlp.experts),
+      down: await model.expertStack(l, "down", mlp.experts),
+    };
+    const values = scaledExpert(
+      model,
+      xn,
+      [t0, t1, t2],
+      plan.order,
+      (x, part) => be.groupedMatmul(x, stacks[part], plan.groupRows),
+    );
+    be.combineRows(out, values.y, plan.sources, plan.scales, km);
+    const scales = Float32Array.from(plan.slots, (slot) => main.weights[slot]);
+    const grouped = { groupRows: plan.groupRows, sources: plan.sources };
+    done({ expert: -1, grouped, rows: plan.order, slots: plan.slots, scales, ...values });
+  } else {
+    const groups = groupByExpert(main, km, mlp.experts);
+    for (let e = 0; e < mlp.experts; e++) {
+      const rows = groups.rows[e];
+      if (rows.length === 0) continue;
+      const weights = {
+        gate: await model.weight(expertName(s, l, e, "gate")),
+        up: await model.weight(expertName(s, l, e, "up")),
+        down: await model.weight(expertName(s, l, e, "down")),
+      };
+      const values = scaledExpert(
+        model,
+        xn,
+        [t0, t1, t2],
+        rows,
+        (x, p) => be.matmul(x, weights[p]),
+      );
+      be.scatterAddRows(out, values.y, rows, groups.scales[e]);
+      done({ expert: e, rows, slots: groups.slots[e], scales: groups.scales[e], ...values });
+    }
   }
   be.free(t0), be.free(t1), be.free(t2);
   return { split, ces };
+}
+
+/** down(silu(gate(x*t0)) * up(x*t2) * t1) on the token rows `rows` of xn, keeping each value. */
+function scaledExpert(
+  model: Model,
+  xn: Tensor,
+  theta: Tensor[],
+  rows: Int32Array,
+  project: (x: Tensor, part: "gate" | "up" | "down") => Tensor,
+) {
+  const be = model.backend;
+  const x = be.gatherRows(xn, rows);
+  const [t0, t1, t2] = theta.map((th) => be.gatherRows(th, rows));
+  const xg = be.mul(x, t0), xu = be.mul(x, t2);
+  const g = project(xg, "gate"), u = project(xu, "up");
+  const a = be.swiglu(g, u);
+  const as = be.mul(a, t1);
+  const y = project(as, "down");
+  return { x, t0, t1, t2, xg, xu, g, u, a, as, y };
+}
+
+/** The tensors of a compressed-experts values set. */
+export function scaledTensors(e: ScaledExpertValues): Tensor[] {
+  return [e.x, e.t0, e.t1, e.t2, e.xg, e.xu, e.g, e.u, e.a, e.as, e.y];
 }
 
 /** Qwen2-MoE: sigmoid(x . shared_expert_gate) * shared_expert(x). */

@@ -26,6 +26,9 @@ import {
   parseModelConfig,
 } from "./config.ts";
 
+/** Model.expertStack's projections. */
+export type ExpertStackProj = "gate_up" | "gate" | "up" | "down";
+
 export class Model {
   private weights = new Map<string, Weight>();
   /** Each layer's expert matrices stacked per projection, for groupedMatmul. */
@@ -154,8 +157,10 @@ export class Model {
    * interleaved in runs of GATE_UP_RUN (so a matmul tile holds matching gate and up
    * columns: the fused SwiGLU), and "down" [E, H, W']. W' is the expert width W rounded
    * up to whole runs; the padding rows and columns are zero, so they add nothing.
+   * "gate" and "up" [E, W', H] each alone are for compressed experts, whose gate and up
+   * inputs differ.
    */
-  expertStack(l: number, proj: "gate_up" | "down", experts: number): Promise<Weight> {
+  expertStack(l: number, proj: ExpertStackProj, experts: number): Promise<Weight> {
     return this.stacked(
       `${layerPrefix(l)}<experts ${proj} stacked>`,
       proj,
@@ -238,13 +243,13 @@ export class Model {
 
   private async stacked(
     key: string,
-    proj: "gate_up" | "down",
+    proj: ExpertStackProj,
     memberNames: (part: "gate" | "up" | "down") => string[],
     lead: number[],
   ): Promise<Weight> {
     const cached = this.stacks.get(key);
     if (cached) return cached.weight;
-    const parts = proj === "gate_up" ? ["gate", "up"] as const : ["down"] as const;
+    const parts = proj === "gate_up" ? ["gate", "up"] as const : [proj];
     const members = parts.flatMap(memberNames);
     const experts = members.length / parts.length;
     members.forEach((name) => this.requireTensor(name));
@@ -255,9 +260,9 @@ export class Model {
     const dtype = this.heldDtype(first);
     const checkpointElementBytes = first.bytes.length / (shape[0] * shape[1]);
     const elementBytes = dtype === first.dtype ? checkpointElementBytes : 4;
-    const width = proj === "gate_up" ? shape[0] : shape[1];
+    const width = proj === "down" ? shape[1] : shape[0];
     const padded = Math.ceil(width / GATE_UP_RUN) * GATE_UP_RUN;
-    const hidden = proj === "gate_up" ? shape[1] : shape[0];
+    const hidden = proj === "down" ? shape[0] : shape[1];
     const expertBytes = parts.length * padded * hidden * elementBytes;
     const bytes = new Uint8Array(expertBytes * experts);
     for (const [i, name] of members.entries()) {
@@ -281,16 +286,17 @@ export class Model {
           );
           bytes.set(run, base + (2 * r0 + part * GATE_UP_RUN) * rowBytes);
         }
-      } else {
+      } else if (proj !== "down") bytes.set(values, base); // the padding rows last
+      else {
         for (let h = 0; h < hidden; h++) {
           const row = values.subarray(h * width * elementBytes, (h + 1) * width * elementBytes);
           bytes.set(row, base + h * padded * elementBytes);
         }
       }
     }
-    const stackShape = proj === "gate_up"
-      ? [...lead, 2 * padded, hidden]
-      : [...lead, hidden, padded];
+    const stackShape = proj === "down"
+      ? [...lead, hidden, padded]
+      : [...lead, proj === "gate_up" ? 2 * padded : padded, hidden];
     const checkpointBytes = (bytes.length / elementBytes) * checkpointElementBytes;
     return this.keepStack(
       key,

@@ -32,6 +32,7 @@ import {
   groupByExpert,
   positionsFor,
   type ScaledExpertValues,
+  scaledTensors,
 } from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
 
@@ -651,7 +652,7 @@ function freeTape(model: Model, t: LayerTape): void {
 
 function freeCeExpert(model: Model, e: ScaledExpertValues): void {
   const b = be(model);
-  for (const x of [e.x, e.t0, e.t1, e.t2, e.xg, e.xu, e.g, e.u, e.a, e.as, e.y]) b.free(x);
+  for (const x of scaledTensors(e)) b.free(x);
 }
 
 /**
@@ -672,36 +673,42 @@ async function ceBackward(
   const k = mlp.topK, km = mlp.mainExperts!, ka = k - km;
   const zeros = (cols: number) => b.tensor(new Float32Array(n * cols), [n, cols]);
   const dxn = zeros(H), dT0 = zeros(H), dT1 = zeros(W), dT2 = zeros(H);
-  const ones = new Float32Array(n).fill(1);
+  const ones = new Float32Array(n * km).fill(1);
   const dScales: Tensor[] = [], slots: Int32Array[] = [];
   for (const e of ce.experts) {
-    const one = ones.subarray(0, e.rows.length);
     const { dy, dScales: ds } = b.scatterAddRowsBackward(dOut, e.y, e.rows, e.scales);
     dScales.push(ds), slots.push(e.slots);
-    const down = expertName(s, l, e.expert, "down");
-    const das = b.matmulBackward(e.as, await w(model, down), dy, {
-      needInput: true,
-      weightGrad: grads.get(down),
-    })!;
+    // The input gradient of one projection: grouped over the frozen stacks, or one
+    // expert's matmul with its weight gradient.
+    const inputGrad = async (x: Tensor, part: "gate" | "up" | "down", d: Tensor) => {
+      if (e.grouped) {
+        const stack = await model.expertStack(l, part, mlp.experts);
+        return b.groupedMatmulBackward(d, stack, e.grouped.groupRows);
+      }
+      const name = expertName(s, l, e.expert, part);
+      return b.matmulBackward(x, await w(model, name), d, {
+        needInput: true,
+        weightGrad: grads.get(name),
+      })!;
+    };
+    // gatherRows backward: a grouped token sums its k_m rows (in the forward's order);
+    // the rows of one expert are distinct.
+    const gatherBackward = (dst: Tensor, d: Tensor) =>
+      e.grouped
+        ? b.combineRows(dst, d, e.grouped.sources, ones, km)
+        : b.scatterAddRows(dst, d, e.rows, ones.subarray(0, e.rows.length));
+    const das = await inputGrad(e.as, "down", dy);
     const da = b.mul(das, e.t1), dt1 = b.mul(das, e.a);
     const { dGate, dUp } = b.swigluBackward(e.g, e.u, da);
-    const gate = expertName(s, l, e.expert, "gate"), up = expertName(s, l, e.expert, "up");
-    const dxg = b.matmulBackward(e.xg, await w(model, gate), dGate, {
-      needInput: true,
-      weightGrad: grads.get(gate),
-    })!;
-    const dxu = b.matmulBackward(e.xu, await w(model, up), dUp, {
-      needInput: true,
-      weightGrad: grads.get(up),
-    })!;
+    const dxg = await inputGrad(e.xg, "gate", dGate);
+    const dxu = await inputGrad(e.xu, "up", dUp);
     const dx = b.mul(dxg, e.t0), dx2 = b.mul(dxu, e.t2);
     b.addInPlace(dx, dx2);
     const dt0 = b.mul(dxg, e.x), dt2 = b.mul(dxu, e.x);
-    // gatherRows backward (rows of one expert are distinct)
-    b.scatterAddRows(dxn, dx, e.rows, one);
-    b.scatterAddRows(dT0, dt0, e.rows, one);
-    b.scatterAddRows(dT1, dt1, e.rows, one);
-    b.scatterAddRows(dT2, dt2, e.rows, one);
+    gatherBackward(dxn, dx);
+    gatherBackward(dT0, dt0);
+    gatherBackward(dT1, dt1);
+    gatherBackward(dT2, dt2);
     for (const x of [dy, das, da, dt1, dGate, dUp, dxg, dxu, dx, dx2, dt0, dt2]) b.free(x);
     freeCeExpert(model, e);
   }
