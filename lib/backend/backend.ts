@@ -401,6 +401,24 @@ export interface Backend {
   scale(y: Tensor, s: number): Tensor;
 }
 
+/**
+ * The searches' divergence kept on the device, where a backend has it (WebGPU): the expert
+ * search's candidates then never come back to the host. The CPU scores host rows in f64
+ * (lib/methods/divergence.ts Reference).
+ */
+export interface DeviceDivergence {
+  /**
+   * JS(P||Q) of each row: p [N, D] the original model's softmax + eps, Q = softmax of the
+   * row of cond [N, D] + eps; returns [N] (f32, summed without the host form's
+   * cancellation: kernels/divergence.wgsl).
+   */
+  jsDivergenceRows(p: Tensor, cond: Tensor, eps: number): Tensor;
+}
+
+export function hasDeviceDivergence(be: Backend): be is Backend & DeviceDivergence {
+  return typeof (be as Partial<DeviceDivergence>).jsDivergenceRows === "function";
+}
+
 /** A backend that can train: the forward ops plus the backward ops (CPU; WebGPU when it has them). */
 export interface TrainingBackend extends Backend, BackwardOps {}
 

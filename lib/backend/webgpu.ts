@@ -172,6 +172,8 @@ const KERNEL_FILES = [
   "moe_backward",
   "loss",
   "adamw",
+  // the searches
+  "divergence",
 ] as const;
 type KernelFile = (typeof KERNEL_FILES)[number];
 
@@ -733,13 +735,15 @@ export class WebGpuBackend implements TrainingBackend {
       );
     }
     const out = new GpuTensor(this.acquire(data.length * 4), [...shape]);
-    if (data.length > 0) {
+    // writeBuffer takes no shared memory (the searches' arrays the CPU row threads share)
+    const src = data.buffer instanceof SharedArrayBuffer ? data.slice() : data;
+    if (src.length > 0) {
       this.device.queue.writeBuffer(
         out.buffer,
         0,
-        data.buffer as ArrayBuffer,
-        data.byteOffset,
-        data.byteLength,
+        src.buffer as ArrayBuffer,
+        src.byteOffset,
+        src.byteLength,
       );
     }
     return out;
@@ -2231,6 +2235,25 @@ export class WebGpuBackend implements TrainingBackend {
         });
       }
     }
+  }
+
+  jsDivergenceRows(p: Tensor, cond: Tensor, eps: number): Tensor {
+    this.sameSize("jsDivergenceRows", p, cond);
+    const [n, d] = rowsCols(cond);
+    const out = this.newTensor([n]);
+    for (const [r0, rows] of this.rowChunks(n, [d * 4])) {
+      const pRange = this.rowRange(t(p).buffer, r0, rows, d * 4);
+      const condRange = this.rowRange(t(cond).buffer, r0, rows, d * 4);
+      const outRange = this.rowRange(out.buffer, r0, rows, 4, true);
+      this.run({
+        kernel: "divergence",
+        entry: "js_rows",
+        params: [rows, d, { f32: eps }, pRange.skip, condRange.skip, outRange.skip],
+        bindings: [pRange, condRange, outRange],
+        workgroups: rows, // one a row
+      });
+    }
+    return out;
   }
 
   groupedMatmulBackward(dy: Tensor, stack: Weight, groupRows: Int32Array): Tensor {

@@ -121,6 +121,24 @@ export class Reference {
     return this.batches.length;
   }
 
+  /** Batch bi's original softmax + eps (JS metrics), for a divergence on the device. */
+  probs(bi: number): Float32Array {
+    const p = this.batches[bi].p;
+    if (!p) throw new Error(`Reference: ${this.metric} keeps no probabilities`);
+    return p;
+  }
+
+  /** Per-document means of batch bi from one divergence per row. */
+  meansOfRows(bi: number, perRow: ArrayLike<number>): number[] {
+    const { batch, seqLen } = this.batches[bi].shape, out: number[] = [];
+    for (let d = 0; d < batch; d++) {
+      let sum = 0;
+      for (let t = 0; t < seqLen; t++) sum += perRow[d * seqLen + t];
+      out.push(sum / seqLen);
+    }
+    return out;
+  }
+
   /** Per-document mean divergence of batch `bi` against candidate rows `cond`. */
   docMeans(bi: number, cond: Float32Array): number[] {
     const b = this.batches[bi], dim = this.dim, { batch, seqLen } = b.shape;
@@ -139,6 +157,7 @@ export class Reference {
         simd: this.simd,
       };
       this.threads.run("jsDivergence", args, rows, dim, [this.jsOfRows]);
+      return this.meansOfRows(bi, this.jsOfRows);
     }
     const out: number[] = [];
     for (let d = 0; d < batch; d++) {
@@ -146,10 +165,6 @@ export class Reference {
       for (let t = 0; t < seqLen; t++) {
         const r = d * seqLen + t, o = r * dim;
         switch (this.metric) {
-          case "js-hidden":
-          case "js-logits":
-            sum += this.jsOfRows[r];
-            break;
           case "kl-logits":
             sum += klRow(b.logp!, cond, o, dim);
             break;

@@ -8,10 +8,16 @@
 // x + (shared + sum wbar_e E_e), with the same f32 operations in the same order as the
 // naive path. Naive (reference): one full model forward per candidate via mlpOverride.
 
+import {
+  type Backend,
+  type DeviceDivergence,
+  hasDeviceDivergence,
+  type Tensor,
+} from "../backend/backend.ts";
 import { forward } from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
 import type { CalibrationBatch } from "./calibration.ts";
-import { type Metric, Reference } from "./divergence.ts";
+import { JS_EPS, type Metric, Reference } from "./divergence.ts";
 import type { LayerCache } from "./layer_cache.ts";
 import { condensedMlp, expertOutput, moeSpec, sharedOutput } from "./plan.ts";
 
@@ -68,49 +74,38 @@ export async function expertSearchFast(
   batches.forEach((b, bi) => ref.add(cache.hIn[l + 1][bi], b.shape, b.ids));
 
   // Every expert once on the cached input: base = shared output, expertOut[e][b].
-  const base: Float32Array[] = [];
-  const expertOut: Float32Array[][] = Array.from({ length: E }, () => []);
+  const base: Tensor[] = [];
+  const expertOut: Tensor[][] = Array.from({ length: E }, () => []);
   for (let bi = 0; bi < batches.length; bi++) {
     const xt = be.tensor(xn[bi], [xn[bi].length / H, H]);
-    const s = await sharedOutput(model, l, xt);
-    base.push((await be.read(s)).slice());
-    be.free(s);
-    for (let e = 0; e < E; e++) {
-      const y = await expertOutput(model, l, e, xt);
-      expertOut[e].push((await be.read(y)).slice());
-      be.free(y);
-    }
+    base.push(await sharedOutput(model, l, xt));
+    for (let e = 0; e < E; e++) expertOut[e].push(await expertOutput(model, l, e, xt));
     be.free(xt);
   }
+  const device = opts.metric === "js-hidden" && hasDeviceDivergence(be) ? be : null;
+  const scorer = device
+    ? deviceScorer(device, ref, x, base, expertOut)
+    : await hostScorer(be, ref, x, base, expertOut);
 
   const total = expertCandidateCount(E, opts.k);
   let done = 0;
   const order: number[] = [], steps: ExpertStep[] = [];
-  const scratch = batches.map((_, bi) => new Float32Array(x[bi].length));
-  for (let step = 0; step < opts.k; step++) {
-    const candidates: Record<string, number> = {};
-    for (let c = 0; c < E; c++) {
-      if (order.includes(c)) continue;
-      const w = opts.avgW[c], docMeans: number[] = [];
-      for (let bi = 0; bi < batches.length; bi++) {
-        const out = scratch[bi], xb = x[bi], bb = base[bi], eb = expertOut[c][bi];
-        // f32 like the backend: scale, add to the MLP sum, add to the residual.
-        for (let i = 0; i < out.length; i++) {
-          out[i] = xb[i] + Math.fround(bb[i] + Math.fround(w * eb[i]));
-        }
-        docMeans.push(...ref.docMeans(bi, out));
+  try {
+    for (let step = 0; step < opts.k; step++) {
+      const candidates: Record<string, number> = {};
+      for (let c = 0; c < E; c++) {
+        if (order.includes(c)) continue;
+        const docMeans = await scorer.score(c, opts.avgW[c]);
+        candidates[c] = docMeans.reduce((a, b) => a + b, 0) / docMeans.length;
+        opts.progress?.(++done, total);
       }
-      candidates[c] = docMeans.reduce((a, b) => a + b, 0) / docMeans.length;
-      opts.progress?.(++done, total);
+      const best = pickBest(candidates);
+      order.push(best);
+      steps.push({ chosen: best, divergence: candidates[best], candidates });
+      scorer.accept(best, opts.avgW[best]);
     }
-    const best = pickBest(candidates);
-    order.push(best);
-    steps.push({ chosen: best, divergence: candidates[best], candidates });
-    const w = opts.avgW[best];
-    for (let bi = 0; bi < batches.length; bi++) {
-      const bb = base[bi], eb = expertOut[best][bi];
-      for (let i = 0; i < bb.length; i++) bb[i] = bb[i] + Math.fround(w * eb[i]);
-    }
+  } finally {
+    scorer.free();
   }
   return {
     layer: l,
@@ -118,6 +113,103 @@ export async function expertSearchFast(
     wbar: order.map((e) => opts.avgW[e]),
     steps,
     seconds: (performance.now() - t0) / 1000,
+  };
+}
+
+/**
+ * The fast search's candidates x + (base + w expert_c) and their per-document divergence,
+ * and base += w expert_c for the chosen one, all with the same f32 operations in the same
+ * order as the naive path.
+ */
+interface CandidateScorer {
+  score(c: number, w: number): Promise<number[]>;
+  accept(c: number, w: number): void;
+  free(): void;
+}
+
+/** On the host, any metric: the outputs read back once, the Reference's rows in f64. */
+async function hostScorer(
+  be: Backend,
+  ref: Reference,
+  x: Float32Array[],
+  baseTensors: Tensor[],
+  expertTensors: Tensor[][],
+): Promise<CandidateScorer> {
+  const readFree = async (ts: Tensor[]) => {
+    const values = await be.readAll(ts);
+    ts.forEach((t) => be.free(t));
+    return values;
+  };
+  const base = await readFree(baseTensors);
+  const expertOut = await Promise.all(expertTensors.map(readFree));
+  const scratch = x.map((xb) => new Float32Array(xb.length));
+  return {
+    score(c, w) {
+      const docMeans: number[] = [];
+      for (let bi = 0; bi < x.length; bi++) {
+        const out = scratch[bi], xb = x[bi], bb = base[bi], eb = expertOut[c][bi];
+        // f32 like the backend: scale, add to the MLP sum, add to the residual.
+        for (let i = 0; i < out.length; i++) {
+          out[i] = xb[i] + Math.fround(bb[i] + Math.fround(w * eb[i]));
+        }
+        docMeans.push(...ref.docMeans(bi, out));
+      }
+      return Promise.resolve(docMeans);
+    },
+    accept(c, w) {
+      for (let bi = 0; bi < x.length; bi++) {
+        const bb = base[bi], eb = expertOut[c][bi];
+        for (let i = 0; i < bb.length; i++) bb[i] = bb[i] + Math.fround(w * eb[i]);
+      }
+    },
+    free() {},
+  };
+}
+
+/**
+ * On the device (JS on a backend with jsDivergenceRows): the outputs stay there, each
+ * candidate is built by the backend's scale and adds and scored by its JS kernel, and only
+ * one number a row comes back. For a large model this is most of the search: about
+ * experts x k candidates a layer, each over tokens x hidden entries.
+ */
+function deviceScorer(
+  be: Backend & DeviceDivergence,
+  ref: Reference,
+  x: Float32Array[],
+  base: Tensor[],
+  expertOut: Tensor[][],
+): CandidateScorer {
+  const H = base[0].shape[1];
+  const xt = x.map((xb) => be.tensor(xb, [xb.length / H, H]));
+  const p = x.map((_, bi) => be.tensor(ref.probs(bi), [x[bi].length / H, H]));
+  // base + w expert_c, as the host's fround(bb + fround(w eb))
+  const withExpert = (bi: number, c: number, w: number) => {
+    const scaled = be.scale(expertOut[c][bi], w), sum = be.add(base[bi], scaled);
+    be.free(scaled);
+    return sum;
+  };
+  return {
+    async score(c, w) {
+      const js = x.map((_, bi) => {
+        const mlp = withExpert(bi, c, w), cand = be.add(xt[bi], mlp);
+        const rows = be.jsDivergenceRows(p[bi], cand, JS_EPS);
+        be.free(mlp), be.free(cand);
+        return rows;
+      });
+      const perRow = await be.readAll(js);
+      js.forEach((t) => be.free(t));
+      return perRow.flatMap((rows, bi) => ref.meansOfRows(bi, rows));
+    },
+    accept(c, w) {
+      for (let bi = 0; bi < x.length; bi++) {
+        const next = withExpert(bi, c, w);
+        be.free(base[bi]);
+        base[bi] = next;
+      }
+    },
+    free() {
+      for (const t of [...xt, ...p, ...base, ...expertOut.flat()]) be.free(t);
+    },
   };
 }
 
