@@ -16,7 +16,8 @@
 //   layerwise peak memory of the layer-wise mode vs all weights resident, on a generated
 //             multi-GB sharded checkpoint (each mode in its own process, peak RSS from /proc)
 //   divergence the searches' JS divergence per entry: the JS loop and f64 SIMD lanes on one
-//             thread, and SIMD on the default threads, on flat and peaked rows
+//             thread, SIMD on the default threads, and WebGPU's kernel (the expert search
+//             with --backend webgpu), on flat and peaked rows
 
 import type { AttentionShape, Backend } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
@@ -37,9 +38,9 @@ import {
 } from "../lib/backend/webgpu.ts";
 import { loadBlas } from "../lib/backend/blas.ts";
 import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
-import { supportsTraining } from "../lib/backend/backend.ts";
+import { hasDeviceDivergence, supportsTraining } from "../lib/backend/backend.ts";
 import { Optimizer, selectTrainable, trainStep } from "../lib/train/trainer.ts";
-import { Reference } from "../lib/methods/divergence.ts";
+import { JS_EPS, Reference } from "../lib/methods/divergence.ts";
 import { defaultThreads } from "../lib/backend/cpu_rows.ts";
 import { mulberry32 } from "../lib/random.ts";
 
@@ -752,7 +753,7 @@ async function benchLayerwise(dir: string) {
  * hidden size and of DeepSeekMoE-16B's, flat (spread 4) and peaked (spread 300: most q
  * entries below eps, the slower ln q branch), a candidate being the rows plus 5% noise.
  */
-async function benchDivergence(repeats: number) {
+async function benchDivergence(backends: Map<string, Backend>, repeats: number) {
   const rows: Record<string, unknown>[] = [];
   const tokens = 2048, shape = { batch: 8, seqLen: 256 };
   const threads = defaultThreads();
@@ -761,23 +762,41 @@ async function benchDivergence(repeats: number) {
     ["simd-1-thread", { threads: 1, simd: true }],
     [`simd-${threads}-threads`, { threads, simd: true }],
   ];
+  // The expert search with --backend webgpu scores on the device: the kernel and the read
+  // of one number a row (the candidate already there).
+  const gpu = [...backends.values()].find(hasDeviceDivergence);
   for (const [dim, spread] of [[256, 4], [256, 300], [2048, 4], [2048, 300]]) {
     const random = mulberry32(dim + spread);
     const orig = Float32Array.from({ length: tokens * dim }, () => (random() - 0.5) * spread);
     const cand = orig.map((x) => x + (random() - 0.5) * spread * 0.05);
-    const refs = variants.map(([, opts]) => {
+    const scorers: [string, () => Promise<number[]>][] = variants.map(([label, opts]) => {
       const ref = new Reference("js-hidden", dim, opts);
       ref.add(orig, shape);
-      return ref;
+      return [label, () => Promise.resolve(ref.docMeans(0, cand))];
     });
-    const means = refs.map((ref) => ref.docMeans(0, cand)); // also the warm-up
-    const times = await roundRobin(refs, repeats, (ref) => Promise.resolve(ref.docMeans(0, cand)));
-    variants.forEach(([label], i) => {
+    const free: (() => void)[] = [];
+    if (gpu) {
+      const ref = new Reference("js-hidden", dim);
+      ref.add(orig, shape);
+      const p = gpu.tensor(ref.probs(0), [tokens, dim]), c = gpu.tensor(cand, [tokens, dim]);
+      free.push(() => (gpu.free(p), gpu.free(c)));
+      scorers.push(["webgpu-device", async () => {
+        const js = gpu.jsDivergenceRows(p, c, JS_EPS);
+        const perRow = await gpu.read(js);
+        gpu.free(js);
+        return ref.meansOfRows(0, perRow);
+      }]);
+    }
+    const means = await Promise.all(scorers.map(([, score]) => score())); // also the warm-up
+    const times = await roundRobin(scorers, repeats, ([, score]) => score());
+    free.forEach((f) => f());
+    scorers.forEach(([label], i) => {
       const maxRelDiff = Math.max(
         ...means[i].map((m, d) => Math.abs(m - means[0][d]) / means[0][d]),
       );
       rows.push({
         variant: label,
+        device: label === "webgpu-device" ? gpu!.description : "cpu",
         dim,
         spread,
         tokens,
@@ -871,7 +890,7 @@ await runMain(async () => {
     result.train = await benchTrain(backends, args.model ?? DEFAULT_MODEL, repeats);
   }
   if (sections.includes("layerwise")) result.layerwise = await benchLayerwise(syntheticDir);
-  if (sections.includes("divergence")) result.divergence = await benchDivergence(repeats);
+  if (sections.includes("divergence")) result.divergence = await benchDivergence(backends, repeats);
   result.wall_seconds = (performance.now() - t0) / 1000;
   const out = args.out ??
     new URL(
