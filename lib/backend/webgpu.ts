@@ -1361,62 +1361,66 @@ export class WebGpuBackend implements TrainingBackend {
       : MATMUL_BLOCKED_TILE;
     if (swiglu) this.checkWholeGateUpBlocks(stack, m);
     const wholeX = { buffer: t(x).buffer, size: t(x).bytes, skip: 0 };
-    // Stack chunks may hold many experts or part of one; x and out may be bound in row ranges.
-    for (const chunk of w(stack).chunks) {
-      const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
-      for (const [r0, rows] of this.rowChunks(r, gather ? [outWidth * 4] : [k * 4, outWidth * 4])) {
-        // The grid covers the most tiles there could be (each non-empty group takes at most
-        // one partial tile); each workgroup finds its own from the starts (grouped_tile).
-        const capacity = Math.floor(rows / tileRows) + Math.min(g1 - g0, rows);
-        const xRange = gather ? wholeX : this.rowRange(t(x).buffer, r0, rows, k * 4);
-        const outRange = this.rowRange(out.buffer, r0, rows, outWidth * 4, true);
-        const vec = this.vecViews(gemv ? "gemv" : "blocked", stack.dtype, k, xRange, chunk.buffer);
-        const constants: Record<string, number> = {
-          W_DTYPE: DTYPE_CODE[stack.dtype],
-          ...vec.constants,
-          GROUPED: 1,
-          SWIGLU: swiglu ? 1 : 0,
-          GATHER: gather ? 1 : 0,
-        };
-        if (gemv) constants.ROWS = tileRows;
-        // Grid columns cover the widest tile; narrower tiles' extra workgroups idle.
-        const cols = Math.min(m, chunk.rows);
-        this.run({
-          kernel: gemv ? "matmul_gemv" : "matmul_blocked",
-          entry: "main",
-          constants,
-          params: [
-            rows,
-            k,
-            cols,
-            outWidth,
-            0,
-            xRange.skip,
-            outRange.skip,
-            g0,
-            g1,
-            m,
-            chunk.row0,
-            chunk.rows,
-            r0,
-            tileRows,
-          ],
-          bindings: [
-            xRange,
-            { buffer: chunk.buffer },
-            { buffer: this.emptyBuffer },
-            outRange,
-            ...vec.bindings,
-            { buffer: groupStart },
-            { buffer: gather ? gather.rows : this.emptyBuffer },
-          ],
-          workgroups: gemv
-            ? ceilDiv(cols, MATMUL_GEMV_COLS) * capacity
-            : [ceilDiv(cols, MATMUL_BLOCKED_TILE), capacity],
-        });
-      }
+    const rowBytes = gather ? [outWidth * 4] : [k * 4, outWidth * 4];
+    const dispatches = this.groupedDispatches(stack, r, rowBytes, tileRows);
+    for (const { chunk, r0, rows, capacity, tail } of dispatches) {
+      const xRange = gather ? wholeX : this.rowRange(t(x).buffer, r0, rows, k * 4);
+      const outRange = this.rowRange(out.buffer, r0, rows, outWidth * 4, true);
+      const vec = this.vecViews(gemv ? "gemv" : "blocked", stack.dtype, k, xRange, chunk.buffer);
+      const constants: Record<string, number> = {
+        W_DTYPE: DTYPE_CODE[stack.dtype],
+        ...vec.constants,
+        GROUPED: 1,
+        SWIGLU: swiglu ? 1 : 0,
+        GATHER: gather ? 1 : 0,
+      };
+      if (gemv) constants.ROWS = tileRows;
+      // Grid columns cover the widest tile; narrower tiles' extra workgroups idle.
+      const cols = Math.min(m, chunk.rows);
+      this.run({
+        kernel: gemv ? "matmul_gemv" : "matmul_blocked",
+        entry: "main",
+        constants,
+        params: [rows, k, cols, outWidth, 0, xRange.skip, outRange.skip, ...tail],
+        bindings: [
+          xRange,
+          { buffer: chunk.buffer },
+          { buffer: this.emptyBuffer },
+          outRange,
+          ...vec.bindings,
+          { buffer: groupStart },
+          { buffer: gather ? gather.rows : this.emptyBuffer },
+        ],
+        workgroups: gemv
+          ? ceilDiv(cols, MATMUL_GEMV_COLS) * capacity
+          : [ceilDiv(cols, MATMUL_BLOCKED_TILE), capacity],
+      });
     }
     return out;
+  }
+
+  /**
+   * The dispatches of a grouped kernel: each chunk of the stack (it may hold many experts
+   * or part of one) times each range of the r grouped rows bound at once. The grid covers
+   * the most tiles there could be (`capacity`: each non-empty group takes at most one
+   * partial tile), and each workgroup finds its own from the group starts (grouped_tile,
+   * kernels/matmul_grouped.wgsl); `tail` ends its Params (first_group .. tile_rows).
+   */
+  private *groupedDispatches(stack: Weight, r: number, rowBytes: number[], tileRows: number) {
+    const m = stack.shape[1];
+    for (const chunk of w(stack).chunks) {
+      const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
+      for (const [r0, rows] of this.rowChunks(r, rowBytes)) {
+        const capacity = Math.floor(rows / tileRows) + Math.min(g1 - g0, rows);
+        yield {
+          chunk,
+          r0,
+          rows,
+          capacity,
+          tail: [g0, g1, m, chunk.row0, chunk.rows, r0, tileRows],
+        };
+      }
+    }
   }
 
   combineRows(out: Tensor, y: Tensor, sources: Int32Array, scales: Float32Array, k: number): void {
@@ -2264,38 +2268,18 @@ export class WebGpuBackend implements TrainingBackend {
     const dx = this.newTensor([r, k]);
     // Tiles of up to 128 rows (64 where no group has more than 64), one group's rows each.
     const tm = blockedRowsPerThread(Math.max(0, ...groupRows)), tileRows = 16 * tm;
-    for (const chunk of w(stack).chunks) {
-      const g0 = Math.floor(chunk.row0 / m), g1 = ceilDiv(chunk.row0 + chunk.rows, m);
-      for (const [r0, rows] of this.rowChunks(r, [k * 4, m * 4])) {
-        const capacity = Math.floor(rows / tileRows) + Math.min(g1 - g0, rows);
-        const dyRange = this.rowRange(t(dy).buffer, r0, rows, m * 4);
-        const dxRange = this.rowRange(dx.buffer, r0, rows, k * 4, true);
-        this.run({
-          kernel: "matmul_backward_blocked",
-          entry: "input_grad",
-          constants: { W_DTYPE: DTYPE_CODE[stack.dtype], TM: tm, GROUPED: 1 },
-          params: [
-            rows,
-            k,
-            0,
-            m,
-            0,
-            dyRange.skip,
-            0,
-            dxRange.skip,
-            0,
-            g0,
-            g1,
-            m,
-            chunk.row0,
-            chunk.rows,
-            r0,
-            tileRows,
-          ],
-          bindings: [dyRange, { buffer: chunk.buffer }, dxRange, { buffer: startBuf }],
-          workgroups: [ceilDiv(k, MATMUL_BLOCKED_TILE), capacity],
-        });
-      }
+    const dispatches = this.groupedDispatches(stack, r, [k * 4, m * 4], tileRows);
+    for (const { chunk, r0, rows, capacity, tail } of dispatches) {
+      const dyRange = this.rowRange(t(dy).buffer, r0, rows, m * 4);
+      const dxRange = this.rowRange(dx.buffer, r0, rows, k * 4, true);
+      this.run({
+        kernel: "matmul_backward_blocked",
+        entry: "input_grad",
+        constants: { W_DTYPE: DTYPE_CODE[stack.dtype], TM: tm, GROUPED: 1 },
+        params: [rows, k, 0, m, 0, dyRange.skip, 0, dxRange.skip, 0, ...tail],
+        bindings: [dyRange, { buffer: chunk.buffer }, dxRange, { buffer: startBuf }],
+        workgroups: [ceilDiv(k, MATMUL_BLOCKED_TILE), capacity],
+      });
     }
     this.release(startBuf);
     return dx;
