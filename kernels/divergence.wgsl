@@ -1,6 +1,7 @@
 // The searches' Jensen-Shannon divergence on the device (lib/methods/divergence.ts; the
 // expert search with --backend webgpu): for each row, Q = softmax(cond row) + eps against
-// the original model's P (softmax + eps, f32), out[row] = JS(P||Q). One workgroup a row.
+// the original model's P (softmax + eps, f32), out[row] = JS(P||Q). LANES threads a row,
+// 64 / LANES rows a workgroup.
 //
 // The host computes JS as 0.5 (sum p ln p + sum q ln q) - sum m ln m in f64, where the
 // terms cancel to the small result. In f32 that cancellation would leave nothing, so this
@@ -23,20 +24,24 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>; // [rows]
 
 const THREADS: u32 = 64u;
+// Threads a row, a power of 2 dividing 64: the host takes fewer for narrow rows, where 64
+// threads would hold a few entries each between the reductions.
+override LANES: u32 = 64u;
 var<workgroup> partial: array<f32, THREADS>;
 
-// Sum (max when `take_max`) of each thread's v over the workgroup.
+// Sum (max when `take_max`) of v over the LANES threads of this thread's row.
 fn reduce(v: f32, lid: u32, take_max: bool) -> f32 {
   partial[lid] = v;
   workgroupBarrier();
-  for (var half = THREADS / 2u; half > 0u; half /= 2u) {
-    if (lid < half) {
+  let lane = lid % LANES;
+  for (var half = LANES / 2u; half > 0u; half /= 2u) {
+    if (lane < half) {
       let other = partial[lid + half];
       partial[lid] = select(partial[lid] + other, max(partial[lid], other), take_max);
     }
     workgroupBarrier();
   }
-  let r = partial[0];
+  let r = partial[lid - lane];
   workgroupBarrier();
   return r;
 }
@@ -59,32 +64,32 @@ fn js_g(d: f32) -> f32 {
 @compute @workgroup_size(64)
 fn js_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
            @builtin(local_invocation_id) lid3: vec3u) {
-  let row = wg.y * nwg.x + wg.x;
-  if (row >= prm.rows) {
-    return; // the whole workgroup: its row is past the end
-  }
   let lid = lid3.x;
+  let lane = lid % LANES;
+  let row = (wg.y * nwg.x + wg.x) * (THREADS / LANES) + lid / LANES;
+  // A row past the end idles through the reductions (every thread must reach them).
+  let dim = select(0u, prm.dim, row < prm.rows);
   let c0 = prm.cond_off + row * prm.dim;
   let p0 = prm.p_off + row * prm.dim;
   var m = -3.4e38;
-  for (var i = lid; i < prm.dim; i += THREADS) {
+  for (var i = lane; i < dim; i += LANES) {
     m = max(m, cond[c0 + i]);
   }
   m = reduce(m, lid, true);
   var sum = 0.0;
-  for (var i = lid; i < prm.dim; i += THREADS) {
+  for (var i = lane; i < dim; i += LANES) {
     sum += exp(cond[c0 + i] - m);
   }
   let inv = 1.0 / reduce(sum, lid, false);
   var js = 0.0;
-  for (var i = lid; i < prm.dim; i += THREADS) {
+  for (var i = lane; i < dim; i += LANES) {
     let q = exp(cond[c0 + i] - m) * inv + prm.eps;
     let pi = p[p0 + i];
     let s = pi + q;
     js += s * js_g((pi - q) / s);
   }
   js = reduce(js, lid, false);
-  if (lid == 0u) {
+  if (lane == 0u && row < prm.rows) {
     out[prm.out_off + row] = 0.25 * js;
   }
 }
