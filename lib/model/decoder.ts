@@ -368,12 +368,9 @@ export interface ScaledExpertValues {
   rows: Int32Array; // token rows
   slots: Int32Array; // index into the [N, k_m] main arrays for each row
   scales: Float32Array; // w_m per row
-  x: Tensor; // [n, H] gathered xn
-  t0: Tensor; // [n, H], t1 [n, W], t2 [n, H]: gathered theta
-  t1: Tensor;
-  t2: Tensor;
-  xg: Tensor; // x * t0, x * t2
+  xg: Tensor; // [n, H] gathered xn * theta0, xn * theta2
   xu: Tensor;
+  t1: Tensor; // [n, W] gathered theta1
   g: Tensor; // [n, W] gate, up, silu(g) * u, and a * t1
   u: Tensor;
   a: Tensor;
@@ -385,10 +382,12 @@ export interface ScaledExpertValues {
  * Compressed experts (lib/methods/compressed_experts.ts): theta per token from the aux
  * experts' ces vectors, then each main expert on its tokens with scaled inputs and
  * intermediate: out[t] += w_m * down(silu(gate(x*theta0)) * up(x*theta2) * theta1).
- * Frozen main experts run grouped from their stacks (gate and up apart: their inputs are
- * scaled differently); trainable ones, or widths the stacks pad, one by one.
- * Training passes `keep` to receive the values for its backward; otherwise they are
- * freed as soon as they are used.
+ * The input scales are per token, so x*theta0 and x*theta2 are taken once a token, before
+ * the gather (not once a token and main expert). Frozen main experts run grouped from
+ * their stacks (gate and up apart: their inputs differ); trainable ones, or widths the
+ * stacks pad, one by one. Training passes `keep` to receive the values for its backward,
+ * and then owns the returned theta0 and theta2 [N, H]; otherwise everything is freed as
+ * soon as it is used.
  */
 export async function dispatchCompressedExperts(
   model: Model,
@@ -398,7 +397,7 @@ export async function dispatchCompressedExperts(
   raw: Routing,
   out: Tensor,
   keep?: ScaledExpertValues[],
-): Promise<{ split: CeRouting; ces: Float32Array }> {
+): Promise<{ split: CeRouting; ces: Float32Array; t0?: Tensor; t2?: Tensor }> {
   const be = model.backend, s = model.spec, n = xn.shape[0], W = mlp.expertWidth;
   const split = splitRouting(raw, mlp);
   const ces = await cesValues(model, l);
@@ -406,6 +405,7 @@ export async function dispatchCompressedExperts(
   const t0 = be.tensor(theta.t0, [n, s.hidden]); // [N, H] gate input scale
   const t1 = be.tensor(theta.t1, [n, W]); // [N, W] intermediate scale
   const t2 = be.tensor(theta.t2, [n, s.hidden]); // [N, H] up input scale
+  const scaled = { xg: be.mul(xn, t0), xu: be.mul(xn, t2), t1 }; // per token
   const main = { indices: split.mainIndices, weights: split.mainWeights };
   const km = mlp.mainExperts!;
   const done = (values: ScaledExpertValues) => {
@@ -421,8 +421,7 @@ export async function dispatchCompressedExperts(
     };
     const values = scaledExpert(
       model,
-      xn,
-      [t0, t1, t2],
+      scaled,
       plan.order,
       (x, part) => be.groupedMatmul(x, stacks[part], plan.groupRows),
     );
@@ -440,43 +439,39 @@ export async function dispatchCompressedExperts(
         up: await model.weight(expertName(s, l, e, "up")),
         down: await model.weight(expertName(s, l, e, "down")),
       };
-      const values = scaledExpert(
-        model,
-        xn,
-        [t0, t1, t2],
-        rows,
-        (x, p) => be.matmul(x, weights[p]),
-      );
+      const values = scaledExpert(model, scaled, rows, (x, p) => be.matmul(x, weights[p]));
       be.scatterAddRows(out, values.y, rows, groups.scales[e]);
       done({ expert: e, rows, slots: groups.slots[e], scales: groups.scales[e], ...values });
     }
   }
-  be.free(t0), be.free(t1), be.free(t2);
+  be.free(scaled.xg), be.free(scaled.xu), be.free(t1);
+  if (keep) return { split, ces, t0, t2 };
+  be.free(t0), be.free(t2);
   return { split, ces };
 }
 
-/** down(silu(gate(x*t0)) * up(x*t2) * t1) on the token rows `rows` of xn, keeping each value. */
+/**
+ * down(silu(gate(xg)) * up(xu) * t1) on the token rows `rows` of the per-token scaled
+ * inputs and theta1, keeping each value.
+ */
 function scaledExpert(
   model: Model,
-  xn: Tensor,
-  theta: Tensor[],
+  scaled: { xg: Tensor; xu: Tensor; t1: Tensor },
   rows: Int32Array,
   project: (x: Tensor, part: "gate" | "up" | "down") => Tensor,
 ) {
   const be = model.backend;
-  const x = be.gatherRows(xn, rows);
-  const [t0, t1, t2] = theta.map((th) => be.gatherRows(th, rows));
-  const xg = be.mul(x, t0), xu = be.mul(x, t2);
+  const [xg, xu, t1] = [scaled.xg, scaled.xu, scaled.t1].map((v) => be.gatherRows(v, rows));
   const g = project(xg, "gate"), u = project(xu, "up");
   const a = be.swiglu(g, u);
   const as = be.mul(a, t1);
   const y = project(as, "down");
-  return { x, t0, t1, t2, xg, xu, g, u, a, as, y };
+  return { xg, xu, t1, g, u, a, as, y };
 }
 
 /** The tensors of a compressed-experts values set. */
 export function scaledTensors(e: ScaledExpertValues): Tensor[] {
-  return [e.x, e.t0, e.t1, e.t2, e.xg, e.xu, e.g, e.u, e.a, e.as, e.y];
+  return [e.xg, e.xu, e.t1, e.g, e.u, e.a, e.as, e.y];
 }
 
 /** Qwen2-MoE: sigmoid(x . shared_expert_gate) * shared_expert(x). */

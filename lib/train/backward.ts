@@ -84,6 +84,8 @@ interface CeTape {
   split: CeRouting;
   ces: Float32Array; // [E, 3, d] values the forward used
   experts: ScaledExpertValues[];
+  t0: Tensor; // [N, H] theta0 and theta2 of each token
+  t2: Tensor;
 }
 
 interface MlpTape {
@@ -315,7 +317,7 @@ async function mlpForward(
   }
   if (ce) {
     const experts: ScaledExpertValues[] = [];
-    const { split, ces } = await dispatchCompressedExperts(
+    const { split, ces, t0, t2 } = await dispatchCompressedExperts(
       model,
       l,
       mlp,
@@ -324,7 +326,7 @@ async function mlpForward(
       out,
       experts,
     );
-    t.ce = { split, ces, experts };
+    t.ce = { split, ces, experts, t0: t0!, t2: t2! };
     return [t, out];
   }
   if (model.expertsStackable(l)) {
@@ -643,6 +645,7 @@ function freeTape(model: Model, t: LayerTape): void {
     for (const e of m.experts ?? []) sw(e.mlp), b.free(e.mlp.x);
     if (m.grouped) b.free(m.grouped.gateUp), b.free(m.grouped.y);
     for (const e of m.ce?.experts ?? []) freeCeExpert(model, e);
+    if (m.ce) b.free(m.ce.t0), b.free(m.ce.t2);
     b.free(m.xn);
   }
 }
@@ -672,7 +675,8 @@ async function ceBackward(
   const n = dOut.shape[0], H = s.hidden, W = mlp.expertWidth, d = cesWidth(s, mlp);
   const k = mlp.topK, km = mlp.mainExperts!, ka = k - km;
   const zeros = (cols: number) => b.tensor(new Float32Array(n * cols), [n, cols]);
-  const dxn = zeros(H), dT0 = zeros(H), dT1 = zeros(W), dT2 = zeros(H);
+  // Gradients to the per-token xn * theta0, xn * theta2 and theta1, summed over main experts.
+  const dXg = zeros(H), dXu = zeros(H), dT1 = zeros(W);
   const ones = new Float32Array(n * km).fill(1);
   const dScales: Tensor[] = [], slots: Int32Array[] = [];
   for (const e of ce.experts) {
@@ -702,16 +706,17 @@ async function ceBackward(
     const { dGate, dUp } = b.swigluBackward(e.g, e.u, da);
     const dxg = await inputGrad(e.xg, "gate", dGate);
     const dxu = await inputGrad(e.xu, "up", dUp);
-    const dx = b.mul(dxg, e.t0), dx2 = b.mul(dxu, e.t2);
-    b.addInPlace(dx, dx2);
-    const dt0 = b.mul(dxg, e.x), dt2 = b.mul(dxu, e.x);
-    gatherBackward(dxn, dx);
-    gatherBackward(dT0, dt0);
+    gatherBackward(dXg, dxg);
+    gatherBackward(dXu, dxu);
     gatherBackward(dT1, dt1);
-    gatherBackward(dT2, dt2);
-    for (const x of [dy, das, da, dt1, dGate, dUp, dxg, dxu, dx, dx2, dt0, dt2]) b.free(x);
+    for (const x of [dy, das, da, dt1, dGate, dUp, dxg, dxu]) b.free(x);
     freeCeExpert(model, e);
   }
+  // xg = xn * theta0, xu = xn * theta2 per token: to xn and to the thetas.
+  const dxn = b.mul(dXg, ce.t0), dxnUp = b.mul(dXu, ce.t2);
+  b.addInPlace(dxn, dxnUp);
+  const dT0 = b.mul(dXg, t.xn), dT2 = b.mul(dXu, t.xn);
+  for (const x of [dxnUp, dXg, dXu, ce.t0, ce.t2]) b.free(x);
   // theta_v = sum_j alpha_j ces[i_j][v]: dces[i_j][v] += alpha_j dtheta_v and
   // dL/dalpha_j = sum_v dtheta_v . ces[i_j][v] (on the host: [N, ka] small loops).
   // One read for the thetas' and the main weights' gradients.
