@@ -17,7 +17,7 @@
 // would give, so ces = ones reproduces the top-k_m model on every architecture. The aux
 // experts' probability mass is dropped. Shared experts are unchanged.
 
-import type { Routing } from "../backend/backend.ts";
+import type { Routing, Tensor } from "../backend/backend.ts";
 import { toFloat32 } from "../io/safetensors.ts";
 import {
   cesName,
@@ -129,30 +129,41 @@ export function splitRouting(raw: Routing, mlp: MoeSpec): CeRouting {
 }
 
 /**
- * theta per token: t0 [N, hidden] (gate input), t1 [N, expertWidth] (intermediate),
- * t2 [N, hidden] (up input), from ces [E, 3, d] and the aux alphas.
+ * theta per token on the backend, t0 [N, hidden] (gate input), t1 [N, expertWidth]
+ * (intermediate), t2 [N, hidden] (up input): the aux alphas as a dense [N, E] matrix (zero
+ * but at each token's aux experts) times each slot of ces, three matmuls. A host loop over
+ * tokens and the upload of its three [N, hidden] results would, for a real model on a
+ * GPU, outweigh the main experts' matmuls. The slots are kept transposed ([cols, E]) on
+ * the model, rebuilt while ces trains. Freed by the caller.
  */
-export function computeTheta(
-  ces: Float32Array,
+export function thetaOf(
+  model: Model,
+  l: number,
+  mlp: MoeSpec,
   ce: CeRouting,
-  hidden: number,
-  width: number,
-  d: number,
-): { t0: Float32Array; t1: Float32Array; t2: Float32Array } {
+  ces: Float32Array,
+): { t0: Tensor; t1: Tensor; t2: Tensor } {
+  const be = model.backend, s = model.spec, E = mlp.experts, d = cesWidth(s, mlp);
   const n = ce.auxSum.length, ka = ce.auxIndices.length / n;
-  const t0 = new Float32Array(n * hidden), t1 = new Float32Array(n * width);
-  const t2 = new Float32Array(n * hidden);
-  for (let t = 0; t < n; t++) {
-    for (let j = 0; j < ka; j++) {
-      const a = ce.auxAlpha[t * ka + j], base = ce.auxIndices[t * ka + j] * 3 * d;
-      for (let c = 0; c < hidden; c++) {
-        t0[t * hidden + c] += a * ces[base + c];
-        t2[t * hidden + c] += a * ces[base + 2 * d + c];
-      }
-      for (let c = 0; c < width; c++) t1[t * width + c] += a * ces[base + d + c];
-    }
+  const alpha = new Float32Array(n * E);
+  for (let i = 0; i < n * ka; i++) {
+    alpha[Math.floor(i / ka) * E + ce.auxIndices[i]] = ce.auxAlpha[i];
   }
-  return { t0, t1, t2 };
+  const a = be.tensor(alpha, [n, E]);
+  const name = cesName(s, l), trains = model.trainable.has(name);
+  const slot = (v: number, cols: number) => {
+    const weight = model.derivedWeight(`${name} <slot ${v} transposed>`, [name], () => {
+      const w = new Float32Array(cols * E);
+      for (let e = 0; e < E; e++) {
+        for (let c = 0; c < cols; c++) w[c * E + e] = ces[e * 3 * d + v * d + c];
+      }
+      return { name, dtype: "F32", shape: [cols, E], bytes: new Uint8Array(w.buffer) };
+    }, trains);
+    return be.matmul(a, weight);
+  };
+  const theta = { t0: slot(0, s.hidden), t1: slot(1, mlp.expertWidth), t2: slot(2, s.hidden) };
+  be.free(a);
+  return theta;
 }
 
 /** Names of the ces tensors of the compressed-experts layers (checkpoint or in memory). */

@@ -15,12 +15,11 @@ import {
 import {
   type CeRouting,
   cesValues,
-  computeTheta,
   type MoeSpec,
   splitRouting,
+  thetaOf,
 } from "../methods/compressed_experts.ts";
 import {
-  cesWidth,
   denseName,
   expertName,
   layerPrefix,
@@ -398,13 +397,11 @@ export async function dispatchCompressedExperts(
   out: Tensor,
   keep?: ScaledExpertValues[],
 ): Promise<{ split: CeRouting; ces: Float32Array; t0?: Tensor; t2?: Tensor }> {
-  const be = model.backend, s = model.spec, n = xn.shape[0], W = mlp.expertWidth;
+  const be = model.backend, s = model.spec, W = mlp.expertWidth;
   const split = splitRouting(raw, mlp);
   const ces = await cesValues(model, l);
-  const theta = computeTheta(ces, split, s.hidden, W, cesWidth(s, mlp));
-  const t0 = be.tensor(theta.t0, [n, s.hidden]); // [N, H] gate input scale
-  const t1 = be.tensor(theta.t1, [n, W]); // [N, W] intermediate scale
-  const t2 = be.tensor(theta.t2, [n, s.hidden]); // [N, H] up input scale
+  // [N, H] gate input scale, [N, W] intermediate scale, [N, H] up input scale
+  const { t0, t1, t2 } = thetaOf(model, l, mlp, split, ces);
   const scaled = { xg: be.mul(xn, t0), xu: be.mul(xn, t2), t1 }; // per token
   const main = { indices: split.mainIndices, weights: split.mainWeights };
   const km = mlp.mainExperts!;

@@ -68,6 +68,19 @@ export class Model {
     return true;
   }
 
+  /**
+   * A weight built from other tensors (`members`), kept like a stack: released with any of
+   * them. `rebuild` replaces the kept one (its members changed: trainable ones do at every
+   * optimizer step).
+   */
+  derivedWeight(key: string, members: string[], build: () => RawTensor, rebuild: boolean): Weight {
+    const cached = this.stacks.get(key);
+    if (cached && !rebuild) return cached.weight;
+    if (cached) this.release(key);
+    const raw = build();
+    return this.keepStack(key, members, raw, raw.bytes.length);
+  }
+
   /** Marks `name` trainable: an f32 master copy from its next use on; the stacks go. */
   makeTrainable(name: string): void {
     this.release(name);
