@@ -17,7 +17,7 @@
 // would give, so ces = ones reproduces the top-k_m model on every architecture. The aux
 // experts' probability mass is dropped. Shared experts are unchanged.
 
-import type { Routing, Tensor } from "../backend/backend.ts";
+import type { Routing, Tensor, Weight } from "../backend/backend.ts";
 import { toFloat32 } from "../io/safetensors.ts";
 import {
   cesName,
@@ -133,8 +133,8 @@ export function splitRouting(raw: Routing, mlp: MoeSpec): CeRouting {
  * (intermediate), t2 [N, hidden] (up input): the aux alphas as a dense [N, E] matrix (zero
  * but at each token's aux experts) times each slot of ces, three matmuls. A host loop over
  * tokens and the upload of its three [N, hidden] results would, for a real model on a
- * GPU, outweigh the main experts' matmuls. The slots are kept transposed ([cols, E]) on
- * the model, rebuilt while ces trains. Freed by the caller.
+ * GPU, outweigh the main experts' matmuls. Returns the alphas too (the backward's input
+ * to dces); the caller frees all four.
  */
 export function thetaOf(
   model: Model,
@@ -142,28 +142,41 @@ export function thetaOf(
   mlp: MoeSpec,
   ce: CeRouting,
   ces: Float32Array,
-): { t0: Tensor; t1: Tensor; t2: Tensor } {
-  const be = model.backend, s = model.spec, E = mlp.experts, d = cesWidth(s, mlp);
+): { t0: Tensor; t1: Tensor; t2: Tensor; alpha: Tensor } {
+  const be = model.backend, E = mlp.experts;
   const n = ce.auxSum.length, ka = ce.auxIndices.length / n;
-  const alpha = new Float32Array(n * E);
+  const values = new Float32Array(n * E);
   for (let i = 0; i < n * ka; i++) {
-    alpha[Math.floor(i / ka) * E + ce.auxIndices[i]] = ce.auxAlpha[i];
+    values[Math.floor(i / ka) * E + ce.auxIndices[i]] = ce.auxAlpha[i];
   }
-  const a = be.tensor(alpha, [n, E]);
-  const name = cesName(s, l), trains = model.trainable.has(name);
-  const slot = (v: number, cols: number) => {
-    const weight = model.derivedWeight(`${name} <slot ${v} transposed>`, [name], () => {
-      const w = new Float32Array(cols * E);
-      for (let e = 0; e < E; e++) {
-        for (let c = 0; c < cols; c++) w[c * E + e] = ces[e * 3 * d + v * d + c];
-      }
-      return { name, dtype: "F32", shape: [cols, E], bytes: new Uint8Array(w.buffer) };
-    }, trains);
-    return be.matmul(a, weight);
-  };
-  const theta = { t0: slot(0, s.hidden), t1: slot(1, mlp.expertWidth), t2: slot(2, s.hidden) };
-  be.free(a);
-  return theta;
+  const alpha = be.tensor(values, [n, E]);
+  const [t0, t1, t2] = [0, 1, 2].map((v) => be.matmul(alpha, cesSlot(model, l, mlp, ces, v, true)));
+  return { t0, t1, t2, alpha };
+}
+
+/**
+ * Slot v of layer l's ces transposed, [cols, E] (cols: hidden for 0 and 2, the expert width
+ * for 1), kept on the model (Model.derivedWeight: released with ces). `fresh`: rebuilt from
+ * `ces` if ces trains (it changes at every optimizer step); the backward reuses the
+ * forward's.
+ */
+export function cesSlot(
+  model: Model,
+  l: number,
+  mlp: MoeSpec,
+  ces: Float32Array,
+  v: number,
+  fresh: boolean,
+): Weight {
+  const s = model.spec, E = mlp.experts, d = cesWidth(s, mlp), name = cesName(s, l);
+  const cols = v === 1 ? mlp.expertWidth : s.hidden;
+  return model.derivedWeight(`${name} <slot ${v} transposed>`, [name], () => {
+    const w = new Float32Array(cols * E);
+    for (let e = 0; e < E; e++) {
+      for (let c = 0; c < cols; c++) w[c * E + e] = ces[e * 3 * d + v * d + c];
+    }
+    return { name, dtype: "F32", shape: [cols, E], bytes: new Uint8Array(w.buffer) };
+  }, fresh && model.trainable.has(name));
 }
 
 /** Names of the ces tensors of the compressed-experts layers (checkpoint or in memory). */

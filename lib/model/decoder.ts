@@ -385,8 +385,8 @@ export interface ScaledExpertValues {
  * the gather (not once a token and main expert). Frozen main experts run grouped from
  * their stacks (gate and up apart: their inputs differ); trainable ones, or widths the
  * stacks pad, one by one. Training passes `keep` to receive the values for its backward,
- * and then owns the returned theta0 and theta2 [N, H]; otherwise everything is freed as
- * soon as it is used.
+ * and then owns the returned theta0 and theta2 [N, H] and aux alphas [N, E]; otherwise
+ * everything is freed as soon as it is used.
  */
 export async function dispatchCompressedExperts(
   model: Model,
@@ -396,12 +396,12 @@ export async function dispatchCompressedExperts(
   raw: Routing,
   out: Tensor,
   keep?: ScaledExpertValues[],
-): Promise<{ split: CeRouting; ces: Float32Array; t0?: Tensor; t2?: Tensor }> {
+): Promise<{ split: CeRouting; ces: Float32Array; t0?: Tensor; t2?: Tensor; alpha?: Tensor }> {
   const be = model.backend, s = model.spec, W = mlp.expertWidth;
   const split = splitRouting(raw, mlp);
   const ces = await cesValues(model, l);
   // [N, H] gate input scale, [N, W] intermediate scale, [N, H] up input scale
-  const { t0, t1, t2 } = thetaOf(model, l, mlp, split, ces);
+  const { t0, t1, t2, alpha } = thetaOf(model, l, mlp, split, ces);
   const scaled = { xg: be.mul(xn, t0), xu: be.mul(xn, t2), t1 }; // per token
   const main = { indices: split.mainIndices, weights: split.mainWeights };
   const km = mlp.mainExperts!;
@@ -442,8 +442,8 @@ export async function dispatchCompressedExperts(
     }
   }
   be.free(scaled.xg), be.free(scaled.xu), be.free(t1);
-  if (keep) return { split, ces, t0, t2 };
-  be.free(t0), be.free(t2);
+  if (keep) return { split, ces, t0, t2, alpha };
+  be.free(t0), be.free(t2), be.free(alpha);
   return { split, ces };
 }
 

@@ -13,7 +13,7 @@ import {
   type TrainingBackend,
   type Weight,
 } from "../backend/backend.ts";
-import { type CeRouting, type MoeSpec } from "../methods/compressed_experts.ts";
+import { type CeRouting, cesSlot, type MoeSpec } from "../methods/compressed_experts.ts";
 import {
   cesName,
   cesWidth,
@@ -86,6 +86,7 @@ interface CeTape {
   experts: ScaledExpertValues[];
   t0: Tensor; // [N, H] theta0 and theta2 of each token
   t2: Tensor;
+  alpha: Tensor; // [N, E] each token's aux alphas (0 elsewhere)
 }
 
 interface MlpTape {
@@ -317,7 +318,7 @@ async function mlpForward(
   }
   if (ce) {
     const experts: ScaledExpertValues[] = [];
-    const { split, ces, t0, t2 } = await dispatchCompressedExperts(
+    const { split, ces, t0, t2, alpha } = await dispatchCompressedExperts(
       model,
       l,
       mlp,
@@ -326,7 +327,7 @@ async function mlpForward(
       out,
       experts,
     );
-    t.ce = { split, ces, experts, t0: t0!, t2: t2! };
+    t.ce = { split, ces, experts, t0: t0!, t2: t2!, alpha: alpha! };
     return [t, out];
   }
   if (model.expertsStackable(l)) {
@@ -645,7 +646,7 @@ function freeTape(model: Model, t: LayerTape): void {
     for (const e of m.experts ?? []) sw(e.mlp), b.free(e.mlp.x);
     if (m.grouped) b.free(m.grouped.gateUp), b.free(m.grouped.y);
     for (const e of m.ce?.experts ?? []) freeCeExpert(model, e);
-    if (m.ce) b.free(m.ce.t0), b.free(m.ce.t2);
+    if (m.ce) b.free(m.ce.t0), b.free(m.ce.t2), b.free(m.ce.alpha);
     b.free(m.xn);
   }
 }
@@ -717,43 +718,56 @@ async function ceBackward(
   b.addInPlace(dxn, dxnUp);
   const dT0 = b.mul(dXg, t.xn), dT2 = b.mul(dXu, t.xn);
   for (const x of [dxnUp, dXg, dXu, ce.t0, ce.t2]) b.free(x);
-  // theta_v = sum_j alpha_j ces[i_j][v]: dces[i_j][v] += alpha_j dtheta_v and
-  // dL/dalpha_j = sum_v dtheta_v . ces[i_j][v] (on the host: [N, ka] small loops).
-  // One read for the thetas' and the main weights' gradients.
-  const [g0, g1, g2, ...dMainParts] = await b.readAll([dT0, dT1, dT2, ...dScales]);
+  // theta_v = alpha ces_v (alpha [N, E], ces_v [E, cols]; the forward's matmul by the slot
+  // transposed, S_v = ces_v^T): dalpha = sum_v dtheta_v S_v and dces_v^T = dtheta_v^T alpha,
+  // the input and weight gradients of that matmul, on the backend. Read back: [N, E] and
+  // 3 x [cols, E], not 3 x [N, cols].
+  const E = mlp.experts, cesGrad = grads.get(cesName(s, l));
+  const dAlphaAll = b.tensor(new Float32Array(n * E), [n, E]);
+  const dSlots: Tensor[] = [];
+  [dT0, dT1, dT2].forEach((dTheta, v) => {
+    const slot = cesSlot(model, l, mlp, ce.ces, v, false);
+    const dSlot = cesGrad ? b.tensor(new Float32Array(slot.shape[0] * E), slot.shape) : undefined;
+    const dAlpha = b.matmulBackward(ce.alpha, slot, dTheta, {
+      needInput: true,
+      weightGrad: dSlot,
+    })!;
+    b.addInPlace(dAlphaAll, dAlpha);
+    b.free(dAlpha), b.free(dTheta);
+    if (dSlot) dSlots.push(dSlot);
+  });
+  // One read for these and the main weights' gradients.
+  const [dAlphas, ...rest] = await b.readAll([dAlphaAll, ...dSlots, ...dScales]);
+  const dSlotValues = rest.slice(0, dSlots.length), dMainParts = rest.slice(dSlots.length);
+  [dAlphaAll, ...dSlots].forEach((x) => b.free(x));
   const dMain = new Float32Array(n * km); // dL/dw_m
   dMainParts.forEach((ds, i) => {
     for (let j = 0; j < slots[i].length; j++) dMain[slots[i][j]] = ds[j];
     b.free(dScales[i]);
   });
-  const cesGrad = grads.get(cesName(s, l));
-  const dces = cesGrad ? new Float32Array(mlp.experts * 3 * d) : null;
+  if (cesGrad) {
+    const dces = new Float32Array(E * 3 * d); // [E, 3, d] from the transposed [cols, E]
+    dSlotValues.forEach((dSlot, v) => {
+      const cols = dSlot.length / E;
+      for (let c = 0; c < cols; c++) {
+        for (let e = 0; e < E; e++) dces[e * 3 * d + v * d + c] = dSlot[c * E + e];
+      }
+    });
+    const tmp = b.tensor(dces, cesGrad.shape);
+    b.addInPlace(cesGrad, tmp), b.free(tmp);
+  }
   const dRaw = new Float32Array(n * k); // dL/dp over the sorted top-k (raw probabilities)
   for (let tok = 0; tok < n; tok++) {
-    const dAlpha = new Float64Array(ka);
+    // alpha_j = p_j / S_aux: dp_j = (dalpha_j - sum_i alpha_i dalpha_i) / S_aux
     let mean = 0;
     for (let j = 0; j < ka; j++) {
-      const i = split.auxIndices[tok * ka + j], a = split.auxAlpha[tok * ka + j];
-      const c0 = i * 3 * d, c1 = c0 + d, c2 = c0 + 2 * d;
-      let dot = 0;
-      for (let c = 0; c < H; c++) {
-        dot += g0[tok * H + c] * ce.ces[c0 + c] + g2[tok * H + c] * ce.ces[c2 + c];
-      }
-      for (let c = 0; c < W; c++) dot += g1[tok * W + c] * ce.ces[c1 + c];
-      dAlpha[j] = dot;
-      mean += a * dot;
-      if (dces) {
-        for (let c = 0; c < H; c++) {
-          dces[c0 + c] += a * g0[tok * H + c];
-          dces[c2 + c] += a * g2[tok * H + c];
-        }
-        for (let c = 0; c < W; c++) dces[c1 + c] += a * g1[tok * W + c];
-      }
+      const at = tok * ka + j;
+      mean += split.auxAlpha[at] * dAlphas[tok * E + split.auxIndices[at]];
     }
-    // alpha_j = p_j / S_aux: dp_j = (dalpha_j - sum_i alpha_i dalpha_i) / S_aux
     const auxSum = split.auxSum[tok];
     for (let j = 0; j < ka; j++) {
-      dRaw[tok * k + km + j] = auxSum > 0 ? (dAlpha[j] - mean) / auxSum : 0;
+      const dAlpha = dAlphas[tok * E + split.auxIndices[tok * ka + j]];
+      dRaw[tok * k + km + j] = auxSum > 0 ? (dAlpha - mean) / auxSum : 0;
     }
     // w_m = p_m / Z (Z = sum of main p + eps when renormalising, else 1)
     let wdw = 0;
@@ -763,10 +777,6 @@ async function ceBackward(
       dRaw[tok * k + j] = mlp.renorm.normalize ? (dw - wdw) / split.mainSum[tok] : dw;
     }
   }
-  if (dces && cesGrad) {
-    const tmp = b.tensor(dces, cesGrad.shape);
-    b.addInPlace(cesGrad, tmp), b.free(tmp);
-  }
   const dLogits = b.routeTopKBackward(t.logits!, t.routing!, dRaw, false, 0);
   const router = routerName(s, l);
   const dxr = b.matmulBackward(t.xn, await w(model, router), dLogits, {
@@ -774,7 +784,7 @@ async function ceBackward(
     weightGrad: grads.get(router),
   })!;
   b.addInPlace(dxn, dxr);
-  for (const x of [dxr, dLogits, dT0, dT1, dT2, t.logits!]) b.free(x);
+  for (const x of [dxr, dLogits, ce.alpha, t.logits!]) b.free(x);
   t.logits = undefined;
   return dxn;
 }
