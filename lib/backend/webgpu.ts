@@ -1365,11 +1365,12 @@ export class WebGpuBackend implements TrainingBackend {
     const outWidth = swiglu ? m / 2 : m;
     const out = this.newTensor([r, outWidth]); // [rows of all groups, out features]
     // Few rows per expert (decode): gemv tiles of up to 8 rows, no more than a group can
-    // have (one token, one row of work); else blocked 128-row tiles.
+    // have (one token, one row of work); else blocked tiles of 128 rows, or of 64 where no
+    // group has more (a tile holds one group's rows, so a 33-64-row group would leave half
+    // of a 128-row tile idle).
     const gemv = maxGroupRows <= MATMUL_AUTO_GEMV_MAX_ROWS;
-    const tileRows = gemv
-      ? Math.max(1, Math.min(maxGroupRows, MATMUL_GEMV_MAX_ROWS))
-      : MATMUL_BLOCKED_TILE;
+    const tm = blockedRowsPerThread(maxGroupRows);
+    const tileRows = gemv ? Math.max(1, Math.min(maxGroupRows, MATMUL_GEMV_MAX_ROWS)) : 16 * tm;
     if (swiglu) this.checkWholeGateUpBlocks(stack, m);
     const wholeX = { buffer: t(x).buffer, size: t(x).bytes, skip: 0 };
     const rowBytes = gather ? [outWidth * 4] : [k * 4, outWidth * 4];
@@ -1386,6 +1387,7 @@ export class WebGpuBackend implements TrainingBackend {
         GATHER: gather ? 1 : 0,
       };
       if (gemv) constants.ROWS = tileRows;
+      else constants.TM = tm;
       // Grid columns cover the widest tile; narrower tiles' extra workgroups idle.
       const cols = Math.min(m, chunk.rows);
       this.run({
