@@ -6,7 +6,9 @@
 // Fast (default, exact): the layer's input is cached once (x, xn per batch); every expert
 // is evaluated once on it, and a candidate's output is combined arithmetically,
 // x + (shared + sum wbar_e E_e), with the same f32 operations in the same order as the
-// naive path. Naive (reference): one full model forward per candidate via mlpOverride.
+// naive path; on a backend with jsDivergenceRows (WebGPU) the outputs stay on the device
+// and candidates are built and scored there (f32 JS, docs/cd-moe.md). Naive (reference):
+// one full model forward per candidate via mlpOverride.
 
 import {
   type Backend,
