@@ -236,8 +236,8 @@ function swiglu(
 
 /**
  * Backward of swiglu on rows r0..r1: dy [R, W] -> out [R, 2W], dGate and dUp interleaved
- * in the gateUp product's runs. In JS doubles: next to the matmuls around it this pass
- * is small, and it runs once a training step.
+ * in the gateUp product's runs. In JS doubles: next to the grouped matmuls around it
+ * (once a MoE layer a training step) this pass is small.
  */
 function swigluGateUpBackward(
   a: { gateUp: Float32Array; dy: Float32Array; out: Float32Array; width: number },
@@ -261,7 +261,8 @@ function swigluGateUpBackward(
 }
 
 /**
- * silu(gate) * up over entries i0..i1 of gate and up apart (the experts run one by one);
+ * silu(gate) * up over entries i0..i1 of gate and up apart (experts run one by one, and
+ * compressed experts, whose gate and up inputs differ);
  * with `dy`, its backward instead: dGate and dUp. simd: as in swiglu; a tail of fewer
  * than 4 entries runs in JS.
  */
