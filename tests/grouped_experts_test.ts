@@ -303,7 +303,9 @@ function expertStackValues(
 // taken, prefill past one 128-row blocked tile, odd sizes throughout. With 4 KiB bindings
 // the last two keep x in one binding (the gate|up matmul reads it through the plan's
 // order) while their grouped rows are bound in several ranges, gemv and blocked tiles.
-const ROUTED_CASES: [number, number, number, number, number][] = [
+// [tokens, experts, k, hidden, width, skew]: skew is added to the first k experts' logits,
+// so every token picks them: groups of all n rows where WebGPU sizes its tiles for 2 n k / E.
+const ROUTED_CASES: [number, number, number, number, number, number?][] = [
   [1, 8, 2, 32, 24],
   [5, 7, 2, 33, 17],
   [3, 3, 3, 20, 9],
@@ -311,6 +313,7 @@ const ROUTED_CASES: [number, number, number, number, number][] = [
   [300, 3, 2, 16, 12],
   [12, 5, 4, 20, 28],
   [40, 6, 4, 8, 12],
+  [48, 32, 2, 24, 16, 20],
 ];
 
 const routedOutputs = new Map<string, Float32Array>();
@@ -318,7 +321,7 @@ for (const [name, be] of backends) {
   Deno.test({
     name: `${name} routedExperts matches routing + per-token plain loops`,
     async fn() {
-      for (const [n, e, k, h, width] of ROUTED_CASES) {
+      for (const [n, e, k, h, width, skew] of ROUTED_CASES) {
         for (const [dtype, normalize] of [["BF16", true], ["F32", false]] as const) {
           // The same inputs on every backend, so the WebGPU variants can be compared.
           const { randn } = seededInputs(n * 1000 + e);
@@ -330,6 +333,7 @@ for (const [name, be] of backends) {
             rawWeight("down", [e, h, width], values[2], dtype),
           ];
           const xs = randn(n * h), logits = randn(n * e, 3), base = randn(n * h);
+          for (let t = 0; skew && t < n; t++) for (let j = 0; j < k; j++) logits[t * e + j] += skew;
           const stackValues = raws.map((raw) => (reference.uploadWeight(raw) as CpuWeight).data);
           const layout = expertStackValues(values[0], values[1], values[2], e, h, width);
           const want = await routedReference(

@@ -1345,14 +1345,15 @@ export class WebGpuBackend implements TrainingBackend {
   /**
    * groupedMatmul with the group starts [G + 1] in a device buffer, maybe written by an
    * earlier kernel (plan_experts): each workgroup finds its tile from them, the grid sized
-   * for the most tiles the rows could need, so the host needs no counts; `maxGroupRows`
-   * bounds the rows of any one group.
+   * for the most tiles the rows could need, so the host needs no counts. `groupRows` is
+   * the rows a group holds (the largest, or an estimate): it picks gemv or the blocked
+   * tile size, and any value gives the same result.
    */
   private groupedOn(
     x: Tensor,
     stack: Weight,
     groupStart: GPUBuffer,
-    maxGroupRows: number,
+    groupRows: number,
     swiglu = false,
     gather?: { rows: GPUBuffer; count: number },
   ) {
@@ -1368,9 +1369,9 @@ export class WebGpuBackend implements TrainingBackend {
     // have (one token, one row of work); else blocked tiles of 128 rows, or of 64 where no
     // group has more (a tile holds one group's rows, so a 33-64-row group would leave half
     // of a 128-row tile idle).
-    const gemv = maxGroupRows <= MATMUL_AUTO_GEMV_MAX_ROWS;
-    const tm = blockedRowsPerThread(maxGroupRows);
-    const tileRows = gemv ? Math.max(1, Math.min(maxGroupRows, MATMUL_GEMV_MAX_ROWS)) : 16 * tm;
+    const gemv = groupRows <= MATMUL_AUTO_GEMV_MAX_ROWS;
+    const tm = blockedRowsPerThread(groupRows);
+    const tileRows = gemv ? Math.max(1, Math.min(groupRows, MATMUL_GEMV_MAX_ROWS)) : 16 * tm;
     if (swiglu) this.checkWholeGateUpBlocks(stack, m);
     const wholeX = { buffer: t(x).buffer, size: t(x).bytes, skip: 0 };
     const rowBytes = gather ? [outWidth * 4] : [k * 4, outWidth * 4];
@@ -1850,6 +1851,11 @@ export class WebGpuBackend implements TrainingBackend {
     const [n, e] = rowsCols(logits), k = route.k;
     if (n === 0) return;
     let plan: Record<"groupStart" | "order" | "sources" | "scales", GPUBuffer>;
+    // The rows a group can be expected to hold, for the tile size (any size is correct: the
+    // grid covers every tile): twice the mean n k / E, as routing is uneven, and no more
+    // than n (a token picks an expert once). The same where the host plans, so that both
+    // plans run the same kernels and give the same sums.
+    const groupRowsHint = Math.min(n, Math.ceil((2 * n * k) / e));
     const fits = Math.max(n * 2 * k, e + 1) * 4 <= this.maxBindingBytes;
     if (e <= PLAN_MAX_EXPERTS && n * k <= PLAN_MAX_ENTRIES && fits) {
       // Route and group on the device: nothing waits on the host.
@@ -1885,18 +1891,17 @@ export class WebGpuBackend implements TrainingBackend {
         scales: this.upload(host.scales),
       };
     }
-    // A token picks an expert once, so no group has more than n rows. The gate|up matmul
-    // reads xn's rows through the plan's order where xn fits one binding.
+    // The gate|up matmul reads xn's rows through the plan's order where xn fits one binding.
     let a: GpuTensor;
     if (t(xn).bytes <= this.maxBindingBytes) {
       const gather = { rows: plan.order, count: n * k };
-      a = this.groupedOn(xn, stacks.gateUp, plan.groupStart, n, true, gather);
+      a = this.groupedOn(xn, stacks.gateUp, plan.groupStart, groupRowsHint, true, gather);
     } else {
       const xe = this.gatherFrom(xn, plan.order, n * k);
-      a = this.groupedOn(xe, stacks.gateUp, plan.groupStart, n, true);
+      a = this.groupedOn(xe, stacks.gateUp, plan.groupStart, groupRowsHint, true);
       this.free(xe);
     }
-    const y = this.groupedOn(a, stacks.down, plan.groupStart, n);
+    const y = this.groupedOn(a, stacks.down, plan.groupStart, groupRowsHint);
     this.free(a);
     this.combineFrom(out, y, plan.sources, plan.scales, k);
     this.free(y);
