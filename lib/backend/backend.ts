@@ -568,7 +568,8 @@ export function checkCombine(
  * tokens ascending within one; for token t, sources[t k + j] is the grouped row of its
  * j-th expert counted in ascending expert id (the order the outputs are added in) and
  * scales[t k + j] that expert's routing weight; slots[row] is the index into
- * routing.indices that a grouped row comes from.
+ * routing.indices that a grouped row comes from, and rowScales[row] its routing weight
+ * (what the combine's backward scales each row's gradient by).
  */
 export function expertPlan(routing: Routing, k: number, experts: number) {
   const groupRows = new Int32Array(experts);
@@ -582,6 +583,7 @@ export function expertPlan(routing: Routing, k: number, experts: number) {
   const tokens = routing.indices.length / k;
   const order = new Int32Array(tokens * k), slots = new Int32Array(tokens * k);
   const sources = new Int32Array(tokens * k), scales = new Float32Array(tokens * k);
+  const rowScales = new Float32Array(tokens * k);
   for (let t = 0; t < tokens; t++) {
     const picks = routing.indices.subarray(t * k, t * k + k);
     for (let j = 0; j < k; j++) {
@@ -591,10 +593,10 @@ export function expertPlan(routing: Routing, k: number, experts: number) {
       order[at] = t;
       slots[at] = t * k + j;
       sources[t * k + rank] = at;
-      scales[t * k + rank] = routing.weights[t * k + j];
+      scales[t * k + rank] = rowScales[at] = routing.weights[t * k + j];
     }
   }
-  return { order, slots, groupRows, sources, scales };
+  return { order, slots, groupRows, sources, scales, rowScales };
 }
 
 /** routedExperts' contract: logits [N, E], out [N, H], stacks of E experts over H. */

@@ -423,9 +423,9 @@ export async function dispatchCompressedExperts(
       (x, part) => be.groupedMatmul(x, stacks[part], plan.groupRows),
     );
     be.combineRows(out, values.y, plan.sources, plan.scales, km);
-    const scales = Float32Array.from(plan.slots, (slot) => main.weights[slot]);
     const grouped = { groupRows: plan.groupRows, sources: plan.sources };
-    done({ expert: -1, grouped, rows: plan.order, slots: plan.slots, scales, ...values });
+    const rows = { rows: plan.order, slots: plan.slots, scales: plan.rowScales };
+    done({ expert: -1, grouped, ...rows, ...values });
   } else {
     const groups = groupByExpert(main, km, mlp.experts);
     for (let e = 0; e < mlp.experts; e++) {

@@ -389,10 +389,9 @@ async function groupedExpertsBackward(
   dxn: Tensor,
   dWeights: Float32Array,
 ): Promise<void> {
-  const b = be(model), { plan, gateUp, y } = t.grouped!, weights = t.routing!.weights;
-  // combineRows backward: grouped row i took weight weights[slots[i]] of token order[i]
-  const rowScales = Float32Array.from(plan.slots, (slot) => weights[slot]);
-  const { dy, dScales } = b.scatterAddRowsBackward(dOut, y, plan.order, rowScales);
+  const b = be(model), { plan, gateUp, y } = t.grouped!;
+  // combineRows backward: grouped row i took weight rowScales[i] of token order[i]
+  const { dy, dScales } = b.scatterAddRowsBackward(dOut, y, plan.order, plan.rowScales);
   b.free(y);
   const da = b.groupedMatmulBackward(
     dy,
