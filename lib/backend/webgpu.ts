@@ -2214,14 +2214,21 @@ export class WebGpuBackend implements TrainingBackend {
       throw new Error(`swigluGateUpBackward: dy [${dy.shape}] != [${n}, ${width}]`);
     }
     const dGateUp = this.newTensor(gateUp.shape);
-    this.gateUpRuns("elementwise_backward", "swiglu_gate_up_backward", gateUp, dy, dGateUp, 0);
+    this.gateUpRuns(
+      "elementwise_backward",
+      "swiglu_gate_up_backward",
+      gateUp,
+      dy,
+      dGateUp,
+      n * width,
+    );
     return dGateUp;
   }
 
   /**
-   * The swiglu_gate_up kernels over `entries` (= W-wide values) in chunks of whole runs
+   * The swiglu_gate_up kernels over `entries` (R x W values) in chunks of whole runs
    * (GATE_UP_RUN values, 2 GATE_UP_RUN of gateUp): with `dy` (the backward) the output is
-   * gateUp-wide, else dy-wide.
+   * gateUp-wide, else W-wide.
    */
   private gateUpRuns(
     kernel: "elementwise" | "elementwise_backward",
@@ -2232,7 +2239,7 @@ export class WebGpuBackend implements TrainingBackend {
     entries: number,
   ): void {
     const runBytes = GATE_UP_RUN * 4;
-    const runs = (dy ? numelOf(dy.shape) : entries) / GATE_UP_RUN;
+    const runs = entries / GATE_UP_RUN;
     const outRunBytes = dy ? 2 * runBytes : runBytes;
     for (const [q0, q] of this.rowChunks(runs, [2 * runBytes])) {
       const guRange = this.rowRange(t(gateUp).buffer, q0, q, 2 * runBytes);

@@ -137,13 +137,11 @@ async function hostScorer(
   baseTensors: Tensor[],
   expertTensors: Tensor[][],
 ): Promise<CandidateScorer> {
-  const readFree = async (ts: Tensor[]) => {
-    const values = await be.readAll(ts);
-    ts.forEach((t) => be.free(t));
-    return values;
-  };
-  const base = await readFree(baseTensors);
-  const expertOut = await Promise.all(expertTensors.map(readFree));
+  // One read for every output: base's batches, then each expert's.
+  const all = [...baseTensors, ...expertTensors.flat()], values = await be.readAll(all);
+  all.forEach((t) => be.free(t));
+  const nb = baseTensors.length, base = values.slice(0, nb);
+  const expertOut = expertTensors.map((_, e) => values.slice(nb + e * nb, nb + (e + 1) * nb));
   const scratch = x.map((xb) => new Float32Array(xb.length));
   return {
     score(c, w) {
