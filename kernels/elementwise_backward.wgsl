@@ -32,18 +32,22 @@ fn sigmoid(v: f32) -> f32 {
   return e / (1.0 + e);
 }
 
-// gate = a, up = b, dy = c: dGate = dy * up * sig * (1 + gate * (1 - sig)) -> out,
-// dUp = dy * silu(gate) -> out2. One thread per entry.
+// The gradients of silu(g) * u from dy: dGate = dy * u * sig * (1 + g * (1 - sig)) and
+// dUp = dy * silu(g).
+fn swiglu_grads(g: f32, u: f32, d: f32) -> vec2f {
+  let s = sigmoid(g);
+  return vec2f(d * u * s * (1.0 + g * (1.0 - s)), d * g * s);
+}
+
+// gate = a, up = b, dy = c: dGate -> out, dUp -> out2. One thread per entry.
 @compute @workgroup_size(64)
 fn swiglu_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
                    @builtin(local_invocation_id) lid: vec3u) {
   let i = flat_index(wg, nwg, lid);
   if (i < p.count) {
-    let g = a[p.a_off + i];
-    let d = c[p.c_off + i];
-    let s = sigmoid(g);
-    out[p.out_off + i] = d * b[p.b_off + i] * s * (1.0 + g * (1.0 - s));
-    out2[p.out2_off + i] = d * g * s;
+    let grads = swiglu_grads(a[p.a_off + i], b[p.b_off + i], c[p.c_off + i]);
+    out[p.out_off + i] = grads.x;
+    out2[p.out2_off + i] = grads.y;
   }
 }
 
@@ -55,11 +59,9 @@ fn swiglu_gate_up_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgr
   let i = flat_index(wg, nwg, lid);
   if (i < p.count) {
     let gi = 2u * i - i % 4u;
-    let g = a[p.a_off + gi];
-    let d = c[p.c_off + i];
-    let s = sigmoid(g);
-    out[p.out_off + gi] = d * a[p.a_off + gi + 4u] * s * (1.0 + g * (1.0 - s));
-    out[p.out_off + gi + 4u] = d * g * s;
+    let grads = swiglu_grads(a[p.a_off + gi], a[p.a_off + gi + 4u], c[p.c_off + i]);
+    out[p.out_off + gi] = grads.x;
+    out[p.out_off + gi + 4u] = grads.y;
   }
 }
 
