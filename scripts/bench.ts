@@ -749,7 +749,8 @@ async function benchLayerwise(dir: string) {
 /**
  * The searches' JS divergence (lib/methods/divergence.ts), most of the expert search: ns
  * per (token, hidden) entry of the JS loop (the reference) and of the f64 SIMD lanes on
- * one thread, and of SIMD on the default threads, round-robin. Rows of the default model's
+ * one thread, of SIMD on the default threads, and of WebGPU's kernel where a WebGPU
+ * backend runs, round-robin. Rows of the default model's
  * hidden size and of DeepSeekMoE-16B's, flat (spread 4) and peaked (spread 300: most q
  * entries below eps, the slower ln q branch), a candidate being the rows plus 5% noise.
  */
