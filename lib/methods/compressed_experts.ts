@@ -136,13 +136,12 @@ export function splitRouting(raw: Routing, mlp: MoeSpec): CeRouting {
  * GPU, outweigh the main experts' matmuls. Returns the alphas too (the backward's input
  * to dces); the caller frees all four.
  */
-export function thetaOf(
+export async function thetaOf(
   model: Model,
   l: number,
   mlp: MoeSpec,
   ce: CeRouting,
-  ces: Float32Array,
-): { t0: Tensor; t1: Tensor; t2: Tensor; alpha: Tensor } {
+): Promise<{ t0: Tensor; t1: Tensor; t2: Tensor; alpha: Tensor }> {
   const be = model.backend, E = mlp.experts;
   const n = ce.auxSum.length, ka = ce.auxIndices.length / n;
   const values = new Float32Array(n * E);
@@ -150,33 +149,39 @@ export function thetaOf(
     values[Math.floor(i / ka) * E + ce.auxIndices[i]] = ce.auxAlpha[i];
   }
   const alpha = be.tensor(values, [n, E]);
-  const [t0, t1, t2] = [0, 1, 2].map((v) => be.matmul(alpha, cesSlot(model, l, mlp, ces, v, true)));
+  const [t0, t1, t2] = (await cesSlots(model, l, mlp, true)).map((slot) => be.matmul(alpha, slot));
   return { t0, t1, t2, alpha };
 }
 
 /**
- * Slot v of layer l's ces transposed, [cols, E] (cols: hidden for 0 and 2, the expert width
- * for 1), kept on the model (Model.derivedWeight: released with ces). `fresh`: rebuilt from
- * `ces` if ces trains (it changes at every optimizer step); the backward reuses the
- * forward's.
+ * The three slots of layer l's ces transposed, [cols, E] each (cols: hidden for slots 0
+ * and 2, the expert width for 1), kept on the model (Model.derivedWeight: released with
+ * ces). `fresh`: rebuilt if ces trains (it changes at every optimizer step); the backward
+ * reuses the forward's. ces is read only to build them: a decoded token reads nothing.
  */
-export function cesSlot(
+export async function cesSlots(
   model: Model,
   l: number,
   mlp: MoeSpec,
-  ces: Float32Array,
-  v: number,
   fresh: boolean,
-): Weight {
+): Promise<Weight[]> {
   const s = model.spec, E = mlp.experts, d = cesWidth(s, mlp), name = cesName(s, l);
-  const cols = v === 1 ? mlp.expertWidth : s.hidden;
-  return model.derivedWeight(`${name} <slot ${v} transposed>`, [name], () => {
-    const w = new Float32Array(cols * E);
-    for (let e = 0; e < E; e++) {
-      for (let c = 0; c < cols; c++) w[c * E + e] = ces[e * 3 * d + v * d + c];
-    }
-    return { name, dtype: "F32", shape: [cols, E], bytes: new Uint8Array(w.buffer) };
-  }, fresh && model.trainable.has(name));
+  let ces: Promise<Float32Array> | undefined; // read once, for whichever slot builds first
+  const slots: Weight[] = [];
+  for (const v of [0, 1, 2]) {
+    const cols = v === 1 ? mlp.expertWidth : s.hidden;
+    const build = async () => {
+      const values = await (ces ??= cesValues(model, l));
+      const w = new Float32Array(cols * E);
+      for (let e = 0; e < E; e++) {
+        for (let c = 0; c < cols; c++) w[c * E + e] = values[e * 3 * d + v * d + c];
+      }
+      return { name, dtype: "F32" as const, shape: [cols, E], bytes: new Uint8Array(w.buffer) };
+    };
+    const key = `${name} <slot ${v} transposed>`;
+    slots.push(await model.derivedWeight(key, [name], build, fresh && model.trainable.has(name)));
+  }
+  return slots;
 }
 
 /** Names of the ces tensors of the compressed-experts layers (checkpoint or in memory). */

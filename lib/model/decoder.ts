@@ -14,7 +14,6 @@ import {
 } from "../backend/backend.ts";
 import {
   type CeRouting,
-  cesValues,
   type MoeSpec,
   splitRouting,
   thetaOf,
@@ -396,12 +395,11 @@ export async function dispatchCompressedExperts(
   raw: Routing,
   out: Tensor,
   keep?: ScaledExpertValues[],
-): Promise<{ split: CeRouting; ces: Float32Array; t0?: Tensor; t2?: Tensor; alpha?: Tensor }> {
+): Promise<{ split: CeRouting; t0?: Tensor; t2?: Tensor; alpha?: Tensor }> {
   const be = model.backend, s = model.spec, W = mlp.expertWidth;
   const split = splitRouting(raw, mlp);
-  const ces = await cesValues(model, l);
   // [N, H] gate input scale, [N, W] intermediate scale, [N, H] up input scale
-  const { t0, t1, t2, alpha } = thetaOf(model, l, mlp, split, ces);
+  const { t0, t1, t2, alpha } = await thetaOf(model, l, mlp, split);
   const scaled = { xg: be.mul(xn, t0), xu: be.mul(xn, t2), t1 }; // per token
   const main = { indices: split.mainIndices, weights: split.mainWeights };
   const km = mlp.mainExperts!;
@@ -442,9 +440,9 @@ export async function dispatchCompressedExperts(
     }
   }
   be.free(scaled.xg), be.free(scaled.xu), be.free(t1);
-  if (keep) return { split, ces, t0, t2, alpha };
+  if (keep) return { split, t0, t2, alpha };
   be.free(t0), be.free(t2), be.free(alpha);
-  return { split, ces };
+  return { split };
 }
 
 /**

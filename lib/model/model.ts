@@ -71,13 +71,18 @@ export class Model {
   /**
    * A weight built from other tensors (`members`), kept like a stack: released with any of
    * them. `rebuild` replaces the kept one (its members changed: trainable ones do at every
-   * optimizer step).
+   * optimizer step). `build` runs only then, so what it reads is read only then.
    */
-  derivedWeight(key: string, members: string[], build: () => RawTensor, rebuild: boolean): Weight {
+  async derivedWeight(
+    key: string,
+    members: string[],
+    build: () => Promise<RawTensor>,
+    rebuild: boolean,
+  ): Promise<Weight> {
     const cached = this.stacks.get(key);
     if (cached && !rebuild) return cached.weight;
     if (cached) this.release(key);
-    const raw = build();
+    const raw = await build();
     return this.keepStack(key, members, raw, raw.bytes.length);
   }
 

@@ -13,7 +13,7 @@ import {
   type TrainingBackend,
   type Weight,
 } from "../backend/backend.ts";
-import { type CeRouting, cesSlot, type MoeSpec } from "../methods/compressed_experts.ts";
+import { type CeRouting, cesSlots, type MoeSpec } from "../methods/compressed_experts.ts";
 import {
   cesName,
   cesWidth,
@@ -82,7 +82,6 @@ interface GroupedTape {
 /** A compressed-experts main expert: down(silu(gate(x*t0)) * up(x*t2) * t1). */
 interface CeTape {
   split: CeRouting;
-  ces: Float32Array; // [E, 3, d] values the forward used
   experts: ScaledExpertValues[];
   t0: Tensor; // [N, H] theta0 and theta2 of each token
   t2: Tensor;
@@ -318,7 +317,7 @@ async function mlpForward(
   }
   if (ce) {
     const experts: ScaledExpertValues[] = [];
-    const { split, ces, t0, t2, alpha } = await dispatchCompressedExperts(
+    const { split, t0, t2, alpha } = await dispatchCompressedExperts(
       model,
       l,
       mlp,
@@ -327,7 +326,7 @@ async function mlpForward(
       out,
       experts,
     );
-    t.ce = { split, ces, experts, t0: t0!, t2: t2!, alpha: alpha! };
+    t.ce = { split, experts, t0: t0!, t2: t2!, alpha: alpha! };
     return [t, out];
   }
   if (model.expertsStackable(l)) {
@@ -724,8 +723,9 @@ async function ceBackward(
   const E = mlp.experts, cesGrad = grads.get(cesName(s, l));
   const dAlphaAll = b.tensor(new Float32Array(n * E), [n, E]);
   const dSlots: Tensor[] = [];
+  const cesT = await cesSlots(model, l, mlp, false);
   [dT0, dT1, dT2].forEach((dTheta, v) => {
-    const slot = cesSlot(model, l, mlp, ce.ces, v, false);
+    const slot = cesT[v];
     const dSlot = cesGrad ? b.tensor(new Float32Array(slot.shape[0] * E), slot.shape) : undefined;
     const dAlpha = b.matmulBackward(ce.alpha, slot, dTheta, {
       needInput: true,
