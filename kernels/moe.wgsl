@@ -67,6 +67,62 @@ fn route_topk(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: ve
   }
 }
 
+// split_compressed: compressed experts' routing on the device (host twin: splitRouting in
+// lib/methods/compressed_experts.ts). Of a token's raw sorted top-k (route_topk with
+// normalize 0), the first km are its main experts, written as a routing plan_experts
+// reads (weights divided by their sum + eps where the config renormalises); the other
+// k - km are its aux experts, written as the token's row of the dense alphas [rows,
+// experts]: p_i / (sum of the aux p) at each aux expert, zero elsewhere.
+struct SplitParams {
+  rows: u32,
+  experts: u32,
+  k: u32,
+  km: u32,
+  normalize: u32,
+  eps: f32,
+}
+
+@group(0) @binding(0) var<uniform> xp: SplitParams;
+@group(0) @binding(1) var<storage, read> raw_routing: array<u32>; // [rows, 2k]
+@group(0) @binding(2) var<storage, read_write> main_routing: array<u32>; // [rows, 2km]
+@group(0) @binding(3) var<storage, read_write> aux_alpha: array<f32>; // [rows, experts]
+
+@compute @workgroup_size(64)
+fn split_compressed(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                    @builtin(local_invocation_id) lid: vec3u) {
+  let r = (wg.y * nwg.x + wg.x) * 64u + lid.x;
+  if (r >= xp.rows) {
+    return;
+  }
+  let base = r * 2u * xp.k;
+  var main_sum = 0.0;
+  var aux_sum = 0.0;
+  for (var j = 0u; j < xp.k; j++) {
+    let p = bitcast<f32>(raw_routing[base + xp.k + j]);
+    if (j < xp.km) {
+      main_sum += p;
+    } else {
+      aux_sum += p;
+    }
+  }
+  let z = select(1.0, main_sum + xp.eps, xp.normalize == 1u);
+  let main_base = r * 2u * xp.km;
+  for (var j = 0u; j < xp.km; j++) {
+    main_routing[main_base + j] = raw_routing[base + j];
+    main_routing[main_base + xp.km + j] = bitcast<u32>(bitcast<f32>(raw_routing[base + xp.k + j]) / z);
+  }
+  let alpha_base = r * xp.experts;
+  for (var e = 0u; e < xp.experts; e++) {
+    aux_alpha[alpha_base + e] = 0.0;
+  }
+  // aux_sum is a sum of softmax outputs, > 0 unless every aux probability underflows.
+  let even = 1.0 / f32(xp.k - xp.km);
+  for (var j = xp.km; j < xp.k; j++) {
+    let p = bitcast<f32>(raw_routing[base + xp.k + j]);
+    aux_alpha[alpha_base + raw_routing[base + j]] = select(even, p / aux_sum, aux_sum > 0.0);
+  }
+}
+
 struct RowParams {
   count: u32, // selected rows in this dispatch
   cols: u32,

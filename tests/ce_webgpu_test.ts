@@ -6,7 +6,7 @@ import assert from "node:assert";
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import type { Backend, TrainingBackend } from "../lib/backend/backend.ts";
 import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
-import { forward } from "../lib/model/decoder.ts";
+import { forward, type ForwardHooks } from "../lib/model/decoder.ts";
 import { Model } from "../lib/model/model.ts";
 import type { MlpSpec } from "../lib/model/config.ts";
 import { ceVersusReference, INPUT, loadCe, relMaxDiff, SHAPE, uniform } from "./ce_util.ts";
@@ -107,6 +107,47 @@ Deno.test({
       const err = relMaxDiff(w.out.get(n)!, c.out.get(n)!);
       console.log(`  ${n}: rel max diff ${err.toExponential(2)}`);
       assert(err < 1e-4, `${n}: ${err}`);
+    }
+  },
+});
+
+Deno.test({
+  name: "ce webgpu: the routing stays on the device (one submit a forward), as the host path",
+  ignore,
+  async fn() {
+    // k_m of top-k: 2 of 4, and renormalised (norm_topk_prob=true on OLMoE), 1 of 2
+    // (Mixtral renormalises), 1 of 4 (three aux experts)
+    const cases = [
+      ["olmoe-a", 2, false],
+      ["olmoe-a", 2, true],
+      ["mixtral-a", 1, false],
+      ["deepseek-a", 1, false],
+    ] as const;
+    for (const [fixture, km, renormalise] of cases) {
+      for (const be of [gpu!, chunked!]) {
+        const model = await loadCe(`${FIXTURE_ROOT}${fixture}`, be, km, 500);
+        for (const layer of model.spec.layers) {
+          if (renormalise && layer.mlp.kind === "moe") layer.mlp.renorm.normalize = true;
+        }
+        const run = async (hooks: ForwardHooks) => {
+          const submits = be.submits;
+          const { logits } = await forward(model, INPUT, SHAPE, hooks);
+          return { logits, submits: be.submits - submits };
+        };
+        // An observer of the routing makes every layer read it back and split it on the host.
+        const host = await run({ onRouter: () => {} });
+        const device = await run({});
+        const err = relMaxDiff(device.logits, host.logits);
+        console.log(
+          `  ${fixture} k_m ${km}${renormalise ? " renormalised" : ""} ` +
+            `${be === gpu ? "plain" : "chunked"}: ${device.submits} vs ` +
+            `${host.submits} submits, rel max diff ${err.toExponential(2)}`,
+        );
+        assert.equal(device.submits, 1, `${fixture}: the logits' read alone`);
+        assert(host.submits > device.submits, `${fixture}: the host path was not taken`);
+        assert(err < 1e-5, `${fixture}: ${err}`);
+        model.close();
+      }
     }
   },
 });

@@ -419,6 +419,45 @@ export function hasDeviceDivergence(be: Backend): be is Backend & DeviceDivergen
   return typeof (be as Partial<DeviceDivergence>).jsDivergenceRows === "function";
 }
 
+/** A layer's expert matrices for compressedExperts: gate and up [E, W, H], down [E, H, W]. */
+export interface SeparateExpertStacks {
+  gate: Weight;
+  up: Weight;
+  down: Weight;
+}
+
+/** compressedExperts' routing: sorted top-k, of which the first `mainExperts` run. */
+export interface CompressedRouteSpec extends RouteSpec {
+  mainExperts: number;
+}
+
+/**
+ * Compressed experts with the routing kept on the device, where a backend has it (WebGPU):
+ * the split into main and aux experts, the aux alphas and the main experts' plan are
+ * kernels, so a decoded token waits on nothing. The CPU, whose routing is on the host
+ * anyway, runs the decoder's composition of ops (dispatchCompressedExperts).
+ */
+export interface DeviceCompressedExperts {
+  /**
+   * out [N, H] += each token's main experts (stacks, frozen) on xn [N, H] scaled by theta,
+   * weighted as lib/methods/compressed_experts.ts says: theta_v = alpha @ slots[v]^T, slots
+   * [cols, E] ces slot v transposed. Returns false, having recorded nothing, where the
+   * device plan does not fit (prefill-sized batches): the caller then plans on the host.
+   */
+  compressedExperts(
+    xn: Tensor,
+    logits: Tensor,
+    stacks: SeparateExpertStacks,
+    slots: readonly Weight[],
+    route: CompressedRouteSpec,
+    out: Tensor,
+  ): boolean;
+}
+
+export function hasDeviceCompressedExperts(be: Backend): be is Backend & DeviceCompressedExperts {
+  return typeof (be as Partial<DeviceCompressedExperts>).compressedExperts === "function";
+}
+
 /** A backend that can train: the forward ops plus the backward ops (CPU; WebGPU when it has them). */
 export interface TrainingBackend extends Backend, BackwardOps {}
 

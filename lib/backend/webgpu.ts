@@ -22,6 +22,8 @@ import {
   checkRoutedExperts,
   checkSplitQkv,
   expertPlan,
+  type CompressedRouteSpec,
+  type DeviceCompressedExperts,
   type ExpertStacks,
   GATE_UP_RUN,
   kvCacheRows,
@@ -30,6 +32,7 @@ import {
   type RopeSpec,
   type RouteSpec,
   type Routing,
+  type SeparateExpertStacks,
   rowsCols,
   type Tensor,
   type TrainingBackend,
@@ -507,7 +510,20 @@ function attentionParams(seqs: number, s: AttentionShape, ranges: { skip: number
   ];
 }
 
-export class WebGpuBackend implements TrainingBackend {
+/** The grouped rows of plan_experts (or expertPlan uploaded), in device buffers. */
+type DevicePlan = Record<"groupStart" | "order" | "sources" | "scales", GPUBuffer>;
+
+/**
+ * The rows a group can be expected to hold, for the grouped tile size (any size is
+ * correct: the grid covers every tile): twice the mean n k / E, as routing is uneven, and
+ * no more than n (a token picks an expert once). The same where the host plans, so that
+ * both plans run the same kernels and give the same sums.
+ */
+function groupRowsHint(n: number, k: number, experts: number): number {
+  return Math.min(n, Math.ceil((2 * n * k) / experts));
+}
+
+export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
   readonly name = "webgpu" as const;
   readonly f32Weights = false;
   readonly maxBindingBytes: number;
@@ -1850,35 +1866,11 @@ export class WebGpuBackend implements TrainingBackend {
     checkRoutedExperts(xn, logits, stacks, route, out);
     const [n, e] = rowsCols(logits), k = route.k;
     if (n === 0) return;
-    let plan: Record<"groupStart" | "order" | "sources" | "scales", GPUBuffer>;
-    // The rows a group can be expected to hold, for the tile size (any size is correct: the
-    // grid covers every tile): twice the mean n k / E, as routing is uneven, and no more
-    // than n (a token picks an expert once). The same where the host plans, so that both
-    // plans run the same kernels and give the same sums.
-    const groupRowsHint = Math.min(n, Math.ceil((2 * n * k) / e));
-    const fits = Math.max(n * 2 * k, e + 1) * 4 <= this.maxBindingBytes;
-    if (e <= PLAN_MAX_EXPERTS && n * k <= PLAN_MAX_ENTRIES && fits) {
+    let plan: DevicePlan;
+    if (this.devicePlanFits(n, e, k)) {
       // Route and group on the device: nothing waits on the host.
       const routed = this.route(logits, route);
-      plan = {
-        groupStart: this.acquire((e + 1) * 4, true),
-        order: this.acquire(n * k * 4, true),
-        sources: this.acquire(n * k * 4, true),
-        scales: this.acquire(n * k * 4, true),
-      };
-      this.run({
-        kernel: "moe",
-        entry: "plan_experts",
-        params: [n, e, k, 0],
-        bindings: [
-          { buffer: routed.buffer },
-          { buffer: plan.groupStart, write: true },
-          { buffer: plan.order, write: true },
-          { buffer: plan.sources, write: true },
-          { buffer: plan.scales, write: true },
-        ],
-        workgroups: 1,
-      });
+      plan = this.planOn(routed, n, e, k);
       this.free(routed);
     } else {
       // A prefill-sized batch, or routing over one binding (test-sized limits): the same
@@ -1891,21 +1883,104 @@ export class WebGpuBackend implements TrainingBackend {
         scales: this.upload(host.scales),
       };
     }
+    const hint = groupRowsHint(n, k, e);
     // The gate|up matmul reads xn's rows through the plan's order where xn fits one binding.
     let a: GpuTensor;
     if (t(xn).bytes <= this.maxBindingBytes) {
       const gather = { rows: plan.order, count: n * k };
-      a = this.groupedOn(xn, stacks.gateUp, plan.groupStart, groupRowsHint, true, gather);
+      a = this.groupedOn(xn, stacks.gateUp, plan.groupStart, hint, true, gather);
     } else {
       const xe = this.gatherFrom(xn, plan.order, n * k);
-      a = this.groupedOn(xe, stacks.gateUp, plan.groupStart, groupRowsHint, true);
+      a = this.groupedOn(xe, stacks.gateUp, plan.groupStart, hint, true);
       this.free(xe);
     }
-    const y = this.groupedOn(a, stacks.down, plan.groupStart, groupRowsHint);
+    const y = this.groupedOn(a, stacks.down, plan.groupStart, hint);
     this.free(a);
     this.combineFrom(out, y, plan.sources, plan.scales, k);
     this.free(y);
     for (const buffer of Object.values(plan)) this.release(buffer);
+  }
+
+  /** Whether plan_experts can group n tokens' k experts of e on the device. */
+  private devicePlanFits(n: number, e: number, k: number): boolean {
+    const fits = Math.max(n * 2 * k, e + 1) * 4 <= this.maxBindingBytes;
+    return e <= PLAN_MAX_EXPERTS && n * k <= PLAN_MAX_ENTRIES && fits;
+  }
+
+  /** plan_experts on a routing [n, 2k] in route_topk's layout, on the device. */
+  private planOn(routed: GpuTensor, n: number, e: number, k: number): DevicePlan {
+    const plan = {
+      groupStart: this.acquire((e + 1) * 4, true),
+      order: this.acquire(n * k * 4, true),
+      sources: this.acquire(n * k * 4, true),
+      scales: this.acquire(n * k * 4, true),
+    };
+    this.run({
+      kernel: "moe",
+      entry: "plan_experts",
+      params: [n, e, k, 0],
+      bindings: [
+        { buffer: routed.buffer },
+        { buffer: plan.groupStart, write: true },
+        { buffer: plan.order, write: true },
+        { buffer: plan.sources, write: true },
+        { buffer: plan.scales, write: true },
+      ],
+      workgroups: 1,
+    });
+    return plan;
+  }
+
+  /**
+   * Compressed experts on the device (DeviceCompressedExperts): route_topk, split_compressed
+   * (main routing and aux alphas), plan_experts over the main experts, theta as three
+   * matmuls, then the main experts grouped as routedExperts runs them, gate and up apart
+   * (their inputs differ) and both reading x * theta through the plan's order.
+   */
+  compressedExperts(
+    xn: Tensor,
+    logits: Tensor,
+    stacks: SeparateExpertStacks,
+    slots: readonly Weight[],
+    route: CompressedRouteSpec,
+    out: Tensor,
+  ): boolean {
+    const [n, e] = rowsCols(logits), { k, mainExperts: km } = route;
+    if (!Number.isInteger(km) || km < 1 || km >= k) {
+      throw new Error(`compressedExperts: ${km} main experts of top-${k}`);
+    }
+    // x * theta is bound whole by the gathering matmuls, the alphas written whole.
+    const fits = Math.max(t(xn).bytes, n * e * 4) <= this.maxBindingBytes;
+    if (!fits || !this.devicePlanFits(n, e, k)) return false;
+    if (n === 0) return true;
+    const raw = this.route(logits, { k, normalize: false, eps: 0 });
+    const main = this.newTensor([n, 2 * km]), alpha = this.newTensor([n, e]);
+    this.run({
+      kernel: "moe",
+      entry: "split_compressed",
+      params: [n, e, k, km, route.normalize ? 1 : 0, { f32: route.eps }],
+      bindings: [
+        { buffer: raw.buffer },
+        { buffer: main.buffer, write: true },
+        { buffer: alpha.buffer, write: true },
+      ],
+      workgroups: ceilDiv(n, 64),
+    });
+    this.free(raw);
+    const plan = this.planOn(main, n, e, km);
+    this.free(main);
+    const [t0, t1, t2] = slots.map((slot) => this.matmul(alpha, slot));
+    const xg = this.mul(xn, t0), xu = this.mul(xn, t2);
+    const hint = groupRowsHint(n, km, e), gather = { rows: plan.order, count: n * km };
+    const g = this.groupedOn(xg, stacks.gate, plan.groupStart, hint, false, gather);
+    const u = this.groupedOn(xu, stacks.up, plan.groupStart, hint, false, gather);
+    const a = this.swiglu(g, u), t1Rows = this.gatherFrom(t1, plan.order, n * km);
+    const scaled = this.mul(a, t1Rows);
+    const y = this.groupedOn(scaled, stacks.down, plan.groupStart, hint);
+    this.combineFrom(out, y, plan.sources, plan.scales, km);
+    for (const x of [alpha, t0, t1, t2, xg, xu, g, u, a, t1Rows, scaled, y]) this.free(x);
+    for (const buffer of Object.values(plan)) this.release(buffer);
+    return true;
   }
 
   private checkRows(op: string, rows: Int32Array, limit: number): void {

@@ -5,6 +5,7 @@
 import {
   expertPlan,
   GATE_UP_RUN,
+  hasDeviceCompressedExperts,
   kvCacheRows,
   type KvRows,
   type RopeSpec,
@@ -14,6 +15,7 @@ import {
 } from "../backend/backend.ts";
 import {
   type CeRouting,
+  cesSlots,
   type MoeSpec,
   splitRouting,
   thetaOf,
@@ -325,13 +327,6 @@ export async function mlpBlock(
     ? { k: mlp.topK, normalize: false, eps: 0 }
     : { k: mlp.topK, normalize: mlp.renorm.normalize, eps: mlp.renorm.eps };
   const oneByOne = !model.expertsStackable(l);
-  // The routing comes to the host only where something needs it there: an observer,
-  // compressed experts or experts run one by one. Else it never leaves the device.
-  let routing: Routing | undefined;
-  if (hooks.onRouter || ce || oneByOne) {
-    routing = await be.routeTopK(logits, route.k, route.normalize, route.eps);
-    await hooks.onRouter?.(l, logits, routing);
-  }
 
   // Shared experts first (always on), then routed experts accumulate into the same rows.
   let out: Tensor;
@@ -341,6 +336,18 @@ export async function mlpBlock(
       : await swigluMlp(model, xn, mlpNames((p) => sharedName(s, l, p)));
   } else {
     out = be.tensor(new Float32Array(xn.shape[0] * s.hidden), [xn.shape[0], s.hidden]);
+  }
+  // The routing comes to the host only where something needs it there: an observer,
+  // compressed experts the device cannot run, or experts run one by one. Else it never
+  // leaves the device.
+  if (ce && !hooks.onRouter && await compressedExpertsOnDevice(model, l, mlp, xn, logits, out)) {
+    be.free(logits);
+    return out;
+  }
+  let routing: Routing | undefined;
+  if (hooks.onRouter || ce || oneByOne) {
+    routing = await be.routeTopK(logits, route.k, route.normalize, route.eps);
+    await hooks.onRouter?.(l, logits, routing);
   }
   if (ce) await dispatchCompressedExperts(model, l, mlp, xn, routing!, out);
   else if (oneByOne) await expertsOneByOne(model, l, xn, routing!, mlp.topK, mlp.experts, out);
@@ -353,6 +360,46 @@ export async function mlpBlock(
   }
   be.free(logits);
   return out;
+}
+
+/** Whether layer l's compressed experts run grouped: main experts frozen, width unpadded. */
+function groupedMainExperts(model: Model, l: number, mlp: MoeSpec): boolean {
+  return model.expertsStackable(l) && mlp.expertWidth % GATE_UP_RUN === 0;
+}
+
+/** Layer l's expert stacks, gate and up apart, for the compressed experts' grouped path. */
+async function separateStacks(model: Model, l: number, mlp: MoeSpec) {
+  return {
+    gate: await model.expertStack(l, "gate", mlp.experts),
+    up: await model.expertStack(l, "up", mlp.experts),
+    down: await model.expertStack(l, "down", mlp.experts),
+  };
+}
+
+/**
+ * dispatchCompressedExperts with the routing kept on the device, where the backend can
+ * (DeviceCompressedExperts) and the main experts run grouped; false, having done nothing,
+ * where it cannot.
+ */
+async function compressedExpertsOnDevice(
+  model: Model,
+  l: number,
+  mlp: MoeSpec,
+  xn: Tensor,
+  logits: Tensor,
+  out: Tensor,
+): Promise<boolean> {
+  const be = model.backend;
+  if (!hasDeviceCompressedExperts(be) || !groupedMainExperts(model, l, mlp)) return false;
+  const stacks = await separateStacks(model, l, mlp);
+  const slots = await cesSlots(model, l, mlp, true);
+  const route = {
+    k: mlp.topK,
+    mainExperts: mlp.mainExperts!,
+    normalize: mlp.renorm.normalize,
+    eps: mlp.renorm.eps,
+  };
+  return be.compressedExperts(xn, logits, stacks, slots, route, out);
 }
 
 /**
@@ -396,7 +443,7 @@ export async function dispatchCompressedExperts(
   out: Tensor,
   keep?: ScaledExpertValues[],
 ): Promise<{ split: CeRouting; t0?: Tensor; t2?: Tensor; alpha?: Tensor }> {
-  const be = model.backend, s = model.spec, W = mlp.expertWidth;
+  const be = model.backend, s = model.spec;
   const split = splitRouting(raw, mlp);
   // [N, H] gate input scale, [N, W] intermediate scale, [N, H] up input scale
   const { t0, t1, t2, alpha } = await thetaOf(model, l, mlp, split);
@@ -407,13 +454,9 @@ export async function dispatchCompressedExperts(
     if (keep) keep.push(values);
     else for (const v of scaledTensors(values)) be.free(v);
   };
-  if (model.expertsStackable(l) && W % GATE_UP_RUN === 0) {
+  if (groupedMainExperts(model, l, mlp)) {
     const plan = expertPlan(main, km, mlp.experts);
-    const stacks = {
-      gate: await model.expertStack(l, "gate", mlp.experts),
-      up: await model.expertStack(l, "up", mlp.experts),
-      down: await model.expertStack(l, "down", mlp.experts),
-    };
+    const stacks = await separateStacks(model, l, mlp);
     const values = scaledExpert(
       model,
       scaled,
