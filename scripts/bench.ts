@@ -43,6 +43,7 @@ import { Optimizer, selectTrainable, trainStep } from "../lib/train/trainer.ts";
 import { JS_EPS, Reference } from "../lib/methods/divergence.ts";
 import { defaultThreads } from "../lib/backend/cpu_rows.ts";
 import { mulberry32 } from "../lib/random.ts";
+import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 
 const USAGE = `Usage: deno task bench [options]
 
@@ -543,12 +544,27 @@ async function benchForward(backends: Map<string, Backend>, modelDir: string, re
  * WebGPU per step the submits (each a wait on the device; the MoE layers add none), the
  * dispatches and the host time encoding them (what bounds decoding once the GPU is fast)
  * and, where the adapter has timestamp queries, the GPU time per kernel of as many more steps.
+ * Then the same model with compressed experts (half of each token's top-k run, the rest
+ * scaled; ces of ones): on WebGPU its routing stays on the device too.
  */
 async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
   const rows: Record<string, unknown>[] = [];
   const prompt = 32, steps = 32, warmup = 4;
   for (const [name, be] of backends) {
+    for (const compressed of [false, true]) {
+      const row = await decodeRow(name, be, compressed);
+      if (row) rows.push(row);
+    }
+  }
+  return rows;
+
+  async function decodeRow(name: string, be: Backend, compressed: boolean) {
     const model = await Model.load(modelDir, be);
+    const moe = model.spec.layers.find((l) => l.mlp.kind === "moe")?.mlp;
+    const mainExperts = compressed && moe?.kind === "moe" ? Math.max(1, moe.topK >> 1) : null;
+    if (compressed && !mainExperts) return model.close(); // a dense model: no such variant
+    if (mainExperts) enableOnModel(model, mainExperts, "bench");
+    const variant = mainExperts ? `compressed experts k_m=${mainExperts}` : "plain";
     const cache = createKvCache(model, 1, prompt + warmup + 2 * steps);
     const ids = new Int32Array(prompt).map((_, i) => (i * 7919 + 13) % 256);
     let logits = await forwardCached(model, ids, prompt, cache, true);
@@ -575,9 +591,10 @@ async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
       : null;
     freeKvCache(model, cache);
     model.close();
-    rows.push({
+    const row = {
       backend: name,
       device: be.description,
+      variant,
       prompt,
       steps,
       seconds,
@@ -586,9 +603,9 @@ async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
       dispatchesPerToken,
       encodeMsPerToken,
       kernels,
-    });
+    };
     console.error(
-      `decode ${name}: ${(steps / seconds).toFixed(1)} tok/s` +
+      `decode ${name} ${variant}: ${(steps / seconds).toFixed(1)} tok/s` +
         (gpu
           ? `, per token ${submitsPerToken} submits, ${dispatchesPerToken} dispatches, ` +
             `${encodeMsPerToken!.toFixed(2)} ms host encoding`
@@ -599,8 +616,8 @@ async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
         `  ${k.milliseconds.toFixed(3)} ms/token in ${k.dispatches} x ${k.kernel}`,
       );
     }
+    return row;
   }
-  return rows;
 }
 
 /** timeKernels' totals per decoded token, slowest kernel first. */
