@@ -61,7 +61,7 @@ fn attention_backward_query(@builtin(workgroup_id) wg: vec3u, @builtin(num_workg
     let pj = exp(dot_rows(p.q_off + row_off, p.k_off + kv) * p.scale - m) / l;
     d += pj * dot_do_v(p.do_off + row_off, p.v_off + kv);
   }
-  let st = 3u * t;
+  let st = p.stats_off + 3u * t;
   stats[st] = m;
   stats[st + 1u] = l;
   stats[st + 2u] = d;
@@ -111,7 +111,7 @@ fn attention_backward_kv(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgrou
     let h = kh * group + g;
     for (var i = i_lo; i < i_end; i++) {
       let row_off = (b * p.q_len + i) * p.heads * hd + h * hd;
-      let st = 3u * ((b * p.heads + h) * p.q_len + i);
+      let st = p.stats_off + 3u * ((b * p.heads + h) * p.q_len + i);
       let pj = exp(dot_rows(p.q_off + row_off, p.k_off + kv) * p.scale - stats_in[st]) /
         stats_in[st + 1u];
       let ds = pj * (dot_do_v(p.do_off + row_off, p.v_off + kv) - stats_in[st + 2u]) * p.scale;

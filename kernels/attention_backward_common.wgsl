@@ -19,6 +19,8 @@ struct Params {
   dq_off: u32,
   dk_off: u32,
   dv_off: u32,
+  stats_off: u32, // stats' row 0 (the forward's statistics may be bound from an offset)
+  o_off: u32, // attention_backward_tiled with SAVED_STATS only: row 0 of out_saved
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -31,6 +33,8 @@ struct Params {
 // header), and dq.
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dq: array<f32>; // like q
+// With the forward's statistics (attention_backward_tiled, SAVED_STATS): its output, like q.
+@group(0) @binding(7) var<storage, read> out_saved: array<f32>;
 
 // The key pass: the statistics, dk and dv.
 @group(0) @binding(5) var<storage, read> stats_in: array<f32>;

@@ -15,6 +15,10 @@
 //         together when m grows (once per tile), so D = D~ / l; lse = m + log l and D
 //         go to `stats`;
 //       - then for dq: p = exp(s - lse), ds as above, dq += ds k_j.
+//     With SAVED_STATS (training after the tiled forward), `stats` already holds each
+//     row's lse (the forward's SAVE_STATS) and D = dO_i . O_i (the forward's output, the
+//     FlashAttention-2 way: sum_j p_ij dp_ij = dO_i . sum_j p_ij v_j), so walk 0 is
+//     skipped: the query pass walks the keys once, writing D for the key pass.
 //  2. attention_backward_kv: a workgroup owns a block of ROWS key rows of one (sequence,
 //     kv head), and walks the (query, head) rows that see any of them (causal, and
 //     within the window) in tiles of TILE rows: Q, dO and their (lse, D) in workgroup
@@ -50,6 +54,7 @@ override TILE: u32 = 8u; // keys (query pass) or (query, head) rows (key pass) p
 // above far sooner (head_dim 256: wrong from 1,024 keys with 4 lanes, right at 6,144
 // with 8); a GPU would spill the registers.
 override LANES: u32 = 4u;
+override SAVED_STATS: u32 = 0u;
 
 const THREADS: u32 = 64u;
 const R: u32 = 2u; // rows per group
@@ -111,6 +116,16 @@ fn do4(base: u32, d: u32) -> vec4f {
   for (var c = 0u; c < 4u; c++) {
     if (d + c < HEAD_DIM) {
       r[c] = d_out[base + d + c];
+    }
+  }
+  return r;
+}
+
+fn o4(base: u32, d: u32) -> vec4f {
+  var r = vec4f(0.0);
+  for (var c = 0u; c < 4u; c++) {
+    if (d + c < HEAD_DIM) {
+      r[c] = out_saved[base + d + c];
     }
   }
   return r;
@@ -189,9 +204,30 @@ fn attention_backward_query(@builtin(workgroup_id) wg: vec3u, @builtin(num_workg
     d[r] = 0.0;
   }
 
-  // Two walks over the same K and V tiles: walk 0 for m, l and D~, walk 1 for dq.
+  // Two walks over the same K and V tiles: walk 0 for m, l and D~, walk 1 for dq. With
+  // the forward's lse, D = dO . O (the lanes' shares summed through `partial`) instead
+  // of walk 0.
   var lse: array<f32, R>;
-  for (var walk = 0u; walk < 2u; walk++) {
+  if (SAVED_STATS == 1u) {
+    for (var r = 0u; r < R; r++) {
+      var share = 0.0;
+      for (var c = 0u; c < VEC4S; c++) {
+        let o_row = o4(p.o_off + row[r] * HEAD_DIM, 4u * (lane + c * LANES));
+        share += dot(dor[r * MAX_VEC4S + c], o_row);
+      }
+      partial[(tid * R + r) * TILE] = vec2f(share, 0.0);
+    }
+    workgroupBarrier();
+    for (var r = 0u; r < R; r++) {
+      lse[r] = stats[p.stats_off + 2u * row[r]];
+      d[r] = dots(g, r, 0u).x;
+      if (writes[r] && lane == 0u) {
+        stats[p.stats_off + 2u * row[r] + 1u] = d[r];
+      }
+    }
+    workgroupBarrier(); // the tiles overwrite `partial`
+  }
+  for (var walk = SAVED_STATS; walk < 2u; walk++) {
     for (var j0 = block_lo; j0 <= block_hi; j0 += TILE) {
       let n = min(TILE, block_hi + 1u - j0); // keys in this tile
       for (var e = tid; e < n * ROW_VEC4S; e += THREADS) {
@@ -272,8 +308,8 @@ fn attention_backward_query(@builtin(workgroup_id) wg: vec3u, @builtin(num_workg
         lse[r] = m[r] + log(l[r]);
         d[r] /= l[r];
         if (writes[r] && lane == 0u) {
-          stats[2u * row[r]] = lse[r];
-          stats[2u * row[r] + 1u] = d[r];
+          stats[p.stats_off + 2u * row[r]] = lse[r];
+          stats[p.stats_off + 2u * row[r] + 1u] = d[r];
         }
       }
     }
@@ -357,7 +393,7 @@ fn attention_backward_kv(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgrou
       do_tile[e] = do4(p.do_off + query_row, dim);
     }
     if (tid < n) { // TILE <= MAX_TILE < THREADS
-      let st = 2u * head_row(b, kh, f0 + tid, group);
+      let st = p.stats_off + 2u * head_row(b, kh, f0 + tid, group);
       stats_tile[tid] = vec2f(stats_in[st], stats_in[st + 1u]);
     }
     workgroupBarrier();

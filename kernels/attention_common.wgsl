@@ -17,6 +17,7 @@ struct Params {
   kv_stride: u32, // rows per sequence in k and v (kv_len, or a KV cache's capacity)
   splits: u32, // attention_split only: key splits a query, of split_keys keys each
   split_keys: u32,
+  stats_off: u32, // attention_tiled with SAVE_STATS only: row 0 of row_stats
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -24,12 +24,19 @@
 // [THREADS, R, ROW_KEYS].
 
 // Params and the bindings: attention_common.wgsl.
+//
+// SAVE_STATS (training): each (query, head) row's logsumexp also goes to row_stats, laid
+// out as the tiled backward's statistics [seqs * q_len, heads, 2] (slot 0; the backward
+// writes D into slot 1), so the backward's query pass need not walk the keys for it.
 
 // Pipeline constants, so the per-thread loops have fixed trip counts and q, o stay in
 // registers.
 override HEAD_DIM: u32 = 64u;
 override KEYS: u32 = 16u; // keys per tile
 override SPLIT: u32 = 1u; // groups per query row: a power of two up to GROUPS
+override SAVE_STATS: u32 = 0u;
+
+@group(0) @binding(5) var<storage, read_write> row_stats: array<f32>;
 
 const THREADS: u32 = 64u;
 const LANES: u32 = 4u; // threads per group
@@ -244,6 +251,7 @@ fn attention_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nw
       for (var c = 0u; c < VEC4S; c++) {
         o[r * MAX_VEC4S + c] *= factor;
       }
+      m[r] = m_all;
       l[r] = l_all;
     }
     // ... and add up their o pairwise through the tile, one row of the groups at a time:
@@ -271,6 +279,9 @@ fn attention_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nw
       if (writes[r]) {
         let out_base = p.out_off + row_off[r];
         let inv_l = 1.0 / l[r];
+        if (SAVE_STATS == 1u && lane == 0u) {
+          row_stats[p.stats_off + 2u * (row_off[r] / HEAD_DIM)] = m[r] + log(l[r]);
+        }
         for (var c = 0u; c < VEC4S; c++) {
           let d = 4u * (lane + c * LANES);
           let value = o[r * MAX_VEC4S + c] * inv_l;

@@ -43,7 +43,16 @@ const shape = (
   window: number | null = null,
 ): AttentionShape => ({ batch, qLen, kvLen, heads, kvHeads, headDim, window });
 
-async function checkBackward(be: WebGpuBackend, label: string, s: AttentionShape) {
+/**
+ * `saved`: the forward first (attentionSaving), its logsumexp and output passed to the
+ * backward, as training does; the tiled kernel then skips its statistics walk.
+ */
+async function checkBackward(
+  be: WebGpuBackend,
+  label: string,
+  s: AttentionShape,
+  saved = false,
+) {
   const qShape = [s.batch * s.qLen, s.heads * s.headDim];
   const kvShape = [s.batch * s.kvLen, s.kvHeads * s.headDim];
   const shapes = [qShape, kvShape, kvShape, qShape];
@@ -56,7 +65,15 @@ async function checkBackward(be: WebGpuBackend, label: string, s: AttentionShape
   ];
   const [q, k, v, dOut] = data.map((d, i) => be.tensor(d, shapes[i]));
   const [cq, ck, cv, cdOut] = data.map((d, i) => cpu.tensor(d, shapes[i]));
-  const got = be.attentionBackward(q, k, v, dOut, s);
+  const forward = saved ? be.attentionSaving(q, k, v, s) : undefined;
+  if (forward && be.attentionKernelFor(s) === "naive") {
+    assert.equal(forward.stats, null, `${label}: the naive kernel saves nothing`);
+  }
+  if (forward && be.attentionKernelFor(s) === "tiled" && s.qLen > 1) {
+    // (with qLen 1 the forward may run split, flash-decoding, which saves nothing)
+    assert.notEqual(forward.stats, null, `${label}: the tiled forward saves lse`);
+  }
+  const got = be.attentionBackward(q, k, v, dOut, s, forward);
   const want = cpu.attentionBackward(cq, ck, cv, cdOut, s);
   for (const name of ["dq", "dk", "dv"] as const) {
     assert.deepEqual([...got[name].shape], [...want[name].shape], `${label} ${name}: shape`);
@@ -69,6 +86,7 @@ async function checkBackward(be: WebGpuBackend, label: string, s: AttentionShape
     assert(err <= SUM_TOL, `${label} ${name} ${JSON.stringify(s)}: relative error ${err}`);
   }
   for (const x of [q, k, v, dOut, got.dq, got.dk, got.dv]) be.free(x);
+  if (forward) be.free(forward.out), forward.stats && be.free(forward.stats);
 }
 
 // Few distinct head_dims: each is a pipeline to compile (seconds on llvmpipe).
@@ -100,6 +118,20 @@ for (const kernel of ATTENTION_KERNELS) {
     async fn() {
       const be = gpu!.withOptions({ attentionKernel: kernel });
       for (const s of SHAPES) await checkBackward(be, `attentionBackward ${kernel}`, s);
+    },
+  });
+
+  Deno.test({
+    name: `webgpu attentionBackward "${kernel}" after attentionSaving matches cpu, chunked too`,
+    ignore,
+    async fn() {
+      const be = gpu!.withOptions({ attentionKernel: kernel });
+      for (const s of SHAPES) await checkBackward(be, `attentionBackward ${kernel} saved`, s, true);
+      // The saved statistics bound from unaligned offsets, a sequence a chunk.
+      const chunked = gpu!.withOptions({ attentionKernel: kernel, maxBindingBytes: SMALL_BINDING });
+      const label = `attentionBackward ${kernel} saved chunked`;
+      await checkBackward(chunked, label, shape(5, 8, 24, 6, 2, 16), true);
+      await checkBackward(chunked, label, shape(3, 7, 7, 4, 2, 24, 5), true);
     },
   });
 
@@ -136,6 +168,18 @@ Deno.test({
       ]
     ) {
       await checkBackward(be, "attentionBackward tiled long", s);
+    }
+    // After the tiled forward (attentionSaving): one walk of the query pass. At head_dim
+    // 256 the forward itself (4 lanes a row) is right at 1,536 keys on llvmpipe, not at
+    // 2,048 (docs/webgpu.md).
+    for (
+      const s of [
+        shape(1, 1024, 1024, 1, 1, 64),
+        shape(1, 512, 512, 1, 1, 128),
+        shape(1, 32, 1536, 1, 1, 256),
+      ]
+    ) {
+      await checkBackward(be, "attentionBackward tiled long saved", s, true);
     }
   },
 });

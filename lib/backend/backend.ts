@@ -218,9 +218,22 @@ export interface BackwardOps {
     linearFactor: number,
   ): Tensor;
   /**
+   * attention for training: also returns what attentionBackward can reuse, each (query,
+   * head) row's logsumexp [B*qLen*heads, 2] (WebGPU's tiled kernel), or null where the
+   * backward recomputes it (the CPU, whose BLAS backward rebuilds P from q k^T anyway).
+   */
+  attentionSaving(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    shape: AttentionShape,
+  ): { out: Tensor; stats: Tensor | null };
+  /**
    * Backward of attention (q, k, v after RoPE, same shape arguments as the forward): the
-   * probabilities are recomputed from q and k. Returns dq [B*qLen, heads*hd] and
-   * dk, dv [B*kvLen, kvHeads*hd] (summed over the query heads of each GQA group).
+   * probabilities are recomputed from q and k, with the forward's logsumexp where
+   * `saved` has it (attentionSaving; then the backward writes into `saved.stats`).
+   * Returns dq [B*qLen, heads*hd] and dk, dv [B*kvLen, kvHeads*hd] (summed over the query
+   * heads of each GQA group).
    */
   attentionBackward(
     q: Tensor,
@@ -228,6 +241,7 @@ export interface BackwardOps {
     v: Tensor,
     dOut: Tensor,
     shape: AttentionShape,
+    saved?: { out: Tensor; stats: Tensor | null },
   ): { dq: Tensor; dk: Tensor; dv: Tensor };
   /** Backward of embedding: tableGrad [V, H] row ids[i] += dy[i] (dy [ids.length, H]). */
   embeddingBackward(ids: Int32Array, dy: Tensor, tableGrad: Tensor): void;

@@ -765,6 +765,15 @@ export class CpuBackend implements TrainingBackend {
     return new CpuTensor(this.rotateHeads(t(dy).data, d, 0, heads, headDim, rope, -1), dy.shape);
   }
 
+  attentionSaving(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    s: AttentionShape,
+  ): { out: Tensor; stats: Tensor | null } {
+    return { out: this.attention(q, k, v, s), stats: null };
+  }
+
   attentionBackward(
     q: Tensor,
     k: Tensor,

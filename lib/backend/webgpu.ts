@@ -21,9 +21,9 @@ import {
   checkMatmulSwiglu,
   checkRoutedExperts,
   checkSplitQkv,
-  expertPlan,
   type CompressedRouteSpec,
   type DeviceCompressedExperts,
+  expertPlan,
   type ExpertStacks,
   GATE_UP_RUN,
   kvCacheRows,
@@ -32,8 +32,8 @@ import {
   type RopeSpec,
   type RouteSpec,
   type Routing,
-  type SeparateExpertStacks,
   rowsCols,
+  type SeparateExpertStacks,
   type Tensor,
   type TrainingBackend,
   type Weight,
@@ -456,7 +456,8 @@ export function attentionBackwardTiling(s: AttentionShape): {
 const weightRows = (shape: readonly number[]) =>
   shape.length >= 2 ? numelOf(shape) / shape[shape.length - 1] : 1;
 
-const UNIFORM_BYTES = 64;
+// The most Params a kernel has: attention_backward_common.wgsl's 17 u32s, padded to 16 bytes.
+const UNIFORM_BYTES = 80;
 // Dispatches per submitted batch: their uniforms share one buffer, one slot each.
 const BATCH_DISPATCHES = 1024;
 // Bind groups kept for reuse (a decode step of the default model uses 81); the cache is
@@ -564,7 +565,8 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
     // Multiple of 4 so every chunk of whole f32 rows or padded 16-bit weights fits.
     this.maxBindingBytes = Math.floor(Math.min(opts.maxBindingBytes ?? limit, limit) / 4) * 4;
     this.offsetAlign = device.limits.minStorageBufferOffsetAlignment;
-    this.uniformSlot = Math.max(UNIFORM_BYTES, device.limits.minUniformBufferOffsetAlignment);
+    const uniformAlign = device.limits.minUniformBufferOffsetAlignment;
+    this.uniformSlot = ceilDiv(UNIFORM_BYTES, uniformAlign) * uniformAlign;
     this.shared = shared ?? {
       pipelines: new Map(),
       layouts: new Map(),
@@ -1721,15 +1723,37 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
   }
 
   attention(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape): Tensor {
+    return this.attentionOf(q, k, v, s, false).out;
+  }
+
+  /**
+   * attention keeping each row's logsumexp where the tiled kernel runs (every training
+   * shape up to head_dim 256): attentionBackward then takes D from the output and walks
+   * the keys once fewer.
+   */
+  attentionSaving(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    s: AttentionShape,
+  ): { out: Tensor; stats: Tensor | null } {
+    return this.attentionOf(q, k, v, s, true);
+  }
+
+  private attentionOf(q: Tensor, k: Tensor, v: Tensor, s: AttentionShape, save: boolean) {
     const { batch, qLen, heads, kvHeads, headDim } = s;
     const qw = heads * headDim, kw = kvHeads * headDim;
     const stride = checkAttentionShape("attention", q, k, v, s);
     const kernel = this.checkedAttentionKernel("attention", s);
     const tiling = kernel === "tiled" ? attentionTiling(s) : null;
     const out = this.newTensor([batch * qLen, qw]); // [tokens, heads * headDim]
+    // (lse, D) per (query, head) row, as the tiled backward keeps them; the forward
+    // writes lse. Only the tiled kernel saves them, and it never runs split (decode).
+    const saving = save && tiling !== null && this.attentionSplits(s, batch) === 0;
+    const stats = saving ? this.newTensor([batch * qLen * heads, 2]) : null;
     // Chunks are whole sequences: a query needs every key of its own sequence.
-    const qBytes = qLen * qw * 4, kvBytes = stride * kw * 4;
-    for (const [b0, seqs] of this.rowChunks(batch, [qBytes, kvBytes])) {
+    const qBytes = qLen * qw * 4, kvBytes = stride * kw * 4, statBytes = qLen * heads * 8;
+    for (const [b0, seqs] of this.rowChunks(batch, [qBytes, kvBytes, statBytes])) {
       const qRange = this.rowRange(t(q).buffer, b0, seqs, qBytes);
       const kRange = this.rowRange(t(k).buffer, b0, seqs, kvBytes);
       const vRange = this.rowRange(t(v).buffer, b0, seqs, kvBytes);
@@ -1757,12 +1781,20 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
           this.release(partials);
         }
       } else if (tiling) {
+        const statsRange = stats
+          ? this.rowRange(stats.buffer, b0, seqs, statBytes, true)
+          : { buffer: this.emptyBuffer, write: true, skip: 0 };
         this.run({
           kernel: "attention_tiled",
           entry: "attention_tiled",
-          constants: { HEAD_DIM: headDim, KEYS: tiling.keys, SPLIT: tiling.split },
-          params,
-          bindings,
+          constants: {
+            HEAD_DIM: headDim,
+            KEYS: tiling.keys,
+            SPLIT: tiling.split,
+            SAVE_STATS: stats ? 1 : 0,
+          },
+          params: [...params, 0, 0, statsRange.skip],
+          bindings: [...bindings, statsRange],
           workgroups: seqs * kvHeads * tiling.blocks,
         });
       } else {
@@ -1775,7 +1807,7 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
         });
       }
     }
-    return out;
+    return { out, stats };
   }
 
   /** attentionKernelFor, refusing a forced tiled kernel past its head_dim limit. */
@@ -2446,6 +2478,7 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
     v: Tensor,
     dOut: Tensor,
     s: AttentionShape,
+    saved?: { out: Tensor; stats: Tensor | null },
   ): { dq: Tensor; dk: Tensor; dv: Tensor } {
     const { batch, qLen, kvLen, heads, kvHeads, headDim } = s;
     const qw = heads * headDim, kw = kvHeads * headDim;
@@ -2456,7 +2489,16 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
     const dk = this.newTensor([batch * kvLen, kw]); // [B*kvLen, kvHeads*hd]
     const dv = this.newTensor([batch * kvLen, kw]);
     // Chunks are whole sequences, as in the forward. Per query row and head the naive
-    // kernel keeps (m, l, D), the tiled one (lse, D).
+    // kernel keeps (m, l, D), the tiled one (lse, D): from the forward where it saved lse
+    // (attentionSaving), the query pass then adding D.
+    const savedStats = tiling && saved?.stats ? saved.stats : null;
+    if (savedStats && numelOf(savedStats.shape) !== batch * qLen * heads * 2) {
+      throw new Error(
+        `attentionBackward: saved statistics [${savedStats.shape}], want [${
+          batch * qLen * heads
+        }, 2]`,
+      );
+    }
     const qBytes = qLen * qw * 4, kvBytes = kvLen * kw * 4;
     const statBytes = heads * qLen * (tiling ? 8 : 12);
     for (const [b0, seqs] of this.rowChunks(batch, [qBytes, kvBytes, statBytes])) {
@@ -2467,29 +2509,31 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
       const dqRange = this.rowRange(dq.buffer, b0, seqs, qBytes, true);
       const dkRange = this.rowRange(dk.buffer, b0, seqs, kvBytes, true);
       const dvRange = this.rowRange(dv.buffer, b0, seqs, kvBytes, true);
-      const stats = this.acquire(seqs * statBytes, true);
+      const stats = savedStats
+        ? this.rowRange(t(savedStats).buffer, b0, seqs, statBytes, true)
+        : { buffer: this.acquire(seqs * statBytes, true), size: seqs * statBytes, skip: 0 };
+      const outRange = savedStats
+        ? this.rowRange(t(saved!.out).buffer, b0, seqs, qBytes)
+        : { buffer: this.emptyBuffer, skip: 0 };
       const ranges = [qRange, kRange, vRange, doRange, dqRange, dkRange, dvRange];
-      const params = attentionParams(seqs, s, ranges);
+      const params = [...attentionParams(seqs, s, ranges), stats.skip, outRange.skip];
       const inputs = [qRange, kRange, vRange, doRange];
-      const queryPass = [
-        ...inputs,
-        { buffer: stats, size: seqs * statBytes, write: true },
-        dqRange,
-      ];
-      const keyPass = [...inputs, { buffer: stats, size: seqs * statBytes }, dkRange, dvRange];
+      const queryPass = [...inputs, { ...stats, write: true }, dqRange];
+      const keyPass = [...inputs, { ...stats, write: false }, dkRange, dvRange];
       if (tiling) {
+        const constants = { HEAD_DIM: headDim, LANES: tiling.lanes };
         this.run({
           kernel: "attention_backward_tiled",
           entry: "attention_backward_query",
-          constants: { HEAD_DIM: headDim, LANES: tiling.lanes, TILE: tiling.keys },
+          constants: { ...constants, TILE: tiling.keys, SAVED_STATS: savedStats ? 1 : 0 },
           params,
-          bindings: queryPass,
+          bindings: [...queryPass, outRange],
           workgroups: seqs * kvHeads * tiling.queryBlocks,
         });
         this.run({
           kernel: "attention_backward_tiled",
           entry: "attention_backward_kv",
-          constants: { HEAD_DIM: headDim, LANES: tiling.lanes, TILE: tiling.queryRows },
+          constants: { ...constants, TILE: tiling.queryRows },
           params,
           bindings: keyPass,
           workgroups: seqs * kvHeads * tiling.keyBlocks,
@@ -2510,7 +2554,7 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
           workgroups: ceilDiv(seqs * kvLen * kvHeads, 64),
         });
       }
-      this.release(stats);
+      if (!savedStats) this.release(stats.buffer);
     }
     return { dq, dk, dv };
   }

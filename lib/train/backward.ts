@@ -59,6 +59,7 @@ interface AttentionTape {
   k: Tensor;
   v: Tensor; // after clamp
   a: Tensor; // [N, heads*hd] attention output, o_proj input
+  stats: Tensor | null; // what the backward reuses (Backend.attentionSaving)
 }
 
 interface ExpertTape {
@@ -184,7 +185,8 @@ async function attentionForward(
   const kr = b.rope(k, pos, s.kvHeads, s.headDim, s.ropeTheta, s.ropeLinearFactor);
   if (s.clipQkv !== null) b.free(q), b.free(k);
   t.q = qr, t.k = kr, t.v = v;
-  t.a = b.attention(qr, kr, v, attentionShape(model, l, shape));
+  const { out, stats } = b.attentionSaving(qr, kr, v, attentionShape(model, l, shape));
+  t.a = out, t.stats = stats;
   return t;
 }
 
@@ -219,7 +221,15 @@ async function attentionBackward(
     weightGrad: grads.get(proj("o_proj")),
     biasGrad: biasGrad("o_proj", s.oBias),
   })!;
-  const { dq, dk, dv } = b.attentionBackward(t.q, t.k, t.v, da, attentionShape(model, l, shape));
+  const saved = { out: t.a, stats: t.stats };
+  const { dq, dk, dv } = b.attentionBackward(
+    t.q,
+    t.k,
+    t.v,
+    da,
+    attentionShape(model, l, shape),
+    saved,
+  );
   b.free(da);
   const pos = positionsFor(shape);
   let gq = b.ropeBackward(dq, pos, s.heads, s.headDim, s.ropeTheta, s.ropeLinearFactor);
@@ -269,7 +279,7 @@ async function attentionBackward(
   const ln = `${layerPrefix(l)}input_layernorm.weight`;
   const dh = b.rmsNormBackward(h, await w(model, ln), dxn!, s.eps, grads.get(ln));
   b.free(dxn!);
-  for (const x of [t.xn, t.q0, t.k0, t.v0, t.qn, t.kn, t.q, t.k, t.a]) if (x) b.free(x);
+  for (const x of [t.xn, t.q0, t.k0, t.v0, t.qn, t.kn, t.q, t.k, t.a, t.stats]) if (x) b.free(x);
   if (t.v !== t.v0) b.free(t.v);
   return dh;
 }
@@ -632,7 +642,7 @@ function freeTape(model: Model, t: LayerTape): void {
   };
   if (t.attn) {
     const a = t.attn;
-    for (const x of [a.xn, a.q0, a.k0, a.v0, a.qn, a.kn, a.q, a.k, a.a]) if (x) b.free(x);
+    for (const x of [a.xn, a.q0, a.k0, a.v0, a.qn, a.kn, a.q, a.k, a.a, a.stats]) if (x) b.free(x);
     if (a.v !== a.v0) b.free(a.v);
     b.free(t.x);
   }
