@@ -19,7 +19,7 @@
 //             thread, SIMD on the default threads, and WebGPU's kernel (the expert search
 //             with --backend webgpu), on flat and peaked rows
 
-import type { AttentionShape, Backend } from "../lib/backend/backend.ts";
+import type { AttentionShape, Backend, Tensor } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import { createBackend, parseCli, positiveInt, runMain, UsageError } from "../lib/cli.ts";
 import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
@@ -395,9 +395,8 @@ async function benchAttention(gpu: WebGpuBackend, repeats: number) {
       return got;
     };
     const flops = 4 * s.headDim * visiblePairs(s) * s.heads;
-    rows.push(
-      ...await timeAttentionKernels(gpu, "forward", shape, s, flops, call, [want], repeats),
-    );
+    const variants = attentionVariants(gpu, "forward", call);
+    rows.push(...await timeAttentionKernels("forward", shape, s, flops, variants, [want], repeats));
     [q, k, v].forEach((x) => gpu.free(x));
   }
   rows.push(...await benchAttentionBackward(gpu, repeats));
@@ -409,33 +408,46 @@ async function benchAttention(gpu: WebGpuBackend, repeats: number) {
   };
 }
 
+/** One attention kernel (a label and a backend set to run it) and its call at one shape. */
+interface AttentionVariant {
+  kernel: string;
+  call: () => Promise<Float32Array[]>;
+}
+
+/** A variant per attention kernel, each running `call` on a backend set to that kernel. */
+function attentionVariants(
+  gpu: WebGpuBackend,
+  pass: "forward" | "backward",
+  call: (be: WebGpuBackend) => Promise<Float32Array[]>,
+): AttentionVariant[] {
+  // The forward also runs flash-decoding's split kernel (attention_split.wgsl) on every shape.
+  const kernels: string[] = [...ATTENTION_KERNELS, ...(pass === "forward" ? ["split"] : [])];
+  return kernels.map((kernel) => {
+    const be = kernel === "split"
+      ? gpu.withOptions({ attentionSplit: "always" })
+      : gpu.withOptions({ attentionKernel: kernel as AttentionKernel, attentionSplit: "never" });
+    return { kernel, call: () => call(be) };
+  });
+}
+
 /**
- * Every attention kernel running `call` (one pass at one shape): checked against `want`
- * once (which also compiles its pipelines), then timed round-robin; a row per kernel
- * ("split" is flash-decoding, forward only).
+ * The variants (one pass at one shape): each checked against `want` once (which also
+ * compiles its pipelines), then timed round-robin; a row per variant.
  */
 async function timeAttentionKernels(
-  gpu: WebGpuBackend,
   pass: "forward" | "backward",
   shape: string,
   s: AttentionShape,
   flops: number,
-  call: (be: WebGpuBackend) => Promise<Float32Array[]>,
+  variants: AttentionVariant[],
   want: Float32Array[],
   repeats: number,
 ): Promise<Record<string, unknown>[]> {
-  // The forward also runs flash-decoding's split kernel (attention_split.wgsl) on every shape.
-  const kernels: string[] = [...ATTENTION_KERNELS, ...(pass === "forward" ? ["split"] : [])];
-  const backends = kernels.map((kernel) =>
-    kernel === "split"
-      ? gpu.withOptions({ attentionSplit: "always" })
-      : gpu.withOptions({ attentionKernel: kernel as AttentionKernel, attentionSplit: "never" })
-  );
   const errors: number[] = [];
-  for (const be of backends) errors.push(maxRelError(await call(be), want));
-  const times = await roundRobin(backends, repeats, call);
+  for (const v of variants) errors.push(maxRelError(await v.call(), want));
+  const times = await roundRobin(variants, repeats, (v) => v.call());
   const rows: Record<string, unknown>[] = [], line: string[] = [];
-  for (const [i, kernel] of kernels.entries()) {
+  for (const [i, { kernel }] of variants.entries()) {
     const seconds = times[i], exact = errors[i] <= ATTENTION_EXACT_TOL;
     const gflops = flops / seconds / 1e9;
     rows.push({ pass, shape, kernel, ...s, seconds, gflops, maxRelError: errors[i], exact });
@@ -451,9 +463,11 @@ async function timeAttentionKernels(
 
 /**
  * The webgpu attention backward kernels at the training shapes, timed round-robin as the
- * forward, dq, dk and dv checked against the CPU reference. FLOPs are the backward's
- * algorithmic 10 per head dimension and visible pair (q.k again, dO.v, and dq, dk, dv),
- * not counting what a kernel recomputes.
+ * forward, dq, dk and dv checked against the CPU reference; and the tiled one as training
+ * runs it, with the forward's logsumexp (attentionSaving, not timed): its query pass
+ * walks the keys once, not twice. FLOPs are the backward's algorithmic 10 per head
+ * dimension and visible pair (q.k again, dO.v, and dq, dk, dv), not counting what a
+ * kernel recomputes.
  */
 async function benchAttentionBackward(gpu: WebGpuBackend, repeats: number) {
   const rows: Record<string, unknown>[] = [];
@@ -471,15 +485,21 @@ async function benchAttentionBackward(gpu: WebGpuBackend, repeats: number) {
     const want = await Promise.all(
       [reference.dq, reference.dk, reference.dv].map((x) => cpu.read(x)),
     );
-    const call = async (be: WebGpuBackend) => {
-      const g = be.attentionBackward(q, k, v, dOut, s);
+    const call = async (be: WebGpuBackend, saved?: { out: Tensor; stats: Tensor | null }) => {
+      const g = be.attentionBackward(q, k, v, dOut, s, saved);
       const got = [await be.read(g.dq), await be.read(g.dk), await be.read(g.dv)];
       for (const x of [g.dq, g.dk, g.dv]) be.free(x);
       return got;
     };
+    const tiled = gpu.withOptions({ attentionKernel: "tiled" });
+    const saved = tiled.attentionSaving(q, k, v, s);
+    const variants = [
+      ...attentionVariants(gpu, "backward", (be) => call(be)),
+      { kernel: "tiled, forward's lse", call: () => call(tiled, saved) },
+    ];
     const flops = 10 * s.headDim * visiblePairs(s) * s.heads;
-    rows.push(...await timeAttentionKernels(gpu, "backward", shape, s, flops, call, want, repeats));
-    [q, k, v, dOut].forEach((x) => gpu.free(x));
+    rows.push(...await timeAttentionKernels("backward", shape, s, flops, variants, want, repeats));
+    [q, k, v, dOut, saved.out, saved.stats!].forEach((x) => gpu.free(x));
   }
   return rows;
 }
