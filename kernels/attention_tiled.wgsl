@@ -10,10 +10,12 @@
 // registers (online softmax, rescaled once per tile), so no score matrix is stored.
 // Tiles outside the block's causal / sliding-window range are never loaded.
 //
-// Threads: GROUPS groups of LANES. A group owns R rows (slots g, g + GROUPS, ...) and
-// each of its lanes every LANES-th vec4 of their q and o (head_dim up to
-// LANES * MAX_VEC4S * 4 = 256), so each vec4 read from the tile feeds R rows. The lanes'
-// partial dot products meet in workgroup memory.
+// Threads: GROUPS groups of LANES (4, or 8 past head_dim 128, so that a thread holds at
+// most MAX_VEC4S vec4s of a row: with 16, llvmpipe kept the loops over them and head_dim
+// 256 was wrong from 2,048 keys, and a GPU would spill the registers). A group owns R
+// rows (slots g, g + GROUPS, ...) and each of its lanes every LANES-th vec4 of their q
+// and o (head_dim up to 8 * MAX_VEC4S * 4 = 256), so each vec4 read from the tile feeds
+// R rows. The lanes' partial dot products meet in workgroup memory.
 // Few query rows (decode: qLen 1) would leave most groups idle, so SPLIT groups may share
 // one query row, each taking every SPLIT-th key of a tile (flash-decoding inside the
 // workgroup); their (m, l, o) are merged at the end.
@@ -38,12 +40,14 @@ override SAVE_STATS: u32 = 0u;
 
 @group(0) @binding(5) var<storage, read_write> row_stats: array<f32>;
 
+override LANES: u32 = 4u; // threads per group
+
 const THREADS: u32 = 64u;
-const LANES: u32 = 4u; // threads per group
-const GROUPS: u32 = 16u; // THREADS / LANES
 const R: u32 = 2u; // rows per group
-const ROWS: u32 = 32u; // GROUPS * R, rows per workgroup
-const MAX_VEC4S: u32 = 16u; // vec4s of a row per thread, at most
+const MAX_VEC4S: u32 = 8u; // vec4s of a row per thread, at most
+
+override GROUPS: u32 = THREADS / LANES;
+override ROWS: u32 = GROUPS * R; // rows per workgroup
 
 override VEC4S: u32 = (HEAD_DIM + 4u * LANES - 1u) / (4u * LANES); // of a row per thread
 override ROW_VEC4S: u32 = VEC4S * LANES; // a padded key row

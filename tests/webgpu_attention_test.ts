@@ -160,6 +160,17 @@ Deno.test({
 });
 
 Deno.test({
+  name: "webgpu attention tiled is right at head_dim 256 over 2,048 keys (8 lanes a row)",
+  ignore,
+  async fn() {
+    // With 4 lanes (16 vec4s a thread) llvmpipe kept those loops and cut this one short.
+    const tiled = gpu!.withOptions({ attentionKernel: "tiled", attentionSplit: "never" });
+    await checkAttention(tiled, "attention tiled long", shape(1, 32, 2048, 1, 1, 256));
+    await checkAttention(tiled, "attention tiled long", shape(1, 1, 2048, 2, 1, 200));
+  },
+});
+
+Deno.test({
   name: "webgpu attention auto splits decode steps only; partials over a binding do not split",
   ignore,
   async fn() {
@@ -224,14 +235,20 @@ Deno.test({
 Deno.test("attentionTiling keeps the tiled kernel's workgroup memory within 16 KiB", () => {
   for (let headDim = 1; headDim <= ATTN_TILED_MAX_HEAD_DIM; headDim++) {
     for (const [qLen, heads, kvHeads] of [[1, 1, 1], [1, 6, 2], [3, 4, 4], [64, 8, 2]]) {
-      const { split, keys, blocks } = attentionTiling(shape(1, qLen, 64, heads, kvHeads, headDim));
-      const rowFloats = Math.ceil(headDim / 16) * 16; // 4 lanes of whole vec4s
-      const tile = Math.max(keys, split > 1 ? 8 : 0) * rowFloats; // also the merge buffer
+      const { lanes, split, keys, blocks } = attentionTiling(
+        shape(1, qLen, 64, heads, kvHeads, headDim),
+      );
+      // 4 lanes a row, 8 past 128: a lane holds at most 8 vec4s of it
+      assert.equal(lanes, headDim > 128 ? 8 : 4);
+      assert(Math.ceil(headDim / (4 * lanes)) <= 8, `head_dim ${headDim}: ${lanes} lanes`);
+      const groups = 64 / lanes, blockRows = 2 * groups;
+      const rowFloats = Math.ceil(headDim / (4 * lanes)) * 4 * lanes; // whole vec4s a lane
+      const tile = Math.max(keys, split > 1 ? groups / 2 : 0) * rowFloats; // and merge buffer
       const partials = 64 * 2 * Math.ceil(keys / split); // threads x rows x keys per group
       assert(keys >= 1 && (tile + partials) * 4 <= 16384, `head_dim ${headDim}: ${keys} keys`);
       const rows = qLen * (heads / kvHeads);
-      assert(split >= 1 && split <= 16 && (split === 1 || 32 / split >= rows));
-      assert.equal(blocks, Math.ceil(rows / (32 / split)));
+      assert(split >= 1 && split <= groups && (split === 1 || blockRows / split >= rows));
+      assert.equal(blocks, Math.ceil(rows / (blockRows / split)));
     }
   }
   // Decode (one query row): every group takes a sixteenth of each tile.

@@ -135,21 +135,19 @@ function divergenceLanes(dim: number): number {
 /** The attention kernels, simplest first. */
 export const ATTENTION_KERNELS = ["naive", "tiled"] as const;
 export type AttentionKernel = (typeof ATTENTION_KERNELS)[number];
-// kernels/attention_tiled.wgsl: threads, groups of threads and rows per workgroup (2 rows
-// per group), dimensions a row pads to (LANES vec4s), the head_dim limit
-// (LANES * MAX_VEC4S * 4), workgroup memory in floats (16 KiB, WebGPU's default limit)
-// and the most keys a tile.
+// kernels/attention_tiled.wgsl and attention_backward_tiled.wgsl: 64 threads in groups
+// of 4 lanes, 8 past head_dim 128 (so a lane holds at most 8 vec4s of a row: head_dim up
+// to 8 x 8 x 4), 2 rows per group, workgroup memory in floats (16 KiB, WebGPU's default
+// limit); the forward's most keys a tile, the backward's rows a tile at most (its
+// MAX_TILE: the query pass keeps a tile's scores in registers).
 const ATTN_TILED_THREADS = 64;
-const ATTN_TILED_GROUPS = 16;
-const ATTN_TILED_ROWS = 32;
-const ATTN_TILED_PAD = 16;
+const ATTN_TILED_WIDE_HEAD_DIM = 128;
 export const ATTN_TILED_MAX_HEAD_DIM = 256;
 const ATTN_TILED_SHARED_FLOATS = 4096;
 const ATTN_TILED_MAX_KEYS = 64;
-// kernels/attention_backward_tiled.wgsl: the same 64 threads in groups of 4 lanes, 8 past
-// head_dim 128 (so a lane holds at most 8 vec4s of a row), 2 rows per group, and rows a
-// tile at most (its MAX_TILE: the query pass keeps a tile's scores in registers).
-const ATTN_BACKWARD_WIDE_HEAD_DIM = 128;
+
+/** Lanes (threads) a row of the tiled attention kernels. */
+const attentionLanes = (headDim: number) => headDim > ATTN_TILED_WIDE_HEAD_DIM ? 8 : 4;
 // kernels/attention_split.wgsl: keys per split (its SPLIT_KEYS). "auto" runs it for decode
 // steps, at most ATTN_SPLIT_MAX_ROWS query rows per kv head.
 const ATTN_SPLIT_KEYS = 256;
@@ -405,18 +403,20 @@ const ceilDiv = (a: number, b: number) => Math.ceil(a / b);
  */
 export function attentionTiling(
   s: AttentionShape,
-): { split: number; keys: number; blocks: number } {
+): { lanes: number; split: number; keys: number; blocks: number } {
+  const lanes = attentionLanes(s.headDim), groups = ATTN_TILED_THREADS / lanes;
+  const rows = groups * 2; // (query, head) rows a workgroup
   const queryRows = s.qLen * (s.heads / s.kvHeads); // (query, head) rows per kv head
   let split = 1;
-  while (split < ATTN_TILED_GROUPS && ATTN_TILED_ROWS / (2 * split) >= queryRows) split *= 2;
-  const rowFloats = ceilDiv(s.headDim, ATTN_TILED_PAD) * ATTN_TILED_PAD;
-  const partialsPerKey = ATTN_TILED_THREADS * (ATTN_TILED_ROWS / ATTN_TILED_GROUPS);
+  while (split < groups && rows / (2 * split) >= queryRows) split *= 2;
+  const rowFloats = ceilDiv(s.headDim, 4 * lanes) * 4 * lanes; // whole vec4s per lane
+  const partialsPerKey = ATTN_TILED_THREADS * 2;
   const fits = (keys: number) =>
-    Math.max(keys, split > 1 ? ATTN_TILED_GROUPS / 2 : 0) * rowFloats +
+    Math.max(keys, split > 1 ? groups / 2 : 0) * rowFloats +
         partialsPerKey * ceilDiv(keys, split) <= ATTN_TILED_SHARED_FLOATS;
   let keys = ATTN_TILED_MAX_KEYS;
   while (!fits(keys)) keys--;
-  return { split, keys, blocks: ceilDiv(queryRows, ATTN_TILED_ROWS / split) };
+  return { lanes, split, keys, blocks: ceilDiv(queryRows, rows / split) };
 }
 
 /**
@@ -433,7 +433,7 @@ export function attentionBackwardTiling(s: AttentionShape): {
   queryBlocks: number;
   keyBlocks: number;
 } {
-  const lanes = s.headDim > ATTN_BACKWARD_WIDE_HEAD_DIM ? 8 : 4;
+  const lanes = attentionLanes(s.headDim);
   const rowsPerBlock = (ATTN_TILED_THREADS / lanes) * 2;
   const rowFloats = ceilDiv(s.headDim, 4 * lanes) * 4 * lanes; // whole vec4s per lane
   const partialFloats = 2 * ATTN_TILED_THREADS * 2;
@@ -1789,6 +1789,7 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
           entry: "attention_tiled",
           constants: {
             HEAD_DIM: headDim,
+            LANES: tiling.lanes,
             KEYS: tiling.keys,
             SPLIT: tiling.split,
             SAVE_STATS: stats ? 1 : 0,
