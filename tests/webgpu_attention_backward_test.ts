@@ -69,8 +69,7 @@ async function checkBackward(
   if (forward && be.attentionKernelFor(s) === "naive") {
     assert.equal(forward.stats, null, `${label}: the naive kernel saves nothing`);
   }
-  if (forward && be.attentionKernelFor(s) === "tiled" && s.qLen > 1) {
-    // (with qLen 1 the forward may run split, flash-decoding, which saves nothing)
+  if (forward && be.attentionKernelFor(s) === "tiled") {
     assert.notEqual(forward.stats, null, `${label}: the tiled forward saves lse`);
   }
   const got = be.attentionBackward(q, k, v, dOut, s, forward);
@@ -132,6 +131,14 @@ for (const kernel of ATTENTION_KERNELS) {
       const label = `attentionBackward ${kernel} saved chunked`;
       await checkBackward(chunked, label, shape(5, 8, 24, 6, 2, 16), true);
       await checkBackward(chunked, label, shape(3, 7, 7, 4, 2, 24, 5), true);
+      // A forward that would run split (flash-decoding saves nothing) runs unsplit to save.
+      const split = gpu!.withOptions({ attentionKernel: kernel, attentionSplit: "always" });
+      await checkBackward(
+        split,
+        `attentionBackward ${kernel} saved split`,
+        shape(2, 3, 3, 4, 1, 16),
+        true,
+      );
     },
   });
 

@@ -1748,9 +1748,8 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
     const tiling = kernel === "tiled" ? attentionTiling(s) : null;
     const out = this.newTensor([batch * qLen, qw]); // [tokens, heads * headDim]
     // (lse, D) per (query, head) row, as the tiled backward keeps them; the forward
-    // writes lse. Only the tiled kernel saves them, and it never runs split (decode).
-    const saving = save && tiling !== null && this.attentionSplits(s, batch) === 0;
-    const stats = saving ? this.newTensor([batch * qLen * heads, 2]) : null;
+    // writes lse. Only the tiled kernel saves them, so saving runs it unsplit.
+    const stats = save && tiling ? this.newTensor([batch * qLen * heads, 2]) : null;
     // Chunks are whole sequences: a query needs every key of its own sequence.
     const qBytes = qLen * qw * 4, kvBytes = stride * kw * 4, statBytes = qLen * heads * 8;
     for (const [b0, seqs] of this.rowChunks(batch, [qBytes, kvBytes, statBytes])) {
@@ -1760,7 +1759,7 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
       const outRange = this.rowRange(out.buffer, b0, seqs, qBytes, true);
       const bindings = [qRange, kRange, vRange, outRange];
       const params = [...attentionParams(seqs, s, bindings), stride];
-      const splits = this.attentionSplits(s, seqs);
+      const splits = stats ? 0 : this.attentionSplits(s, seqs);
       if (splits > 0) {
         const rows = seqs * qLen * heads;
         // One split writes the output itself; more leave partial results to merge.
