@@ -1,9 +1,11 @@
 // deno task bench: speed and memory, measured side by side in one run, written to
 // results/bench/<date>.json. Sections:
 //   matmul    GFLOP/s per backend and weight dtype (and the machine's BLAS peak); for
-//             webgpu also the kernel ladder (naive, tiled, blocked, gemv) at a prefill
-//             and a decode shape, with the adapter's features and limits, and the
-//             backward kernels (tiled, blocked) at training shapes, checked against the CPU
+//             webgpu also the device's roofline (memory bandwidth, f32 FMA peak), the
+//             kernel ladder (naive, tiled, blocked, gemv) at a prefill and a decode shape
+//             (and large ones on a fast device) as fractions of it, with the adapter's
+//             features and limits, and the backward kernels (tiled, blocked) at training
+//             shapes, checked against the CPU
 //   attention webgpu attention kernels (naive, tiled) side by side at a prefill and a
 //             decode shape of a real model's heads and of the default model's, and the
 //             backward kernels at two training shapes, each checked against the CPU
@@ -183,8 +185,15 @@ async function benchMatmul(backends: Map<string, Backend>, repeats: number) {
 }
 
 // The ladder's shapes: prefill is many rows (compute bound), decode one row (bound by
-// reading the weights). Small enough for llvmpipe: a naive prefill round takes seconds.
+// reading the weights). Small enough for llvmpipe: a naive prefill round takes seconds. A
+// device that runs the small prefill in under LADDER_LARGE_UNDER seconds (a GPU, not a
+// software adapter) also gets the large shapes, where a GPU's kernels can reach its peak.
 const LADDER_SHAPES = { prefill: [128, 512, 1024], decode: [1, 2048, 2048] } as const;
+const LADDER_LARGE_SHAPES = {
+  "prefill-large": [2048, 2048, 2048],
+  "decode-large": [1, 8192, 8192],
+} as const;
+const LADDER_LARGE_UNDER = 0.002;
 
 /** The adapter behind the webgpu backend: what the ladder's numbers depend on. */
 async function adapterReport() {
@@ -197,6 +206,7 @@ async function adapterReport() {
     features: {
       "shader-f16": adapter.features.has("shader-f16"),
       subgroups: adapter.features.has("subgroups"),
+      "timestamp-query": adapter.features.has("timestamp-query"),
     },
     limits: {
       maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
@@ -209,36 +219,175 @@ async function adapterReport() {
 }
 
 /**
- * Every matmul kernel of the webgpu backend at the prefill and decode shapes, per dtype,
- * timed in interleaved rounds (roundRobin).
+ * Seconds `work` takes on the device, the median of `repeats` runs: its kernels' GPU time
+ * from timestamp queries where the adapter has them (a GPU's small kernels take
+ * microseconds, far below a submit and read back), else wall time around `work`.
  */
-async function benchMatmulLadder(gpu: WebGpuBackend, repeats: number) {
-  const rows: Record<string, unknown>[] = [];
-  for (const [shape, [n, k, m]] of Object.entries(LADDER_SHAPES)) {
-    for (const dtype of ["F32", "BF16", "F16"] as const) {
-      const x = gpu.tensor(new Float32Array(n * k).fill(0.1), [n, k]);
-      const w = gpu.uploadWeight(weightOf(dtype, m, k));
-      const backends = MATMUL_KERNELS.map((kernel) => gpu.withOptions({ matmulKernel: kernel }));
-      const call = async (be: WebGpuBackend) => {
-        const y = be.matmul(x, w);
-        await be.read(y);
-        be.free(y);
-      };
-      for (const be of backends) await call(be); // warm-up: pipeline compilation
-      const times = await roundRobin(backends, repeats, call);
-      gpu.free(x), gpu.freeWeight(w);
-      const weightBytes = m * k * (dtype === "F32" ? 4 : 2);
-      const line: string[] = [];
-      for (const [i, kernel] of MATMUL_KERNELS.entries()) {
-        const s = times[i];
-        const gflops = (2 * n * k * m) / s / 1e9, weightGBps = weightBytes / s / 1e9;
-        rows.push({ shape, kernel, dtype, n, k, m, seconds: s, gflops, weightGBps });
-        line.push(`${kernel} ${gflops.toFixed(2)} GFLOP/s ${weightGBps.toPrecision(3)} GB/s`);
-      }
-      console.error(`matmul ladder ${shape} ${dtype} ${n}x${k}x${m}: ${line.join(", ")}`);
+async function deviceSeconds(
+  gpu: WebGpuBackend,
+  repeats: number,
+  work: () => Promise<void>,
+): Promise<{ seconds: number; timer: "gpu" | "wall" }> {
+  const times: number[] = [];
+  const timestamps = gpu.device.features.has("timestamp-query");
+  for (let r = 0; r < repeats; r++) {
+    if (timestamps) {
+      const kernels = await gpu.timeKernels(work);
+      let ms = 0;
+      for (const k of kernels.values()) ms += k.milliseconds;
+      times.push(ms / 1000);
+    } else {
+      const t0 = performance.now();
+      await work();
+      times.push((performance.now() - t0) / 1000);
     }
   }
-  return { device: gpu.description, adapter: await adapterReport(), shapes: LADDER_SHAPES, rows };
+  return { seconds: median(times), timer: timestamps ? "gpu" : "wall" };
+}
+
+/**
+ * What the device does at best, as WebGPU reports neither: memory bandwidth, as buffer
+ * copies of up to 256 MiB move it (bytes read plus bytes written a second: a copy streams
+ * both, where a kernel's loads may not, as on llvmpipe, whose lanes gather), and f32 FMA
+ * throughput (kernels/roofline.wgsl: 8 vec4 chains a thread in registers). Each runs
+ * longer until it takes at least 10 ms, so that a GPU's launch costs do not count.
+ */
+async function benchRoofline(gpu: WebGpuBackend, repeats: number) {
+  const device = gpu.device;
+  gpu.flush();
+  const bytes = Math.floor(Math.min(256 * 2 ** 20, device.limits.maxBufferSize) / 16) * 16;
+  const usage = GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
+  const [a, b] = [0, 1].map(() => device.createBuffer({ size: bytes, usage }));
+  const copy = async (count: number) => {
+    const encoder = device.createCommandEncoder();
+    for (let i = 0; i < count; i++) {
+      encoder.copyBufferToBuffer(i % 2 ? b : a, 0, i % 2 ? a : b, 0, bytes);
+    }
+    device.queue.submit([encoder.finish()]);
+    await device.queue.onSubmittedWorkDone();
+  };
+  await copy(2); // first touch of both buffers
+  let copies = 1, copySeconds = 0;
+  for (;;) {
+    copySeconds = await timeIt(repeats, () => copy(copies));
+    if (copySeconds >= 0.01 || copies >= 1024) break;
+    copies *= 2;
+  }
+  a.destroy(), b.destroy();
+  const threads = 256 * 1024;
+  let iterations = 256, fma = { seconds: 0, timer: "wall" as "gpu" | "wall" };
+  for (;;) {
+    fma = await deviceSeconds(gpu, repeats, async () => {
+      const out = gpu.fmaChains(threads, iterations);
+      await gpu.read(out);
+      gpu.free(out);
+    });
+    // (llvmpipe ends a loop past 65,535 iterations)
+    if (fma.seconds >= 0.01 || iterations >= 32768) break;
+    iterations *= 2;
+  }
+  const copyGBps = (2 * copies * bytes) / copySeconds / 1e9;
+  const f32Gflops = (threads * iterations * 64) / fma.seconds / 1e9;
+  console.error(
+    `roofline ${gpu.description}: memory ${copyGBps.toPrecision(3)} GB/s (${copies} x ${
+      (bytes / 2 ** 20).toFixed(0)
+    } MiB copied, read + written), f32 FMA ${f32Gflops.toPrecision(3)} GFLOP/s (${fma.timer} time)`,
+  );
+  return {
+    device: gpu.description,
+    copyGBps,
+    f32Gflops,
+    copyBytes: copies * bytes,
+    timer: fma.timer,
+  };
+}
+
+interface Roofline {
+  copyGBps: number;
+  f32Gflops: number;
+}
+
+/**
+ * Every matmul kernel of the webgpu backend at the prefill and decode shapes, per dtype,
+ * timed in interleaved rounds (roundRobin, wall time with the result read back), and where
+ * the adapter has timestamp queries also by the kernels' GPU time; each as a fraction of
+ * the roofline: prefill GFLOP/s of the f32 FMA peak, decode weight GB/s of the memory
+ * bandwidth.
+ */
+async function benchMatmulLadder(gpu: WebGpuBackend, repeats: number, roofline: Roofline) {
+  const rows: Record<string, unknown>[] = [];
+  for (const [shape, nkm] of Object.entries(LADDER_SHAPES)) {
+    rows.push(...await ladderRows(gpu, repeats, roofline, shape, nkm));
+  }
+  const prefill = rows.find((r) => r.shape === "prefill" && r.kernel === "blocked")!;
+  const large = (prefill.deviceSeconds as number) < LADDER_LARGE_UNDER;
+  for (const [shape, nkm] of large ? Object.entries(LADDER_LARGE_SHAPES) : []) {
+    rows.push(...await ladderRows(gpu, repeats, roofline, shape, nkm));
+  }
+  const shapes = large ? { ...LADDER_SHAPES, ...LADDER_LARGE_SHAPES } : LADDER_SHAPES;
+  return { device: gpu.description, adapter: await adapterReport(), shapes, rows };
+}
+
+/** The ladder at one shape [n, k, m], for each weight dtype. */
+async function ladderRows(
+  gpu: WebGpuBackend,
+  repeats: number,
+  roofline: Roofline,
+  shape: string,
+  [n, k, m]: readonly number[],
+) {
+  const rows: Record<string, unknown>[] = [];
+  for (const dtype of ["F32", "BF16", "F16"] as const) {
+    const x = gpu.tensor(new Float32Array(n * k).fill(0.1), [n, k]);
+    const w = gpu.uploadWeight(weightOf(dtype, m, k));
+    const backends = MATMUL_KERNELS.map((kernel) => gpu.withOptions({ matmulKernel: kernel }));
+    const call = async (be: WebGpuBackend) => {
+      const y = be.matmul(x, w);
+      await be.read(y);
+      be.free(y);
+    };
+    for (const be of backends) await call(be); // warm-up: pipeline compilation
+    const times = await roundRobin(backends, repeats, call);
+    const deviceTimes = [];
+    for (const be of backends) deviceTimes.push(await deviceSeconds(gpu, repeats, () => call(be)));
+    gpu.free(x), gpu.freeWeight(w);
+    const weightBytes = m * k * (dtype === "F32" ? 4 : 2), flops = 2 * n * k * m;
+    const line: string[] = [];
+    for (const [i, kernel] of MATMUL_KERNELS.entries()) {
+      const seconds = times[i], device = deviceTimes[i];
+      const gflops = flops / seconds / 1e9, weightGBps = weightBytes / seconds / 1e9;
+      const deviceGflops = flops / device.seconds / 1e9;
+      const deviceWeightGBps = weightBytes / device.seconds / 1e9;
+      const decode = n === 1;
+      const fraction = decode
+        ? deviceWeightGBps / roofline.copyGBps
+        : deviceGflops / roofline.f32Gflops;
+      rows.push({
+        shape,
+        kernel,
+        dtype,
+        n,
+        k,
+        m,
+        seconds,
+        gflops,
+        weightGBps,
+        deviceSeconds: device.seconds,
+        deviceTimer: device.timer,
+        deviceGflops,
+        deviceWeightGBps,
+        ...(decode ? { fractionOfBandwidth: fraction } : { fractionOfF32Peak: fraction }),
+      });
+      line.push(
+        `${kernel} ${gflops.toFixed(2)} GFLOP/s ${
+          weightGBps.toPrecision(3)
+        } GB/s (${device.timer} ` +
+          `time: ${(100 * fraction).toFixed(1)}% of ${decode ? "memory bandwidth" : "f32 peak"})`,
+      );
+    }
+    console.error(`matmul ladder ${shape} ${dtype} ${n}x${k}x${m}: ${line.join(", ")}`);
+  }
+  return rows;
 }
 
 // The backward ladder's shapes [n, k, m]: one expert's share of the default model's 1 x 128
@@ -901,7 +1050,9 @@ await runMain(async () => {
     result.matmul = await benchMatmul(backends, repeats);
     const gpu = backends.get("webgpu");
     if (gpu instanceof WebGpuBackend) {
-      result.matmulLadder = await benchMatmulLadder(gpu, repeats);
+      const roofline = await benchRoofline(gpu, repeats);
+      result.roofline = roofline;
+      result.matmulLadder = await benchMatmulLadder(gpu, repeats, roofline);
       result.matmulBackward = await benchMatmulBackward(gpu, repeats);
     }
   }

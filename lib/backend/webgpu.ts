@@ -186,6 +186,8 @@ const KERNEL_FILES = [
   "adamw",
   // the searches
   "divergence",
+  // the bench's f32 peak probe
+  "roofline",
 ] as const;
 type KernelFile = (typeof KERNEL_FILES)[number];
 
@@ -2391,6 +2393,26 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
         workgroups: ceilDiv(rows, rowsPerWorkgroup),
       });
     }
+    return out;
+  }
+
+  /**
+   * The bench's f32 peak probe (kernels/roofline.wgsl fma_peak): `threads` threads (a
+   * multiple of 256) of 8 vec4 FMA chains `iterations` long, 64 FLOPs a thread and
+   * iteration; returns each thread's sum of its chains.
+   */
+  fmaChains(threads: number, iterations: number): Tensor {
+    if (threads % 256 !== 0 || threads < 256 || threads / 256 > MAX_WORKGROUPS_PER_DIM) {
+      throw new Error(`fmaChains: ${threads} threads, not 1 to 65,535 workgroups of 256`);
+    }
+    const out = this.newTensor([threads]);
+    this.run({
+      kernel: "roofline",
+      entry: "fma_peak",
+      params: [threads, iterations],
+      bindings: [{ buffer: out.buffer, write: true }],
+      workgroups: threads / 256,
+    });
     return out;
   }
 
