@@ -219,30 +219,33 @@ async function adapterReport() {
 }
 
 /**
- * Seconds `work` takes on the device, the median of `repeats` runs: its kernels' GPU time
- * from timestamp queries where the adapter has them (a GPU's small kernels take
- * microseconds, far below a submit and read back), else wall time around `work`.
+ * roundRobin on the GPU: per item the median wall time of `call` (which reads its result
+ * back) and, where the adapter has timestamp queries, the median GPU time of its kernels
+ * (a GPU's kernels can take microseconds, far below a submit and a read back), measured
+ * in the same interleaved rounds; without timestamps `device` is the wall time.
  */
-async function deviceSeconds(
+async function roundRobinGpu<B>(
   gpu: WebGpuBackend,
+  items: B[],
   repeats: number,
-  work: () => Promise<void>,
-): Promise<{ seconds: number; timer: "gpu" | "wall" }> {
-  const times: number[] = [];
+  call: (item: B) => Promise<unknown>,
+): Promise<{ wall: number[]; device: number[]; timer: "gpu" | "wall" }> {
   const timestamps = gpu.device.features.has("timestamp-query");
+  const wall: number[][] = items.map(() => []), device: number[][] = items.map(() => []);
   for (let r = 0; r < repeats; r++) {
-    if (timestamps) {
-      const kernels = await gpu.timeKernels(work);
-      let ms = 0;
-      for (const k of kernels.values()) ms += k.milliseconds;
-      times.push(ms / 1000);
-    } else {
+    for (const [i, item] of items.entries()) {
       const t0 = performance.now();
-      await work();
-      times.push((performance.now() - t0) / 1000);
+      if (timestamps) {
+        const kernels = await gpu.timeKernels(async () => void await call(item));
+        let ms = 0;
+        for (const k of kernels.values()) ms += k.milliseconds;
+        device[i].push(ms / 1000);
+      } else await call(item);
+      wall[i].push((performance.now() - t0) / 1000);
+      if (!timestamps) device[i].push(wall[i].at(-1)!);
     }
   }
-  return { seconds: median(times), timer: timestamps ? "gpu" : "wall" };
+  return { wall: wall.map(median), device: device.map(median), timer: timestamps ? "gpu" : "wall" };
 }
 
 /**
@@ -275,30 +278,31 @@ async function benchRoofline(gpu: WebGpuBackend, repeats: number) {
   }
   a.destroy(), b.destroy();
   const threads = 256 * 1024;
-  let iterations = 256, fma = { seconds: 0, timer: "wall" as "gpu" | "wall" };
+  let iterations = 256, fmaSeconds = 0, timer = "wall";
   for (;;) {
-    fma = await deviceSeconds(gpu, repeats, async () => {
-      const out = gpu.fmaChains(threads, iterations);
+    const fma = await roundRobinGpu(gpu, [iterations], repeats, async (count) => {
+      const out = gpu.fmaChains(threads, count);
       await gpu.read(out);
       gpu.free(out);
     });
+    fmaSeconds = fma.device[0], timer = fma.timer;
     // (llvmpipe ends a loop past 65,535 iterations)
-    if (fma.seconds >= 0.01 || iterations >= 32768) break;
+    if (fmaSeconds >= 0.01 || iterations >= 32768) break;
     iterations *= 2;
   }
   const copyGBps = (2 * copies * bytes) / copySeconds / 1e9;
-  const f32Gflops = (threads * iterations * 64) / fma.seconds / 1e9;
+  const f32Gflops = (threads * iterations * 64) / fmaSeconds / 1e9;
   console.error(
     `roofline ${gpu.description}: memory ${copyGBps.toPrecision(3)} GB/s (${copies} x ${
       (bytes / 2 ** 20).toFixed(0)
-    } MiB copied, read + written), f32 FMA ${f32Gflops.toPrecision(3)} GFLOP/s (${fma.timer} time)`,
+    } MiB copied, read + written), f32 FMA ${f32Gflops.toPrecision(3)} GFLOP/s (${timer} time)`,
   );
   return {
     device: gpu.description,
     copyGBps,
     f32Gflops,
     copyBytes: copies * bytes,
-    timer: fma.timer,
+    timer,
   };
 }
 
@@ -347,17 +351,15 @@ async function ladderRows(
       be.free(y);
     };
     for (const be of backends) await call(be); // warm-up: pipeline compilation
-    const times = await roundRobin(backends, repeats, call);
-    const deviceTimes = [];
-    for (const be of backends) deviceTimes.push(await deviceSeconds(gpu, repeats, () => call(be)));
+    const times = await roundRobinGpu(gpu, backends, repeats, call);
     gpu.free(x), gpu.freeWeight(w);
     const weightBytes = m * k * (dtype === "F32" ? 4 : 2), flops = 2 * n * k * m;
     const line: string[] = [];
     for (const [i, kernel] of MATMUL_KERNELS.entries()) {
-      const seconds = times[i], device = deviceTimes[i];
+      const seconds = times.wall[i], deviceSeconds = times.device[i];
       const gflops = flops / seconds / 1e9, weightGBps = weightBytes / seconds / 1e9;
-      const deviceGflops = flops / device.seconds / 1e9;
-      const deviceWeightGBps = weightBytes / device.seconds / 1e9;
+      const deviceGflops = flops / deviceSeconds / 1e9;
+      const deviceWeightGBps = weightBytes / deviceSeconds / 1e9;
       const decode = n === 1;
       const fraction = decode
         ? deviceWeightGBps / roofline.copyGBps
@@ -372,8 +374,8 @@ async function ladderRows(
         seconds,
         gflops,
         weightGBps,
-        deviceSeconds: device.seconds,
-        deviceTimer: device.timer,
+        deviceSeconds,
+        deviceTimer: times.timer,
         deviceGflops,
         deviceWeightGBps,
         ...(decode ? { fractionOfBandwidth: fraction } : { fractionOfF32Peak: fraction }),
@@ -381,7 +383,7 @@ async function ladderRows(
       line.push(
         `${kernel} ${gflops.toFixed(2)} GFLOP/s ${
           weightGBps.toPrecision(3)
-        } GB/s (${device.timer} ` +
+        } GB/s (${times.timer} ` +
           `time: ${(100 * fraction).toFixed(1)}% of ${decode ? "memory bandwidth" : "f32 peak"})`,
       );
     }
@@ -436,14 +438,32 @@ async function benchMatmulBackward(gpu: WebGpuBackend, repeats: number) {
       );
       const errors = [];
       for (const be of backends) errors.push(maxRelError([await call(be)], [want]));
-      const times = await roundRobin(backends, repeats, call);
+      const times = await roundRobinGpu(gpu, backends, repeats, call);
       gpu.freeWeight(w);
       const line: string[] = [];
       for (const [i, kernel] of MATMUL_BACKWARD_KERNELS.entries()) {
-        const s = times[i], gflops = (2 * n * k * m) / s / 1e9;
-        const maxRelError = errors[i];
-        rows.push({ shape, kernel, gradient, dtype, n, k, m, seconds: s, gflops, maxRelError });
-        line.push(`${kernel} ${gflops.toFixed(2)} GFLOP/s (error ${maxRelError.toExponential(1)})`);
+        const seconds = times.wall[i], deviceSeconds = times.device[i];
+        const [gflops, deviceGflops] = [seconds, deviceSeconds].map((t) => 2 * n * k * m / t / 1e9);
+        const maxRelError = errors[i], deviceTimer = times.timer;
+        rows.push({
+          shape,
+          kernel,
+          gradient,
+          dtype,
+          n,
+          k,
+          m,
+          seconds,
+          gflops,
+          deviceSeconds,
+          deviceTimer,
+          deviceGflops,
+          maxRelError,
+        });
+        line.push(
+          `${kernel} ${gflops.toFixed(2)} GFLOP/s (${deviceTimer} ${deviceGflops.toFixed(2)}; ` +
+            `error ${maxRelError.toExponential(1)})`,
+        );
       }
       console.error(
         `matmul backward ${shape} ${gradient} ${dtype} ${n}x${k}x${m}: ${line.join(", ")}`,
@@ -545,7 +565,9 @@ async function benchAttention(gpu: WebGpuBackend, repeats: number) {
     };
     const flops = 4 * s.headDim * visiblePairs(s) * s.heads;
     const variants = attentionVariants(gpu, "forward", call);
-    rows.push(...await timeAttentionKernels("forward", shape, s, flops, variants, [want], repeats));
+    rows.push(
+      ...await timeAttentionKernels(gpu, "forward", shape, s, flops, variants, [want], repeats),
+    );
     [q, k, v].forEach((x) => gpu.free(x));
   }
   rows.push(...await benchAttentionBackward(gpu, repeats));
@@ -584,6 +606,7 @@ function attentionVariants(
  * compiles its pipelines), then timed round-robin; a row per variant.
  */
 async function timeAttentionKernels(
+  gpu: WebGpuBackend,
   pass: "forward" | "backward",
   shape: string,
   s: AttentionShape,
@@ -594,18 +617,35 @@ async function timeAttentionKernels(
 ): Promise<Record<string, unknown>[]> {
   const errors: number[] = [];
   for (const v of variants) errors.push(maxRelError(await v.call(), want));
-  const times = await roundRobin(variants, repeats, (v) => v.call());
+  const times = await roundRobinGpu(gpu, variants, repeats, (v) => v.call());
   const rows: Record<string, unknown>[] = [], line: string[] = [];
   for (const [i, { kernel }] of variants.entries()) {
-    const seconds = times[i], exact = errors[i] <= ATTENTION_EXACT_TOL;
-    const gflops = flops / seconds / 1e9;
-    rows.push({ pass, shape, kernel, ...s, seconds, gflops, maxRelError: errors[i], exact });
-    line.push(`${kernel} ${(seconds * 1000).toFixed(1)} ms${exact ? "" : " (WRONG RESULT)"}`);
+    const seconds = times.wall[i], exact = errors[i] <= ATTENTION_EXACT_TOL;
+    const deviceSeconds = times.device[i], deviceTimer = times.timer;
+    const [gflops, deviceGflops] = [seconds, deviceSeconds].map((t) => flops / t / 1e9);
+    rows.push({
+      pass,
+      shape,
+      kernel,
+      ...s,
+      seconds,
+      gflops,
+      deviceSeconds,
+      deviceTimer,
+      deviceGflops,
+      maxRelError: errors[i],
+      exact,
+    });
+    line.push(
+      `${kernel} ${(seconds * 1000).toFixed(1)} ms (${deviceTimer} ${
+        (deviceSeconds * 1000).toFixed(1)
+      })${exact ? "" : " (WRONG RESULT)"}`,
+    );
   }
   console.error(
     `attention ${pass === "backward" ? "backward " : ""}${shape} ${s.batch}x${s.qLen}/${s.kvLen} ` +
       `${s.heads}/${s.kvHeads}x${s.headDim}: ${line.join(", ")}, ` +
-      `naive/tiled ${(times[0] / times[1]).toFixed(2)}`,
+      `naive/tiled ${(times.wall[0] / times.wall[1]).toFixed(2)}`,
   );
   return rows;
 }
@@ -647,7 +687,9 @@ async function benchAttentionBackward(gpu: WebGpuBackend, repeats: number) {
       { kernel: "tiled, forward's lse", call: () => call(tiled, saved) },
     ];
     const flops = 10 * s.headDim * visiblePairs(s) * s.heads;
-    rows.push(...await timeAttentionKernels("backward", shape, s, flops, variants, want, repeats));
+    rows.push(
+      ...await timeAttentionKernels(gpu, "backward", shape, s, flops, variants, want, repeats),
+    );
     [q, k, v, dOut, saved.out, saved.stats!].forEach((x) => gpu.free(x));
   }
   return rows;
