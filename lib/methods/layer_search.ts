@@ -36,7 +36,11 @@ export interface LayerSearchOptions {
   done?: LayerStep[];
   /** Called after each finished step (to save state). */
   onStep?: (step: LayerStep, all: LayerStep[]) => Promise<void> | void;
-  progress?: (done: number, total: number) => void;
+  /**
+   * Called with the candidates scored so far (of layerCandidateCount, a resumed search's
+   * included) and those scored by this call (its rate).
+   */
+  progress?: (done: number, scoredNow: number) => void;
 }
 
 export function layerCandidateCount(layers: number, n: number): number {
@@ -111,8 +115,8 @@ export async function layerSearchFast(
       keep: (l, s) => (hIn[l] = s),
     });
   }
-  const total = layerCandidateCount(opts.layers.length, opts.n);
-  let done = layerCandidateCount(opts.layers.length, steps.length);
+  const resumed = layerCandidateCount(opts.layers.length, steps.length);
+  let done = resumed;
   // Output of changed layer c computed from hIn[c]: reused while hIn[c] is the same
   // array (no earlier layer changed since), saving one layer per candidate.
   const changedOut = new Map<number, { input: Float32Array[]; out: Float32Array[] }>();
@@ -141,7 +145,7 @@ export async function layerSearchFast(
       if (d < bestD || (d === bestD && c < bestLayer)) {
         (bestD = d), (bestLayer = c), (bestKept = kept);
       }
-      opts.progress?.(++done, total);
+      opts.progress?.(++done, done - resumed);
     }
     const best = pickBest(candidates);
     for (let l = best + 1; l <= L; l++) hIn[l] = bestKept![l];
@@ -163,8 +167,8 @@ export async function layerSearchNaive(
   const be = model.backend;
   const steps = [...(opts.done ?? [])];
   const order = steps.map((s) => s.layer);
-  const total = layerCandidateCount(opts.layers.length, opts.n);
-  let done = layerCandidateCount(opts.layers.length, steps.length);
+  const resumed = layerCandidateCount(opts.layers.length, steps.length);
+  let done = resumed;
   while (steps.length < opts.n) {
     const candidates: Record<string, number> = {};
     for (const c of opts.layers) {
@@ -178,7 +182,7 @@ export async function layerSearchNaive(
       const plan = planOf([...order, c], opts.changeFor);
       const out = await runFrom(model, batches, 0, states, plan, { layerwise: opts.layerwise });
       candidates[c] = await finalDivergence(model, ref, out, opts.metric);
-      opts.progress?.(++done, total);
+      opts.progress?.(++done, done - resumed);
     }
     const best = pickBest(candidates);
     order.push(best);
