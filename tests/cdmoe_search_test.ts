@@ -81,27 +81,27 @@ async function compare(
         : { kind: variant };
     const opts = { layers: moe, n: moe.length, metric, changeFor };
     const ref = await finalReference(model, batches, cache.finalHidden, metric);
-    // Progress: (candidates scored of all, of this call), one call a candidate.
-    const calls: number[][] = [];
+    // Progress: one call a candidate, counting the candidates scored so far.
+    const calls: number[] = [];
     const fast = await layerSearchFast(model, cache, ref, {
       ...opts,
-      progress: (done, now) => calls.push([done, now]),
+      progress: (done) => calls.push(done),
     });
     const total = layerCandidateCount(moe.length, moe.length);
-    assert.deepStrictEqual(calls, Array.from({ length: total }, (_, i) => [i + 1, i + 1]));
-    // Resumed after its first step: the same steps; progress goes on from the first
-    // step's candidates, its rate counting only what this call scored.
-    const resumedCalls: number[][] = [];
+    assert.deepStrictEqual(calls, Array.from({ length: total }, (_, i) => i + 1));
+    // Resumed after its first step: the same steps, progress going on from the first
+    // step's candidates.
+    const resumedCalls: number[] = [];
     const resumed = await layerSearchFast(model, cache, ref, {
       ...opts,
       done: fast.slice(0, 1),
-      progress: (done, now) => resumedCalls.push([done, now]),
+      progress: (done) => resumedCalls.push(done),
     });
     assert.deepStrictEqual(resumed.map((s) => s.layer), fast.map((s) => s.layer));
     const first = moe.length;
     assert.deepStrictEqual(
       resumedCalls,
-      Array.from({ length: total - first }, (_, i) => [first + i + 1, i + 1]),
+      Array.from({ length: total - first }, (_, i) => first + i + 1),
     );
     const naive = await layerSearchNaive(
       model,

@@ -29,18 +29,27 @@ export function choiceFlag<T extends string>(
   return value as T;
 }
 
-/** A rate-limited progress line on stderr: what, done/total, rate, ETA. */
+/**
+ * A rate-limited progress line on stderr: what, done/total, rate, ETA. `from`: what was
+ * done before this run (a resumed job), left out of the rate and the ETA.
+ */
 export class Progress {
   private start = performance.now();
   private last = 0;
-  constructor(private what: string, private total: number, private unit: string) {}
+  constructor(
+    private what: string,
+    private total: number,
+    private unit: string,
+    private from = 0,
+  ) {}
+  /** `units`: what the rate counts, where it is not `done` (tokens of done layers). */
   update(done: number, units?: number) {
     const now = performance.now();
     if (now - this.last < 1000 && done < this.total) return;
     this.last = now;
-    const sec = (now - this.start) / 1000;
-    const rate = (units ?? done) / Math.max(sec, 1e-9);
-    const eta = done > 0 ? (sec / done) * (this.total - done) : NaN;
+    const sec = (now - this.start) / 1000, doneNow = done - this.from;
+    const rate = (units ?? doneNow) / Math.max(sec, 1e-9);
+    const eta = doneNow > 0 ? (sec / doneNow) * (this.total - done) : NaN;
     const msg = `\r${this.what}: ${done}/${this.total}  ${rate.toFixed(1)} ${this.unit}/s  ` +
       `elapsed ${sec.toFixed(0)}s  ETA ${Number.isFinite(eta) ? eta.toFixed(0) + "s" : "?"}   `;
     Deno.stderr.writeSync(new TextEncoder().encode(msg));

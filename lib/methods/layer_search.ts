@@ -36,11 +36,8 @@ export interface LayerSearchOptions {
   done?: LayerStep[];
   /** Called after each finished step (to save state). */
   onStep?: (step: LayerStep, all: LayerStep[]) => Promise<void> | void;
-  /**
-   * Called with the candidates scored so far (of layerCandidateCount, a resumed search's
-   * included) and those scored by this call (its rate).
-   */
-  progress?: (done: number, scoredNow: number) => void;
+  /** Called with the candidates scored so far (of layerCandidateCount, a resumed search's included). */
+  progress?: (done: number) => void;
 }
 
 export function layerCandidateCount(layers: number, n: number): number {
@@ -115,8 +112,7 @@ export async function layerSearchFast(
       keep: (l, s) => (hIn[l] = s),
     });
   }
-  const resumed = layerCandidateCount(opts.layers.length, steps.length);
-  let done = resumed;
+  let done = layerCandidateCount(opts.layers.length, steps.length);
   // Output of changed layer c computed from hIn[c]: reused while hIn[c] is the same
   // array (no earlier layer changed since), saving one layer per candidate.
   const changedOut = new Map<number, { input: Float32Array[]; out: Float32Array[] }>();
@@ -145,7 +141,7 @@ export async function layerSearchFast(
       if (d < bestD || (d === bestD && c < bestLayer)) {
         (bestD = d), (bestLayer = c), (bestKept = kept);
       }
-      opts.progress?.(++done, done - resumed);
+      opts.progress?.(++done);
     }
     const best = pickBest(candidates);
     for (let l = best + 1; l <= L; l++) hIn[l] = bestKept![l];
@@ -167,8 +163,7 @@ export async function layerSearchNaive(
   const be = model.backend;
   const steps = [...(opts.done ?? [])];
   const order = steps.map((s) => s.layer);
-  const resumed = layerCandidateCount(opts.layers.length, steps.length);
-  let done = resumed;
+  let done = layerCandidateCount(opts.layers.length, steps.length);
   while (steps.length < opts.n) {
     const candidates: Record<string, number> = {};
     for (const c of opts.layers) {
@@ -182,7 +177,7 @@ export async function layerSearchNaive(
       const plan = planOf([...order, c], opts.changeFor);
       const out = await runFrom(model, batches, 0, states, plan, { layerwise: opts.layerwise });
       candidates[c] = await finalDivergence(model, ref, out, opts.metric);
-      opts.progress?.(++done, done - resumed);
+      opts.progress?.(++done);
     }
     const best = pickBest(candidates);
     order.push(best);

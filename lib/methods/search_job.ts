@@ -185,8 +185,8 @@ async function runLoaded(
     writeJsonAtomic(statePath, { ...await resultsHeader(STATE_KIND, SEARCH_SCHEMA), ...state });
 
   const show = opts.progress ?? true;
-  const bar = (what: string, total: number, unit: string) => {
-    const p = new Progress(what, total, unit);
+  const bar = (what: string, total: number, unit: string, from = 0) => {
+    const p = new Progress(what, total, unit, from);
     return (done: number, units?: number) => show && p.update(done, units);
   };
   log(
@@ -252,8 +252,14 @@ async function runLoaded(
     const changeFor = changeForVariant(variant, k, state);
     const tv = performance.now();
     let tStep = performance.now();
-    const p = bar(`layer search ${variant}`, layerCandidateCount(moe.length, n), "candidates");
     const result: VariantResult = prior ?? { variant, order: [], steps: [], seconds: 0 };
+    const resumed = layerCandidateCount(moe.length, result.steps.length);
+    const p = bar(
+      `layer search ${variant}`,
+      layerCandidateCount(moe.length, n),
+      "candidates",
+      resumed,
+    );
     const lo = {
       layers: moe,
       n,
