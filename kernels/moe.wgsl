@@ -283,3 +283,97 @@ fn plan_experts(@builtin(local_invocation_index) lid: u32) {
   }
 }
 
+
+// The same plan for batches too large for plan_experts' one workgroup (a prefill): the
+// tokens in chunks of PLAN_CHUNK, a workgroup each, three dispatches. plan_count: each
+// chunk's entries per expert; plan_scan (one workgroup): each (chunk, expert)'s first
+// grouped row, the experts' groups in turn and a group's chunks in order, plus the group
+// starts; plan_place: each chunk lists its tokens from there, as plan_experts does. Every
+// loop a thread runs is bounded by PLAN_CHUNK * k or the chunk count, never the batch.
+const PLAN_CHUNK: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> count_p: PlanParams;
+@group(0) @binding(1) var<storage, read> chunk_routed: array<u32>; // [tokens, 2k]
+@group(0) @binding(2) var<storage, read_write> chunk_counts: array<u32>; // [chunks, experts]
+
+@compute @workgroup_size(256)
+fn plan_count(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
+  let t0 = wg.x * PLAN_CHUNK;
+  let t1 = min(t0 + PLAN_CHUNK, count_p.tokens);
+  for (var e = lid; e < count_p.experts; e += PLAN_THREADS) {
+    var count = 0u;
+    for (var t = t0; t < t1; t++) {
+      for (var j = 0u; j < count_p.k; j++) {
+        count += select(0u, 1u, chunk_routed[count_p.routing_off + t * 2u * count_p.k + j] == e);
+      }
+    }
+    chunk_counts[wg.x * count_p.experts + e] = count;
+  }
+}
+
+@group(0) @binding(0) var<uniform> scan_p: PlanParams;
+// [chunks, experts]: the counts in, each (chunk, expert)'s first grouped row out
+@group(0) @binding(1) var<storage, read_write> chunk_first: array<u32>;
+@group(0) @binding(2) var<storage, read_write> scan_group_start: array<u32>; // [experts + 1]
+
+@compute @workgroup_size(256)
+fn plan_scan(@builtin(local_invocation_index) lid: u32) {
+  let chunks = (scan_p.tokens + PLAN_CHUNK - 1u) / PLAN_CHUNK;
+  // Each expert's chunks in turn: counts to offsets within the expert's group.
+  for (var e = lid; e < scan_p.experts; e += PLAN_THREADS) {
+    var at = 0u;
+    for (var c = 0u; c < chunks; c++) {
+      let count = chunk_first[c * scan_p.experts + e];
+      chunk_first[c * scan_p.experts + e] = at;
+      at += count;
+    }
+    group_first[e + 1u] = at;
+  }
+  workgroupBarrier();
+  if (lid == 0u) {
+    group_first[0] = 0u;
+    for (var e = 0u; e < scan_p.experts; e++) {
+      group_first[e + 1u] += group_first[e];
+    }
+  }
+  workgroupBarrier();
+  for (var e = lid; e <= scan_p.experts; e += PLAN_THREADS) {
+    scan_group_start[e] = group_first[e];
+  }
+  for (var e = lid; e < scan_p.experts; e += PLAN_THREADS) {
+    for (var c = 0u; c < chunks; c++) {
+      chunk_first[c * scan_p.experts + e] += group_first[e];
+    }
+  }
+}
+
+@group(0) @binding(0) var<uniform> place_p: PlanParams;
+@group(0) @binding(1) var<storage, read> place_routed: array<u32>; // [tokens, 2k]
+@group(0) @binding(2) var<storage, read> place_first: array<u32>; // [chunks, experts]
+@group(0) @binding(3) var<storage, read_write> place_order: array<u32>; // [tokens k]
+@group(0) @binding(4) var<storage, read_write> place_sources: array<u32>; // [tokens, k]
+@group(0) @binding(5) var<storage, read_write> place_scales: array<f32>; // [tokens, k]
+
+@compute @workgroup_size(256)
+fn plan_place(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
+  let t0 = wg.x * PLAN_CHUNK;
+  let t1 = min(t0 + PLAN_CHUNK, place_p.tokens);
+  for (var e = lid; e < place_p.experts; e += PLAN_THREADS) {
+    var at = place_first[wg.x * place_p.experts + e];
+    for (var t = t0; t < t1; t++) {
+      let base = place_p.routing_off + t * 2u * place_p.k;
+      for (var j = 0u; j < place_p.k; j++) {
+        if (place_routed[base + j] == e) {
+          var rank = 0u;
+          for (var i = 0u; i < place_p.k; i++) {
+            rank += select(0u, 1u, place_routed[base + i] < e);
+          }
+          place_order[at] = t;
+          place_sources[t * place_p.k + rank] = at;
+          place_scales[t * place_p.k + rank] = bitcast<f32>(place_routed[base + place_p.k + j]);
+          at++;
+        }
+      }
+    }
+  }
+}

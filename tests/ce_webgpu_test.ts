@@ -151,3 +151,32 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "ce webgpu: a prefill past 16,384 main pairs plans on the device too (chunked plan)",
+  ignore,
+  async fn() {
+    // 76 x 110 tokens, k_m 2 of top-4: 16,720 main (token, expert) pairs.
+    const shape = { batch: 76, seqLen: 110 };
+    const ids = Int32Array.from(
+      { length: shape.batch * shape.seqLen },
+      (_, i) => (i * 37 + 5) % 256,
+    );
+    const model = await loadCe(`${FIXTURE_ROOT}olmoe-a`, gpu!, 2, 700);
+    const rows = Int32Array.from({ length: 64 }, (_, i) => i * 131); // spread over the batch
+    const run = async (hooks: ForwardHooks) => {
+      const submits = gpu!.submits;
+      const { logits } = await forward(model, ids, shape, { ...hooks, logitRows: rows });
+      return { logits, submits: gpu!.submits - submits };
+    };
+    const host = await run({ onRouter: () => {} });
+    const device = await run({});
+    const err = relMaxDiff(device.logits, host.logits);
+    console.log(
+      `  ${device.submits} vs ${host.submits} submits, rel max diff ${err.toExponential(2)}`,
+    );
+    assert.equal(device.submits, 1);
+    assert(err < 1e-5, `${err}`);
+    model.close();
+  },
+});

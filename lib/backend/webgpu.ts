@@ -117,9 +117,10 @@ const PLAN_MAX_EXPERTS = 1024;
 // Most routed (token, expert) pairs it groups. Its one workgroup is meant for decode-sized
 // batches: each expert's thread scans every pair about 3 times, so a large prefill would
 // run long on one workgroup (and past llvmpipe's silent cap of 65,535 loop iterations a
-// thread). Larger batches group on the host: one read per MoE layer, small next to a
-// prefill layer's work.
+// thread). Larger batches take plan_count, plan_scan and plan_place: a workgroup per
+// PLAN_CHUNK tokens, three dispatches instead of one.
 const PLAN_MAX_ENTRIES = 16384;
+const PLAN_CHUNK = 256;
 
 /**
  * Threads a row of kernels/divergence.wgsl: 4 to 64, at least 32 entries a thread. On
@@ -1907,8 +1908,8 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
       plan = this.planOn(routed, n, e, k);
       this.free(routed);
     } else {
-      // A prefill-sized batch, or routing over one binding (test-sized limits): the same
-      // plan, grouped on the host.
+      // Routing over one binding (test-sized limits, or a batch of millions of tokens), or
+      // over PLAN_MAX_EXPERTS experts: the same plan, grouped on the host.
       const host = expertPlan(await this.routeTopK(logits, k, route.normalize, route.eps), k, e);
       plan = {
         groupStart: this.upload(groupStarts(host.groupRows)),
@@ -1935,13 +1936,18 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
     for (const buffer of Object.values(plan)) this.release(buffer);
   }
 
-  /** Whether plan_experts can group n tokens' k experts of e on the device. */
+  /** Whether n tokens' k experts of e can be grouped on the device (planOn). */
   private devicePlanFits(n: number, e: number, k: number): boolean {
-    const fits = Math.max(n * 2 * k, e + 1) * 4 <= this.maxBindingBytes;
-    return e <= PLAN_MAX_EXPERTS && n * k <= PLAN_MAX_ENTRIES && fits;
+    const chunks = ceilDiv(n, PLAN_CHUNK);
+    const fits = Math.max(n * 2 * k, e + 1, chunks * e) * 4 <= this.maxBindingBytes;
+    return e <= PLAN_MAX_EXPERTS && chunks <= MAX_WORKGROUPS_PER_DIM && fits;
   }
 
-  /** plan_experts on a routing [n, 2k] in route_topk's layout, on the device. */
+  /**
+   * The plan of a routing [n, 2k] in route_topk's layout, on the device: plan_experts, or
+   * past PLAN_MAX_ENTRIES pairs plan_count, plan_scan and plan_place over chunks of
+   * tokens (the same plan).
+   */
   private planOn(routed: GpuTensor, n: number, e: number, k: number): DevicePlan {
     const plan = {
       groupStart: this.acquire((e + 1) * 4, true),
@@ -1949,19 +1955,42 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
       sources: this.acquire(n * k * 4, true),
       scales: this.acquire(n * k * 4, true),
     };
+    const outputs = [
+      { buffer: plan.order, write: true },
+      { buffer: plan.sources, write: true },
+      { buffer: plan.scales, write: true },
+    ];
+    const params = [n, e, k, 0], input = { buffer: routed.buffer };
+    if (n * k <= PLAN_MAX_ENTRIES) {
+      const bindings = [input, { buffer: plan.groupStart, write: true }, ...outputs];
+      this.run({ kernel: "moe", entry: "plan_experts", params, bindings, workgroups: 1 });
+      return plan;
+    }
+    const chunks = ceilDiv(n, PLAN_CHUNK);
+    const first = this.acquire(chunks * e * 4, true); // [chunks, experts]
+    const counts = { buffer: first, size: chunks * e * 4 };
     this.run({
       kernel: "moe",
-      entry: "plan_experts",
-      params: [n, e, k, 0],
-      bindings: [
-        { buffer: routed.buffer },
-        { buffer: plan.groupStart, write: true },
-        { buffer: plan.order, write: true },
-        { buffer: plan.sources, write: true },
-        { buffer: plan.scales, write: true },
-      ],
+      entry: "plan_count",
+      params,
+      bindings: [input, { ...counts, write: true }],
+      workgroups: chunks,
+    });
+    this.run({
+      kernel: "moe",
+      entry: "plan_scan",
+      params,
+      bindings: [{ ...counts, write: true }, { buffer: plan.groupStart, write: true }],
       workgroups: 1,
     });
+    this.run({
+      kernel: "moe",
+      entry: "plan_place",
+      params,
+      bindings: [input, counts, ...outputs],
+      workgroups: chunks,
+    });
+    this.release(first);
     return plan;
   }
 
