@@ -223,6 +223,13 @@ fn combine_rows(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: 
 // and once thread 0 has turned the counts into group starts, lists them in token order.
 // For token t, sources[t k + rank] is the grouped row of its expert of rank `rank` in
 // ascending expert id, the order combine_rows adds the outputs in.
+//
+// Batches too large for one workgroup (a prefill) take three kernels over chunks of
+// PLAN_CHUNK tokens instead, for the same plan: plan_count counts each chunk's entries
+// per expert; plan_scan (one workgroup) turns them into each (chunk, expert)'s first
+// grouped row, an expert's chunks in turn, and writes the group starts; plan_place lists
+// each chunk's tokens from there. No thread then loops over more than a chunk (or the
+// chunk count), however large the batch.
 struct PlanParams {
   tokens: u32,
   experts: u32,
@@ -232,6 +239,7 @@ struct PlanParams {
 
 const PLAN_THREADS: u32 = 256u;
 const PLAN_MAX_EXPERTS: u32 = 1024u; // the host checks this
+const PLAN_CHUNK: u32 = 256u;
 var<workgroup> group_first: array<u32, 1025>; // PLAN_MAX_EXPERTS + 1
 
 @group(0) @binding(0) var<uniform> pp: PlanParams;
@@ -240,18 +248,46 @@ var<workgroup> group_first: array<u32, 1025>; // PLAN_MAX_EXPERTS + 1
 @group(0) @binding(3) var<storage, read_write> order: array<u32>; // [tokens k]: token of each grouped row
 @group(0) @binding(4) var<storage, read_write> plan_sources: array<u32>; // [tokens, k]
 @group(0) @binding(5) var<storage, read_write> plan_scales: array<f32>; // [tokens, k]
+// plan_count's output and plan_scan's input and output: [chunks, experts], the counts,
+// then each (chunk, expert)'s first grouped row; plan_place reads it.
+@group(0) @binding(2) var<storage, read_write> chunk_counts: array<u32>;
+@group(0) @binding(1) var<storage, read_write> chunk_first: array<u32>;
+@group(0) @binding(2) var<storage, read> place_first: array<u32>;
 
-@compute @workgroup_size(256)
-fn plan_experts(@builtin(local_invocation_index) lid: u32) {
-  for (var e = lid; e < pp.experts; e += PLAN_THREADS) {
-    var count = 0u;
-    for (var t = 0u; t < pp.tokens; t++) {
-      for (var j = 0u; j < pp.k; j++) {
-        count += select(0u, 1u, routed[pp.routing_off + t * 2u * pp.k + j] == e);
+// Expert e's entries among tokens [t0, t1).
+fn count_entries(e: u32, t0: u32, t1: u32) -> u32 {
+  var count = 0u;
+  for (var t = t0; t < t1; t++) {
+    for (var j = 0u; j < pp.k; j++) {
+      count += select(0u, 1u, routed[pp.routing_off + t * 2u * pp.k + j] == e);
+    }
+  }
+  return count;
+}
+
+// Lists expert e's entries among tokens [t0, t1) as grouped rows first, first + 1, ...
+fn place_entries(e: u32, first: u32, t0: u32, t1: u32) {
+  var at = first;
+  for (var t = t0; t < t1; t++) {
+    let base = pp.routing_off + t * 2u * pp.k;
+    for (var j = 0u; j < pp.k; j++) {
+      if (routed[base + j] == e) {
+        var rank = 0u;
+        for (var i = 0u; i < pp.k; i++) {
+          rank += select(0u, 1u, routed[base + i] < e);
+        }
+        order[at] = t;
+        plan_sources[t * pp.k + rank] = at;
+        plan_scales[t * pp.k + rank] = bitcast<f32>(routed[base + pp.k + j]);
+        at++;
       }
     }
-    group_first[e + 1u] = count;
   }
+}
+
+// group_first[e + 1] holds expert e's entries: thread 0 turns them into group starts,
+// which go to group_start. Called by the whole workgroup.
+fn start_groups(lid: u32) {
   workgroupBarrier();
   if (lid == 0u) {
     group_first[0] = 0u;
@@ -263,117 +299,54 @@ fn plan_experts(@builtin(local_invocation_index) lid: u32) {
   for (var e = lid; e <= pp.experts; e += PLAN_THREADS) {
     group_start[e] = group_first[e];
   }
-  for (var e = lid; e < pp.experts; e += PLAN_THREADS) {
-    var at = group_first[e];
-    for (var t = 0u; t < pp.tokens; t++) {
-      let base = pp.routing_off + t * 2u * pp.k;
-      for (var j = 0u; j < pp.k; j++) {
-        if (routed[base + j] == e) {
-          var rank = 0u;
-          for (var i = 0u; i < pp.k; i++) {
-            rank += select(0u, 1u, routed[base + i] < e);
-          }
-          order[at] = t;
-          plan_sources[t * pp.k + rank] = at;
-          plan_scales[t * pp.k + rank] = bitcast<f32>(routed[base + pp.k + j]);
-          at++;
-        }
-      }
-    }
-  }
 }
 
-
-// The same plan for batches too large for plan_experts' one workgroup (a prefill): the
-// tokens in chunks of PLAN_CHUNK, a workgroup each, three dispatches. plan_count: each
-// chunk's entries per expert; plan_scan (one workgroup): each (chunk, expert)'s first
-// grouped row, the experts' groups in turn and a group's chunks in order, plus the group
-// starts; plan_place: each chunk lists its tokens from there, as plan_experts does. Every
-// loop a thread runs is bounded by PLAN_CHUNK * k or the chunk count, never the batch.
-const PLAN_CHUNK: u32 = 256u;
-
-@group(0) @binding(0) var<uniform> count_p: PlanParams;
-@group(0) @binding(1) var<storage, read> chunk_routed: array<u32>; // [tokens, 2k]
-@group(0) @binding(2) var<storage, read_write> chunk_counts: array<u32>; // [chunks, experts]
+@compute @workgroup_size(256)
+fn plan_experts(@builtin(local_invocation_index) lid: u32) {
+  for (var e = lid; e < pp.experts; e += PLAN_THREADS) {
+    group_first[e + 1u] = count_entries(e, 0u, pp.tokens);
+  }
+  start_groups(lid);
+  for (var e = lid; e < pp.experts; e += PLAN_THREADS) {
+    place_entries(e, group_first[e], 0u, pp.tokens);
+  }
+}
 
 @compute @workgroup_size(256)
 fn plan_count(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
   let t0 = wg.x * PLAN_CHUNK;
-  let t1 = min(t0 + PLAN_CHUNK, count_p.tokens);
-  for (var e = lid; e < count_p.experts; e += PLAN_THREADS) {
-    var count = 0u;
-    for (var t = t0; t < t1; t++) {
-      for (var j = 0u; j < count_p.k; j++) {
-        count += select(0u, 1u, chunk_routed[count_p.routing_off + t * 2u * count_p.k + j] == e);
-      }
-    }
-    chunk_counts[wg.x * count_p.experts + e] = count;
+  let t1 = min(t0 + PLAN_CHUNK, pp.tokens);
+  for (var e = lid; e < pp.experts; e += PLAN_THREADS) {
+    chunk_counts[wg.x * pp.experts + e] = count_entries(e, t0, t1);
   }
 }
 
-@group(0) @binding(0) var<uniform> scan_p: PlanParams;
-// [chunks, experts]: the counts in, each (chunk, expert)'s first grouped row out
-@group(0) @binding(1) var<storage, read_write> chunk_first: array<u32>;
-@group(0) @binding(2) var<storage, read_write> scan_group_start: array<u32>; // [experts + 1]
-
 @compute @workgroup_size(256)
 fn plan_scan(@builtin(local_invocation_index) lid: u32) {
-  let chunks = (scan_p.tokens + PLAN_CHUNK - 1u) / PLAN_CHUNK;
-  // Each expert's chunks in turn: counts to offsets within the expert's group.
-  for (var e = lid; e < scan_p.experts; e += PLAN_THREADS) {
+  let chunks = (pp.tokens + PLAN_CHUNK - 1u) / PLAN_CHUNK;
+  // Each expert's chunks in turn: counts to first rows within the expert's group.
+  for (var e = lid; e < pp.experts; e += PLAN_THREADS) {
     var at = 0u;
     for (var c = 0u; c < chunks; c++) {
-      let count = chunk_first[c * scan_p.experts + e];
-      chunk_first[c * scan_p.experts + e] = at;
+      let count = chunk_first[c * pp.experts + e];
+      chunk_first[c * pp.experts + e] = at;
       at += count;
     }
     group_first[e + 1u] = at;
   }
-  workgroupBarrier();
-  if (lid == 0u) {
-    group_first[0] = 0u;
-    for (var e = 0u; e < scan_p.experts; e++) {
-      group_first[e + 1u] += group_first[e];
-    }
-  }
-  workgroupBarrier();
-  for (var e = lid; e <= scan_p.experts; e += PLAN_THREADS) {
-    scan_group_start[e] = group_first[e];
-  }
-  for (var e = lid; e < scan_p.experts; e += PLAN_THREADS) {
+  start_groups(lid);
+  for (var e = lid; e < pp.experts; e += PLAN_THREADS) {
     for (var c = 0u; c < chunks; c++) {
-      chunk_first[c * scan_p.experts + e] += group_first[e];
+      chunk_first[c * pp.experts + e] += group_first[e];
     }
   }
 }
 
-@group(0) @binding(0) var<uniform> place_p: PlanParams;
-@group(0) @binding(1) var<storage, read> place_routed: array<u32>; // [tokens, 2k]
-@group(0) @binding(2) var<storage, read> place_first: array<u32>; // [chunks, experts]
-@group(0) @binding(3) var<storage, read_write> place_order: array<u32>; // [tokens k]
-@group(0) @binding(4) var<storage, read_write> place_sources: array<u32>; // [tokens, k]
-@group(0) @binding(5) var<storage, read_write> place_scales: array<f32>; // [tokens, k]
-
 @compute @workgroup_size(256)
 fn plan_place(@builtin(workgroup_id) wg: vec3u, @builtin(local_invocation_index) lid: u32) {
   let t0 = wg.x * PLAN_CHUNK;
-  let t1 = min(t0 + PLAN_CHUNK, place_p.tokens);
-  for (var e = lid; e < place_p.experts; e += PLAN_THREADS) {
-    var at = place_first[wg.x * place_p.experts + e];
-    for (var t = t0; t < t1; t++) {
-      let base = place_p.routing_off + t * 2u * place_p.k;
-      for (var j = 0u; j < place_p.k; j++) {
-        if (place_routed[base + j] == e) {
-          var rank = 0u;
-          for (var i = 0u; i < place_p.k; i++) {
-            rank += select(0u, 1u, place_routed[base + i] < e);
-          }
-          place_order[at] = t;
-          place_sources[t * place_p.k + rank] = at;
-          place_scales[t * place_p.k + rank] = bitcast<f32>(place_routed[base + place_p.k + j]);
-          at++;
-        }
-      }
-    }
+  let t1 = min(t0 + PLAN_CHUNK, pp.tokens);
+  for (var e = lid; e < pp.experts; e += PLAN_THREADS) {
+    place_entries(e, place_first[wg.x * pp.experts + e], t0, t1);
   }
 }
