@@ -41,7 +41,7 @@ import {
 import { loadBlas } from "../lib/backend/blas.ts";
 import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
 import { hasDeviceDivergence, supportsTraining } from "../lib/backend/backend.ts";
-import { Optimizer, selectTrainable, trainStep } from "../lib/train/trainer.ts";
+import { ADAMW_DEFAULTS, Optimizer, selectTrainable, trainStep } from "../lib/train/trainer.ts";
 import { JS_EPS, Reference } from "../lib/methods/divergence.ts";
 import { defaultThreads } from "../lib/backend/cpu_rows.ts";
 import { mulberry32 } from "../lib/random.ts";
@@ -875,9 +875,7 @@ async function benchTrainSet(
     lr: 1e-5,
     schedule: "constant",
     warmup: 0,
-    beta1: 0.9,
-    beta2: 0.999,
-    eps: 1e-8,
+    ...ADAMW_DEFAULTS,
     weightDecay: 0,
     clip: 1,
   });

@@ -11,6 +11,7 @@ import { Model } from "../lib/model/model.ts";
 import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 import { supportsTraining } from "../lib/backend/backend.ts";
 import {
+  ADAMW_DEFAULTS,
   evaluate,
   learningRate,
   loadState,
@@ -176,9 +177,7 @@ await runMain(async () => {
     lr,
     schedule,
     warmup: nonNegative("warmup", v.warmup, 0),
-    beta1: 0.9,
-    beta2: 0.999,
-    eps: 1e-8,
+    ...ADAMW_DEFAULTS,
     weightDecay: nonNegative("weight-decay", v["weight-decay"], 0),
     clip: nonNegative("clip", v.clip, 1.0),
   };

@@ -11,6 +11,7 @@ import { forward } from "../lib/model/decoder.ts";
 import { Model } from "../lib/model/model.ts";
 import { lossAndGrad } from "../lib/train/backward.ts";
 import {
+  ADAMW_DEFAULTS,
   Optimizer,
   selectTrainable,
   trainStep,
@@ -178,9 +179,7 @@ Deno.test("ce train: selections, a few steps lower the loss, checkpoint round tr
     lr: 5e-2,
     schedule: "constant",
     warmup: 0,
-    beta1: 0.9,
-    beta2: 0.999,
-    eps: 1e-8,
+    ...ADAMW_DEFAULTS,
     weightDecay: 0,
     clip: 1,
   });

@@ -259,6 +259,9 @@ export interface TrainHyper {
   clip: number;
 }
 
+/** AdamW's usual moments and eps (PyTorch's defaults), which nothing here changes. */
+export const ADAMW_DEFAULTS = { beta1: 0.9, beta2: 0.999, eps: 1e-8 } as const;
+
 interface Param {
   name: string;
   weight: Weight;
