@@ -230,22 +230,30 @@ async function roundRobinGpu<B>(
   repeats: number,
   call: (item: B) => Promise<unknown>,
 ): Promise<{ wall: number[]; device: number[]; timer: "gpu" | "wall" }> {
-  const timestamps = gpu.device.features.has("timestamp-query");
-  const wall: number[][] = items.map(() => []), device: number[][] = items.map(() => []);
-  for (let r = 0; r < repeats; r++) {
-    for (const [i, item] of items.entries()) {
-      const t0 = performance.now();
-      if (timestamps) {
-        const kernels = await gpu.timeKernels(async () => void await call(item));
-        let ms = 0;
-        for (const k of kernels.values()) ms += k.milliseconds;
-        device[i].push(ms / 1000);
-      } else await call(item);
-      wall[i].push((performance.now() - t0) / 1000);
-      if (!timestamps) device[i].push(wall[i].at(-1)!);
-    }
+  if (!gpu.device.features.has("timestamp-query")) {
+    const wall = await roundRobin(items, repeats, call);
+    return { wall, device: wall, timer: "wall" };
   }
-  return { wall: wall.map(median), device: device.map(median), timer: timestamps ? "gpu" : "wall" };
+  const device: number[][] = items.map(() => []);
+  const wall = await roundRobin([...items.keys()], repeats, async (i) => {
+    const kernels = await gpu.timeKernels(async () => void await call(items[i]));
+    let ms = 0;
+    for (const k of kernels.values()) ms += k.milliseconds;
+    device[i].push(ms / 1000);
+  });
+  return { wall, device: device.map(median), timer: "gpu" };
+}
+
+/**
+ * Runs `measure(size)` (its seconds) at doubling sizes from `size` until it takes at least
+ * 10 ms, so that a GPU's launch costs do not count, or `size` reaches `most`.
+ */
+async function atLeast10ms(size: number, most: number, measure: (size: number) => Promise<number>) {
+  for (;;) {
+    const seconds = await measure(size);
+    if (seconds >= 0.01 || size >= most) return { size, seconds };
+    size *= 2;
+  }
 }
 
 /**
@@ -270,30 +278,23 @@ async function benchRoofline(gpu: WebGpuBackend, repeats: number) {
     await device.queue.onSubmittedWorkDone();
   };
   await copy(2); // first touch of both buffers
-  let copies = 1, copySeconds = 0;
-  for (;;) {
-    copySeconds = await timeIt(repeats, () => copy(copies));
-    if (copySeconds >= 0.01 || copies >= 1024) break;
-    copies *= 2;
-  }
+  const copies = await atLeast10ms(1, 1024, (count) => timeIt(repeats, () => copy(count)));
   a.destroy(), b.destroy();
   const threads = 256 * 1024;
-  let iterations = 256, fmaSeconds = 0, timer = "wall";
-  for (;;) {
-    const fma = await roundRobinGpu(gpu, [iterations], repeats, async (count) => {
+  const timer = gpu.device.features.has("timestamp-query") ? "gpu" : "wall";
+  // (llvmpipe ends a loop past 65,535 iterations)
+  const fma = await atLeast10ms(256, 32768, async (iterations) => {
+    const times = await roundRobinGpu(gpu, [iterations], repeats, async (count) => {
       const out = gpu.fmaChains(threads, count);
       await gpu.read(out);
       gpu.free(out);
     });
-    fmaSeconds = fma.device[0], timer = fma.timer;
-    // (llvmpipe ends a loop past 65,535 iterations)
-    if (fmaSeconds >= 0.01 || iterations >= 32768) break;
-    iterations *= 2;
-  }
-  const copyGBps = (2 * copies * bytes) / copySeconds / 1e9;
-  const f32Gflops = (threads * iterations * 64) / fmaSeconds / 1e9;
+    return times.device[0];
+  });
+  const copyGBps = (2 * copies.size * bytes) / copies.seconds / 1e9;
+  const f32Gflops = (threads * fma.size * 64) / fma.seconds / 1e9;
   console.error(
-    `roofline ${gpu.description}: memory ${copyGBps.toPrecision(3)} GB/s (${copies} x ${
+    `roofline ${gpu.description}: memory ${copyGBps.toPrecision(3)} GB/s (${copies.size} x ${
       (bytes / 2 ** 20).toFixed(0)
     } MiB copied, read + written), f32 FMA ${f32Gflops.toPrecision(3)} GFLOP/s (${timer} time)`,
   );
@@ -301,7 +302,7 @@ async function benchRoofline(gpu: WebGpuBackend, repeats: number) {
     device: gpu.description,
     copyGBps,
     f32Gflops,
-    copyBytes: copies * bytes,
+    copyBytes: copies.size * bytes,
     timer,
   };
 }
