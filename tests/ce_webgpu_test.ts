@@ -5,8 +5,14 @@
 import assert from "node:assert";
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import type { Backend, TrainingBackend } from "../lib/backend/backend.ts";
+import type { WebGpuBackend } from "../lib/backend/webgpu.ts";
 import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
-import { forward, type ForwardHooks } from "../lib/model/decoder.ts";
+import {
+  type BatchShape,
+  forward,
+  type ForwardHooks,
+  type ForwardOptions,
+} from "../lib/model/decoder.ts";
 import { Model } from "../lib/model/model.ts";
 import type { MlpSpec } from "../lib/model/config.ts";
 import { ceVersusReference, INPUT, loadCe, relMaxDiff, SHAPE, uniform } from "./ce_util.ts";
@@ -111,6 +117,32 @@ Deno.test({
   },
 });
 
+/**
+ * The forward of `model` on the host path (an observer of the routing makes every layer
+ * read it back and split it on the host), then on the device path: each one's submits
+ * and the relative difference of their logits.
+ */
+async function deviceVersusHost(
+  model: Model,
+  be: WebGpuBackend,
+  ids: Int32Array,
+  shape: BatchShape,
+  opts: ForwardOptions = {},
+) {
+  const run = async (hooks: ForwardHooks) => {
+    const submits = be.submits;
+    const { logits } = await forward(model, ids, shape, { ...opts, ...hooks });
+    return { logits, submits: be.submits - submits };
+  };
+  const host = await run({ onRouter: () => {} });
+  const device = await run({});
+  return {
+    device: device.submits,
+    host: host.submits,
+    err: relMaxDiff(device.logits, host.logits),
+  };
+}
+
 Deno.test({
   name: "ce webgpu: the routing stays on the device (one submit a forward), as the host path",
   ignore,
@@ -129,22 +161,14 @@ Deno.test({
         for (const layer of model.spec.layers) {
           if (renormalise && layer.mlp.kind === "moe") layer.mlp.renorm.normalize = true;
         }
-        const run = async (hooks: ForwardHooks) => {
-          const submits = be.submits;
-          const { logits } = await forward(model, INPUT, SHAPE, hooks);
-          return { logits, submits: be.submits - submits };
-        };
-        // An observer of the routing makes every layer read it back and split it on the host.
-        const host = await run({ onRouter: () => {} });
-        const device = await run({});
-        const err = relMaxDiff(device.logits, host.logits);
+        const { device, host, err } = await deviceVersusHost(model, be, INPUT, SHAPE);
         console.log(
           `  ${fixture} k_m ${km}${renormalise ? " renormalised" : ""} ` +
-            `${be === gpu ? "plain" : "chunked"}: ${device.submits} vs ` +
-            `${host.submits} submits, rel max diff ${err.toExponential(2)}`,
+            `${be === gpu ? "plain" : "chunked"}: ${device} vs ${host} submits, ` +
+            `rel max diff ${err.toExponential(2)}`,
         );
-        assert.equal(device.submits, 1, `${fixture}: the logits' read alone`);
-        assert(host.submits > device.submits, `${fixture}: the host path was not taken`);
+        assert.equal(device, 1, `${fixture}: the logits' read alone`);
+        assert(host > device, `${fixture}: the host path was not taken`);
         assert(err < 1e-5, `${fixture}: ${err}`);
         model.close();
       }
@@ -164,18 +188,11 @@ Deno.test({
     );
     const model = await loadCe(`${FIXTURE_ROOT}olmoe-a`, gpu!, 2, 700);
     const rows = Int32Array.from({ length: 64 }, (_, i) => i * 131); // spread over the batch
-    const run = async (hooks: ForwardHooks) => {
-      const submits = gpu!.submits;
-      const { logits } = await forward(model, ids, shape, { ...hooks, logitRows: rows });
-      return { logits, submits: gpu!.submits - submits };
-    };
-    const host = await run({ onRouter: () => {} });
-    const device = await run({});
-    const err = relMaxDiff(device.logits, host.logits);
-    console.log(
-      `  ${device.submits} vs ${host.submits} submits, rel max diff ${err.toExponential(2)}`,
-    );
-    assert.equal(device.submits, 1);
+    const { device, host, err } = await deviceVersusHost(model, gpu!, ids, shape, {
+      logitRows: rows,
+    });
+    console.log(`  ${device} vs ${host} submits, rel max diff ${err.toExponential(2)}`);
+    assert.equal(device, 1);
     assert(err < 1e-5, `${err}`);
     model.close();
   },
