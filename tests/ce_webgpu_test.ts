@@ -14,6 +14,7 @@ import {
   type ForwardOptions,
 } from "../lib/model/decoder.ts";
 import { Model } from "../lib/model/model.ts";
+import { cesNames } from "../lib/methods/compressed_experts.ts";
 import type { MlpSpec } from "../lib/model/config.ts";
 import { ceVersusReference, INPUT, loadCe, relMaxDiff, SHAPE, uniform } from "./ce_util.ts";
 import { DEFAULT_MODEL, FIXTURE_ROOT, FIXTURES } from "./golden.ts";
@@ -195,5 +196,30 @@ Deno.test({
     assert.equal(device, 1);
     assert(err < 1e-5, `${err}`);
     model.close();
+  },
+});
+
+Deno.test({
+  name: "ce webgpu: a training ces is read once a layer a forward, also where the host path runs",
+  ignore,
+  async fn() {
+    // 40 tokens' hidden rows overflow 4 KiB bindings: the device path declines and the host
+    // path runs. A ces that trains is read at every forward (its slots rebuilt), but once a
+    // layer: the declined device path must not have read it already.
+    const shape = { batch: 4, seqLen: 10 };
+    const ids = Int32Array.from({ length: 40 }, (_, i) => (i * 37 + 5) % 256);
+    const be = chunked!;
+    const model = await loadCe(`${FIXTURE_ROOT}olmoe-a`, be, 2, 500);
+    for (const n of cesNames(model)) model.makeTrainable(n);
+    let reads = 0;
+    const readWeight = be.readWeight;
+    be.readWeight = (w) => (reads++, readWeight.call(be, w));
+    try {
+      await forward(model, ids, shape);
+      assert.equal(reads, cesNames(model).length);
+    } finally {
+      be.readWeight = readWeight;
+      model.close();
+    }
   },
 });

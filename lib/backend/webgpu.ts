@@ -2000,14 +2000,14 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
    * matmuls, then the main experts grouped as routedExperts runs them, gate and up apart
    * (their inputs differ) and both reading x * theta through the plan's order.
    */
-  compressedExperts(
+  async compressedExperts(
     xn: Tensor,
     logits: Tensor,
     stacks: SeparateExpertStacks,
-    slots: readonly Weight[],
+    ceSlots: () => Promise<readonly Weight[]>,
     route: CompressedRouteSpec,
     out: Tensor,
-  ): boolean {
+  ): Promise<boolean> {
     const [n, e] = rowsCols(logits), { k, mainExperts: km } = route;
     if (!Number.isInteger(km) || km < 1 || km >= k) {
       throw new Error(`compressedExperts: ${km} main experts of top-${k}`);
@@ -2016,6 +2016,7 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
     const fits = Math.max(t(xn).bytes, n * e * 4) <= this.maxBindingBytes;
     if (!fits || !this.devicePlanFits(n, e, k)) return false;
     if (n === 0) return true;
+    const slots = await ceSlots(); // a trained ces is read here, before anything is recorded
     const raw = this.route(logits, { k, normalize: false, eps: 0 });
     const main = this.newTensor([n, 2 * km]), alpha = this.newTensor([n, e]);
     this.run({

@@ -392,7 +392,7 @@ async function compressedExpertsOnDevice(
   const be = model.backend;
   if (!hasDeviceCompressedExperts(be) || !groupedMainExperts(model, l, mlp)) return false;
   const stacks = await separateStacks(model, l, mlp);
-  const slots = await cesSlots(model, l, mlp, true);
+  const slots = () => cesSlots(model, l, mlp, true);
   const route = {
     k: mlp.topK,
     mainExperts: mlp.mainExperts!,
