@@ -88,10 +88,14 @@ Deno.test("finetune: killed and rerun equals one uninterrupted run; a foreign st
   assert.match(bad.stderr, /not a moe-condense training state/);
   await assert.rejects(Deno.stat(`${dir}/x`));
 
-  // the output loads like any other checkpoint and keeps the source dtype
+  // the output loads like any other checkpoint and keeps the source dtype, has the
+  // source's tokenizer, and its temporary folder is gone
   const model = await Model.load(`${dir}/a`, new CpuBackend());
   assert.strictEqual(model.ckpt.files.size > 0, true);
   model.close();
+  await Deno.stat(`${dir}/a/tokenizer.json`);
+  const left = [...Deno.readDirSync(dir)].map((e) => e.name).filter((n) => n.includes(".tmp-"));
+  assert.deepStrictEqual(left, []);
   await Deno.remove(dir, { recursive: true });
 });
 

@@ -114,4 +114,47 @@ export function closeCheckpoint(ckpt: Checkpoint): void {
   for (const s of ckpt.shards) s.close();
 }
 
+// What a derived checkpoint keeps of its source besides weights and config: the tokenizer
+// and the generation settings, where the source has them.
+const SIDECAR_FILES = [
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.model",
+  "vocab.json",
+  "merges.txt",
+  "generation_config.json",
+];
+
+/**
+ * Writes a checkpoint folder derived from `source` at `outDir`: `fill` writes the weights
+ * and config.json into a temporary folder beside it, the source's tokenizer files are
+ * copied in, and the folder is renamed into place (replacing an old `outDir`), so a failure
+ * leaves no partial output.
+ */
+export async function writeCheckpointFolder(
+  source: Checkpoint,
+  outDir: string,
+  fill: (tmp: string) => Promise<void>,
+): Promise<void> {
+  const tmp = `${outDir.replace(/\/+$/, "")}.tmp-${Deno.pid}`;
+  await Deno.remove(tmp, { recursive: true }).catch(() => {});
+  await Deno.mkdir(tmp, { recursive: true });
+  try {
+    await fill(tmp);
+    for (const f of SIDECAR_FILES) {
+      try {
+        await Deno.copyFile(`${source.dir}/${f}`, `${tmp}/${f}`);
+      } catch (e) {
+        if (!(e instanceof Deno.errors.NotFound)) throw e;
+      }
+    }
+    await Deno.remove(outDir, { recursive: true }).catch(() => {});
+    await Deno.rename(tmp, outDir);
+  } catch (e) {
+    await Deno.remove(tmp, { recursive: true }).catch(() => {});
+    throw e;
+  }
+}
+
 export { SafetensorsError };

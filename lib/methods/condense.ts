@@ -12,7 +12,7 @@ import {
   toFloat32,
   writeSafetensors,
 } from "../io/safetensors.ts";
-import { readTensor, tensorInfo } from "../io/checkpoint.ts";
+import { readTensor, tensorInfo, writeCheckpointFolder } from "../io/checkpoint.ts";
 import {
   denseName,
   expertName,
@@ -191,16 +191,6 @@ export async function condenseInMemory(model: Model, plan: Plan, provenance: Pro
   return out;
 }
 
-const TOKENIZER_FILES = [
-  "tokenizer.json",
-  "tokenizer_config.json",
-  "special_tokens_map.json",
-  "tokenizer.model",
-  "vocab.json",
-  "merges.txt",
-  "generation_config.json",
-];
-
 async function sizeOf(path: string): Promise<number> {
   return (await Deno.stat(path)).size;
 }
@@ -224,10 +214,8 @@ export async function writeCondensedCheckpoint(
   }
   let bytesBefore = 0;
   for (const shard of model.ckpt.shards) bytesBefore += await sizeOf(shard.path);
-  const tmp = `${outDir.replace(/\/+$/, "")}.tmp-${Deno.pid}`;
-  await Deno.mkdir(tmp, { recursive: true });
-  try {
-    const planned = planTensors(model, plan);
+  const planned = planTensors(model, plan);
+  await writeCheckpointFolder(model.ckpt, outDir, async (tmp) => {
     const tensors: RawTensor[] = [];
     for (const t of planned) {
       tensors.push(t.build ? await t.build() : await readTensor(model.ckpt, t.name));
@@ -237,18 +225,7 @@ export async function writeCondensedCheckpoint(
       `${tmp}/config.json`,
       JSON.stringify(condensedConfig(model, plan, provenance), null, 2) + "\n",
     );
-    for (const f of TOKENIZER_FILES) {
-      try {
-        await Deno.copyFile(`${model.ckpt.dir}/${f}`, `${tmp}/${f}`);
-      } catch (e) {
-        if (!(e instanceof Deno.errors.NotFound)) throw e;
-      }
-    }
-    const bytesAfter = await sizeOf(`${tmp}/model.safetensors`);
-    await Deno.rename(tmp, outDir);
-    return { bytesBefore, bytesAfter, params: planSize(planned).params, tensors: planned.length };
-  } catch (e) {
-    await Deno.remove(tmp, { recursive: true }).catch(() => {});
-    throw e;
-  }
+  });
+  const bytesAfter = await sizeOf(`${outDir}/model.safetensors`);
+  return { bytesBefore, bytesAfter, params: planSize(planned).params, tensors: planned.length };
 }

@@ -5,7 +5,7 @@
 
 import type { Tensor, TrainingBackend, Weight } from "../backend/backend.ts";
 import { numelOf } from "../backend/backend.ts";
-import { readTensor, tensorInfo } from "../io/checkpoint.ts";
+import { readTensor, tensorInfo, writeCheckpointFolder } from "../io/checkpoint.ts";
 import {
   type DType,
   f32Tensor,
@@ -478,17 +478,6 @@ export function castTensor(
   throw new Error(`cannot write "${name}" as ${dtype}`);
 }
 
-const COPY_FILES = [
-  "config.json",
-  "tokenizer.json",
-  "tokenizer_config.json",
-  "special_tokens_map.json",
-  "tokenizer.model",
-  "vocab.json",
-  "merges.txt",
-  "generation_config.json",
-];
-
 /**
  * Write the fine-tuned model as an HF-layout folder (a temp folder renamed at the end):
  * frozen tensors copied as they are, trained ones rounded from their f32 master copy to
@@ -501,10 +490,7 @@ export async function writeTrainedCheckpoint(
 ): Promise<void> {
   const model = opt.model, be = model.backend as TrainingBackend;
   const trained = new Map(opt.params.map((p) => [p.name, p]));
-  const tmp = `${outDir.replace(/\/+$/, "")}.tmp-${Deno.pid}`;
-  await Deno.remove(tmp, { recursive: true }).catch(() => {});
-  await Deno.mkdir(tmp, { recursive: true });
-  try {
+  await writeCheckpointFolder(model.ckpt, outDir, async (tmp) => {
     const tensors: RawTensor[] = [];
     // ces kept only in memory (compressed experts enabled by a flag) are written in f32
     for (const name of cesNames(model)) {
@@ -526,13 +512,6 @@ export async function writeTrainedCheckpoint(
       tensors.push(castTensor(name, [...info.shape], await be.readWeight(p.weight), info.dtype));
     }
     await writeSafetensors(`${tmp}/model.safetensors`, tensors);
-    for (const f of COPY_FILES) {
-      try {
-        await Deno.copyFile(`${model.ckpt.dir}/${f}`, `${tmp}/${f}`);
-      } catch (e) {
-        if (!(e instanceof Deno.errors.NotFound)) throw e;
-      }
-    }
     const ce = compressedExpertsConfig(model);
     const config = {
       ...model.ckpt.config,
@@ -540,12 +519,7 @@ export async function writeTrainedCheckpoint(
       ...configExtra,
     };
     await Deno.writeTextFile(`${tmp}/config.json`, JSON.stringify(config, null, 2) + "\n");
-    await Deno.remove(outDir, { recursive: true }).catch(() => {});
-    await Deno.rename(tmp, outDir);
-  } catch (e) {
-    await Deno.remove(tmp, { recursive: true }).catch(() => {});
-    throw e;
-  }
+  });
 }
 
 // ---- evaluation ---------------------------------------------------------------------
