@@ -21,12 +21,23 @@
 //             thread, SIMD on the default threads, and WebGPU's kernel (the expert search
 //             with --backend webgpu), on flat and peaked rows
 
-import type { AttentionShape, Backend, Tensor } from "../lib/backend/backend.ts";
+import {
+  argmaxRow,
+  type AttentionShape,
+  type Backend,
+  type Tensor,
+} from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import { createBackend, parseCli, positiveInt, runMain, UsageError } from "../lib/cli.ts";
 import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
 import { forward } from "../lib/model/decoder.ts";
-import { argmaxRow, createKvCache, forwardCached, freeKvCache } from "../lib/model/generate.ts";
+import {
+  cachedLogits,
+  createKvCache,
+  forwardCached,
+  freeKvCache,
+  greedyDecode,
+} from "../lib/model/generate.ts";
 import { Model } from "../lib/model/model.ts";
 import { countParams, median } from "../lib/eval/measure.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
@@ -764,43 +775,57 @@ async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
   const prompt = 32, steps = 32, warmup = 4;
   for (const [name, be] of backends) {
     for (const compressed of [false, true]) {
-      const row = await decodeRow(name, be, compressed);
+      const row = await decodeRow(name, be, compressed, false);
       if (row) rows.push(row);
     }
+    // What greedyDecode saves: the same steps, each reading its logits for a host argmax.
+    if (be instanceof WebGpuBackend) rows.push((await decodeRow(name, be, false, true))!);
   }
   return rows;
 
-  async function decodeRow(name: string, be: Backend, compressed: boolean) {
+  async function decodeRow(name: string, be: Backend, compressed: boolean, hostArgmax: boolean) {
     const model = await Model.load(modelDir, be);
     const moe = model.spec.layers.find((l) => l.mlp.kind === "moe")?.mlp;
     const mainExperts = compressed && moe?.kind === "moe" ? Math.max(1, moe.topK >> 1) : null;
     if (compressed && !mainExperts) return model.close(); // a dense model: no such variant
     if (mainExperts) enableOnModel(model, mainExperts, "bench");
-    const variant = mainExperts ? `compressed experts k_m=${mainExperts}` : "plain";
-    const cache = createKvCache(model, 1, prompt + warmup + 2 * steps);
+    const variant = (mainExperts ? `compressed experts k_m=${mainExperts}` : "plain") +
+      (hostArgmax ? ", logits read each step" : "");
+    const cache = createKvCache(model, 1, prompt + warmup + 2 * steps + 3);
     const ids = new Int32Array(prompt).map((_, i) => (i * 7919 + 13) % 256);
-    let logits = await forwardCached(model, ids, prompt, cache, true);
-    const vocab = logits.length;
-    const decodeSteps = async (count = steps) => {
+    await cachedLogits(model, ids, prompt, cache, true).then((l) => be.free(l));
+    // Each run starts from one more token's logits, recorded and read outside the timing.
+    const start = async () => {
+      const logits = await cachedLogits(model, Int32Array.of(1), 1, cache, true);
+      await be.read(logits);
+      return logits;
+    };
+    const decodeSteps = async (logits: Tensor, count = steps) => {
+      if (!hostArgmax) return await greedyDecode(model, cache, logits, count + 1, () => false);
+      let host: Float32Array = (await be.read(logits)).slice();
+      be.free(logits);
       for (let i = 0; i < count; i++) {
-        const next = Int32Array.of(argmaxRow(logits, 0, vocab));
-        logits = await forwardCached(model, next, 1, cache);
+        const next = Int32Array.of(argmaxRow(host, 0, host.length));
+        host = await forwardCached(model, next, 1, cache);
       }
     };
-    await decodeSteps(warmup); // compiles the one-row kernels the prompt did not use
+    await decodeSteps(await start(), warmup); // compiles the one-row kernels the prompt did not use
+    const first = await start();
     const gpu = be instanceof WebGpuBackend ? be : null;
     const [submits0, dispatches0, encode0] = gpu
       ? [gpu.submits, gpu.dispatches, gpu.encodeMilliseconds]
       : [0, 0, 0];
     const t0 = performance.now();
-    await decodeSteps();
+    await decodeSteps(first);
     const seconds = (performance.now() - t0) / 1000;
     const submitsPerToken = gpu && (gpu.submits - submits0) / steps;
     const dispatchesPerToken = gpu && (gpu.dispatches - dispatches0) / steps;
     const encodeMsPerToken = gpu && (gpu.encodeMilliseconds - encode0) / steps;
-    const kernels = be instanceof WebGpuBackend && be.device.features.has("timestamp-query")
-      ? kernelProfile(await be.timeKernels(() => decodeSteps()), steps)
-      : null;
+    let kernels = null;
+    if (be instanceof WebGpuBackend && be.device.features.has("timestamp-query")) {
+      const logits = await start();
+      kernels = kernelProfile(await be.timeKernels(() => decodeSteps(logits)), steps);
+    }
     freeKvCache(model, cache);
     model.close();
     const row = {

@@ -114,6 +114,7 @@ Deno.test("KV-cache greedy decoding gives exactly the tokens and logits of full 
   assert.deepStrictEqual(a, b);
   assert.strictEqual(cached.length, full.length);
   cached.forEach((l, i) => assert.deepStrictEqual(l, full[i]));
+  assert.deepStrictEqual(await greedyGenerate(model, prompts, { maxNewTokens: 0 }), [[], []]);
 });
 
 Deno.test("generate_until stops at the stop string and keeps the request order", async () => {

@@ -4,7 +4,14 @@
 
 import assert from "node:assert";
 import { CpuBackend } from "../lib/backend/cpu.ts";
-import { greedyGenerate, greedyGenerateNoCache } from "../lib/model/generate.ts";
+import {
+  cachedLogits,
+  createKvCache,
+  freeKvCache,
+  greedyDecode,
+  greedyGenerate,
+  greedyGenerateNoCache,
+} from "../lib/model/generate.ts";
 import { Model } from "../lib/model/model.ts";
 import { mulberry32 } from "../lib/random.ts";
 import { checkGolden, DEFAULT_MODEL, FIXTURE_ROOT, FIXTURES } from "./golden.ts";
@@ -91,3 +98,54 @@ for (const [label, be] of [["", () => gpu!], [" with 4 KiB bindings", () => chun
     });
   }
 }
+
+// Greedy generation as evaluation runs it (no logits observer): each step's argmax stays on
+// the device and feeds the next step, which is submitted before the step's tokens are
+// awaited, and only the ids are read. The reference's tokens, also when sequences stop
+// mid-way.
+Deno.test({
+  name: "webgpu greedy decoding keeps the argmax on the device, a step ahead of the host",
+  ignore,
+  async fn() {
+    for (const dir of [DEFAULT_MODEL, `${FIXTURE_ROOT}olmoe-a`, `${FIXTURE_ROOT}qwen2_moe-a`]) {
+      const [model, reference] = [await Model.load(dir, gpu!), await Model.load(dir, cpuReference)];
+      const read = gpu!.read;
+      try {
+        const random = mulberry32(5);
+        const prompts = [0, 1, 2].map(() =>
+          Array.from({ length: 9 }, () => Math.floor(random() * model.spec.vocab))
+        );
+        const want = await greedyGenerateNoCache(reference, prompts, { maxNewTokens: 6 });
+        assert.deepEqual(await greedyGenerate(model, prompts, { maxNewTokens: 6 }), want, dir);
+        // sequence b stops after b + 1 tokens; the batch ends when the last one stops
+        const stopped = await greedyGenerate(model, prompts, {
+          maxNewTokens: 6,
+          shouldStop: (b, generated) => generated.length === b + 1,
+        });
+        assert.deepEqual(stopped, want.map((w, b) => w.slice(0, b + 1)), dir);
+
+        const cache = createKvCache(model, 3, 9 + 6);
+        const logits = await cachedLogits(model, Int32Array.from(prompts.flat()), 9, cache, true);
+        // Reads are of ids only, and step t + 1's is made (which submits it) before step t's
+        // has come back: the host never waits with the device idle.
+        const events: string[] = [];
+        gpu!.read = (x) => {
+          events.push(`read ${x.shape}`);
+          const got = read.call(gpu!, x);
+          got.then(() => events.push("back"), () => {});
+          return got;
+        };
+        await greedyDecode(model, cache, logits, 6, (step, tokens) => {
+          assert.deepEqual([...tokens], want.map((w) => w[step]), `${dir} step ${step}`);
+          return false;
+        });
+        freeKvCache(model, cache);
+        const [r, b] = ["read 3", "back"]; // steps 0 and 1 read, 0 back, 2 read, 1 back, ...
+        assert.deepEqual(events, [r, r, b, r, b, r, b, r, b, r, b, b], dir);
+      } finally {
+        gpu!.read = read;
+        model.close(), reference.close();
+      }
+    }
+  },
+});

@@ -3,12 +3,14 @@
 // weights and activations go through the chunked paths.
 
 import assert from "node:assert";
-import type {
-  AttentionShape,
-  Backend,
-  Tensor,
-  Weight,
-  WeightDType,
+import {
+  argmaxRow,
+  type AttentionShape,
+  type Backend,
+  readIds,
+  type Tensor,
+  type Weight,
+  type WeightDType,
 } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import { NoWebGpuAdapterError } from "../lib/backend/webgpu.ts";
@@ -319,6 +321,53 @@ async function checkRoute(be: Backend, logits: Float32Array, e: number, k: numbe
     }
   }
 }
+
+Deno.test({
+  name: "webgpu argmaxRows matches argmaxRow: odd widths, ties, -inf and NaN, chunked rows",
+  ignore,
+  async fn() {
+    const check = async (be: Backend, x: Float32Array, cols: number) => {
+      const rows = x.length / cols;
+      const want = Int32Array.from({ length: rows }, (_, r) => argmaxRow(x, r, cols));
+      const ids = be.argmaxRows(be.tensor(x, [rows, cols]));
+      assert.deepEqual([...ids.shape], [rows]);
+      assert.deepEqual(await readIds(be, ids), want, `${rows} x ${cols}`);
+      const onCpu = cpu.argmaxRows(cpu.tensor(x, [rows, cols]));
+      assert.deepEqual(await readIds(cpu, onCpu), want, `cpu ${rows} x ${cols}`);
+    };
+    // widths below, at and past the 256 threads; 40 x 300 f32 rows span 3 chunked bindings
+    for (const be of [gpu!, chunked!]) {
+      for (const [rows, cols] of [[1, 1], [3, 7], [5, 255], [2, 256], [40, 300], [3, 777]]) {
+        await check(be, randn(rows * cols), cols);
+      }
+    }
+    // the first of equal maxima, wherever the threads meet; NaN never wins; all -inf is 0
+    const cols = 600, rows = 6, x = new Float32Array(rows * cols).fill(-1);
+    for (const [r, js] of [[0, [599, 3, 300]], [1, [256, 0]], [2, [511, 257]]] as const) {
+      for (const j of js) x[r * cols + j] = 5;
+    }
+    x.fill(Number.NaN, 3 * cols, 4 * cols), x[3 * cols + 400] = -2; // NaN row but one
+    x.fill(-Infinity, 4 * cols, 5 * cols);
+    x.fill(Number.NaN, 5 * cols, 6 * cols);
+    await check(gpu!, x, cols);
+    const ids = await readIds(gpu!, gpu!.argmaxRows(gpu!.tensor(x, [rows, cols])));
+    assert.deepEqual([...ids], [3, 0, 257, 400, 0, 0]);
+    // an id tensor feeds embedding as its host ids would
+    for (const be of [gpu!, chunked!]) {
+      const raw = rawWeight("embed", [300, 64], randn(300 * 64), "BF16");
+      const w = be.uploadWeight(raw), logits = randn(9 * 300);
+      const onDevice = be.argmaxRows(be.tensor(logits, [9, 300]));
+      const host = Int32Array.from({ length: 9 }, (_, r) => argmaxRow(logits, r, 300));
+      await expectClose(
+        "embedding of argmaxRows",
+        be.embedding(w, onDevice),
+        cpu.embedding(cpu.uploadWeight(raw), host),
+        0,
+      );
+      be.freeWeight(w);
+    }
+  },
+});
 
 Deno.test({
   name: "webgpu routeTopK matches cpu: k 1..8, renorm on and off, ties to the lower index",

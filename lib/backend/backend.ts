@@ -317,8 +317,17 @@ export interface Backend {
   readAll(ts: readonly Tensor[]): Promise<Float32Array[]>;
   free(t: Tensor): void;
 
-  /** [ids.length, H] rows of `table` [V, H]. */
-  embedding(table: Weight, ids: Int32Array): Tensor;
+  /**
+   * [N, H] rows of `table` [V, H] for N token ids: from the host (checked against V), or an
+   * id tensor of argmaxRows (kept where it was made; the caller keeps its ids below V).
+   */
+  embedding(table: Weight, ids: Int32Array | Tensor): Tensor;
+  /**
+   * [N] ids of x [N, C]: each row's first maximum (argmaxRow), as i32 bit patterns, read
+   * back with `readIds`. Greedy decoding feeds them to the next step's embedding, so
+   * the device never waits for the host between steps.
+   */
+  argmaxRows(x: Tensor): Tensor;
   /** Row-wise w * x / sqrt(mean(x^2) + eps), x [N, D], w [D]. */
   rmsNorm(x: Tensor, w: Weight, eps: number): Tensor;
   /**
@@ -484,6 +493,25 @@ export function numelOf(shape: readonly number[]): number {
   let n = 1;
   for (const d of shape) n *= d;
   return n;
+}
+
+/**
+ * The index of the first maximum of row `row` of x [rows, cols], as torch.argmax: NaN never
+ * wins, and a row with nothing above -Infinity gives 0.
+ */
+export function argmaxRow(x: Float32Array, row: number, cols: number): number {
+  let best = 0, bestValue = -Infinity;
+  for (let j = 0; j < cols; j++) {
+    const v = x[row * cols + j];
+    if (v > bestValue) (bestValue = v), (best = j);
+  }
+  return best;
+}
+
+/** An id tensor's ids (argmaxRows), read back. */
+export async function readIds(be: Backend, ids: Tensor): Promise<Int32Array> {
+  const bits = await be.read(ids);
+  return new Int32Array(bits.buffer, bits.byteOffset, bits.length);
 }
 
 export function rowsCols(t: { shape: readonly number[] }): [number, number] {

@@ -12,6 +12,7 @@ import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import { type Blas, loadBlas } from "./blas.ts";
 import {
   type AdamWHyper,
+  argmaxRow,
   type AttentionShape,
   checkAddRmsNorm,
   checkAttentionBackward,
@@ -83,6 +84,9 @@ export class CpuWeight implements Weight {
 }
 
 const t = (x: Tensor) => x as CpuTensor;
+/** An id tensor's i32 view (argmaxRows). */
+const idsOf = (x: Tensor) =>
+  new Int32Array(t(x).data.buffer, t(x).data.byteOffset, t(x).data.length);
 const w = (x: Weight) => x as CpuWeight;
 
 export interface CpuOptions {
@@ -195,8 +199,9 @@ export class CpuBackend implements TrainingBackend {
     this.recycle(t(x).data);
   }
 
-  embedding(table: Weight, ids: Int32Array): Tensor {
+  embedding(table: Weight, tokens: Int32Array | Tensor): Tensor {
     const [vocab, h] = table.shape;
+    const ids = tokens instanceof Int32Array ? tokens : idsOf(tokens);
     const out = this.floats(ids.length * h);
     for (let i = 0; i < ids.length; i++) {
       const id = ids[i];
@@ -204,6 +209,14 @@ export class CpuBackend implements TrainingBackend {
       out.set(w(table).data.subarray(id * h, (id + 1) * h), i * h);
     }
     return new CpuTensor(out, [ids.length, h]);
+  }
+
+  argmaxRows(x: Tensor): Tensor {
+    const [n, cols] = rowsCols(x);
+    if (cols === 0) throw new Error("argmaxRows: rows of no columns");
+    const out = new CpuTensor(this.floats(n), [n]), ids = idsOf(out);
+    for (let r = 0; r < n; r++) ids[r] = argmaxRow(t(x).data, r, cols);
+    return out;
   }
 
   rmsNorm(x: Tensor, weight: Weight, eps: number): Tensor {

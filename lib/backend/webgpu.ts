@@ -172,6 +172,7 @@ const KERNEL_FILES = [
   "attention_tiled",
   "attention_split",
   "embedding",
+  "argmax",
   "moe",
   // backward (training)
   "matmul_backward_common",
@@ -1136,28 +1137,48 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
 
   // ---- ops ----------------------------------------------------------------------------
 
-  embedding(table: Weight, ids: Int32Array): Tensor {
+  embedding(table: Weight, tokens: Int32Array | Tensor): Tensor {
     const [vocab, h] = table.shape;
-    for (const id of ids) {
-      if (id < 0 || id >= vocab) throw new Error(`token id ${id} out of range [0, ${vocab})`);
+    const host = tokens instanceof Int32Array, count = host ? tokens.length : numelOf(tokens.shape);
+    if (host) {
+      for (const id of tokens) {
+        if (id < 0 || id >= vocab) throw new Error(`token id ${id} out of range [0, ${vocab})`);
+      }
     }
-    const out = this.newTensor([ids.length, h]); // [tokens, hidden]
-    const idsBuf = this.upload(ids);
+    const out = this.newTensor([count, h]); // [tokens, hidden]
+    const idsBuf = host ? this.upload(tokens) : t(tokens).buffer;
     for (const chunk of w(table).chunks) {
-      for (const [r0, n] of this.rowChunks(ids.length, [h * 4])) {
+      for (const [r0, n] of this.rowChunks(count, [h * 4])) {
         const outRange = this.rowRange(out.buffer, r0, n, h * 4, true);
         this.run({
           kernel: "embedding",
           entry: "embedding",
           constants: { W_DTYPE: DTYPE_CODE[table.dtype] },
           params: [n, h, chunk.row0, chunk.rows, r0, outRange.skip],
-          bindings: [{ buffer: idsBuf }, { buffer: chunk.buffer }, outRange],
+          bindings: [{ buffer: idsBuf, size: count * 4 }, { buffer: chunk.buffer }, outRange],
           workgroups: ceilDiv(n * h, 64),
         });
       }
     }
-    this.release(idsBuf);
+    if (host) this.release(idsBuf);
     return out;
+  }
+
+  argmaxRows(x: Tensor): Tensor {
+    const [n, cols] = rowsCols(x);
+    if (cols === 0) throw new Error("argmaxRows: rows of no columns");
+    const ids = this.newTensor([n]);
+    for (const [r0, rows] of this.rowChunks(n, [cols * 4])) {
+      const xRange = this.rowRange(t(x).buffer, r0, rows, cols * 4);
+      this.run({
+        kernel: "argmax",
+        entry: "argmax_rows",
+        params: [rows, cols, r0, xRange.skip],
+        bindings: [xRange, { buffer: ids.buffer, size: n * 4, write: true }],
+        workgroups: rows,
+      });
+    }
+    return ids;
   }
 
   rmsNorm(x: Tensor, weight: Weight, eps: number): Tensor {

@@ -5,7 +5,8 @@
 
 import type { Model } from "../model/model.ts";
 import { forward } from "../model/decoder.ts";
-import { argmaxRow, greedyGenerate } from "../model/generate.ts";
+import { greedyGenerate } from "../model/generate.ts";
+import { argmaxRow } from "../backend/backend.ts";
 import {
   encodeRequest,
   getRollingTokenWindows,

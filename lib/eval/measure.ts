@@ -13,7 +13,7 @@
 import type { Backend } from "../backend/backend.ts";
 import { cesWidth } from "../model/config.ts";
 import { forward } from "../model/decoder.ts";
-import { createKvCache, forwardCached, freeKvCache } from "../model/generate.ts";
+import { cachedLogits, createKvCache, freeKvCache, greedyDecode } from "../model/generate.ts";
 import { Model } from "../model/model.ts";
 
 export interface MeasureSettings {
@@ -85,15 +85,13 @@ export async function measureModel(dir: string, backend: Backend, opts: MeasureS
     await forward(model, ids, { batch, seqLen: prompt });
     const prefill = performance.now() - t0;
     sample();
-    // Decode: prefill into a cache (untimed), then `decode` single-token steps.
+    // Decode: prefill into a cache (untimed: its logits are read), then `decode` greedy
+    // single-token steps as generation runs them (greedyDecode).
     const cache = createKvCache(model, batch, prompt + decode);
-    await forwardCached(model, ids, prompt, cache, true);
-    let next = Int32Array.from({ length: batch }, (_, b) => (b * 31) % 256);
+    const logits = await cachedLogits(model, ids, prompt, cache, true);
+    await backend.read(logits);
     t0 = performance.now();
-    for (let s = 0; s < decode; s++) {
-      const logits = await forwardCached(model, next, 1, cache, true);
-      next = Int32Array.from({ length: batch }, (_, b) => argmax(logits, b, vocab));
-    }
+    await greedyDecode(model, cache, logits, decode + 1, () => false);
     const dec = performance.now() - t0;
     sample();
     freeKvCache(model, cache);
@@ -116,14 +114,6 @@ export async function measureModel(dir: string, backend: Backend, opts: MeasureS
   };
   model.close();
   return result;
-}
-
-function argmax(logits: Float32Array, row: number, vocab: number): number {
-  let best = 0;
-  for (let j = 1; j < vocab; j++) {
-    if (logits[row * vocab + j] > logits[row * vocab + best]) best = j;
-  }
-  return best;
 }
 
 function fileBytes(f: unknown): number {

@@ -70,7 +70,7 @@ export function positionsFor(shape: BatchShape, offset = 0): Int32Array {
   return pos;
 }
 
-export async function embed(model: Model, ids: Int32Array): Promise<Tensor> {
+export async function embed(model: Model, ids: Int32Array | Tensor): Promise<Tensor> {
   return model.backend.embedding(await model.weight("model.embed_tokens.weight"), ids);
 }
 
@@ -577,14 +577,10 @@ export async function lmHead(model: Model, hn: Tensor): Promise<Tensor> {
 }
 
 /**
- * The LM head's logits of the final normed hidden states, read back: every row, or only
- * `rows` in that order (the norm is per row, so rows can be picked after it). Frees hn.
+ * The LM head's logits of the final normed hidden states: every row, or only `rows` in
+ * that order (the norm is per row, so rows can be picked after it). Frees hn.
  */
-export async function readLogits(
-  model: Model,
-  hn: Tensor,
-  rows?: Int32Array,
-): Promise<Float32Array> {
+export async function logitsOf(model: Model, hn: Tensor, rows?: Int32Array): Promise<Tensor> {
   const be = model.backend;
   if (rows) {
     const picked = be.gatherRows(hn, rows);
@@ -592,6 +588,16 @@ export async function readLogits(
   }
   const logits = await lmHead(model, hn);
   be.free(hn);
+  return logits;
+}
+
+/** logitsOf, read back. */
+export async function readLogits(
+  model: Model,
+  hn: Tensor,
+  rows?: Int32Array,
+): Promise<Float32Array> {
+  const be = model.backend, logits = await logitsOf(model, hn, rows);
   const out = (await be.read(logits)).slice();
   be.free(logits);
   return out;

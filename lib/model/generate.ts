@@ -1,16 +1,16 @@
 // Incremental decoding with a KV cache: prefill the prompts once, then one token per
-// step for the whole batch. Reuses the decoder's embed / runLayer / finalNorm / readLogits;
+// step for the whole batch. Reuses the decoder's embed / runLayer / finalNorm / logitsOf;
 // runLayer writes each layer's keys and values into the cache (decoder.ts KvCache).
 
-import type { Tensor } from "../backend/backend.ts";
+import { argmaxRow, numelOf, readIds, type Tensor } from "../backend/backend.ts";
 import {
   embed,
   finalNorm,
   forward,
   type FusedNorm,
   type KvCache,
+  logitsOf,
   nextNorm,
-  readLogits,
   runLayer,
 } from "./decoder.ts";
 import type { Model } from "./model.ts";
@@ -33,20 +33,22 @@ export function freeKvCache(model: Model, cache: KvCache): void {
 }
 
 /**
- * Run `seqLen` new tokens per sequence (ids [batch, seqLen], row-major) at positions
- * cache.length.., append them to the cache and return logits [batch * rows, vocab]:
- * every new position, or with lastOnly just the last one per sequence.
+ * Run `seqLen` new tokens per sequence (ids [batch, seqLen], row-major: from the host, or
+ * an id tensor of argmaxRows) at positions cache.length.., append them to the cache and
+ * return the logits tensor [batch * rows, vocab]: every new position, or with lastOnly
+ * just the last one per sequence.
  */
-export async function forwardCached(
+export async function cachedLogits(
   model: Model,
-  ids: Int32Array,
+  ids: Int32Array | Tensor,
   seqLen: number,
   cache: KvCache,
   lastOnly = false,
-): Promise<Float32Array> {
+): Promise<Tensor> {
   const be = model.backend, shape = { batch: cache.batch, seqLen };
-  if (ids.length !== cache.batch * seqLen) {
-    throw new Error(`forwardCached: ${ids.length} ids for batch ${cache.batch} x ${seqLen}`);
+  const count = ids instanceof Int32Array ? ids.length : numelOf(ids.shape);
+  if (count !== cache.batch * seqLen) {
+    throw new Error(`cachedLogits: ${count} ids for batch ${cache.batch} x ${seqLen}`);
   }
   let h: Tensor = await embed(model, ids);
   let normed: Tensor | undefined; // h through the next layer's first norm (FusedNorm)
@@ -62,16 +64,21 @@ export async function forwardCached(
   const last = lastOnly && seqLen > 1
     ? Int32Array.from({ length: cache.batch }, (_, b) => b * seqLen + seqLen - 1)
     : undefined;
-  return await readLogits(model, hn, last);
+  return await logitsOf(model, hn, last);
 }
 
-export function argmaxRow(logits: Float32Array, row: number, vocab: number): number {
-  let best = 0, bestValue = -Infinity;
-  for (let j = 0; j < vocab; j++) {
-    const v = logits[row * vocab + j];
-    if (v > bestValue) (bestValue = v), (best = j); // first max, like torch.argmax
-  }
-  return best;
+/** cachedLogits, read back. */
+export async function forwardCached(
+  model: Model,
+  ids: Int32Array,
+  seqLen: number,
+  cache: KvCache,
+  lastOnly = false,
+): Promise<Float32Array> {
+  const logits = await cachedLogits(model, ids, seqLen, cache, lastOnly);
+  const out = (await model.backend.read(logits)).slice();
+  model.backend.free(logits);
+  return out;
 }
 
 export interface GreedyOptions {
@@ -83,15 +90,73 @@ export interface GreedyOptions {
 }
 
 /**
- * Greedy decoding of equal-length prompts with the KV cache. Sequences that stopped keep
- * being fed (their outputs are ignored) so the batch stays rectangular.
+ * Greedy decoding with the KV cache after a prefill whose last-position logits [batch,
+ * vocab] are `logits` (freed here): up to `steps` tokens a sequence, handed to `onTokens`
+ * step by step until it returns true. Each step's argmax stays on the device as the next
+ * step's input, and the next step is recorded and submitted before this one's tokens are
+ * awaited, so on WebGPU the device runs one step while the host records the next and
+ * never waits for the host's reading. Stopping therefore costs one step thrown away.
+ */
+export async function greedyDecode(
+  model: Model,
+  cache: KvCache,
+  logits: Tensor,
+  steps: number,
+  onTokens: (step: number, tokens: Int32Array) => boolean,
+  onStepLogits?: (step: number, logits: Float32Array) => void,
+): Promise<void> {
+  const be = model.backend;
+  if (steps < 1) return be.free(logits);
+  // An LM head wider than the embedding could name a row the embedding lacks: the ids
+  // then go through the host, where embedding checks them.
+  const [headRows] = (await model.weight(model.lmHeadName())).shape;
+  const onDevice = headRows <= (await model.weight("model.embed_tokens.weight")).shape[0];
+  const argmax = async (step: number, logits: Tensor) => {
+    if (onStepLogits) onStepLogits(step, (await be.read(logits)).slice());
+    const ids = be.argmaxRows(logits);
+    be.free(logits);
+    return ids;
+  };
+  // A step's ids on the device, and their read: started at once (it submits the step);
+  // awaited a step later, with a no-op catch so a throw in between leaves no unhandled read.
+  const submitted = (ids: Tensor) => {
+    const tokens = readIds(be, ids);
+    tokens.catch(() => {});
+    return { ids, tokens };
+  };
+  let current = submitted(await argmax(0, logits));
+  for (let step = 0; step < steps; step++) {
+    let next: ReturnType<typeof submitted> | null = null;
+    try {
+      if (step + 1 < steps) {
+        const input = onDevice ? current.ids : await current.tokens;
+        next = submitted(await argmax(step + 1, await cachedLogits(model, input, 1, cache, true)));
+      }
+      const stop = onTokens(step, await current.tokens);
+      if (stop || !next) {
+        if (next) be.free(next.ids);
+        return;
+      }
+    } catch (e) {
+      if (next) be.free(next.ids);
+      throw e;
+    } finally {
+      be.free(current.ids);
+    }
+    current = next;
+  }
+}
+
+/**
+ * Greedy decoding of equal-length prompts with the KV cache (greedyDecode). Sequences that
+ * stopped keep being fed (their outputs are ignored) so the batch stays rectangular.
  */
 export async function greedyGenerate(
   model: Model,
   prompts: number[][],
   opts: GreedyOptions,
 ): Promise<number[][]> {
-  const batch = prompts.length, promptLen = prompts[0].length, vocab = model.spec.vocab;
+  const batch = prompts.length, promptLen = prompts[0].length;
   if (prompts.some((p) => p.length !== promptLen)) {
     throw new Error("greedyGenerate: prompts in one batch must have the same length");
   }
@@ -99,25 +164,16 @@ export async function greedyGenerate(
   const generated: number[][] = prompts.map(() => []);
   const done = new Array(batch).fill(false);
   try {
-    let logits = await forwardCached(
-      model,
-      Int32Array.from(prompts.flat()),
-      promptLen,
-      cache,
-      true,
-    );
-    for (let step = 0; step < opts.maxNewTokens; step++) {
-      opts.onStepLogits?.(step, logits);
-      const next = new Int32Array(batch);
+    const ids = Int32Array.from(prompts.flat());
+    const logits = await cachedLogits(model, ids, promptLen, cache, true);
+    await greedyDecode(model, cache, logits, opts.maxNewTokens, (_, tokens) => {
       for (let b = 0; b < batch; b++) {
-        next[b] = argmaxRow(logits, b, vocab);
         if (done[b]) continue;
-        generated[b].push(next[b]);
+        generated[b].push(tokens[b]);
         if (opts.shouldStop?.(b, generated[b])) done[b] = true;
       }
-      if (done.every((d) => d) || step === opts.maxNewTokens - 1) break;
-      logits = await forwardCached(model, next, 1, cache, true);
-    }
+      return done.every((d) => d);
+    }, opts.onStepLogits);
   } finally {
     freeKvCache(model, cache);
   }
