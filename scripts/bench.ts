@@ -30,7 +30,7 @@ import {
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import { createBackend, parseCli, positiveInt, runMain, UsageError } from "../lib/cli.ts";
 import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
-import { forward } from "../lib/model/decoder.ts";
+import { forward, type KvCache } from "../lib/model/decoder.ts";
 import {
   cachedLogits,
   createKvCache,
@@ -763,97 +763,117 @@ async function benchForward(backends: Map<string, Backend>, modelDir: string, re
 }
 
 /**
- * Greedy decoding with the KV cache, one token per step after a prompt: tokens/s, and on
- * WebGPU per step the submits (each a wait on the device; the MoE layers add none), the
- * dispatches and the host time encoding them (what bounds decoding once the GPU is fast)
- * and, where the adapter has timestamp queries, the GPU time per kernel of as many more steps.
- * Then the same model with compressed experts (half of each token's top-k run, the rest
- * scaled; ces of ones): on WebGPU its routing stays on the device too.
+ * Greedy decoding with the KV cache, one token per step after a prompt, as generation runs
+ * it (greedyDecode): tokens/s, and on WebGPU per step the submits (each a wait on the
+ * device), the dispatches and the host time encoding them (what bounds decoding once the GPU
+ * is fast) and, where the adapter has timestamp queries, the GPU time per kernel of as many
+ * more steps. On WebGPU the same steps also run reading each step's logits for a host
+ * argmax (what greedyDecode replaced), the two loops interleaved. Then the model with
+ * compressed experts (half of each token's top-k run, the rest scaled; ces of ones).
  */
 async function benchDecode(backends: Map<string, Backend>, modelDir: string) {
   const rows: Record<string, unknown>[] = [];
-  const prompt = 32, steps = 32, warmup = 4;
+  const prompt = 32, steps = 32, warmup = 4, rounds = 3;
   for (const [name, be] of backends) {
     for (const compressed of [false, true]) {
-      const row = await decodeRow(name, be, compressed, false);
-      if (row) rows.push(row);
+      const loops = be instanceof WebGpuBackend && !compressed ? [false, true] : [false];
+      rows.push(...await decodeRows(name, be, compressed, loops));
     }
-    // What greedyDecode saves: the same steps, each reading its logits for a host argmax.
-    if (be instanceof WebGpuBackend) rows.push((await decodeRow(name, be, false, true))!);
   }
   return rows;
 
-  async function decodeRow(name: string, be: Backend, compressed: boolean, hostArgmax: boolean) {
+  async function decodeRows(name: string, be: Backend, compressed: boolean, loops: boolean[]) {
     const model = await Model.load(modelDir, be);
     const moe = model.spec.layers.find((l) => l.mlp.kind === "moe")?.mlp;
     const mainExperts = compressed && moe?.kind === "moe" ? Math.max(1, moe.topK >> 1) : null;
-    if (compressed && !mainExperts) return model.close(); // a dense model: no such variant
+    if (compressed && !mainExperts) return (model.close(), []); // a dense model: no such variant
     if (mainExperts) enableOnModel(model, mainExperts, "bench");
-    const variant = (mainExperts ? `compressed experts k_m=${mainExperts}` : "plain") +
-      (hostArgmax ? ", logits read each step" : "");
-    const cache = createKvCache(model, 1, prompt + warmup + 2 * steps + 3);
+    const gpu = be instanceof WebGpuBackend ? be : null;
     const ids = new Int32Array(prompt).map((_, i) => (i * 7919 + 13) % 256);
-    await cachedLogits(model, ids, prompt, cache, true).then((l) => be.free(l));
+    // Per loop (hostArgmax: read the logits each step): its cache, prefilled, and totals.
+    interface Run {
+      hostArgmax: boolean;
+      cache: KvCache;
+      seconds: number;
+      submits: number;
+      dispatches: number;
+      encodeMs: number;
+    }
+    const runs: Run[] = [];
+    for (const hostArgmax of loops) {
+      const cache = createKvCache(model, 1, prompt + warmup + (rounds + 1) * (steps + 1) + 1);
+      be.free(await cachedLogits(model, ids, prompt, cache, true));
+      runs.push({ hostArgmax, cache, seconds: 0, submits: 0, dispatches: 0, encodeMs: 0 });
+    }
     // Each run starts from one more token's logits, recorded and read outside the timing.
-    const start = async () => {
+    const start = async (cache: KvCache) => {
       const logits = await cachedLogits(model, Int32Array.of(1), 1, cache, true);
       await be.read(logits);
       return logits;
     };
-    const decodeSteps = async (logits: Tensor, count = steps) => {
-      if (!hostArgmax) return await greedyDecode(model, cache, logits, count + 1, () => false);
+    const decodeSteps = async (run: Run, logits: Tensor, count = steps) => {
+      if (!run.hostArgmax) {
+        return await greedyDecode(model, run.cache, logits, count + 1, () => false);
+      }
       let host: Float32Array = (await be.read(logits)).slice();
       be.free(logits);
       for (let i = 0; i < count; i++) {
         const next = Int32Array.of(argmaxRow(host, 0, host.length));
-        host = await forwardCached(model, next, 1, cache);
+        host = await forwardCached(model, next, 1, run.cache);
       }
     };
-    await decodeSteps(await start(), warmup); // compiles the one-row kernels the prompt did not use
-    const first = await start();
-    const gpu = be instanceof WebGpuBackend ? be : null;
-    const [submits0, dispatches0, encode0] = gpu
-      ? [gpu.submits, gpu.dispatches, gpu.encodeMilliseconds]
-      : [0, 0, 0];
-    const t0 = performance.now();
-    await decodeSteps(first);
-    const seconds = (performance.now() - t0) / 1000;
-    const submitsPerToken = gpu && (gpu.submits - submits0) / steps;
-    const dispatchesPerToken = gpu && (gpu.dispatches - dispatches0) / steps;
-    const encodeMsPerToken = gpu && (gpu.encodeMilliseconds - encode0) / steps;
-    let kernels = null;
-    if (be instanceof WebGpuBackend && be.device.features.has("timestamp-query")) {
-      const logits = await start();
-      kernels = kernelProfile(await be.timeKernels(() => decodeSteps(logits)), steps);
+    // the first run compiles the one-row kernels the prompt did not use
+    for (const run of runs) await decodeSteps(run, await start(run.cache), warmup);
+    for (let r = 0; r < rounds; r++) {
+      for (const run of runs) {
+        const logits = await start(run.cache);
+        const counters = gpu ? [gpu.submits, gpu.dispatches, gpu.encodeMilliseconds] : [0, 0, 0];
+        const t0 = performance.now();
+        await decodeSteps(run, logits);
+        run.seconds += (performance.now() - t0) / 1000;
+        if (gpu) {
+          run.submits += gpu.submits - counters[0], run.dispatches += gpu.dispatches - counters[1];
+          run.encodeMs += gpu.encodeMilliseconds - counters[2];
+        }
+      }
     }
-    freeKvCache(model, cache);
-    model.close();
-    const row = {
-      backend: name,
-      device: be.description,
-      variant,
-      prompt,
-      steps,
-      seconds,
-      tokensPerSecond: steps / seconds,
-      submitsPerToken,
-      dispatchesPerToken,
-      encodeMsPerToken,
-      kernels,
-    };
-    console.error(
-      `decode ${name} ${variant}: ${(steps / seconds).toFixed(1)} tok/s` +
-        (gpu
-          ? `, per token ${submitsPerToken} submits, ${dispatchesPerToken} dispatches, ` +
-            `${encodeMsPerToken!.toFixed(2)} ms host encoding`
-          : ""),
-    );
-    for (const k of kernels?.slice(0, 6) ?? []) {
+    const out = [];
+    for (const run of runs) {
+      let kernels = null;
+      if (gpu && !run.hostArgmax && gpu.device.features.has("timestamp-query")) {
+        const logits = await start(run.cache);
+        kernels = kernelProfile(await gpu.timeKernels(() => decodeSteps(run, logits)), steps);
+      }
+      freeKvCache(model, run.cache);
+      const tokens = rounds * steps;
+      const row = {
+        backend: name,
+        device: be.description,
+        variant: (mainExperts ? `compressed experts k_m=${mainExperts}` : "plain") +
+          (run.hostArgmax ? ", logits read each step" : ""),
+        prompt,
+        steps: tokens,
+        seconds: run.seconds,
+        tokensPerSecond: tokens / run.seconds,
+        submitsPerToken: gpu && run.submits / tokens,
+        dispatchesPerToken: gpu && run.dispatches / tokens,
+        encodeMsPerToken: gpu && run.encodeMs / tokens,
+        kernels,
+      };
       console.error(
-        `  ${k.milliseconds.toFixed(3)} ms/token in ${k.dispatches} x ${k.kernel}`,
+        `decode ${name} ${row.variant}: ${row.tokensPerSecond.toFixed(1)} tok/s` +
+          (gpu
+            ? `, per token ${row.submitsPerToken} submits, ${row.dispatchesPerToken} dispatches, ` +
+              `${row.encodeMsPerToken!.toFixed(2)} ms host encoding`
+            : ""),
       );
+      for (const k of kernels?.slice(0, 6) ?? []) {
+        console.error(`  ${k.milliseconds.toFixed(3)} ms/token in ${k.dispatches} x ${k.kernel}`);
+      }
+      out.push(row);
     }
-    return row;
+    model.close();
+    return out;
   }
 }
 
