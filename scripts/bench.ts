@@ -54,7 +54,7 @@ import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
 import { hasDeviceDivergence, supportsTraining } from "../lib/backend/backend.ts";
 import { ADAMW_DEFAULTS, Optimizer, selectTrainable, trainStep } from "../lib/train/trainer.ts";
 import { JS_EPS, Reference } from "../lib/methods/divergence.ts";
-import { defaultThreads } from "../lib/backend/cpu_rows.ts";
+import { coreThreads, defaultThreads } from "../lib/backend/cpu_rows.ts";
 import { mulberry32 } from "../lib/random.ts";
 import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 
@@ -730,11 +730,16 @@ async function benchForward(backends: Map<string, Backend>, modelDir: string, re
     // The issue's reference shape is 16 x 256; the plain loops and the software GPU get fewer rows.
     const batch = name === "cpu" ? 16 : 2, seqLen = 256;
     const ids = new Int32Array(batch * seqLen).map((_, i) => (i * 7919 + 13) % 256);
-    // The CPU backend also runs on one thread, interleaved with its default: what the
-    // worker threads of the elementwise passes bring, measured side by side.
+    // The CPU backend also runs with the other thread count (one, or one a core where the
+    // default is one), interleaved with its default: what the worker threads of the
+    // elementwise passes bring, measured side by side.
     const variants: [string, Backend][] = [[name, be]];
-    if (name === "cpu" && navigator.hardwareConcurrency > 1) {
-      variants.push(["cpu-1-thread", new CpuBackend({ threads: 1 })]);
+    const other = defaultThreads() > 1 ? 1 : coreThreads();
+    if (name === "cpu" && other !== defaultThreads()) {
+      variants.push([
+        `cpu-${other}-thread${other > 1 ? "s" : ""}`,
+        new CpuBackend({ threads: other }),
+      ]);
     }
     const models = await Promise.all(variants.map(([, b]) => Model.load(modelDir, b)));
     const run = (model: Model) => forward(model, ids, { batch, seqLen });
@@ -1029,7 +1034,7 @@ async function benchLayerwise(dir: string) {
 async function benchDivergence(backends: Map<string, Backend>, repeats: number) {
   const rows: Record<string, unknown>[] = [];
   const tokens = 2048, shape = { batch: 8, seqLen: 256 };
-  const threads = defaultThreads();
+  const threads = coreThreads();
   const variants: [string, { threads: number; simd: boolean }][] = [
     ["js-1-thread", { threads: 1, simd: false }],
     ["simd-1-thread", { threads: 1, simd: true }],

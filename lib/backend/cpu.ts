@@ -93,9 +93,8 @@ export interface CpuOptions {
   /** Plain loops only, no BLAS, one thread: the oracle the fast paths are tested against. */
   reference?: boolean;
   /**
-   * Threads for the elementwise passes (BLAS has its own); default: every core the
-   * runtime reports, at most MAX_THREADS, or MOE_CONDENSE_THREADS. Results are the same
-   * for any count.
+   * Threads for the elementwise passes (BLAS has its own); default: defaultThreads (one a
+   * core, one on 2 cores or fewer). Results are the same for any count.
    */
   threads?: number;
   /** Most bytes of freed arrays kept for reuse (default POOL_BYTES); 0 keeps none. */

@@ -696,14 +696,24 @@ const STATUS_BYTES = 16 + 4096;
 const MIN_SPLIT_ELEMENTS = 1 << 16;
 const START_TIMEOUT_MS = 30_000;
 
-// Default thread cap: each worker is a V8 isolate (memory), and a pass split finer than
-// 8 ways is mostly hand-over at this project's model sizes.
+// Thread cap: each worker is a V8 isolate (memory), and a pass split finer than 8 ways is
+// mostly hand-over at this project's model sizes.
 const MAX_THREADS = 8;
 
-/** Every core the runtime reports, at most MAX_THREADS, or MOE_CONDENSE_THREADS. */
+/** One thread a core the runtime reports, at most MAX_THREADS. */
+export function coreThreads(): number {
+  return Math.min(navigator.hardwareConcurrency, MAX_THREADS);
+}
+
+/**
+ * coreThreads, but one thread on a machine of 2 cores or fewer, or MOE_CONDENSE_THREADS.
+ * On 2 cores OpenBLAS's own thread holds the second core, and a worker there cost more
+ * than it saved, measured on this project's 2-core CI VMs (interleaved): one thread ran the
+ * forward 5-11% faster, a training step 3-16%, and `deno task search` in the same time.
+ */
 export function defaultThreads(): number {
   const env = Deno.env.get("MOE_CONDENSE_THREADS");
-  if (env === undefined) return Math.min(navigator.hardwareConcurrency, MAX_THREADS);
+  if (env === undefined) return navigator.hardwareConcurrency <= 2 ? 1 : coreThreads();
   if (!/^[1-9][0-9]*$/.test(env)) {
     throw new Error(`MOE_CONDENSE_THREADS must be a positive integer, got "${env}"`);
   }
