@@ -12,6 +12,8 @@ import {
   greedyGenerate,
   greedyGenerateNoCache,
 } from "../lib/model/generate.ts";
+import { closeCheckpoint, openCheckpoint, readTensor } from "../lib/io/checkpoint.ts";
+import { writeSafetensors } from "../lib/io/safetensors.ts";
 import { Model } from "../lib/model/model.ts";
 import { mulberry32 } from "../lib/random.ts";
 import { checkGolden, DEFAULT_MODEL, FIXTURE_ROOT, FIXTURES } from "./golden.ts";
@@ -146,6 +148,60 @@ Deno.test({
         gpu!.read = read;
         model.close(), reference.close();
       }
+    }
+  },
+});
+
+// An LM head with more rows than the embedding (padded vocabularies) could name an id the
+// embedding lacks, so its ids go through the host, and a step waits for the one before:
+// olmoe-a untied, its head the embedding plus 3 copies of row 0 (they tie with row 0 and
+// never win, so the tokens are the tied model's).
+Deno.test({
+  name: "webgpu greedy decoding with an LM head wider than the embedding takes the host's ids",
+  ignore,
+  async fn() {
+    const dir = await Deno.makeTempDir();
+    const source = `${FIXTURE_ROOT}olmoe-a`, ckpt = await openCheckpoint(source);
+    const tensors = [];
+    for (const name of ckpt.files.keys()) tensors.push(await readTensor(ckpt, name));
+    closeCheckpoint(ckpt);
+    const embed = tensors.find((t) => t.name === "model.embed_tokens.weight")!;
+    const rowBytes = embed.bytes.length / embed.shape[0];
+    const head = new Uint8Array(embed.bytes.length + 3 * rowBytes);
+    head.set(embed.bytes);
+    for (let i = 0; i < 3; i++) {
+      head.set(embed.bytes.subarray(0, rowBytes), embed.bytes.length + i * rowBytes);
+    }
+    tensors.push({
+      ...embed,
+      name: "lm_head.weight",
+      shape: [embed.shape[0] + 3, embed.shape[1]],
+      bytes: head,
+    });
+    await writeSafetensors(`${dir}/model.safetensors`, tensors);
+    const config = JSON.parse(await Deno.readTextFile(`${source}/config.json`));
+    await Deno.writeTextFile(
+      `${dir}/config.json`,
+      JSON.stringify({ ...config, tie_word_embeddings: false }),
+    );
+    const [padded, tied] = [await Model.load(dir, gpu!), await Model.load(source, gpu!)];
+    const read = gpu!.read;
+    try {
+      const prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]];
+      const want = await greedyGenerate(tied, prompts, { maxNewTokens: 5 });
+      const events: string[] = [];
+      gpu!.read = (x) => {
+        events.push("read");
+        const got = read.call(gpu!, x);
+        got.then(() => events.push("back"), () => {});
+        return got;
+      };
+      assert.deepEqual(await greedyGenerate(padded, prompts, { maxNewTokens: 5 }), want);
+      assert.deepEqual(events, Array(5).fill(["read", "back"]).flat());
+    } finally {
+      gpu!.read = read;
+      padded.close(), tied.close();
+      await Deno.remove(dir, { recursive: true });
     }
   },
 });
