@@ -18,6 +18,7 @@ import { Model } from "../lib/model/model.ts";
 import { mulberry32 } from "../lib/random.ts";
 import { checkGolden, DEFAULT_MODEL, FIXTURE_ROOT, FIXTURES } from "./golden.ts";
 import { webgpuForTests } from "./webgpu_helper.ts";
+import type { WebGpuBackend } from "../lib/backend/webgpu.ts";
 
 const gpu = await webgpuForTests(); // one device for the whole file
 const ignore = gpu === null;
@@ -101,51 +102,64 @@ for (const [label, be] of [["", () => gpu!], [" with 4 KiB bindings", () => chun
   }
 }
 
+/**
+ * Records the backend's reads into `events` as they are made ("read N x shape", N tensors
+ * in one read) and as they come back ("back"); returns the function that stops it.
+ */
+function watchReads(be: WebGpuBackend, events: string[]): () => void {
+  const { read, readAll } = be;
+  const watch = <T>(label: string, got: Promise<T>) => {
+    events.push(label);
+    got.then(() => events.push("back"), () => {});
+    return got;
+  };
+  be.read = (x) => watch(`read 1 x ${x.shape}`, read.call(be, x));
+  be.readAll = (xs) => watch(`read ${xs.length} x ${xs[0]?.shape}`, readAll.call(be, xs));
+  return () => {
+    be.read = read, be.readAll = readAll;
+  };
+}
+
 // Greedy generation as evaluation runs it (no logits observer): each step's argmax stays on
-// the device and feeds the next step, which is submitted before the step's tokens are
-// awaited, and only the ids are read. The reference's tokens, also when sequences stop
-// mid-way.
+// the device and feeds the next step; the ids of 8 steps come back in one read, made before
+// the previous read is awaited, and only ids are read. The reference's tokens, also when
+// sequences stop mid-way.
 Deno.test({
-  name: "webgpu greedy decoding keeps the argmax on the device, a step ahead of the host",
+  name: "webgpu greedy decoding keeps the argmax on the device, 8 steps a read, a read ahead",
   ignore,
   async fn() {
     for (const dir of [DEFAULT_MODEL, `${FIXTURE_ROOT}olmoe-a`, `${FIXTURE_ROOT}qwen2_moe-a`]) {
       const [model, reference] = [await Model.load(dir, gpu!), await Model.load(dir, cpuReference)];
-      const read = gpu!.read;
+      const events: string[] = [];
+      let unwatch = () => {};
       try {
         const random = mulberry32(5);
         const prompts = [0, 1, 2].map(() =>
           Array.from({ length: 9 }, () => Math.floor(random() * model.spec.vocab))
         );
-        const want = await greedyGenerateNoCache(reference, prompts, { maxNewTokens: 6 });
-        assert.deepEqual(await greedyGenerate(model, prompts, { maxNewTokens: 6 }), want, dir);
-        // sequence b stops after b + 1 tokens; the batch ends when the last one stops
+        const want = await greedyGenerateNoCache(reference, prompts, { maxNewTokens: 20 });
+        assert.deepEqual(await greedyGenerate(model, prompts, { maxNewTokens: 20 }), want, dir);
+        // sequence b stops after 3 b + 2 tokens (mid-chunk, and in the second chunk)
         const stopped = await greedyGenerate(model, prompts, {
-          maxNewTokens: 6,
-          shouldStop: (b, generated) => generated.length === b + 1,
+          maxNewTokens: 20,
+          shouldStop: (b, generated) => generated.length === 3 * b + 2,
         });
-        assert.deepEqual(stopped, want.map((w, b) => w.slice(0, b + 1)), dir);
+        assert.deepEqual(stopped, want.map((w, b) => w.slice(0, 3 * b + 2)), dir);
 
-        const cache = createKvCache(model, 3, 9 + 6);
+        const cache = createKvCache(model, 3, 9 + 20);
         const logits = await cachedLogits(model, Int32Array.from(prompts.flat()), 9, cache, true);
-        // Reads are of ids only, and step t + 1's is made (which submits it) before step t's
-        // has come back: the host never waits with the device idle.
-        const events: string[] = [];
-        gpu!.read = (x) => {
-          events.push(`read ${x.shape}`);
-          const got = read.call(gpu!, x);
-          got.then(() => events.push("back"), () => {});
-          return got;
-        };
-        await greedyDecode(model, cache, logits, 6, (step, tokens) => {
+        unwatch = watchReads(gpu!, events);
+        await greedyDecode(model, cache, logits, 20, (step, tokens) => {
           assert.deepEqual([...tokens], want.map((w) => w[step]), `${dir} step ${step}`);
           return false;
         });
+        unwatch();
         freeKvCache(model, cache);
-        const [r, b] = ["read 3", "back"]; // steps 0 and 1 read, 0 back, 2 read, 1 back, ...
-        assert.deepEqual(events, [r, r, b, r, b, r, b, r, b, r, b, b], dir);
+        // steps 0-7 read, 8-15 read, 0-7 back, 16-19 read, 8-15 back, 16-19 back
+        const [r8, r4, b] = ["read 8 x 3", "read 4 x 3", "back"];
+        assert.deepEqual(events, [r8, r8, b, r4, b, b], dir);
       } finally {
-        gpu!.read = read;
+        unwatch();
         model.close(), reference.close();
       }
     }
@@ -185,21 +199,16 @@ Deno.test({
       JSON.stringify({ ...config, tie_word_embeddings: false }),
     );
     const [padded, tied] = [await Model.load(dir, gpu!), await Model.load(source, gpu!)];
-    const read = gpu!.read;
+    let unwatch = () => {};
     try {
       const prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]];
       const want = await greedyGenerate(tied, prompts, { maxNewTokens: 5 });
       const events: string[] = [];
-      gpu!.read = (x) => {
-        events.push("read");
-        const got = read.call(gpu!, x);
-        got.then(() => events.push("back"), () => {});
-        return got;
-      };
+      unwatch = watchReads(gpu!, events);
       assert.deepEqual(await greedyGenerate(padded, prompts, { maxNewTokens: 5 }), want);
-      assert.deepEqual(events, Array(5).fill(["read", "back"]).flat());
+      assert.deepEqual(events, Array(5).fill(["read 1 x 2", "back"]).flat());
     } finally {
-      gpu!.read = read;
+      unwatch();
       padded.close(), tied.close();
       await Deno.remove(dir, { recursive: true });
     }

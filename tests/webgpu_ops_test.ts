@@ -7,7 +7,7 @@ import {
   argmaxRow,
   type AttentionShape,
   type Backend,
-  readIds,
+  idsOf,
   type Tensor,
   type Weight,
   type WeightDType,
@@ -331,9 +331,9 @@ Deno.test({
       const want = Int32Array.from({ length: rows }, (_, r) => argmaxRow(x, r, cols));
       const ids = be.argmaxRows(be.tensor(x, [rows, cols]));
       assert.deepEqual([...ids.shape], [rows]);
-      assert.deepEqual(await readIds(be, ids), want, `${rows} x ${cols}`);
+      assert.deepEqual(idsOf(await be.read(ids)), want, `${rows} x ${cols}`);
       const onCpu = cpu.argmaxRows(cpu.tensor(x, [rows, cols]));
-      assert.deepEqual(await readIds(cpu, onCpu), want, `cpu ${rows} x ${cols}`);
+      assert.deepEqual(idsOf(await cpu.read(onCpu)), want, `cpu ${rows} x ${cols}`);
     };
     // widths below, at and past the 256 threads; 40 x 300 f32 rows span 3 chunked bindings
     for (const be of [gpu!, chunked!]) {
@@ -350,7 +350,7 @@ Deno.test({
     x.fill(-Infinity, 4 * cols, 5 * cols);
     x.fill(Number.NaN, 5 * cols, 6 * cols);
     await check(gpu!, x, cols);
-    const ids = await readIds(gpu!, gpu!.argmaxRows(gpu!.tensor(x, [rows, cols])));
+    const ids = idsOf(await gpu!.read(gpu!.argmaxRows(gpu!.tensor(x, [rows, cols]))));
     assert.deepEqual([...ids], [3, 0, 257, 400, 0, 0]);
     // an id tensor feeds embedding as its host ids would
     for (const be of [gpu!, chunked!]) {

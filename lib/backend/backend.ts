@@ -323,8 +323,8 @@ export interface Backend {
    */
   embedding(table: Weight, ids: Int32Array | Tensor): Tensor;
   /**
-   * [N] ids of x [N, C]: each row's first maximum (argmaxRow), as i32 bit patterns, read
-   * back with `readIds`. Greedy decoding feeds them to the next step's embedding, so
+   * [N] ids of x [N, C]: each row's first maximum (argmaxRow), as i32 bit patterns (idsOf
+   * what `read` gives). Greedy decoding feeds them to the next step's embedding, so
    * the device never waits for the host between steps.
    */
   argmaxRows(x: Tensor): Tensor;
@@ -508,9 +508,8 @@ export function argmaxRow(x: Float32Array, row: number, cols: number): number {
   return best;
 }
 
-/** An id tensor's ids (argmaxRows), read back. */
-export async function readIds(be: Backend, ids: Tensor): Promise<Int32Array> {
-  const bits = await be.read(ids);
+/** An id tensor's values (argmaxRows) as read back: the ids. */
+export function idsOf(bits: Float32Array): Int32Array {
   return new Int32Array(bits.buffer, bits.byteOffset, bits.length);
 }
 

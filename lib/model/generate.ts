@@ -2,7 +2,7 @@
 // step for the whole batch. Reuses the decoder's embed / runLayer / finalNorm / logitsOf;
 // runLayer writes each layer's keys and values into the cache (decoder.ts KvCache).
 
-import { argmaxRow, numelOf, readIds, type Tensor } from "../backend/backend.ts";
+import { argmaxRow, idsOf, numelOf, type Tensor } from "../backend/backend.ts";
 import {
   embed,
   finalNorm,
@@ -89,13 +89,20 @@ export interface GreedyOptions {
   onStepLogits?: (step: number, logits: Float32Array) => void;
 }
 
+// Steps whose tokens come back in one read on a device (WebGPU). Deno resolves a buffer
+// mapping no sooner than about 10 ms after it starts (it sleeps 10 ms between polls of the
+// device), so a read a step would hold decoding near 100 steps/s however fast the device.
+// A stop is then seen up to this many steps late. The CPU reads for free: a step a read.
+const DEVICE_STEPS_PER_READ = 8;
+
 /**
  * Greedy decoding with the KV cache after a prefill whose last-position logits [batch,
  * vocab] are `logits` (freed here): up to `steps` tokens a sequence, handed to `onTokens`
  * step by step until it returns true. Each step's argmax stays on the device as the next
- * step's input, and the next step is recorded and submitted before this one's tokens are
- * awaited, so on WebGPU the device runs one step while the host records the next and
- * never waits for the host's reading. Stopping therefore costs one step thrown away.
+ * step's input, the tokens of DEVICE_STEPS_PER_READ steps come back in one read, and the
+ * next steps are recorded and submitted before that read is awaited, so on WebGPU the
+ * device runs while the host records and never waits for the host's reading. Stopping
+ * therefore costs the steps recorded past the stop, which are thrown away.
  */
 export async function greedyDecode(
   model: Model,
@@ -108,42 +115,56 @@ export async function greedyDecode(
   const be = model.backend;
   if (steps < 1) return be.free(logits);
   // An LM head wider than the embedding could name a row the embedding lacks: the ids
-  // then go through the host, where embedding checks them.
+  // then go through the host, where embedding checks them, a step at a time.
   const [headRows] = (await model.weight(model.lmHeadName())).shape;
   const onDevice = headRows <= (await model.weight("model.embed_tokens.weight")).shape[0];
+  const perRead = be.name === "cpu" || onStepLogits || !onDevice ? 1 : DEVICE_STEPS_PER_READ;
+  const live = new Set<Tensor>(); // id tensors not yet freed
   const argmax = async (step: number, logits: Tensor) => {
     if (onStepLogits) onStepLogits(step, (await be.read(logits)).slice());
     const ids = be.argmaxRows(logits);
     be.free(logits);
+    live.add(ids);
     return ids;
   };
-  // A step's ids on the device, and their read: started at once (it submits the step);
-  // awaited a step later, with a no-op catch so a throw in between leaves no unhandled read.
-  const submitted = (ids: Tensor) => {
-    const tokens = readIds(be, ids);
+  // Consecutive steps' ids and their one read: started at once (it submits the steps),
+  // awaited once the next steps are recorded, with a no-op catch so that a throw in
+  // between leaves no unhandled read.
+  interface Chunk {
+    first: number;
+    ids: Tensor[];
+    tokens: Promise<Int32Array[]>;
+  }
+  const submit = (first: number, ids: Tensor[]): Chunk => {
+    const tokens = be.readAll(ids).then((all) => all.map(idsOf));
     tokens.catch(() => {});
-    return { ids, tokens };
+    return { first, ids, tokens };
   };
-  let current = submitted(await argmax(0, logits));
-  for (let step = 0; step < steps; step++) {
-    let next: ReturnType<typeof submitted> | null = null;
-    try {
-      if (step + 1 < steps) {
-        const input = onDevice ? current.ids : await current.tokens;
-        next = submitted(await argmax(step + 1, await cachedLogits(model, input, 1, cache, true)));
+  /** Hands a chunk's tokens on step by step and frees its ids; true once asked to stop. */
+  const report = async (chunk: Chunk) => {
+    const all = await chunk.tokens;
+    for (const ids of chunk.ids) be.free(ids), live.delete(ids);
+    return all.some((tokens, i) => onTokens(chunk.first + i, tokens));
+  };
+  try {
+    let newest = await argmax(0, logits), recorded = 1;
+    let open = [newest]; // recorded steps whose read is not yet submitted
+    let inFlight: Chunk | null = null; // submitted, not yet reported
+    for (;;) {
+      if (open.length === perRead || recorded === steps) {
+        const chunk = submit(recorded - open.length, open);
+        open = [];
+        // the device has this chunk's steps: report the one before while it runs them
+        if (inFlight && await report(inFlight)) return;
+        inFlight = chunk;
+        if (recorded === steps) return void await report(inFlight);
       }
-      const stop = onTokens(step, await current.tokens);
-      if (stop || !next) {
-        if (next) be.free(next.ids);
-        return;
-      }
-    } catch (e) {
-      if (next) be.free(next.ids);
-      throw e;
-    } finally {
-      be.free(current.ids);
+      const input = onDevice ? newest : (await inFlight!.tokens)[0]; // one step a read
+      newest = await argmax(recorded++, await cachedLogits(model, input, 1, cache, true));
+      open.push(newest);
     }
-    current = next;
+  } finally {
+    for (const ids of live) be.free(ids);
   }
 }
 
