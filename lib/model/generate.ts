@@ -89,20 +89,21 @@ export interface GreedyOptions {
   onStepLogits?: (step: number, logits: Float32Array) => void;
 }
 
-// Steps whose tokens come back in one read on a device (WebGPU). Deno resolves a buffer
-// mapping no sooner than about 10 ms after it starts (it sleeps 10 ms between polls of the
-// device), so a read a step would hold decoding near 100 steps/s however fast the device.
-// A stop is then seen up to this many steps late. The CPU reads for free: a step a read.
+// Steps whose tokens come back in one read on a device (WebGPU). In Deno 2.9.6 a read
+// blocks the thread until the device has run everything submitted, then resolves no
+// sooner than 10 ms later (mapAsync sleeps 10 ms between polls of the device), so a read
+// a step held decoding near 100 steps/s however fast the device. A stop is then seen up
+// to this many steps late. The CPU reads for free: a step a read.
 const DEVICE_STEPS_PER_READ = 8;
 
 /**
  * Greedy decoding with the KV cache after a prefill whose last-position logits [batch,
  * vocab] are `logits` (freed here): up to `steps` tokens a sequence, handed to `onTokens`
  * step by step until it returns true. Each step's argmax stays on the device as the next
- * step's input, the tokens of DEVICE_STEPS_PER_READ steps come back in one read, and the
- * next steps are recorded and submitted before that read is awaited, so on WebGPU the
- * device runs while the host records and never waits for the host's reading. Stopping
- * therefore costs the steps recorded past the stop, which are thrown away.
+ * step's input, and the tokens of DEVICE_STEPS_PER_READ steps come back in one read. A
+ * chunk's read is awaited only once the next chunk is recorded and submitted, so its
+ * 10 ms pass while the host records. Stopping costs the steps recorded past the stop,
+ * which are thrown away.
  */
 export async function greedyDecode(
   model: Model,
@@ -154,7 +155,7 @@ export async function greedyDecode(
       if (open.length === perRead || recorded === steps) {
         const chunk = submit(recorded - open.length, open);
         open = [];
-        // the device has this chunk's steps: report the one before while it runs them
+        // this chunk is submitted: report the one before, whose wait has passed meanwhile
         if (inFlight && await report(inFlight)) return;
         inFlight = chunk;
         if (recorded === steps) return void await report(inFlight);
