@@ -324,8 +324,8 @@ export interface Backend {
   embedding(table: Weight, ids: Int32Array | Tensor): Tensor;
   /**
    * [N] ids of x [N, C]: each row's first maximum (argmaxRow), as i32 bit patterns (idsOf
-   * what `read` gives). Greedy decoding feeds them to the next step's embedding, so
-   * the device never waits for the host between steps.
+   * what `read` gives). Greedy decoding feeds them to the next step's embedding, so no
+   * token goes through the host between steps.
    */
   argmaxRows(x: Tensor): Tensor;
   /** Row-wise w * x / sqrt(mean(x^2) + eps), x [N, D], w [D]. */

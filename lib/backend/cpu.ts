@@ -25,6 +25,7 @@ import {
   checkSplitQkv,
   expertPlan,
   type ExpertStacks,
+  idsOf,
   kvCacheRows,
   type KvRows,
   numelOf,
@@ -84,9 +85,6 @@ export class CpuWeight implements Weight {
 }
 
 const t = (x: Tensor) => x as CpuTensor;
-/** An id tensor's i32 view (argmaxRows). */
-const idsOf = (x: Tensor) =>
-  new Int32Array(t(x).data.buffer, t(x).data.byteOffset, t(x).data.length);
 const w = (x: Weight) => x as CpuWeight;
 
 export interface CpuOptions {
@@ -200,7 +198,7 @@ export class CpuBackend implements TrainingBackend {
 
   embedding(table: Weight, tokens: Int32Array | Tensor): Tensor {
     const [vocab, h] = table.shape;
-    const ids = tokens instanceof Int32Array ? tokens : idsOf(tokens);
+    const ids = tokens instanceof Int32Array ? tokens : idsOf(t(tokens).data);
     const out = this.floats(ids.length * h);
     for (let i = 0; i < ids.length; i++) {
       const id = ids[i];
@@ -213,7 +211,7 @@ export class CpuBackend implements TrainingBackend {
   argmaxRows(x: Tensor): Tensor {
     const [n, cols] = rowsCols(x);
     if (cols === 0) throw new Error("argmaxRows: rows of no columns");
-    const out = new CpuTensor(this.floats(n), [n]), ids = idsOf(out);
+    const out = new CpuTensor(this.floats(n), [n]), ids = idsOf(out.data);
     for (let r = 0; r < n; r++) ids[r] = argmaxRow(t(x).data, r, cols);
     return out;
   }
