@@ -16,6 +16,8 @@ import {
 } from "../lib/model/published.ts";
 import { condenseInMemory, writeCondensedCheckpoint } from "../lib/methods/condense.ts";
 import type { Plan } from "../lib/methods/plan.ts";
+import { runSearchJob, type SearchSettings } from "../lib/methods/search_job.ts";
+import { DEFAULT_CALIBRATION } from "../lib/methods/calibration.ts";
 import { DEFAULT_MODEL, FIXTURE_ROOT } from "./golden.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
@@ -235,6 +237,42 @@ Deno.test("condense writes shards and an index like its source, and they load", 
     loaded.close();
     model.close();
   }
+});
+
+Deno.test("search with every cached activation spilled to disk gives the same results", async () => {
+  const settings: SearchSettings = {
+    model: DEFAULT_MODEL.replace(/\/+$/, ""),
+    data: DEFAULT_CALIBRATION,
+    name: "mem",
+    docs: 4,
+    maxLen: 10,
+    batchSize: 2,
+    bos: "auto",
+    metric: "js-hidden",
+    expertMetric: "js-hidden",
+    experts: 2,
+    layers: 3,
+    variants: ["sr", "layerdrop"],
+    naive: false,
+    layerwise: false,
+  };
+  const root = `${tmp}/spill-results`, spillDir = `${tmp}/spill`;
+  await Deno.mkdir(spillDir);
+  const opts = { resultsRoot: root, progress: false, log: () => {} };
+  const inMemory = (await runSearchJob(settings, opts)).results as Record<string, unknown>;
+  const spilled = (await runSearchJob(
+    { ...settings, name: "spilled", layerwise: true, cacheMemory: 0, spillDir },
+    opts,
+  )).results as Record<string, unknown>;
+  const strip = (r: unknown) =>
+    JSON.parse(JSON.stringify(r, (k, v) => (k === "seconds" ? undefined : v)));
+  assert.deepStrictEqual(strip(spilled.expert_search), strip(inMemory.expert_search));
+  assert.deepStrictEqual(strip(spilled.layer_search), strip(inMemory.layer_search));
+  const cache = spilled.cache as Record<string, number>;
+  assert.equal(cache.peak_memory_bytes, 0);
+  assert(cache.spilled_bytes > 0 && cache.spill_read_bytes > cache.spilled_bytes);
+  assert.equal((inMemory.cache as Record<string, number>).spilled_bytes, 0);
+  assert.deepStrictEqual([...Deno.readDirSync(spillDir)], [], "spill folder left behind");
 });
 
 /** Run deno code with writes limited to `kb` KiB per file (a disk that fills). */
