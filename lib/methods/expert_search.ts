@@ -22,7 +22,6 @@ import { forward } from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
 import type { CalibrationBatch } from "./calibration.ts";
 import { JS_EPS, type Metric, Reference } from "./divergence.ts";
-import type { ActivationStore } from "./activations.ts";
 import { hiddenKey, type LayerCache, xKey, xnKey } from "./layer_cache.ts";
 import { condensedMlp, expertOutput, moeSpec, sharedOutput } from "./plan.ts";
 import { layerPrefix } from "../model/config.ts";
