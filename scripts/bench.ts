@@ -20,6 +20,8 @@
 //   divergence the searches' JS divergence per entry: the JS loop and f64 SIMD lanes on one
 //             thread, SIMD on the default threads, and WebGPU's kernel (the expert search
 //             with --backend webgpu), on flat and peaked rows
+//   scale     only when named: the pipeline on synthesized prefixes of published models, its
+//             cost model and projections to the paper's settings (lib/bench/scale.ts)
 
 import {
   argmaxRow,
@@ -61,7 +63,7 @@ import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 const USAGE = `Usage: deno task bench [options]
 
   --only LIST        sections to run: matmul,attention,forward,decode,train,layerwise,
-                     divergence (default all)
+                     divergence (default all), scale (only when named)
   --backends LIST    cpu,cpu-reference,webgpu (default all; an unavailable one is recorded, not fatal)
   --model DIR        model for the forward section (default data/models/tiny-deepseek-moe)
   --repeats N        timed repeats per measurement, median reported (default 3)
@@ -70,6 +72,7 @@ const USAGE = `Usage: deno task bench [options]
 
 const SCHEMA_VERSION = 1;
 const SECTIONS = ["matmul", "attention", "forward", "decode", "train", "layerwise", "divergence"];
+const ON_REQUEST = ["scale"]; // minutes of synthesized real-shape checkpoints: never by default
 const DEFAULT_MODEL = new URL("../data/models/tiny-deepseek-moe", import.meta.url).pathname;
 
 // A DeepSeekMoE-shaped model of 2.4 GB in bf16 (13 shards): big enough that "one layer resident"
@@ -1107,7 +1110,9 @@ await runMain(async () => {
 
   const sections = (args.only ?? SECTIONS.join(",")).split(",");
   for (const s of sections) {
-    if (!SECTIONS.includes(s)) throw new UsageError(`unknown section "${s}"`);
+    if (!SECTIONS.includes(s) && !ON_REQUEST.includes(s)) {
+      throw new UsageError(`unknown section "${s}"`);
+    }
   }
   const repeats = positiveInt("repeats", args.repeats, 3);
   const backends = new Map<string, Backend>();
@@ -1171,6 +1176,12 @@ await runMain(async () => {
   }
   if (sections.includes("layerwise")) result.layerwise = await benchLayerwise(syntheticDir);
   if (sections.includes("divergence")) result.divergence = await benchDivergence(backends, repeats);
+  if (sections.includes("scale")) {
+    const { benchScale } = await import("../lib/bench/scale.ts");
+    result.scale = await benchScale(
+      new URL("../results/tmp/scale-bench", import.meta.url).pathname,
+    );
+  }
   result.wall_seconds = (performance.now() - t0) / 1000;
   const out = args.out ??
     new URL(

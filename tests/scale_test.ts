@@ -265,7 +265,9 @@ Deno.test("search with every cached activation spilled to disk gives the same re
     opts,
   )).results as Record<string, unknown>;
   const strip = (r: unknown) =>
-    JSON.parse(JSON.stringify(r, (k, v) => (k === "seconds" ? undefined : v)));
+    JSON.parse(
+      JSON.stringify(r, (k, v) => (k === "seconds" || k === "outputSeconds" ? undefined : v)),
+    );
   assert.deepStrictEqual(strip(spilled.expert_search), strip(inMemory.expert_search));
   assert.deepStrictEqual(strip(spilled.layer_search), strip(inMemory.layer_search));
   const cache = spilled.cache as Record<string, number>;

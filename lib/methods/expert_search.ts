@@ -40,6 +40,8 @@ export interface ExpertSearchResult {
   wbar: number[];
   steps: ExpertStep[];
   seconds: number;
+  /** Fast search: of `seconds`, the time spent computing the experts' outputs. */
+  outputSeconds?: number;
 }
 
 export interface ExpertSearchOptions {
@@ -84,8 +86,10 @@ export async function expertSearchFast(
   const x = await store.get(xKey(l)), xn = await store.get(xnKey(l));
   const batches = cache.batches;
   const ref = new Reference(opts.metric, H);
-  const layerOut = await store.get(hiddenKey(l + 1));
-  batches.forEach((b, bi) => ref.add(layerOut[bi], b.shape, b.ids));
+  // The layer's output, read here and then dropped (the Reference keeps what it needs).
+  for (const [bi, rows] of (await store.get(hiddenKey(l + 1))).entries()) {
+    ref.add(rows, batches[bi].shape, batches[bi].ids);
+  }
 
   // Every expert once on the cached input, expert by expert (one expert's weights used at
   // a time): base = shared output, expert e's outputs on the device (a device scorer
@@ -113,6 +117,7 @@ export async function expertSearchFast(
       opts.outputsProgress?.(e + 1, E);
     }
     xt.forEach((t) => be.free(t));
+    const outputSeconds = (performance.now() - t0) / 1000;
     const upload = async (c: number) =>
       (await store.get(outputs(c))).map((v) => be.tensor(v, [v.length / H, H]));
     const scorer = device
@@ -147,6 +152,7 @@ export async function expertSearchFast(
       wbar: order.map((e) => opts.avgW[e]),
       steps,
       seconds: (performance.now() - t0) / 1000,
+      outputSeconds,
     };
   } finally {
     for (let e = 0; e < E; e++) store.delete(outputs(e));
