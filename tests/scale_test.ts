@@ -18,6 +18,7 @@ import { condenseInMemory, writeCondensedCheckpoint } from "../lib/methods/conde
 import type { Plan } from "../lib/methods/plan.ts";
 import { runSearchJob, type SearchSettings } from "../lib/methods/search_job.ts";
 import { DEFAULT_CALIBRATION } from "../lib/methods/calibration.ts";
+import { ActivationStore } from "../lib/methods/activations.ts";
 import { DEFAULT_MODEL, FIXTURE_ROOT } from "./golden.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
@@ -239,6 +240,35 @@ Deno.test("condense writes shards and an index like its source, and they load", 
   }
 });
 
+Deno.test("activation store: memory up to its budget, the rest on disk, exact round trips", async () => {
+  const parent = await Deno.makeTempDir({ dir: tmp });
+  const store = new ActivationStore(100, parent);
+  const a = [new Float32Array([1, 2, 3]), new Float32Array([4, 5])]; // 20 bytes: in memory
+  const b = [Float32Array.from({ length: 30 }, (_, i) => i / 7), new Float32Array([NaN, -0])];
+  await store.set("a", a);
+  await store.set("b", b); // 128 bytes: past the budget, on disk
+  assert.deepStrictEqual(store.stats, {
+    memoryBytes: 20,
+    peakMemoryBytes: 20,
+    spilledBytes: 128,
+    readBytes: 0,
+  });
+  assert.strictEqual((await store.get("a"))[0], a[0]);
+  assert.deepStrictEqual(await store.get("b"), b);
+  assert.deepStrictEqual(await store.batch("b", 1), b[1]);
+  assert.equal(store.stats.readBytes, 128 + 8);
+  const [dir] = [...Deno.readDirSync(parent)].map((e) => `${parent}/${e.name}`);
+  assert.equal([...Deno.readDirSync(dir)].length, 1);
+  store.delete("b");
+  assert(!store.has("b"));
+  assert.equal([...Deno.readDirSync(dir)].length, 0);
+  await store.set("a", [new Float32Array(30)]); // replaced: 120 bytes, spilled
+  assert.equal(store.stats.memoryBytes, 0);
+  store.close();
+  assert.deepStrictEqual([...Deno.readDirSync(parent)], []);
+  await assert.rejects(store.get("a"), /nothing under "a"/);
+});
+
 Deno.test("search with every cached activation spilled to disk gives the same results", async () => {
   const settings: SearchSettings = {
     model: DEFAULT_MODEL.replace(/\/+$/, ""),
@@ -329,6 +359,27 @@ Deno.test("a disk that fills: synthesize and condense name the file, leave no fo
   assert.equal(c.code, 1, c.stderr);
   assert.match(c.stderr, /full-cond\.tmp-\d+\/model-000\d\d-of-000\d\d\.safetensors: write failed/);
   assert.deepStrictEqual(leftovers(tmp, "full-cond"), []);
+
+  // A spill that meets a full disk names its file and leaves no spill folder.
+  const spillParent = await Deno.makeTempDir({ dir: tmp });
+  const spill = `
+    import { ActivationStore } from "${ROOT}lib/methods/activations.ts";
+    import { runMain } from "${ROOT}lib/cli.ts";
+    await runMain(async () => {
+      const store = new ActivationStore(0, "${spillParent}");
+      try {
+        await store.set("h3", [new Float32Array(2 ** 20)]);
+      } finally {
+        store.close();
+      }
+    });`;
+  const sp = await withFullDisk(1024, ["eval", spill]);
+  assert.equal(sp.code, 1, sp.stderr);
+  assert.match(
+    sp.stderr,
+    /^error: \S+\/moe-condense-spill-\w+\/h3\.f32: spill write failed \(File too large/m,
+  );
+  assert.deepStrictEqual([...Deno.readDirSync(spillParent)], []);
 });
 
 globalThis.addEventListener("unload", () => Deno.removeSync(tmp, { recursive: true }));
