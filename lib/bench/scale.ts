@@ -24,10 +24,14 @@ const SEQ_LEN = 256;
 /** Cached activations in memory before spilling: small, so the runs spill as at real scale. */
 const CACHE_MEMORY = 256 * 2 ** 20;
 
-/** The prefixes measured: every decoder layer of these is searched. */
+/**
+ * The prefixes measured (every decoder layer of these is searched) and the experts kept:
+ * DeepSeekMoE-16B's own k = 6 (its fast search is compared with the naive one), 2 for
+ * OLMoE (its 8 would only add candidates, each costing what the model already counts).
+ */
 const PREFIXES = [
-  { like: "olmoe-1b-7b", layers: 2 },
-  { like: "deepseek-moe-16b", layers: 2 },
+  { like: "olmoe-1b-7b", layers: 2, k: 2 },
+  { like: "deepseek-moe-16b", layers: 2, k: 6 },
 ];
 /** Calibration documents of 256 tokens: rates are fitted on the first, checked on the second. */
 const SIZES = [2, 4];
@@ -122,7 +126,6 @@ export function searchWork(spec: ModelSpec, tokens: number, k: number, n: number
     const mlp = spec.layers[l].mlp as { experts: number; expertWidth: number; sharedWidth: number };
     experts.expertFlops += tokens * 6 * H * (mlp.experts * mlp.expertWidth + mlp.sharedWidth);
     experts.entries += expertCandidateCount(mlp.experts, k) * tokens * H;
-    experts.weightBytes += layerBytes(spec, l);
   }
   // Layer search: at step s each remaining candidate c reruns its changed layer and every
   // layer after it. Which layers the search picks decides the sum; the model takes the
@@ -142,16 +145,20 @@ export function searchWork(spec: ModelSpec, tokens: number, k: number, n: number
   return { profile, experts, layers, candidates: layerCandidateCount(moe.length, n) };
 }
 
-/** Seconds per unit on this machine, fitted from measured stages. */
+/**
+ * Seconds per unit on this machine, fitted from measured stages: a FLOP (from the expert
+ * outputs, the purest matmul stage), a weight byte loaded into a layer (the profile pass
+ * less its FLOPs: reading, widening to f32, stacking), a divergence entry (the scoring).
+ */
 interface Rates {
   secondsPerFlop: number;
-  secondsPerExpertFlop: number;
+  secondsPerWeightByte: number;
   secondsPerEntry: number;
 }
 
 function predict(work: Work, r: Rates): number {
-  return work.flops * r.secondsPerFlop + work.expertFlops * r.secondsPerExpertFlop +
-    work.entries * r.secondsPerEntry;
+  return (work.flops + work.expertFlops) * r.secondsPerFlop +
+    work.weightBytes * r.secondsPerWeightByte + work.entries * r.secondsPerEntry;
 }
 
 function predictGpu(work: Work): number {
@@ -189,7 +196,9 @@ class StageMeter {
     this.reset();
   }
   private reset() {
-    // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux 4.0+).
+    // Collect the last stage's garbage first (children run with --expose-gc), then reset
+    // VmHWM to the current RSS by writing 5 to clear_refs (Linux 4.0+).
+    (globalThis as { gc?: () => void }).gc?.();
     try {
       Deno.writeTextFileSync("/proc/self/clear_refs", "5");
     } catch { /* peaks then run from the process start */ }
@@ -213,7 +222,14 @@ class StageMeter {
 
 async function child(mode: string, arg: Record<string, unknown>): Promise<Record<string, unknown>> {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", new URL(import.meta.url).pathname, mode, JSON.stringify(arg)],
+    args: [
+      "run",
+      "-A",
+      "--v8-flags=--expose-gc",
+      new URL(import.meta.url).pathname,
+      mode,
+      JSON.stringify(arg),
+    ],
     stderr: "inherit",
   }).output();
   if (!out.success) throw new Error(`scale bench child ${mode} failed (exit ${out.code})`);
@@ -226,10 +242,7 @@ async function childMain(mode: string, arg: Record<string, unknown>) {
   let extra: Record<string, unknown> = {};
   if (mode === "synthesize") {
     const config = synthesizedConfig(arg.like as string, arg.layers as number, 0);
-    await synthesizeCheckpoint(config, arg.dir as string, {
-      maxShardBytes: 1e9,
-      tokenizerDir: DEFAULT_MODEL,
-    });
+    await synthesizeCheckpoint(config, arg.dir as string, { tokenizerDir: DEFAULT_MODEL });
     meter.take("synthesize");
   } else if (mode === "search") {
     const { path, results } = await runSearchJob(arg.settings as SearchSettings, {
@@ -305,11 +318,10 @@ export async function benchScale(dir: string): Promise<Record<string, unknown>> 
   const runs: Record<string, unknown>[] = [];
   const fits: Record<string, unknown>[] = [];
   let naiveRow: Record<string, unknown> | null = null;
-  for (const { like, layers } of PREFIXES) {
+  for (const { like, layers, k } of PREFIXES) {
     const modelDir = `${dir}/${like}-${layers}`;
     const config = synthesizedConfig(like, layers, 0);
     const spec = parseModelConfig(config);
-    const k = (spec.layers[moeLayers(spec)[0]].mlp as { topK: number }).topK;
     // The prefix: written once (its stage recorded beside it), then reused.
     const record = `${modelDir}.synthesize.json`;
     let synth: Record<string, unknown>;
@@ -373,11 +385,10 @@ export async function benchScale(dir: string): Promise<Record<string, unknown>> 
       const s = Object.fromEntries(m.stages.map((st) => [st.stage, st.seconds]));
       const experts = m.expertSeconds as Record<string, { seconds: number; outputSeconds: number }>;
       const outputs = Object.values(experts).reduce((a, e) => a + e.outputSeconds, 0);
-      const expertsTotal = Object.keys(s).filter((k) => k.startsWith("experts ")).reduce(
-        (a, k) => a + s[k],
-        0,
-      );
+      const expertsTotal = Object.keys(s).filter((k) => k.startsWith("experts "))
+        .reduce((a, k) => a + s[k], 0);
       return {
+        setup: s.setup,
         profile: s.profile,
         outputs,
         scoring: expertsTotal - outputs,
@@ -386,9 +397,11 @@ export async function benchScale(dir: string): Promise<Record<string, unknown>> 
     };
     const [small, large] = measured.map(stageSeconds);
     const w = workOf(SIZES[0]);
+    const secondsPerFlop = small.outputs / w.experts.expertFlops;
     const rates: Rates = {
-      secondsPerFlop: small.profile / w.profile.flops,
-      secondsPerExpertFlop: small.outputs / w.experts.expertFlops,
+      secondsPerFlop,
+      secondsPerWeightByte: Math.max(0, small.profile - w.profile.flops * secondsPerFlop) /
+        w.profile.weightBytes,
       secondsPerEntry: small.scoring / w.experts.entries,
     };
     const w2 = workOf(SIZES[1]);
@@ -396,7 +409,7 @@ export async function benchScale(dir: string): Promise<Record<string, unknown>> 
       docs: SIZES[1],
       predicted: {
         profile: predict(w2.profile, rates),
-        outputs: w2.experts.expertFlops * rates.secondsPerExpertFlop,
+        outputs: w2.experts.expertFlops * rates.secondsPerFlop,
         scoring: w2.experts.entries * rates.secondsPerEntry,
         layers: predict(w2.layers, rates),
       },
@@ -422,12 +435,15 @@ export async function benchScale(dir: string): Promise<Record<string, unknown>> 
       const fastLayer =
         (measured[0].expertSeconds as Record<string, { seconds: number }>)[l].seconds;
       // At full depth a naive candidate is a forward of every layer: add the layers the
-      // prefix lacks at the profile's seconds per layer.
+      // prefix lacks at the model's cost of a layer (its FLOPs and its weights' loading).
       const full = PUBLISHED[like].config.num_hidden_layers as number;
-      const perLayer = small.profile / spec.numLayers;
-      const naiveFull =
-        ((naive.secondsPerCandidate as number) + (full - spec.numLayers) * perLayer) *
-        candidates;
+      const fullSpec = parseModelConfig(PUBLISHED[like].config);
+      let missing = 0;
+      for (let m = spec.numLayers; m < full; m++) {
+        missing += SIZES[0] * SEQ_LEN * layerFlopsPerToken(fullSpec, m, SEQ_LEN) *
+            rates.secondsPerFlop + layerBytes(fullSpec, m) * rates.secondsPerWeightByte;
+      }
+      const naiveFull = ((naive.secondsPerCandidate as number) + missing) * candidates;
       naiveRow = {
         layer: l,
         docs: SIZES[0],

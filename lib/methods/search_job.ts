@@ -104,8 +104,9 @@ export interface JobOptions {
   /** Show progress lines on stderr. */
   progress?: boolean;
   /**
-   * Called when a stage ends: "profile", "experts <l>", "layers <variant>" (the scale
-   * bench measures each stage's time and memory from here).
+   * Called when a stage ends: "setup" (model hash, calibration tokens, state), "profile",
+   * "experts <l>", "layers <variant>" (the scale bench measures each stage's time and
+   * memory from here).
    */
   onStage?: (stage: string) => void | Promise<void>;
 }
@@ -220,6 +221,8 @@ async function runLoaded(
       `expert metric ${s.expertMetric}, k=${k}, n=${n}, variants ${s.variants.join(",")}` +
       (s.naive ? ", NAIVE reference mode" : ""),
   );
+
+  await opts.onStage?.("setup");
 
   // 1. Profile (and, in fast mode, the layer cache every later step reuses).
   let cache: LayerCache | null = null;
