@@ -93,6 +93,13 @@ function layerBytes(spec: ModelSpec, l: number): number {
   return 2 * (H * (q + 2 * kv) + q * H + mlpParams + 2 * H);
 }
 
+/** Bytes a condensed MoE layer reads (bf16): attention, norms, shared and `k` kept experts. */
+function condensedBytes(spec: ModelSpec, l: number, k: number): number {
+  const mlp = spec.layers[l].mlp as { experts: number; expertWidth: number };
+  return layerBytes(spec, l) -
+    2 * spec.hidden * (mlp.experts + 3 * (mlp.experts - k) * mlp.expertWidth);
+}
+
 /** Bytes of the whole checkpoint (bf16): embeddings, layers, head. */
 function modelBytes(spec: ModelSpec): number {
   let bytes = 2 * spec.vocab * spec.hidden * (spec.tieEmbeddings ? 1 : 2);
@@ -134,7 +141,7 @@ export function searchWork(spec: ModelSpec, tokens: number, k: number, n: number
     const share = (moe.length - s) / moe.length;
     for (const c of moe) {
       layers.flops += share * tokens * condensedFlopsPerToken(spec, c, SEQ_LEN, k);
-      layers.weightBytes += share * layerBytes(spec, c);
+      layers.weightBytes += share * condensedBytes(spec, c, k);
       for (let l = c + 1; l < L; l++) {
         layers.flops += share * tokens * layerFlopsPerToken(spec, l, SEQ_LEN);
         layers.weightBytes += share * layerBytes(spec, l);
