@@ -245,6 +245,8 @@ Deno.test("results: hand-computed acc/acc_norm/stderr, harness keys and table", 
   });
   const table = formatTable(res);
   assert.match(table, /\|sotu_cloze\|\s+1\|none\s*\|\s+0\|acc\s*\|↑\|0\.3333\|±\|0\.3333\|/);
+  // make_table writes n-shot on every metric row, the name and version only on the first.
+  assert.match(table, /\|\s+\|\s+\|none\s*\|\s+0\|acc_norm\s*\|↑\|0\.6667\|±\|0\.3333\|/);
 });
 
 Deno.test("mmlu: 57 subjects, groups weighted by size, first-n few-shot from dev", async () => {

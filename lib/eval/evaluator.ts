@@ -620,7 +620,7 @@ export function formatTable(
         first ? String(entry.alias ?? name) : "",
         first ? String(versions[name] ?? "N/A") : "",
         filter,
-        first ? String(nShot[name] ?? "") : "",
+        String(nShot[name] ?? ""), // make_table repeats n-shot on every row of a task
         metric,
         arrow,
         value.toFixed(4),
