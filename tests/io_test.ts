@@ -427,6 +427,9 @@ Deno.test("architecture data: qwen3_moe keys and Qwen3MoeConfig's class defaults
   assert.equal(rope({ rope_scaling: { rope_type: "linear", factor: 4 } }).ropeLinearFactor, 4);
   const v5 = rope({ rope_parameters: { rope_type: "default", rope_theta: 1e6 } });
   assert.deepEqual([v5.ropeTheta, v5.ropeLinearFactor], [1e6, 1]);
+  assert.equal(rope({ rope_parameters: { rope_theta: 5e5 } }).ropeTheta, 5e5);
+  const v5linear = rope({ rope_parameters: { rope_type: "linear", rope_theta: 1e6, factor: 2 } });
+  assert.deepEqual([v5linear.ropeTheta, v5linear.ropeLinearFactor], [1e6, 2]);
   assert.throws(
     () =>
       rope({

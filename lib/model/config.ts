@@ -318,7 +318,7 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
     }
     const { rope_theta, ...scaling } = rp as Record<string, unknown>;
     if (rope_theta !== undefined) cfg.rope_theta = rope_theta;
-    cfg.rope_scaling = scaling;
+    cfg.rope_scaling = scaling.rope_type === undefined ? null : scaling; // no type: default
   }
   let ropeLinearFactor = 1;
   const rs = cfg.rope_scaling as Record<string, unknown> | null;
