@@ -100,6 +100,28 @@ Deno.test("condensed checkpoint = in-memory condensing: qwen2_moe (gated shared 
   );
 });
 
+// A condensed Qwen3-MoE layer is its kept experts alone (no shared expert), and a layer
+// keeping none has no MLP; the q/k norms stay in the condensed checkpoint.
+Deno.test("condensed checkpoint = in-memory condensing: qwen3_moe (kept experts only)", async () => {
+  const dir = `${FIXTURE_ROOT}qwen3_moe-a`;
+  const plan: Plan = new Map([
+    [0, { kind: "condense", experts: [1, 6], wbar: [0.6, 0.35] }],
+    [2, { kind: "condense", experts: [], wbar: [] }],
+    [3, { kind: "layerdrop" }],
+  ]);
+  await check(dir, plan, 1e-5);
+  const src = await Model.load(dir, new CpuBackend());
+  const condensed = await condenseInMemory(src, plan, provenance);
+  assert.deepEqual(
+    condensed.spec.layers.map((l) => l.mlp),
+    [{ kind: "dense", width: 2 * 32 }, src.spec.layers[1].mlp, { kind: "none" }, {
+      kind: "none",
+    }],
+  );
+  assert.equal(condensed.spec.qkNormPerHead, true);
+  src.close();
+});
+
 Deno.test("condensed checkpoint = in-memory condensing: olmoe and mixtral", async () => {
   await check(
     `${FIXTURE_ROOT}olmoe-a`,

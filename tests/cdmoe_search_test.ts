@@ -135,6 +135,7 @@ for (
     ["qwen2_moe-a", ["sr", "s"], "js-hidden"],
     ["mixtral-bf16", ["sr", "layerdrop"], "kl-logits"],
     ["olmoe-a", ["s"], "loss"],
+    ["qwen3_moe-a", ["sr", "blockdrop"], "js-hidden"],
   ] as const
 ) {
   Deno.test(`fast and naive CD-MoE search agree: ${fixture} (${metric})`, async () => {

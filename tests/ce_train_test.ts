@@ -119,6 +119,19 @@ Deno.test("ce train: deepseek-a (shared experts, k_m=1) grads vs FD", async () =
     "model.layers.1.mlp.experts.0.down_proj.weight",
   ], false);
 });
+// norm_topk_prob is true in qwen3_moe-a (as in the released Qwen3-MoE models): the main
+// weight is renormalised over the main experts. Top-2 with k_m=1 makes it and the one aux
+// alpha exactly 1, so the router has no gradient there (its path is checked above); a
+// q/k norm and a projection lie below the MoE blocks.
+Deno.test("ce train: qwen3_moe-a (renormalised, no shared expert, k_m=1) grads vs FD", async () => {
+  await checkCe("qwen3_moe-a", 1, [
+    "model.layers.1.mlp.ces",
+    "model.layers.3.mlp.ces",
+    "model.layers.2.mlp.experts.4.up_proj.weight",
+    "model.layers.1.self_attn.k_norm.weight",
+    "model.layers.2.self_attn.q_proj.weight",
+  ], true);
+});
 // (its router gradient is ~5e-4, where FD of the f32 loss is too noisy to judge; the
 // router path is checked on olmoe-a and deepseek-a)
 Deno.test("ce train: qwen2_moe-a (gated shared) grads vs FD", async () => {

@@ -14,6 +14,7 @@ import {
   trainingBatch,
   zeroGrads,
 } from "./train_fd.ts";
+import { randn } from "./util.ts";
 
 const FIXTURES = new URL("./fixtures/hf-golden/", import.meta.url).pathname;
 // The fixtures' weights are ~0.02 and their gradients ~1e-3, so a small step drowns in the
@@ -21,9 +22,23 @@ const FIXTURES = new URL("./fixtures/hf-golden/", import.meta.url).pathname;
 const H = 1e-2;
 const VERBOSE = Deno.env.get("TRAIN_FD_VERBOSE") === "1";
 
-async function checkModel(fixture: string, names: string[], recompute: boolean) {
+/**
+ * `perturbed` weights are set to 1 + 0.2 N(0, 1) first (norm weights, which the
+ * unperturbed fixtures hold at exactly 1 and would hide a wrong index with).
+ */
+async function checkModel(
+  fixture: string,
+  names: string[],
+  recompute: boolean,
+  perturbed: string[] = [],
+) {
   const be = new CpuBackend();
   const model = await Model.load(`${FIXTURES}${fixture}`, be);
+  for (const [i, n] of perturbed.entries()) {
+    const data = (await model.weight(n) as CpuWeight).data;
+    const noise = randn(data.length, 70 + i, 0.2);
+    for (let j = 0; j < data.length; j++) data[j] = 1 + noise[j];
+  }
   for (const n of names) model.makeTrainable(n);
   const batch = trainingBatch(model.spec.vocab), { ids, targets, shape } = batch;
   const grads = await zeroGrads(model, names);
@@ -108,6 +123,28 @@ Deno.test("train model: olmoe-a gradient vs FD through the whole-projection q/k 
   ], false);
 });
 
+Deno.test("train model: qwen3_moe-a gradient vs FD through the per-head q/k norm", async () => {
+  const norms = [0, 1, 2, 3].flatMap((l) =>
+    ["q", "k"].map((x) => `model.layers.${l}.self_attn.${x}_norm.weight`)
+  );
+  await checkModel(
+    "qwen3_moe-a",
+    [
+      "model.layers.0.self_attn.q_norm.weight",
+      "model.layers.1.self_attn.k_norm.weight",
+      "model.layers.0.self_attn.q_proj.weight",
+      "model.layers.2.self_attn.k_proj.weight",
+      "model.layers.1.self_attn.v_proj.weight",
+      "model.layers.3.self_attn.o_proj.weight",
+      "model.layers.1.mlp.experts.3.gate_proj.weight",
+      "model.layers.2.mlp.gate.weight",
+      "lm_head.weight",
+    ],
+    false,
+    norms,
+  );
+});
+
 // deepseek-a's layers 1-3 are MoE. None of these tensors is a routed expert, so every MoE
 // layer runs its frozen experts grouped from the stacks (groupedExpertsForward/Backward);
 // the gradients pass through them to the attention below and to the router.
@@ -131,7 +168,7 @@ Deno.test("train model: frozen experts grouped give the gradients of experts one
 });
 
 Deno.test("train model: tape and recompute modes give identical loss and gradients", async () => {
-  for (const fixture of ["deepseek-a", "qwen2_moe-a", "olmoe-a"]) {
+  for (const fixture of ["deepseek-a", "qwen2_moe-a", "olmoe-a", "qwen3_moe-a"]) {
     const results = [];
     for (const recompute of [false, true]) {
       const be = new CpuBackend({ reference: true });

@@ -440,7 +440,8 @@ Deno.test({
 // ---- one whole training step ----------------------------------------------------------
 
 // The trainable tensors of each fixture cover every block backward: embedding, attention
-// projections (with biases on Qwen2-MoE), q/k norms (OLMoE), norms, router, routed and
+// projections (with biases on Qwen2-MoE), q/k norms (OLMoE's whole-projection, Qwen3-MoE's
+// per-head), norms, router, routed and
 // shared experts, the sigmoid-gated shared expert, the lm head.
 // The last one leaves every routed expert frozen (CD-MoE fine-tuning's case): the MoE
 // layers run them grouped from their stacks, forward, recomputed and backward.
@@ -469,6 +470,18 @@ const TRAINING_STEPS: { fixture: string; names: string[]; recompute: boolean; la
       "model.layers.1.mlp.gate.weight",
     ],
     recompute: false,
+  },
+  {
+    fixture: "qwen3_moe-a",
+    names: [
+      "model.layers.0.self_attn.q_norm.weight",
+      "model.layers.2.self_attn.k_norm.weight",
+      "model.layers.1.self_attn.q_proj.weight",
+      "model.layers.3.self_attn.k_proj.weight",
+      "model.layers.2.mlp.experts.5.down_proj.weight",
+      "model.layers.0.mlp.gate.weight",
+    ],
+    recompute: true,
   },
   {
     fixture: "qwen2_moe-bf16",

@@ -316,6 +316,12 @@ export interface Backend {
   /** Several tensors in one round trip (read's results, in order). */
   readAll(ts: readonly Tensor[]): Promise<Float32Array[]>;
   free(t: Tensor): void;
+  /**
+   * t's entries under another shape of as many entries, without a copy (Qwen3's per-head
+   * q/k norms see [N, heads * headDim] as [N * heads, headDim]). The two share storage:
+   * free one of them, once.
+   */
+  reshape(t: Tensor, shape: readonly number[]): Tensor;
 
   /**
    * [N, H] rows of `table` [V, H] for N token ids: from the host (checked against V), or an
@@ -511,6 +517,13 @@ export function argmaxRow(x: Float32Array, row: number, cols: number): number {
 /** An id tensor's values (argmaxRows) as read back: the ids. */
 export function idsOf(bits: Float32Array): Int32Array {
   return new Int32Array(bits.buffer, bits.byteOffset, bits.length);
+}
+
+/** reshape's contract: as many entries. */
+export function checkReshape(t: Tensor, shape: readonly number[]): void {
+  if (numelOf(shape) !== numelOf(t.shape) || shape.some((d) => !Number.isSafeInteger(d) || d < 0)) {
+    throw new Error(`reshape: [${t.shape}] has ${numelOf(t.shape)} entries, not [${shape}]`);
+  }
 }
 
 export function rowsCols(t: { shape: readonly number[] }): [number, number] {

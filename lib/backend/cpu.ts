@@ -21,6 +21,7 @@ import {
   checkGateUp,
   checkGrouped,
   checkMatmulSwiglu,
+  checkReshape,
   checkRoutedExperts,
   checkSplitQkv,
   expertPlan,
@@ -194,6 +195,10 @@ export class CpuBackend implements TrainingBackend {
   }
   free(x: Tensor): void {
     this.recycle(t(x).data);
+  }
+  reshape(x: Tensor, shape: readonly number[]): Tensor {
+    checkReshape(x, shape);
+    return new CpuTensor(t(x).data, [...shape]);
   }
 
   embedding(table: Weight, tokens: Int32Array | Tensor): Tensor {

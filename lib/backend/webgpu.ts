@@ -19,6 +19,7 @@ import {
   checkGateUp,
   checkGrouped,
   checkMatmulSwiglu,
+  checkReshape,
   checkRoutedExperts,
   checkSplitQkv,
   type CompressedRouteSpec,
@@ -829,6 +830,11 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
 
   free(x: Tensor): void {
     this.release(t(x).buffer);
+  }
+
+  reshape(x: Tensor, shape: readonly number[]): Tensor {
+    checkReshape(x, shape);
+    return new GpuTensor(t(x).buffer, [...shape]);
   }
 
   /** WebGPU reports validation errors asynchronously; surface the first at the next read. */

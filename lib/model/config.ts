@@ -9,7 +9,7 @@ export class ConfigError extends Error {
   }
 }
 
-export type ModelType = "deepseek" | "qwen2_moe" | "olmoe" | "mixtral";
+export type ModelType = "deepseek" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "mixtral";
 
 /** How top-k routing weights are renormalised. */
 export interface Renorm {
@@ -73,8 +73,13 @@ export interface ModelSpec {
   tieEmbeddings: boolean;
   qkvBias: boolean;
   oBias: boolean;
-  /** OLMoE: RMSNorm over the whole q and k projections. */
+  /** RMSNorms q_norm / k_norm on q and k after the projections, before RoPE. */
   qkNorm: boolean;
+  /**
+   * Rows those norms run over: false (OLMoE) the whole projection, one weight of heads *
+   * headDim; true (Qwen3-MoE) each head, one weight of headDim shared by the heads.
+   */
+  qkNormPerHead: boolean;
   clipQkv: number | null;
   names: TensorNames;
   layers: LayerSpec[];
@@ -139,6 +144,35 @@ const DEFAULTS: Record<ModelType, Record<string, unknown>> = {
     eos_token_id: null,
     pad_token_id: null,
   },
+  // Qwen3MoeConfig of transformers v4.51-v4.57. It has no head_dim key: the attention
+  // reads config.head_dim when present, hidden_size / num_attention_heads otherwise.
+  qwen3_moe: {
+    vocab_size: 151936,
+    hidden_size: 2048,
+    intermediate_size: 6144,
+    num_hidden_layers: 24,
+    num_attention_heads: 32,
+    num_key_value_heads: 4,
+    hidden_act: "silu",
+    max_position_embeddings: 32768,
+    rms_norm_eps: 1e-6,
+    tie_word_embeddings: false,
+    rope_theta: 10000.0,
+    rope_scaling: null,
+    attention_bias: false,
+    use_sliding_window: false,
+    sliding_window: 4096,
+    max_window_layers: 28,
+    decoder_sparse_step: 1,
+    moe_intermediate_size: 768,
+    num_experts_per_tok: 8,
+    num_experts: 128,
+    norm_topk_prob: false,
+    mlp_only_layers: null,
+    bos_token_id: null,
+    eos_token_id: null,
+    pad_token_id: null,
+  },
   olmoe: {
     vocab_size: 50304,
     hidden_size: 2048,
@@ -193,6 +227,11 @@ const NAMES: Record<ModelType, TensorNames> = {
     moeBlock: "mlp",
     proj: { gate: "gate_proj", up: "up_proj", down: "down_proj" },
     shared: "shared_expert",
+  },
+  qwen3_moe: {
+    moeBlock: "mlp",
+    proj: { gate: "gate_proj", up: "up_proj", down: "down_proj" },
+    shared: null,
   },
   olmoe: {
     moeBlock: "mlp",
@@ -266,12 +305,25 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
     throw new ConfigError(
       path,
-      `head dimension ${headDim} (hidden_size / num_attention_heads) must be an even integer`,
+      `head dimension ${headDim} (${
+        cfg.head_dim != null ? "head_dim" : "hidden_size / num_attention_heads"
+      }) must be an even integer`,
     );
+  }
+  // transformers v5 writes rope_theta and the scaling as one "rope_parameters" object.
+  const rp = cfg.rope_parameters;
+  if (rp !== null && rp !== undefined) {
+    if (typeof rp !== "object" || Array.isArray(rp)) {
+      throw new ConfigError(path, `"rope_parameters" must be an object`);
+    }
+    const { rope_theta, ...scaling } = rp as Record<string, unknown>;
+    if (rope_theta !== undefined) cfg.rope_theta = rope_theta;
+    cfg.rope_scaling = scaling.rope_type === undefined ? null : scaling; // no type: default
   }
   let ropeLinearFactor = 1;
   const rs = cfg.rope_scaling as Record<string, unknown> | null;
-  if (rs !== null && rs !== undefined) {
+  // rope_type "default" is plain RoPE (transformers' name for no scaling).
+  if (rs !== null && rs !== undefined && (rs.rope_type ?? rs.type) !== "default") {
     const type = rs.rope_type ?? rs.type;
     if (type !== "linear" || typeof rs.factor !== "number" || rs.factor <= 0) {
       throw new ConfigError(
@@ -283,7 +335,8 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
   }
   const numLayers = int("num_hidden_layers");
 
-  let qkvBias = false, oBias = false, qkNorm = false, clipQkv: number | null = null;
+  let qkvBias = false, oBias = false, qkNorm = false, qkNormPerHead = false;
+  let clipQkv: number | null = null;
   const layers: LayerSpec[] = [];
   const dense = (): MlpSpec => ({ kind: "dense", width: int("intermediate_size") });
 
@@ -339,6 +392,32 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
         if (bool("use_sliding_window") && l >= int("max_window_layers", 0)) {
           window = optInt("sliding_window");
         }
+        break;
+      }
+      case "qwen3_moe": {
+        qkvBias = oBias = bool("attention_bias");
+        qkNorm = qkNormPerHead = true;
+        const mlpOnly = cfg.mlp_only_layers ?? [];
+        if (!Array.isArray(mlpOnly)) {
+          throw new ConfigError(path, `"mlp_only_layers" must be a list`);
+        }
+        const isMoe = !mlpOnly.includes(l) && int("num_experts", 0) > 0 &&
+          (l + 1) % int("decoder_sparse_step") === 0;
+        mlp = isMoe
+          ? {
+            kind: "moe",
+            experts: int("num_experts"),
+            topK: int("num_experts_per_tok"),
+            expertWidth: int("moe_intermediate_size"),
+            renorm: { normalize: bool("norm_topk_prob"), eps: 0 },
+            sharedWidth: 0,
+            sharedGate: false,
+          }
+          : dense();
+        // The config sets sliding_window to None unless use_sliding_window; when set,
+        // transformers' eager attention masks every layer with it (max_window_layers
+        // does not enter that mask).
+        if (bool("use_sliding_window")) window = optInt("sliding_window");
         break;
       }
       case "olmoe": {
@@ -408,6 +487,7 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
     qkvBias,
     oBias,
     qkNorm,
+    qkNormPerHead,
     clipQkv,
     names: NAMES[modelType],
     layers,

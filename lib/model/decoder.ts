@@ -8,6 +8,7 @@ import {
   hasDeviceCompressedExperts,
   kvCacheRows,
   type KvRows,
+  numelOf,
   type RopeSpec,
   type Routing,
   type Tensor,
@@ -27,6 +28,7 @@ import {
   type MlpNames,
   mlpNames,
   type MlpSpec,
+  type ModelSpec,
   routerName,
   sharedGateName,
   sharedName,
@@ -214,7 +216,7 @@ export async function attentionBlock(
 }
 
 /**
- * Attention's q, k and v of layer l, normed (OLMoE), clipped (clip_qkv) and rotated as HF
+ * Attention's q, k and v of layer l, normed (OLMoE, Qwen3-MoE), clipped (clip_qkv) and rotated as HF
  * does. Inference runs one matmul over the three projections stacked (Model.rowStack),
  * then splitQkv with RoPE fused in, unless q/k norms must come between the two; a model
  * in training (no stacks) runs the three weights. Given a cache, the fused split writes k
@@ -257,8 +259,8 @@ async function qkvProjections(
   }
   if (rotated) return { q, k, v };
   if (s.qkNorm) {
-    q = replace(q, be.rmsNorm(q, await model.weight(`${p}q_norm.weight`), s.eps));
-    k = replace(k, be.rmsNorm(k, await model.weight(`${p}k_norm.weight`), s.eps));
+    q = replace(q, await qkNorm(model, l, q, "q"));
+    k = replace(k, await qkNorm(model, l, k, "k"));
   }
   if (s.clipQkv !== null) {
     q = replace(q, be.clamp(q, s.clipQkv));
@@ -269,6 +271,27 @@ async function qkvProjections(
   q = replace(q, be.rope(q, positions, s.heads, s.headDim, theta, linearFactor));
   k = replace(k, be.rope(k, positions, s.kvHeads, s.headDim, theta, linearFactor));
   return { q, k, v };
+}
+
+/**
+ * The rows q_norm / k_norm normalise, for q or k [N, heads * headDim]: each row (OLMoE), or
+ * with qkNormPerHead each head's headDim entries, [N * heads, headDim] (Qwen3-MoE: one
+ * weight of headDim shared by the heads).
+ */
+export function qkNormShape(spec: ModelSpec, x: Tensor): readonly number[] {
+  return spec.qkNormPerHead ? [numelOf(x.shape) / spec.headDim, spec.headDim] : x.shape;
+}
+
+/** Layer l's q_norm (`which` "q") or k_norm of x, a new tensor of x's shape. */
+export async function qkNorm(
+  model: Model,
+  l: number,
+  x: Tensor,
+  which: "q" | "k",
+): Promise<Tensor> {
+  const be = model.backend, s = model.spec;
+  const w = await model.weight(`${layerPrefix(l)}self_attn.${which}_norm.weight`);
+  return be.reshape(be.rmsNorm(be.reshape(x, qkNormShape(s, x)), w, s.eps), x.shape);
 }
 
 /**

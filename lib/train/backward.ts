@@ -31,6 +31,8 @@ import {
   dispatchCompressedExperts,
   groupByExpert,
   positionsFor,
+  qkNorm,
+  qkNormShape,
   type ScaledExpertValues,
   scaledTensors,
 } from "../model/decoder.ts";
@@ -53,7 +55,7 @@ interface AttentionTape {
   q0: Tensor; // [N, heads*hd] q_proj output
   k0: Tensor; // [N, kvHeads*hd]
   v0: Tensor;
-  qn?: Tensor; // q_norm / k_norm outputs (OLMoE)
+  qn?: Tensor; // q_norm / k_norm outputs (OLMoE, Qwen3-MoE)
   kn?: Tensor;
   q: Tensor; // after RoPE: attention inputs
   k: Tensor;
@@ -175,8 +177,8 @@ async function attentionForward(
   const t: AttentionTape = { xn, q0, k0, v0 } as AttentionTape;
   let q = q0, k = k0, v = v0;
   if (s.qkNorm) {
-    q = t.qn = b.rmsNorm(q0, await w(model, `${p}q_norm.weight`), s.eps);
-    k = t.kn = b.rmsNorm(k0, await w(model, `${p}k_norm.weight`), s.eps);
+    q = t.qn = await qkNorm(model, l, q0, "q");
+    k = t.kn = await qkNorm(model, l, k0, "k");
   }
   if (s.clipQkv !== null) q = b.clamp(q, s.clipQkv), k = b.clamp(k, s.clipQkv);
   if (s.clipQkv !== null) v = b.clamp(v0, s.clipQkv);
@@ -244,26 +246,20 @@ async function attentionBackward(
     gv = replace(gv, b.clampBackward(t.v0, gv, s.clipQkv));
   }
   if (s.qkNorm) {
-    gq = replace(
-      gq,
-      b.rmsNormBackward(
-        t.q0,
-        await w(model, `${p}q_norm.weight`),
-        gq,
+    // Over the rows the forward normalised (per head for Qwen3-MoE), then back to q's shape.
+    const normBackward = async (x: Tensor, dy: Tensor, which: "q" | "k") => {
+      const name = `${p}${which}_norm.weight`, rows = qkNormShape(s, x);
+      const dx = b.rmsNormBackward(
+        b.reshape(x, rows),
+        await w(model, name),
+        b.reshape(dy, rows),
         s.eps,
-        grads.get(`${p}q_norm.weight`),
-      ),
-    );
-    gk = replace(
-      gk,
-      b.rmsNormBackward(
-        t.k0,
-        await w(model, `${p}k_norm.weight`),
-        gk,
-        s.eps,
-        grads.get(`${p}k_norm.weight`),
-      ),
-    );
+        grads.get(name),
+      );
+      return b.reshape(dx, x.shape);
+    };
+    gq = replace(gq, await normBackward(t.q0, gq, "q"));
+    gk = replace(gk, await normBackward(t.k0, gk, "k"));
   }
   let dxn: Tensor | null = null;
   for (const [name, g] of [["q_proj", gq], ["k_proj", gk], ["v_proj", gv]] as const) {
