@@ -5,7 +5,10 @@
 // good to ~1e-4 relative, far below the O(1) error of a wrong index or factor.
 
 import { type BatchShape, forward } from "../lib/model/decoder.ts";
-import type { Model } from "../lib/model/model.ts";
+import { Model } from "../lib/model/model.ts";
+import { CpuBackend } from "../lib/backend/cpu.ts";
+import { writeCondensedCheckpoint } from "../lib/methods/condense.ts";
+import type { Plan } from "../lib/methods/plan.ts";
 import type { Grads } from "../lib/train/backward.ts";
 import assert from "node:assert";
 import { type Backend, numelOf } from "../lib/backend/backend.ts";
@@ -189,4 +192,23 @@ export async function groupedVersusOneByOne(
     }
     assert(largest > 0 && worst <= 1e-5 * largest, `${n}: ${worst} of ${largest}`);
   });
+}
+
+/**
+ * A condensed checkpoint of `src` after `plan`, written by writeCondensedCheckpoint into a
+ * temp folder (the caller removes it): the real folder a user fine-tunes.
+ */
+export async function condensedCheckpoint(src: string, plan: Plan): Promise<string> {
+  const model = await Model.load(src, new CpuBackend());
+  const out = `${await Deno.makeTempDir()}/condensed`;
+  const provenance = {
+    source: src,
+    source_hash: "-",
+    search: null,
+    variant: "test",
+    num_changed: plan.size,
+  };
+  await writeCondensedCheckpoint(model, plan, out, provenance);
+  model.close();
+  return out;
 }

@@ -8,7 +8,9 @@ import type { Tensor } from "../lib/backend/backend.ts";
 import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
 import { Model } from "../lib/model/model.ts";
 import { lossAndGrad } from "../lib/train/backward.ts";
+import { selectTrainable } from "../lib/train/trainer.ts";
 import {
+  condensedCheckpoint,
   decoderLoss,
   finiteDifference,
   groupedVersusOneByOne,
@@ -24,9 +26,10 @@ const FIXTURES = new URL("./fixtures/hf-golden/", import.meta.url).pathname;
 const H = 1e-2;
 const VERBOSE = Deno.env.get("TRAIN_FD_VERBOSE") === "1";
 
+/** `fixture`: a fixture's name, or the path of a checkpoint folder. */
 async function checkModel(fixture: string, names: string[], recompute: boolean) {
   const be = new CpuBackend();
-  const model = await Model.load(`${FIXTURES}${fixture}`, be);
+  const model = await Model.load(fixture.startsWith("/") ? fixture : `${FIXTURES}${fixture}`, be);
   for (const n of names) model.makeTrainable(n);
   const batch = trainingBatch(model.spec.vocab), { ids, targets, shape } = batch;
   const grads = await zeroGrads(model, names);
@@ -100,8 +103,7 @@ Deno.test("train model: qwen2_moe-a gradient vs FD (gated shared expert, recompu
 });
 
 Deno.test("train model: olmoe-a gradient vs FD through the whole-projection q/k norm", async () => {
-  // clip_qkv is left off: with it on, 1e-2 FD steps push normed q/k entries across the clamp
-  // bounds and the FD slope mixes both sides (clampBackward itself is checked per op).
+  // clip_qkv is off here; tests/clip_qkv_test.ts checks it with steps that cross no bound.
   await checkModel("olmoe-a", [
     "model.layers.0.self_attn.q_norm.weight",
     "model.layers.1.self_attn.k_norm.weight",
@@ -111,6 +113,65 @@ Deno.test("train model: olmoe-a gradient vs FD through the whole-projection q/k 
     "model.layers.0.mlp.gate.weight",
   ], false);
 });
+
+// Condensed checkpoints as condense.ts writes them, trained as finetune.ts's default
+// ("condensed"): the dense MLP of shared + kept experts with wbar folded in, and on Qwen
+// the sigmoid-gated shared expert beside it (layer 0) or alone (layer 1: no expert kept,
+// width 0); gradients also flow through them to the attention below and a router above.
+const CONDENSED = [
+  {
+    fixture: "qwen2_moe-a",
+    plan: [[0, [2, 5], [0.3, 0.2]], [1, [], []]],
+    names: [
+      "model.layers.0.mlp.gate_proj.weight",
+      "model.layers.0.mlp.up_proj.weight",
+      "model.layers.0.mlp.down_proj.weight",
+      "model.layers.0.mlp.shared_expert.gate_proj.weight",
+      "model.layers.0.mlp.shared_expert.down_proj.weight",
+      "model.layers.0.mlp.shared_expert_gate.weight",
+      "model.layers.1.mlp.shared_expert.up_proj.weight",
+      "model.layers.1.mlp.shared_expert_gate.weight",
+      "model.layers.0.self_attn.q_proj.weight",
+      "model.layers.2.mlp.gate.weight",
+    ],
+    recompute: true,
+  },
+  {
+    fixture: "deepseek-a",
+    plan: [[2, [3, 7], [0.25, 0.15]], [3, [], []]],
+    names: [
+      "model.layers.2.mlp.gate_proj.weight",
+      "model.layers.2.mlp.up_proj.weight",
+      "model.layers.2.mlp.down_proj.weight",
+      "model.layers.3.mlp.down_proj.weight",
+      "model.layers.1.self_attn.v_proj.weight",
+      "model.layers.1.mlp.gate.weight",
+    ],
+    recompute: false,
+  },
+] as const;
+
+for (const { fixture, plan, names, recompute } of CONDENSED) {
+  Deno.test(`train model: a condensed ${fixture} checkpoint's gradient vs FD`, async () => {
+    const dir = await condensedCheckpoint(
+      `${FIXTURES}${fixture}`,
+      new Map(
+        plan.map((
+          [l, experts, wbar],
+        ) => [l, { kind: "condense", experts: [...experts], wbar: [...wbar] }]),
+      ),
+    );
+    const model = await Model.load(dir, new CpuBackend());
+    const condensed = selectTrainable(model, "condensed");
+    model.close();
+    for (const n of names) {
+      if (n.includes(".mlp.gate.") || n.includes("self_attn")) continue;
+      assert(condensed.includes(n), `${n} is not in --trainable condensed: ${condensed}`);
+    }
+    await checkModel(dir, [...names], recompute);
+    await Deno.remove(dir.slice(0, dir.lastIndexOf("/")), { recursive: true });
+  });
+}
 
 // deepseek-a's layers 1-3 are MoE. None of these tensors is a routed expert, so every MoE
 // layer runs its frozen experts grouped from the stacks (groupedExpertsForward/Backward);
