@@ -194,11 +194,16 @@ export async function groupedVersusOneByOne(
   });
 }
 
+/** Layers to condense: [layer, kept experts, their wbar]. */
+export type Condensed = [number, number[], number[]][];
+
 /**
- * A condensed checkpoint of `src` after `plan`, written by writeCondensedCheckpoint into a
- * temp folder (the caller removes it): the real folder a user fine-tunes.
+ * A condensed checkpoint of `src`, written by writeCondensedCheckpoint into a temp folder
+ * (the caller removes the folder above it): the real folder a user fine-tunes.
  */
-export async function condensedCheckpoint(src: string, plan: Plan): Promise<string> {
+export async function condensedCheckpoint(src: string, layers: Condensed): Promise<string> {
+  const plan: Plan = new Map();
+  for (const [l, experts, wbar] of layers) plan.set(l, { kind: "condense", experts, wbar });
   const model = await Model.load(src, new CpuBackend());
   const out = `${await Deno.makeTempDir()}/condensed`;
   const provenance = {

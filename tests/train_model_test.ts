@@ -10,6 +10,7 @@ import { Model } from "../lib/model/model.ts";
 import { lossAndGrad } from "../lib/train/backward.ts";
 import { selectTrainable } from "../lib/train/trainer.ts";
 import {
+  type Condensed,
   condensedCheckpoint,
   decoderLoss,
   finiteDifference,
@@ -118,10 +119,10 @@ Deno.test("train model: olmoe-a gradient vs FD through the whole-projection q/k 
 // ("condensed"): the dense MLP of shared + kept experts with wbar folded in, and on Qwen
 // the sigmoid-gated shared expert beside it (layer 0) or alone (layer 1: no expert kept,
 // width 0); gradients also flow through them to the attention below and a router above.
-const CONDENSED = [
+const CONDENSED: { fixture: string; kept: Condensed; names: string[]; recompute: boolean }[] = [
   {
     fixture: "qwen2_moe-a",
-    plan: [[0, [2, 5], [0.3, 0.2]], [1, [], []]],
+    kept: [[0, [2, 5], [0.3, 0.2]], [1, [], []]],
     names: [
       "model.layers.0.mlp.gate_proj.weight",
       "model.layers.0.mlp.up_proj.weight",
@@ -138,7 +139,7 @@ const CONDENSED = [
   },
   {
     fixture: "deepseek-a",
-    plan: [[2, [3, 7], [0.25, 0.15]], [3, [], []]],
+    kept: [[2, [3, 7], [0.25, 0.15]], [3, [], []]],
     names: [
       "model.layers.2.mlp.gate_proj.weight",
       "model.layers.2.mlp.up_proj.weight",
@@ -149,18 +150,11 @@ const CONDENSED = [
     ],
     recompute: false,
   },
-] as const;
+];
 
-for (const { fixture, plan, names, recompute } of CONDENSED) {
+for (const { fixture, kept, names, recompute } of CONDENSED) {
   Deno.test(`train model: a condensed ${fixture} checkpoint's gradient vs FD`, async () => {
-    const dir = await condensedCheckpoint(
-      `${FIXTURES}${fixture}`,
-      new Map(
-        plan.map((
-          [l, experts, wbar],
-        ) => [l, { kind: "condense", experts: [...experts], wbar: [...wbar] }]),
-      ),
-    );
+    const dir = await condensedCheckpoint(`${FIXTURES}${fixture}`, kept);
     const model = await Model.load(dir, new CpuBackend());
     const condensed = selectTrainable(model, "condensed");
     model.close();
@@ -168,7 +162,7 @@ for (const { fixture, plan, names, recompute } of CONDENSED) {
       if (n.includes(".mlp.gate.") || n.includes("self_attn")) continue;
       assert(condensed.includes(n), `${n} is not in --trainable condensed: ${condensed}`);
     }
-    await checkModel(dir, [...names], recompute);
+    await checkModel(dir, names, recompute);
     await Deno.remove(dir.slice(0, dir.lastIndexOf("/")), { recursive: true });
   });
 }
