@@ -252,6 +252,13 @@ Deno.test("ce train: finetune --main-experts 2 --trainable ces writes a CE check
   assert.deepEqual(ces.shape, [16, 3, 256]);
   assert.equal(ces.dtype, "F32");
   model.close();
+  const config = JSON.parse(await Deno.readTextFile(`${tmp}/ce/config.json`));
+  assert.deepEqual(config.compressed_experts, { main_experts: 2, renorm_over: "top_k" });
+  const badRenorm = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", script, "--main-experts", "2", "--renorm-over", "all", "--out", `${tmp}/y`],
+  }).output();
+  assert.notEqual(badRenorm.code, 0);
+  assert.match(new TextDecoder().decode(badRenorm.stderr), /--renorm-over must be top_k or main/);
   const bad = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", script, "--main-experts", "4", "--trainable", "ces", "--out", `${tmp}/x`],
   }).output();
