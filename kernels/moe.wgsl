@@ -70,9 +70,10 @@ fn route_topk(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: ve
 // split_compressed: compressed experts' routing on the device (host twin: splitRouting in
 // lib/methods/compressed_experts.ts). Of a token's raw sorted top-k (route_topk with
 // normalize 0), the first km are its main experts, written as a routing plan_experts
-// reads (weights divided by their sum + eps where the config renormalises); the other
-// k - km are its aux experts, written as the token's row of the dense alphas [rows,
-// experts]: p_i / (sum of the aux p) at each aux expert, zero elsewhere.
+// reads (where the config renormalises, weights divided by eps + the sum over all top-k,
+// or with over_top_k 0 over the main experts); the other k - km are its aux experts,
+// written as the token's row of the dense alphas [rows, experts]: p_i / (sum of the aux
+// p) at each aux expert, zero elsewhere.
 struct SplitParams {
   rows: u32,
   experts: u32,
@@ -80,6 +81,7 @@ struct SplitParams {
   km: u32,
   normalize: u32,
   eps: f32,
+  over_top_k: u32,
 }
 
 @group(0) @binding(0) var<uniform> xp: SplitParams;
@@ -97,15 +99,17 @@ fn split_compressed(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
   let base = r * 2u * xp.k;
   var main_sum = 0.0;
   var aux_sum = 0.0;
+  var top_sum = 0.0;
   for (var j = 0u; j < xp.k; j++) {
     let p = bitcast<f32>(raw_routing[base + xp.k + j]);
+    top_sum += p;
     if (j < xp.km) {
       main_sum += p;
     } else {
       aux_sum += p;
     }
   }
-  let z = select(1.0, main_sum + xp.eps, xp.normalize == 1u);
+  let z = select(1.0, select(main_sum, top_sum, xp.over_top_k == 1u) + xp.eps, xp.normalize == 1u);
   let main_base = r * 2u * xp.km;
   for (var j = 0u; j < xp.km; j++) {
     main_routing[main_base + j] = raw_routing[base + j];

@@ -455,9 +455,13 @@ export interface SeparateExpertStacks {
   down: Weight;
 }
 
-/** compressedExperts' routing: sorted top-k, of which the first `mainExperts` run. */
+/**
+ * compressedExperts' routing: sorted top-k, of which the first `mainExperts` run, their
+ * weights renormalised (where `normalize`) over all top-k or the main experts.
+ */
 export interface CompressedRouteSpec extends RouteSpec {
   mainExperts: number;
+  renormOver: "top_k" | "main";
 }
 
 /**

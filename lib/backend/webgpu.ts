@@ -2046,10 +2046,11 @@ export class WebGpuBackend implements TrainingBackend, DeviceCompressedExperts {
     const slots = await ceSlots(); // a trained ces is read here, before anything is recorded
     const raw = this.route(logits, { k, normalize: false, eps: 0 });
     const main = this.newTensor([n, 2 * km]), alpha = this.newTensor([n, e]);
+    const overTopK = route.renormOver === "main" ? 0 : 1;
     this.run({
       kernel: "moe",
       entry: "split_compressed",
-      params: [n, e, k, km, route.normalize ? 1 : 0, { f32: route.eps }],
+      params: [n, e, k, km, route.normalize ? 1 : 0, { f32: route.eps }, overTopK],
       bindings: [
         { buffer: raw.buffer },
         { buffer: main.buffer, write: true },

@@ -12,10 +12,11 @@
 //   theta_v  = sum_{i in aux} alpha'_i * ces[i][v]            (v = 0, 1, 2)
 //   y        = sum_{m in main} w_m * down(silu(gate(x*theta_0)) * up(x*theta_2) * theta_1)
 // w_m is the raw probability p_m when the architecture does not renormalise (OLMoE, the
-// release: norm_topk_prob=false; DeepSeek/Qwen by default), and p_m / (sum_{main} p + eps)
-// when it does (Mixtral, norm_topk_prob=true): exactly the weights plain top-k_m routing
-// would give, so ces = ones reproduces the top-k_m model on every architecture. The aux
-// experts' probability mass is dropped. Shared experts are unchanged.
+// release: norm_topk_prob=false; DeepSeek/Qwen by default). When it does (Mixtral,
+// norm_topk_prob=true) w_m = p_m / (sum_{top-k} p + eps), as the release's code does
+// (renormOver "top_k", the default), or with renormOver "main" p_m / (sum_{main} p + eps):
+// exactly the weights plain top-k_m routing would give, so ces = ones is then the top-k_m
+// model. The aux experts' probability mass is dropped. Shared experts are unchanged.
 
 import type { Routing, Tensor, Weight } from "../backend/backend.ts";
 import { toFloat32 } from "../io/safetensors.ts";
@@ -25,6 +26,7 @@ import {
   ConfigError,
   enableCompressedExperts,
   type MlpSpec,
+  type RenormOver,
 } from "../model/config.ts";
 import type { Model } from "../model/model.ts";
 import type { TrainingBackend } from "../backend/backend.ts";
@@ -38,10 +40,17 @@ export function cesShape(model: Model, mlp: MoeSpec): [number, number, number] {
 
 /**
  * Enable compressed experts with k_m main experts on every MoE layer (a CLI flag; `flag`
- * names it in errors), then load or initialise the ces tensors.
+ * names it in errors), then load or initialise the ces tensors. `renormOver`: see
+ * MlpSpec.renormOver (default the release's "top_k").
  */
-export function enableOnModel(model: Model, mainExperts: number, flag: string): void {
-  enableCompressedExperts(model.spec.layers, mainExperts, flag, model.spec.modelType);
+export function enableOnModel(
+  model: Model,
+  mainExperts: number,
+  flag: string,
+  renormOver: RenormOver = "top_k",
+): void {
+  const s = model.spec;
+  enableCompressedExperts(s.layers, mainExperts, flag, s.modelType, renormOver);
   prepareCompressedExperts(model);
 }
 
@@ -92,9 +101,9 @@ export interface CeRouting {
   /** [N, ka] aux expert ids and alpha' (sum to 1 per token). */
   auxIndices: Int32Array;
   auxAlpha: Float32Array;
-  /** Per token sum of aux probabilities / main renormaliser (for the backward). */
+  /** Per token sum of aux probabilities, and Z of w_m = p_m / Z (1 if not renormalising). */
   auxSum: Float32Array;
-  mainSum: Float32Array;
+  mainDivisor: Float32Array;
 }
 
 /** Split a raw-probability top-k routing (sorted, not renormalised) into main and aux. */
@@ -106,14 +115,16 @@ export function splitRouting(raw: Routing, mlp: MoeSpec): CeRouting {
     auxIndices: new Int32Array(n * ka),
     auxAlpha: new Float32Array(n * ka),
     auxSum: new Float32Array(n),
-    mainSum: new Float32Array(n).fill(1),
+    mainDivisor: new Float32Array(n).fill(1),
   };
   for (let t = 0; t < n; t++) {
-    let mainSum = 0, auxSum = 0;
+    let mainSum = 0, auxSum = 0, topSum = 0;
+    for (let j = 0; j < k; j++) topSum += raw.weights[t * k + j];
     for (let j = 0; j < km; j++) mainSum += raw.weights[t * k + j];
     for (let j = km; j < k; j++) auxSum += raw.weights[t * k + j];
-    const z = mlp.renorm.normalize ? mainSum + mlp.renorm.eps : 1;
-    if (mlp.renorm.normalize) r.mainSum[t] = z;
+    const over = mlp.renormOver === "main" ? mainSum : topSum;
+    const z = mlp.renorm.normalize ? over + mlp.renorm.eps : 1;
+    r.mainDivisor[t] = z;
     r.auxSum[t] = auxSum;
     for (let j = 0; j < km; j++) {
       r.mainIndices[t * km + j] = raw.indices[t * k + j];
@@ -195,8 +206,12 @@ export function cesNames(model: Model): string[] {
   return out;
 }
 
-/** The config.json section recording k_m, or null when compressed experts are off. */
-export function compressedExpertsConfig(model: Model): { main_experts: number } | null {
+/** The config.json section recording k_m and renorm_over, or null when compressed experts are off. */
+export function compressedExpertsConfig(
+  model: Model,
+): { main_experts: number; renorm_over: RenormOver } | null {
   const layer = model.spec.layers.find((l) => l.mlp.kind === "moe" && l.mlp.mainExperts);
-  return layer ? { main_experts: (layer.mlp as MoeSpec).mainExperts! } : null;
+  if (!layer) return null;
+  const mlp = layer.mlp as MoeSpec;
+  return { main_experts: mlp.mainExperts!, renorm_over: mlp.renormOver ?? "top_k" };
 }

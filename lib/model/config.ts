@@ -11,6 +11,9 @@ export class ConfigError extends Error {
 
 export type ModelType = "deepseek" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "mixtral";
 
+/** Compressed experts' main weights: divided by the top-k sum (the release) or the main sum. */
+export type RenormOver = "top_k" | "main";
+
 /** How top-k routing weights are renormalised. */
 export interface Renorm {
   normalize: boolean;
@@ -37,6 +40,12 @@ export type MlpSpec =
      * vectors (see lib/methods/compressed_experts.ts). Absent: plain top-k.
      */
     mainExperts?: number;
+    /**
+     * Where the architecture renormalises, what the main experts' weights are divided by:
+     * "top_k", the sum over all top-k probabilities (the compressed-experts release,
+     * default), or "main", the main experts' sum (ces = ones is then plain top-k_m).
+     */
+    renormOver?: RenormOver;
   }
   /** LayerDrop: the MLP block is removed, the residual passes through. */
   | { kind: "none" };
@@ -459,7 +468,7 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
   }
   applyCompressedLayers(raw.cdmoe, layers, path);
   if (raw.compressed_experts !== undefined && raw.compressed_experts !== null) {
-    const ce = raw.compressed_experts as { main_experts?: unknown };
+    const ce = raw.compressed_experts as { main_experts?: unknown; renorm_over?: unknown };
     if (typeof ce !== "object" || Array.isArray(ce)) {
       throw new ConfigError(path, `"compressed_experts" must be {"main_experts": k_m}`);
     }
@@ -468,6 +477,8 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
       ce.main_experts,
       `${path}: "compressed_experts.main_experts"`,
       modelType,
+      ce.renorm_over ?? "top_k",
+      `${path}: "compressed_experts.renorm_over"`,
     );
   }
 
@@ -558,16 +569,25 @@ function applyCompressedLayers(cdmoe: unknown, layers: LayerSpec[], path: string
  * Turn every MoE layer into a compressed-experts layer with `mainExperts` full experts
  * (from config.json's "compressed_experts" section or a CLI flag; `where` names it in
  * errors). k_m must leave at least one auxiliary expert: 1 <= k_m <= topK - 1.
+ * `renormOver` ("top_k" or "main", `renormWhere` in errors): see MlpSpec.renormOver.
  */
 export function enableCompressedExperts(
   layers: LayerSpec[],
   mainExperts: unknown,
   where: string,
   modelType?: ModelType,
+  renormOver: unknown = "top_k",
+  renormWhere = where,
 ): void {
   const moe = layers.filter((l) => l.mlp.kind === "moe");
   if (moe.length === 0) {
     throw new ConfigError(where, "compressed experts need MoE layers, but the model has none");
+  }
+  if (renormOver !== "top_k" && renormOver !== "main") {
+    throw new ConfigError(
+      renormWhere,
+      `must be "top_k" or "main", got ${JSON.stringify(renormOver)}`,
+    );
   }
   for (const layer of moe) {
     const mlp = layer.mlp as Extract<MlpSpec, { kind: "moe" }>;
@@ -582,8 +602,10 @@ export function enableCompressedExperts(
       );
     }
     mlp.mainExperts = mainExperts as number;
-    // The main weights follow plain top-k_m routing, and DeepSeek never renormalises top-1.
-    if (modelType === "deepseek" && mainExperts === 1) {
+    mlp.renormOver = renormOver;
+    // "main": the main weights follow plain top-k_m routing, and DeepSeek never
+    // renormalises top-1. ("top_k" renormalises as top-k routing does, and k > 1.)
+    if (renormOver === "main" && modelType === "deepseek" && mainExperts === 1) {
       mlp.renorm = { ...mlp.renorm, normalize: false };
     }
   }

@@ -419,6 +419,7 @@ async function compressedExpertsOnDevice(
   const route = {
     k: mlp.topK,
     mainExperts: mlp.mainExperts!,
+    renormOver: mlp.renormOver ?? "top_k",
     normalize: mlp.renorm.normalize,
     eps: mlp.renorm.eps,
   };

@@ -769,17 +769,20 @@ async function ceBackward(
       const at = tok * ka + j;
       mean += split.auxAlpha[at] * dAlphas[tok * E + split.auxIndices[at]];
     }
+    // w_m = p_m / Z, Z = eps + the sum of p over the main or all top-k experts when
+    // renormalising (else 1): dp_j = [j main] dw_j / Z - [j in Z's sum] sum_m w_m dw_m / Z
+    let wdw = 0;
+    for (let j = 0; j < km; j++) wdw += split.mainWeights[tok * km + j] * dMain[tok * km + j];
+    const z = split.mainDivisor[tok], normalize = mlp.renorm.normalize;
+    const auxInZ = normalize && mlp.renormOver !== "main" ? wdw / z : 0;
     const auxSum = split.auxSum[tok];
     for (let j = 0; j < ka; j++) {
       const dAlpha = dAlphas[tok * E + split.auxIndices[tok * ka + j]];
-      dRaw[tok * k + km + j] = auxSum > 0 ? (dAlpha - mean) / auxSum : 0;
+      dRaw[tok * k + km + j] = (auxSum > 0 ? (dAlpha - mean) / auxSum : 0) - auxInZ;
     }
-    // w_m = p_m / Z (Z = sum of main p + eps when renormalising, else 1)
-    let wdw = 0;
-    for (let j = 0; j < km; j++) wdw += split.mainWeights[tok * km + j] * dMain[tok * km + j];
     for (let j = 0; j < km; j++) {
       const dw = dMain[tok * km + j];
-      dRaw[tok * k + j] = mlp.renorm.normalize ? (dw - wdw) / split.mainSum[tok] : dw;
+      dRaw[tok * k + j] = normalize ? (dw - wdw) / z : dw;
     }
   }
   const dLogits = b.routeTopKBackward(t.logits!, t.routing!, dRaw, false, 0);
