@@ -10,7 +10,7 @@ import {
   DEFAULT_DOCS,
   DEFAULT_MAX_LEN,
 } from "../lib/methods/calibration.ts";
-import { choiceFlag, DEFAULT_MODEL, intFlag, UsageError } from "../lib/methods/cli.ts";
+import { choiceFlag, DEFAULT_MODEL, intFlag, lengthFlag, UsageError } from "../lib/methods/cli.ts";
 import { METRICS, parseMetric } from "../lib/methods/divergence.ts";
 import { type Variant, VARIANTS } from "../lib/methods/layer_search.ts";
 import { runSearchJob } from "../lib/methods/search_job.ts";
@@ -28,7 +28,13 @@ Options:
   --model DIR          HF model folder (default ${DEFAULT_MODEL})
   --data FILE          calibration JSON lines with "text" (default ${DEFAULT_CALIBRATION})
   --docs N             documents (default ${DEFAULT_DOCS})
-  --max-len N          tokens per document, BOS included (default ${DEFAULT_MAX_LEN})
+  --max-len N          tokens per document in the searches, BOS included
+                       (default ${DEFAULT_MAX_LEN})
+  --profile-max-len N  tokens per document in the routing profile, or "full" (default full:
+                       whole documents up to the model's max_position_embeddings, as the
+                       reference profiles them)
+  --profile FILE       routing profile from scripts/profile_routing.ts instead of profiling
+                       (same model folder and --data file, else an error)
   --batch-size N       documents per batch (default ${DEFAULT_BATCH_SIZE})
   --bos MODE           auto|yes|no (default auto: prepend the config's bos_token_id if any)
   --variant LIST       comma list of ${VARIANTS.join(", ")}, or "all" (default all)
@@ -64,6 +70,8 @@ await runMain(async () => {
     data: { type: "string" },
     docs: { type: "string" },
     "max-len": { type: "string" },
+    "profile-max-len": { type: "string" },
+    profile: { type: "string" },
     "batch-size": { type: "string" },
     bos: { type: "string" },
     variant: { type: "string" },
@@ -105,6 +113,8 @@ await runMain(async () => {
     name: values.name ?? model.split("/").pop()! + (naive ? "-naive" : ""),
     docs: intFlag(values.docs, "--docs", DEFAULT_DOCS),
     maxLen: intFlag(values["max-len"], "--max-len", DEFAULT_MAX_LEN, 2),
+    profileMaxLen: lengthFlag(values["profile-max-len"], "--profile-max-len", null),
+    profile: values.profile ?? null,
     batchSize: intFlag(values["batch-size"], "--batch-size", DEFAULT_BATCH_SIZE),
     bos: choiceFlag<BosMode>(values.bos, "--bos", ["auto", "yes", "no"], "auto"),
     metric: metric.layer,

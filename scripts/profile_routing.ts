@@ -12,14 +12,23 @@ import {
   DEFAULT_BATCH_SIZE,
   DEFAULT_CALIBRATION,
   DEFAULT_DOCS,
-  DEFAULT_MAX_LEN,
   loadCalibration,
 } from "../lib/methods/calibration.ts";
-import { choiceFlag, DEFAULT_MODEL, intFlag, Progress, UsageError } from "../lib/methods/cli.ts";
+import {
+  choiceFlag,
+  DEFAULT_MODEL,
+  intFlag,
+  lengthFlag,
+  Progress,
+  UsageError,
+} from "../lib/methods/cli.ts";
 import { calibrationPass } from "../lib/methods/layer_cache.ts";
-import { formatProfile, RoutingProfiler } from "../lib/methods/routing_profile.ts";
-
-export const PROFILE_SCHEMA = 1;
+import {
+  formatProfile,
+  PROFILE_KIND,
+  PROFILE_SCHEMA,
+  RoutingProfiler,
+} from "../lib/methods/routing_profile.ts";
 
 const HELP = `Usage: deno run -A scripts/profile_routing.ts [options]
 
@@ -29,7 +38,8 @@ Options:
   --model DIR        HF model folder (default ${DEFAULT_MODEL})
   --data FILE        JSON lines with a "text" field (default ${DEFAULT_CALIBRATION})
   --docs N           number of documents, from the start of the file (default ${DEFAULT_DOCS})
-  --max-len N        tokens per document, BOS included (default ${DEFAULT_MAX_LEN})
+  --max-len N        tokens per document, BOS included, or "full" (default full: whole
+                     documents up to the model's max_position_embeddings, as the reference)
   --batch-size N     documents per forward batch (default ${DEFAULT_BATCH_SIZE})
   --bos MODE         auto|yes|no: auto prepends the config's bos_token_id when it has one
                      (DeepSeek, Mixtral; the default model was trained on BOS-prefixed
@@ -61,7 +71,7 @@ await runMain(async () => {
   const modelDir = values.model ?? DEFAULT_MODEL;
   const dataPath = values.data ?? DEFAULT_CALIBRATION;
   const docs = intFlag(values.docs, "--docs", DEFAULT_DOCS);
-  const maxLen = intFlag(values["max-len"], "--max-len", DEFAULT_MAX_LEN, 2);
+  const requestedLen = lengthFlag(values["max-len"], "--max-len", null);
   const batchSize = intFlag(values["batch-size"], "--batch-size", DEFAULT_BATCH_SIZE);
   const bos = choiceFlag<BosMode>(values.bos, "--bos", ["auto", "yes", "no"], "auto");
 
@@ -70,6 +80,7 @@ await runMain(async () => {
   if (moeLayers(model.spec).length === 0) {
     throw new UsageError(`${modelDir}/config.json: the model has no MoE layers to profile`);
   }
+  const maxLen = requestedLen ?? model.spec.maxPositions;
   const tok = await loadTokenizer(modelDir);
   const calib = await loadCalibration(dataPath, tok, {
     docs,
@@ -90,7 +101,7 @@ await runMain(async () => {
   const name = values.name ?? modelDir.replace(/\/+$/, "").split("/").pop()!;
   const out = values.out ?? resultsPath(values.results ?? "results", "profile", name);
   await writeJsonAtomic(out, {
-    ...await resultsHeader("routing-profile", PROFILE_SCHEMA),
+    ...await resultsHeader(PROFILE_KIND, PROFILE_SCHEMA),
     model: { path: modelDir, hash: await hashModelFolder(modelDir) },
     data: {
       path: dataPath,
@@ -99,7 +110,14 @@ await runMain(async () => {
       tokens: calib.tokens,
       bos: calib.bos,
     },
-    settings: { docs, max_len: maxLen, batch_size: batchSize, bos, layerwise: !!values.layerwise },
+    settings: {
+      docs,
+      max_len: maxLen,
+      full_length: requestedLen === null,
+      batch_size: batchSize,
+      bos,
+      layerwise: !!values.layerwise,
+    },
     routing_weight:
       "w_e as the model uses it: raw softmax probability, renormalised over the top-k only when the config normalises",
     profile,

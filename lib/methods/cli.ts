@@ -16,6 +16,21 @@ export function intFlag(value: string | undefined, flag: string, def: number, mi
   return n;
 }
 
+/** A token length: an integer >= 2, or "full" (null: no truncation). Absent: `def`. */
+export function lengthFlag(
+  value: string | undefined,
+  flag: string,
+  def: number | null,
+): number | null {
+  if (value === undefined) return def;
+  if (value === "full") return null;
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < 2) {
+    throw new UsageError(`${flag}: expected "full" or an integer >= 2, got "${value}"`);
+  }
+  return n;
+}
+
 export function choiceFlag<T extends string>(
   value: string | undefined,
   flag: string,

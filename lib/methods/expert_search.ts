@@ -1,7 +1,9 @@
 // Greedy expert selection per MoE layer (CD-MoE 1c). For layer l, all other layers
 // original: start with C = []; k times, add the expert c whose condensed layer
 // (shared + sum_{C+[c]} wbar_e expert_e) gives the lowest divergence between the
-// original and the condensed output of decoder layer l.
+// original and the condensed output of decoder layer l, as the release compares it: HF
+// hidden_states[l + 1], the residual stream, which for the last decoder layer is the
+// final norm of it.
 //
 // Fast (default, exact): the layer's input is cached once (x, xn per batch); every expert
 // is evaluated once on it, and a candidate's output is combined arithmetically,
@@ -16,7 +18,7 @@ import {
   hasDeviceDivergence,
   type Tensor,
 } from "../backend/backend.ts";
-import { forward } from "../model/decoder.ts";
+import { finalNorm, forward } from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
 import type { CalibrationBatch } from "./calibration.ts";
 import { JS_EPS, type Metric, Reference } from "./divergence.ts";
@@ -54,6 +56,15 @@ export function expertCandidateCount(experts: number, k: number): number {
   return n;
 }
 
+/**
+ * HF hidden_states[l + 1] from the residual stream h after decoder layer l: h itself, or
+ * for the last layer the final norm of it (HF replaces that entry by the normed state).
+ * Null where h itself is compared; otherwise returns a new tensor.
+ */
+function layerTarget(model: Model, l: number): ((h: Tensor) => Promise<Tensor>) | null {
+  return l === model.spec.numLayers - 1 ? (h) => finalNorm(model, h) : null;
+}
+
 function pickBest(candidates: Record<string, number>): number {
   let best = -1, bestD = Infinity;
   for (const [c, d] of Object.entries(candidates)) {
@@ -73,7 +84,9 @@ export async function expertSearchFast(
   const { x, xn } = cache.moe.get(l)!;
   const batches = cache.batches;
   const ref = new Reference(opts.metric, H);
-  batches.forEach((b, bi) => ref.add(cache.hIn[l + 1][bi], b.shape, b.ids));
+  const target = layerTarget(model, l);
+  const original = target ? cache.finalHidden : cache.hIn[l + 1];
+  batches.forEach((b, bi) => ref.add(original[bi], b.shape, b.ids));
 
   // Every expert once on the cached input: base = shared output, expertOut[e][b].
   const base: Tensor[] = [];
@@ -86,8 +99,8 @@ export async function expertSearchFast(
   }
   const device = opts.metric === "js-hidden" && hasDeviceDivergence(be) ? be : null;
   const scorer = device
-    ? deviceScorer(device, ref, x, base, expertOut)
-    : await hostScorer(be, ref, x, base, expertOut);
+    ? deviceScorer(device, ref, x, base, expertOut, target)
+    : await hostScorer(be, ref, x, base, expertOut, target);
 
   const total = expertCandidateCount(E, opts.k);
   let done = 0;
@@ -136,7 +149,9 @@ async function hostScorer(
   x: Float32Array[],
   baseTensors: Tensor[],
   expertTensors: Tensor[][],
+  target: ((h: Tensor) => Promise<Tensor>) | null,
 ): Promise<CandidateScorer> {
+  const H = baseTensors[0].shape[1];
   // One read for every output: base's batches, then each expert's.
   const all = [...baseTensors, ...expertTensors.flat()], values = await be.readAll(all);
   all.forEach((t) => be.free(t));
@@ -144,7 +159,7 @@ async function hostScorer(
   const expertOut = expertTensors.map((_, e) => values.slice(nb + e * nb, nb + (e + 1) * nb));
   const scratch = x.map((xb) => new Float32Array(xb.length));
   return {
-    score(c, w) {
+    async score(c, w) {
       const docMeans: number[] = [];
       for (let bi = 0; bi < x.length; bi++) {
         const out = scratch[bi], xb = x[bi], bb = base[bi], eb = expertOut[c][bi];
@@ -152,9 +167,14 @@ async function hostScorer(
         for (let i = 0; i < out.length; i++) {
           out[i] = xb[i] + Math.fround(bb[i] + Math.fround(w * eb[i]));
         }
-        docMeans.push(...ref.docMeans(bi, out));
+        if (!target) docMeans.push(...ref.docMeans(bi, out));
+        else {
+          const h = be.tensor(out, [out.length / H, H]);
+          docMeans.push(...ref.docMeans(bi, await readTarget(be, target, h)));
+          be.free(h);
+        }
       }
-      return Promise.resolve(docMeans);
+      return docMeans;
     },
     accept(c, w) {
       for (let bi = 0; bi < x.length; bi++) {
@@ -164,6 +184,18 @@ async function hostScorer(
     },
     free() {},
   };
+}
+
+/** h, or target(h) where there is one, read back to the host. */
+async function readTarget(
+  be: Backend,
+  target: ((h: Tensor) => Promise<Tensor>) | null,
+  h: Tensor,
+): Promise<Float32Array> {
+  if (!target) return (await be.read(h)).slice();
+  const t = await target(h), out = (await be.read(t)).slice();
+  be.free(t);
+  return out;
 }
 
 /**
@@ -178,6 +210,7 @@ function deviceScorer(
   x: Float32Array[],
   base: Tensor[],
   expertOut: Tensor[][],
+  target: ((h: Tensor) => Promise<Tensor>) | null,
 ): CandidateScorer {
   const H = base[0].shape[1];
   const xt = x.map((xb) => be.tensor(xb, [xb.length / H, H]));
@@ -190,12 +223,14 @@ function deviceScorer(
   };
   return {
     async score(c, w) {
-      const js = x.map((_, bi) => {
+      const js: Tensor[] = [];
+      for (let bi = 0; bi < x.length; bi++) {
         const mlp = withExpert(bi, c, w), cand = be.add(xt[bi], mlp);
-        const rows = be.jsDivergenceRows(p[bi], cand, JS_EPS);
+        const compared = target ? await target(cand) : cand;
+        js.push(be.jsDivergenceRows(p[bi], compared, JS_EPS));
         be.free(mlp), be.free(cand);
-        return rows;
-      });
+        if (compared !== cand) be.free(compared);
+      }
       const perRow = await be.readAll(js);
       js.forEach((t) => be.free(t));
       return perRow.flatMap((rows, bi) => ref.meansOfRows(bi, rows));
@@ -223,14 +258,14 @@ export async function expertSearchNaive(
   const t0 = performance.now();
   const be = model.backend, H = model.spec.hidden, E = moeSpec(model, l).experts;
   const ref = new Reference(opts.metric, H);
-  // The residual stream after layer l (HF hidden_states[l+1], except that HF's last entry
-  // is after the final norm: we compare the residual stream for every layer).
+  // HF hidden_states[l + 1]: the residual stream after layer l, normed for the last layer.
+  const target = layerTarget(model, l);
   for (const b of batches) {
     let layerOut: Float32Array | null = null;
     await forward(model, b.ids, b.shape, {
       layerwise: opts.layerwise,
       onLayerOutput: async (layer, h) => {
-        if (layer === l) layerOut = (await be.read(h)).slice();
+        if (layer === l) layerOut = await readTarget(be, target, h);
       },
     });
     ref.add(layerOut!, b.shape, b.ids);
@@ -251,7 +286,7 @@ export async function expertSearchNaive(
           mlpOverride: (layer, xn) =>
             layer === l ? condensedMlp(model, l, xn, experts, wbar) : Promise.resolve(undefined),
           onLayerOutput: async (layer, h) => {
-            if (layer === l) layerOut = (await be.read(h)).slice();
+            if (layer === l) layerOut = await readTarget(be, target, h);
           },
         });
         docMeans.push(...ref.docMeans(bi, layerOut!));

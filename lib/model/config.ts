@@ -258,7 +258,7 @@ export const SUPPORTED_MODEL_TYPES = Object.keys(DEFAULTS) as ModelType[];
 
 /** Build the model description from a parsed config.json. `path` names it in errors. */
 export function parseModelConfig(raw: Record<string, unknown>, path = "config.json"): ModelSpec {
-  const modelType = raw.model_type as ModelType;
+  const modelType = sourceModelType(raw, path) as ModelType;
   if (typeof modelType !== "string") throw new ConfigError(path, `missing "model_type"`);
   if (!(modelType in DEFAULTS)) {
     throw new ConfigError(
@@ -506,6 +506,29 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
     eosTokenId: firstId(cfg.eos_token_id),
     padTokenId: optInt("pad_token_id"),
   };
+}
+
+/**
+ * model_type a condensed checkpoint's config.json carries: "<original>_cdmoe", so that
+ * loaders that do not know the layout (transformers, vLLM) refuse the folder instead of
+ * building the full MoE around missing weights. The original is under "cdmoe.original".
+ */
+export const CDMOE_SUFFIX = "_cdmoe";
+
+/** The architecture behind model_type: "<t>_cdmoe" -> t (folders written before keep t). */
+function sourceModelType(raw: Record<string, unknown>, path: string): unknown {
+  const t = raw.model_type;
+  if (typeof t !== "string" || !t.endsWith(CDMOE_SUFFIX)) return t;
+  const original = (raw.cdmoe as { original?: { model_type?: unknown } } | null | undefined)
+    ?.original?.model_type;
+  if (`${original}${CDMOE_SUFFIX}` !== t) {
+    throw new ConfigError(
+      path,
+      `model_type "${t}" marks a condensed checkpoint, but "cdmoe.original.model_type" is ` +
+        `${JSON.stringify(original)}`,
+    );
+  }
+  return original;
 }
 
 /**
