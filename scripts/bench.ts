@@ -48,7 +48,7 @@ import {
   MATMUL_BACKWARD_KERNELS,
   MATMUL_KERNELS,
   WebGpuBackend,
-} from "../lib/backend/webgpu.ts";
+} from "../lib/backend/webgpu/mod.ts";
 import { loadBlas } from "../lib/backend/blas.ts";
 import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
 import { hasDeviceDivergence, supportsTraining } from "../lib/backend/backend.ts";

@@ -1,5 +1,5 @@
 // The op interface every backend implements: the CPU reference (cpu.ts) and WebGPU
-// (webgpu.ts). Activations are f32; weights keep their checkpoint dtype on the device.
+// (webgpu/). Activations are f32; weights keep their checkpoint dtype on the device.
 // Ops return new tensors (except scatterAddRows) and the caller frees what it no longer
 // needs, as in llm.c: memory is explicit, nothing is garbage-collected on the GPU.
 
