@@ -4,17 +4,7 @@
 
 import type { RawTensor } from "../../io/safetensors.ts";
 import { numelOf, type Tensor, type Weight } from "../backend.ts";
-import {
-  ATTENTION_BACKWARD,
-  ATTENTION_FORWARD,
-  type KernelFile,
-  kernelSources,
-  MATMUL_BACKWARD,
-  MATMUL_FORWARD,
-  MATMUL_GROUPED,
-  MATMUL_TILES,
-  USES_WEIGHTS,
-} from "./kernels.ts";
+import { kernelCode, type KernelFile } from "./kernels.ts";
 import {
   ATTENTION_KERNELS,
   type AttentionKernel,
@@ -420,17 +410,7 @@ export class WebGpuCore {
     if (pipeline) return pipeline;
     let module = this.shared.modules.get(d.kernel);
     if (!module) {
-      const src = kernelSources.get(d.kernel)!;
-      const prelude = [
-        USES_WEIGHTS.has(d.kernel) ? kernelSources.get("weights") : "",
-        MATMUL_FORWARD.has(d.kernel) ? kernelSources.get("matmul_common") : "",
-        MATMUL_BACKWARD.has(d.kernel) ? kernelSources.get("matmul_backward_common") : "",
-        MATMUL_GROUPED.has(d.kernel) ? kernelSources.get("matmul_grouped") : "",
-        MATMUL_TILES.has(d.kernel) ? kernelSources.get("matmul_tiles") : "",
-        ATTENTION_FORWARD.has(d.kernel) ? kernelSources.get("attention_common") : "",
-        ATTENTION_BACKWARD.has(d.kernel) ? kernelSources.get("attention_backward_common") : "",
-      ];
-      const code = `${prelude.join("\n")}\n${src}`;
+      const code = kernelCode(d.kernel);
       module = this.device.createShaderModule({ label: d.kernel, code });
       this.shared.modules.set(d.kernel, module);
     }

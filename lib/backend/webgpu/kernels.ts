@@ -1,4 +1,4 @@
-// The WGSL files (kernels/*.wgsl), read once, and the shared files each one gets prepended.
+// The WGSL files (kernels/*.wgsl), read once, and the shared files each one is built with.
 
 export const KERNEL_FILES = [
   "weights",
@@ -10,14 +10,18 @@ export const KERNEL_FILES = [
   "matmul_blocked",
   "matmul_gemv",
   "norm",
+  "elementwise_common",
   "elementwise",
   "rope",
+  "attention_window",
+  "attention_tiles",
   "attention_common",
   "attention",
   "attention_tiled",
   "attention_split",
   "embedding",
   "argmax",
+  "route",
   "moe",
   // backward (training)
   "matmul_backward_common",
@@ -38,56 +42,40 @@ export const KERNEL_FILES = [
 ] as const;
 export type KernelFile = (typeof KERNEL_FILES)[number];
 
-// Kernels that decode weights get kernels/weights.wgsl prepended.
-export const USES_WEIGHTS: ReadonlySet<KernelFile> = new Set([
-  "matmul",
-  "matmul_naive",
-  "matmul_blocked",
-  "matmul_gemv",
-  "norm",
-  "embedding",
-  "matmul_backward",
-  "matmul_backward_blocked",
-  "norm_backward",
-]);
+// WGSL has no includes: a kernel's module is its file with these shared files prepended
+// (module-scope declarations may come in any order). weights.wgsl decodes weights;
+// matmul_common.wgsl and matmul_backward_common.wgsl hold the matmuls' params and bindings,
+// matmul_grouped.wgsl the grouped ones' tile table, matmul_tiles.wgsl the register-blocked
+// tile core of both directions; attention_common.wgsl and attention_backward_common.wgsl
+// the attention kernels' params and bindings, attention_window.wgsl the sliding window,
+// attention_tiles.wgsl the tiled pair's thread layout and row loads; route.wgsl top-k
+// routing's params and softmax (forward and backward), elementwise_common.wgsl what the
+// elementwise kernels of both directions share.
+const MATMUL_FORWARD: readonly KernelFile[] = ["weights", "matmul_common", "matmul_grouped"];
+const ATTENTION_FORWARD: readonly KernelFile[] = ["attention_common", "attention_window"];
+const ATTENTION_BACKWARD: readonly KernelFile[] = ["attention_backward_common", "attention_window"];
+const PRELUDES: Partial<Record<KernelFile, readonly KernelFile[]>> = {
+  matmul: MATMUL_FORWARD,
+  matmul_naive: MATMUL_FORWARD,
+  matmul_blocked: [...MATMUL_FORWARD, "matmul_tiles"],
+  matmul_gemv: MATMUL_FORWARD,
+  norm: ["weights"],
+  embedding: ["weights"],
+  matmul_backward: ["weights", "matmul_backward_common"],
+  matmul_backward_blocked: ["weights", "matmul_backward_common", "matmul_grouped", "matmul_tiles"],
+  norm_backward: ["weights"],
+  attention: ATTENTION_FORWARD,
+  attention_tiled: [...ATTENTION_FORWARD, "attention_tiles"],
+  attention_split: ATTENTION_FORWARD,
+  attention_backward: ATTENTION_BACKWARD,
+  attention_backward_tiled: [...ATTENTION_BACKWARD, "attention_tiles"],
+  moe: ["route"],
+  moe_backward: ["route"],
+  elementwise: ["elementwise_common"],
+  elementwise_backward: ["elementwise_common"],
+};
 
-// The forward matmul ladder gets kernels/matmul_common.wgsl (params, bindings) as well.
-export const MATMUL_FORWARD: ReadonlySet<KernelFile> = new Set([
-  "matmul",
-  "matmul_naive",
-  "matmul_blocked",
-  "matmul_gemv",
-]);
-// The backward ones kernels/matmul_backward_common.wgsl, and the register-blocked ones of
-// both directions the tile core, kernels/matmul_tiles.wgsl.
-export const MATMUL_BACKWARD: ReadonlySet<KernelFile> = new Set([
-  "matmul_backward",
-  "matmul_backward_blocked",
-]);
-// The grouped ones (forward, and the blocked input gradient) the tile table,
-// kernels/matmul_grouped.wgsl.
-export const MATMUL_GROUPED: ReadonlySet<KernelFile> = new Set([
-  ...MATMUL_FORWARD,
-  "matmul_backward_blocked",
-]);
-export const MATMUL_TILES: ReadonlySet<KernelFile> = new Set([
-  "matmul_blocked",
-  "matmul_backward_blocked",
-]);
-
-// The forward attention kernels get kernels/attention_common.wgsl (params, bindings), the
-// backward ones kernels/attention_backward_common.wgsl.
-export const ATTENTION_FORWARD: ReadonlySet<KernelFile> = new Set([
-  "attention",
-  "attention_tiled",
-  "attention_split",
-]);
-export const ATTENTION_BACKWARD: ReadonlySet<KernelFile> = new Set([
-  "attention_backward",
-  "attention_backward_tiled",
-]);
-
-export const kernelSources = new Map<KernelFile, string>();
+const kernelSources = new Map<KernelFile, string>();
 
 export async function loadKernelSources(): Promise<void> {
   for (const name of KERNEL_FILES) {
@@ -95,4 +83,9 @@ export async function loadKernelSources(): Promise<void> {
     const url = new URL(`../../../kernels/${name}.wgsl`, import.meta.url);
     kernelSources.set(name, await Deno.readTextFile(url));
   }
+}
+
+/** A kernel's WGSL module: its shared files, then its own (loadKernelSources first). */
+export function kernelCode(kernel: KernelFile): string {
+  return [...PRELUDES[kernel] ?? [], kernel].map((f) => kernelSources.get(f)!).join("\n");
 }
