@@ -4,13 +4,13 @@
 
 import { createBackend, parseCli, runMain } from "../lib/cli.ts";
 import {
-  type BosMode,
-  DEFAULT_BATCH_SIZE,
-  DEFAULT_CALIBRATION,
-  DEFAULT_DOCS,
-  DEFAULT_MAX_LEN,
-} from "../lib/methods/calibration.ts";
-import { choiceFlag, DEFAULT_MODEL, intFlag, UsageError } from "../lib/methods/cli.ts";
+  CALIBRATION_HELP,
+  CALIBRATION_OPTIONS,
+  calibrationFlags,
+  choiceFlag,
+  intFlag,
+  UsageError,
+} from "../lib/methods/cli.ts";
 import { METRICS, parseMetric } from "../lib/methods/divergence.ts";
 import { type Variant, VARIANTS } from "../lib/methods/layer_search.ts";
 import { runSearchJob } from "../lib/methods/search_job.ts";
@@ -25,12 +25,7 @@ results/search/<date>-<name>.json; a state file results/search/<name>.state.json
 written after every finished step, and a rerun with the same settings resumes from it.
 
 Options:
-  --model DIR          HF model folder (default ${DEFAULT_MODEL})
-  --data FILE          calibration JSON lines with "text" (default ${DEFAULT_CALIBRATION})
-  --docs N             documents (default ${DEFAULT_DOCS})
-  --max-len N          tokens per document, BOS included (default ${DEFAULT_MAX_LEN})
-  --batch-size N       documents per batch (default ${DEFAULT_BATCH_SIZE})
-  --bos MODE           auto|yes|no (default auto: prepend the config's bos_token_id if any)
+${CALIBRATION_HELP}
   --variant LIST       comma list of ${VARIANTS.join(", ")}, or "all" (default all)
                          sr        CD-MoE-SR: shared + first k greedy experts per layer
                          s         CD-MoE-S: shared experts only
@@ -60,26 +55,17 @@ Options:
 
 await runMain(async () => {
   const values = parseCli(HELP, {
-    model: { type: "string" },
-    data: { type: "string" },
-    docs: { type: "string" },
-    "max-len": { type: "string" },
-    "batch-size": { type: "string" },
-    bos: { type: "string" },
+    ...CALIBRATION_OPTIONS,
     variant: { type: "string" },
     experts: { type: "string" },
     layers: { type: "string" },
     metric: { type: "string" },
     "expert-metric": { type: "string" },
     naive: { type: "boolean" },
-    layerwise: { type: "boolean" },
-    name: { type: "string" },
-    results: { type: "string" },
     fresh: { type: "boolean" },
-    quiet: { type: "boolean" },
-    backend: { type: "string" },
   });
-  const model = (values.model ?? DEFAULT_MODEL).replace(/\/+$/, "");
+  const { model: modelFlag, data, docs, maxLen, batchSize, bos } = calibrationFlags(values);
+  const model = modelFlag.replace(/\/+$/, "");
   const variants = (values.variant ?? "all") === "all"
     ? [...VARIANTS]
     : (values.variant ?? "all").split(",").map((v) =>
@@ -101,12 +87,13 @@ await runMain(async () => {
   const naive = !!values.naive;
   await runSearchJob({
     model,
-    data: values.data ?? DEFAULT_CALIBRATION,
+    data,
+    // (in this order: the state file's settings must match a resumed run's)
     name: values.name ?? model.split("/").pop()! + (naive ? "-naive" : ""),
-    docs: intFlag(values.docs, "--docs", DEFAULT_DOCS),
-    maxLen: intFlag(values["max-len"], "--max-len", DEFAULT_MAX_LEN, 2),
-    batchSize: intFlag(values["batch-size"], "--batch-size", DEFAULT_BATCH_SIZE),
-    bos: choiceFlag<BosMode>(values.bos, "--bos", ["auto", "yes", "no"], "auto"),
+    docs,
+    maxLen,
+    batchSize,
+    bos,
     metric: metric.layer,
     expertMetric: metric.expert,
     experts: values.experts === undefined ? null : intFlag(values.experts, "--experts", 0, 0),
