@@ -50,7 +50,7 @@ fn route_topk(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: ve
 }
 
 // split_compressed: compressed experts' routing on the device (host twin: splitRouting in
-// lib/methods/compressed_experts.ts). Of a token's raw sorted top-k (route_topk with
+// lib/model/compressed_experts.ts). Of a token's raw sorted top-k (route_topk with
 // normalize 0), the first km are its main experts, written as a routing plan_experts
 // reads (weights divided by their sum + eps where the config renormalises); the other
 // k - km are its aux experts, written as the token's row of the dense alphas [rows,

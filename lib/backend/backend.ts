@@ -463,7 +463,7 @@ export interface CompressedRouteSpec extends RouteSpec {
 export interface DeviceCompressedExperts {
   /**
    * out [N, H] += each token's main experts (stacks, frozen) on xn [N, H] scaled by theta,
-   * weighted as lib/methods/compressed_experts.ts says: theta_v = alpha @ slots[v]^T, slots
+   * weighted as lib/model/compressed_experts.ts says: theta_v = alpha @ slots[v]^T, slots
    * [cols, E] ces slot v transposed, asked for only once the batch is known to fit. Returns
    * false, having recorded nothing, where the device plan does not fit (routing over one
    * binding, over 1,024 experts): the caller then plans on the host.
