@@ -7,17 +7,11 @@ import { hashModelFolder, resultsHeader, resultsPath, writeJsonAtomic } from "..
 import { loadTokenizer } from "../lib/io/tokenizer.ts";
 import { moeLayers } from "../lib/model/config.ts";
 import { Model } from "../lib/model/model.ts";
+import { loadCalibration } from "../lib/methods/calibration.ts";
 import {
-  type BosMode,
-  DEFAULT_BATCH_SIZE,
-  DEFAULT_CALIBRATION,
-  DEFAULT_DOCS,
-  loadCalibration,
-} from "../lib/methods/calibration.ts";
-import {
-  choiceFlag,
-  DEFAULT_MODEL,
-  intFlag,
+  CALIBRATION_OPTIONS,
+  calibrationFlags,
+  calibrationHelp,
   lengthFlag,
   Progress,
   UsageError,
@@ -35,45 +29,24 @@ const HELP = `Usage: deno run -A scripts/profile_routing.ts [options]
 Routing profile of an MoE checkpoint on calibration text (CD-MoE, methods.md 1a).
 
 Options:
-  --model DIR        HF model folder (default ${DEFAULT_MODEL})
-  --data FILE        JSON lines with a "text" field (default ${DEFAULT_CALIBRATION})
-  --docs N           number of documents, from the start of the file (default ${DEFAULT_DOCS})
-  --max-len N        tokens per document, BOS included, or "full" (default full: whole
-                     documents up to the model's max_position_embeddings, as the reference)
-  --batch-size N     documents per forward batch (default ${DEFAULT_BATCH_SIZE})
-  --bos MODE         auto|yes|no: auto prepends the config's bos_token_id when it has one
-                     (DeepSeek, Mixtral; the default model was trained on BOS-prefixed
-                     documents) unless the tokenizer already adds it (default auto)
-  --layerwise        release each layer's weights after use (models larger than memory)
-  --out FILE         results file (default results/profile/<date>-<name>.json)
-  --name NAME        name in the default results path (default: the model folder name)
-  --results DIR      results root for the default path (default results)
-  --quiet            no progress lines
-  --backend B        cpu, cpu-reference or webgpu (default cpu)
-  -h, --help         this help
+${
+  calibrationHelp(`\
+  --max-len N          tokens per document, BOS included, or "full" (default full: whole
+                       documents up to the model's max_position_embeddings, as the reference)`)
+}
+  --layerwise          release each layer's weights after use (models larger than memory)
+  --out FILE           results file (default results/profile/<date>-<name>.json)
+  --name NAME          name in the default results path (default: the model folder name)
+  --results DIR        results root for the default path (default results)
+  --quiet              no progress lines
+  --backend B          cpu, cpu-reference or webgpu (default cpu)
+  -h, --help           this help
 `;
 
 await runMain(async () => {
-  const values = parseCli(HELP, {
-    model: { type: "string" },
-    data: { type: "string" },
-    docs: { type: "string" },
-    "max-len": { type: "string" },
-    "batch-size": { type: "string" },
-    bos: { type: "string" },
-    layerwise: { type: "boolean" },
-    out: { type: "string" },
-    name: { type: "string" },
-    results: { type: "string" },
-    quiet: { type: "boolean" },
-    backend: { type: "string" },
-  });
-  const modelDir = values.model ?? DEFAULT_MODEL;
-  const dataPath = values.data ?? DEFAULT_CALIBRATION;
-  const docs = intFlag(values.docs, "--docs", DEFAULT_DOCS);
+  const values = parseCli(HELP, { ...CALIBRATION_OPTIONS, out: { type: "string" } });
+  const { model: modelDir, data: dataPath, docs, batchSize, bos } = calibrationFlags(values);
   const requestedLen = lengthFlag(values["max-len"], "--max-len", null);
-  const batchSize = intFlag(values["batch-size"], "--batch-size", DEFAULT_BATCH_SIZE);
-  const bos = choiceFlag<BosMode>(values.bos, "--bos", ["auto", "yes", "no"], "auto");
 
   const t0 = performance.now();
   const model = await Model.load(modelDir, await createBackend(values.backend));

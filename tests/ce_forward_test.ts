@@ -8,9 +8,9 @@ import { readJson } from "../lib/io/checkpoint.ts";
 import { type RawTensor, writeSafetensors } from "../lib/io/safetensors.ts";
 import { cesName, ConfigError, type MlpSpec, parseModelConfig } from "../lib/model/config.ts";
 import { forward } from "../lib/model/decoder.ts";
-import { Model } from "../lib/model/model.ts";
+import { cesShape, Model } from "../lib/model/model.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
-import { cesShape, enableOnModel } from "../lib/methods/compressed_experts.ts";
+import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 import { ceVersusReference, INPUT, loadCe, relMaxDiff, SHAPE, uniform } from "./ce_util.ts";
 import { DEFAULT_MODEL, FIXTURE_ROOT, FIXTURES } from "./golden.ts";
 

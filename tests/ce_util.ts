@@ -16,8 +16,8 @@ import {
   sharedName,
 } from "../lib/model/config.ts";
 import { forward } from "../lib/model/decoder.ts";
-import { Model } from "../lib/model/model.ts";
-import { cesShape, enableOnModel } from "../lib/methods/compressed_experts.ts";
+import { cesShape, Model } from "../lib/model/model.ts";
+import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 
 type Moe = Extract<MlpSpec, { kind: "moe" }>;
 

@@ -5,7 +5,7 @@
 import assert from "node:assert";
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import type { Backend, TrainingBackend } from "../lib/backend/backend.ts";
-import type { WebGpuBackend } from "../lib/backend/webgpu.ts";
+import type { WebGpuBackend } from "../lib/backend/webgpu/mod.ts";
 import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
 import {
   type BatchShape,

@@ -18,7 +18,7 @@ import { Model } from "../lib/model/model.ts";
 import { mulberry32 } from "../lib/random.ts";
 import { checkGolden, DEFAULT_MODEL, FIXTURE_ROOT, FIXTURES } from "./golden.ts";
 import { webgpuForTests } from "./webgpu_helper.ts";
-import type { WebGpuBackend } from "../lib/backend/webgpu.ts";
+import type { WebGpuBackend } from "../lib/backend/webgpu/mod.ts";
 
 const gpu = await webgpuForTests(); // one device for the whole file
 const ignore = gpu === null;

@@ -13,7 +13,7 @@ import {
   type WeightDType,
 } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
-import { MATMUL_BACKWARD_KERNELS, WebGpuBackend } from "../lib/backend/webgpu.ts";
+import { MATMUL_BACKWARD_KERNELS, WebGpuBackend } from "../lib/backend/webgpu/mod.ts";
 import { Model } from "../lib/model/model.ts";
 import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
 import { type Condensed, condensedCheckpoint } from "./train_fd.ts";

@@ -1,5 +1,5 @@
 // The op interface every backend implements: the CPU reference (cpu.ts) and WebGPU
-// (webgpu.ts). Activations are f32; weights keep their checkpoint dtype on the device.
+// (webgpu/). Activations are f32; weights keep their checkpoint dtype on the device.
 // Ops return new tensors (except scatterAddRows) and the caller frees what it no longer
 // needs, as in llm.c: memory is explicit, nothing is garbage-collected on the GPU.
 
@@ -473,7 +473,7 @@ export interface CompressedRouteSpec extends RouteSpec {
 export interface DeviceCompressedExperts {
   /**
    * out [N, H] += each token's main experts (stacks, frozen) on xn [N, H] scaled by theta,
-   * weighted as lib/methods/compressed_experts.ts says: theta_v = alpha @ slots[v]^T, slots
+   * weighted as lib/model/compressed_experts.ts says: theta_v = alpha @ slots[v]^T, slots
    * [cols, E] ces slot v transposed, asked for only once the batch is known to fit. Returns
    * false, having recorded nothing, where the device plan does not fit (routing over one
    * binding, over 1,024 experts): the caller then plans on the host.

@@ -37,7 +37,7 @@ export type MlpSpec =
     /**
      * Compressed experts (He et al. 2025): the first `mainExperts` of the sorted top-k run
      * in full, the other topK - mainExperts are replaced by the layer's `ces` scaling
-     * vectors (see lib/methods/compressed_experts.ts). Absent: plain top-k.
+     * vectors (see lib/model/compressed_experts.ts). Absent: plain top-k.
      */
     mainExperts?: number;
     /**
@@ -49,6 +49,8 @@ export type MlpSpec =
   }
   /** LayerDrop: the MLP block is removed, the residual passes through. */
   | { kind: "none" };
+
+export type MoeSpec = Extract<MlpSpec, { kind: "moe" }>;
 
 export interface LayerSpec {
   index: number;

@@ -14,13 +14,7 @@ import {
   type Tensor,
   type Weight,
 } from "../backend/backend.ts";
-import {
-  type CeRouting,
-  cesSlots,
-  type MoeSpec,
-  splitRouting,
-  thetaOf,
-} from "../methods/compressed_experts.ts";
+import { type CeRouting, cesSlots, splitRouting, thetaOf } from "./compressed_experts.ts";
 import {
   denseName,
   expertName,
@@ -29,6 +23,7 @@ import {
   mlpNames,
   type MlpSpec,
   type ModelSpec,
+  type MoeSpec,
   routerName,
   sharedGateName,
   sharedName,
@@ -448,7 +443,7 @@ export interface ScaledExpertValues {
 }
 
 /**
- * Compressed experts (lib/methods/compressed_experts.ts): theta per token from the aux
+ * Compressed experts (compressed_experts.ts): theta per token from the aux
  * experts' ces vectors, then each main expert on its tokens with scaled inputs and
  * intermediate: out[t] += w_m * down(silu(gate(x*theta0)) * up(x*theta2) * theta1).
  * The input scales are per token, so x*theta0 and x*theta2 are taken once a token, before

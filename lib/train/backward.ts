@@ -13,7 +13,7 @@ import {
   type TrainingBackend,
   type Weight,
 } from "../backend/backend.ts";
-import { type CeRouting, cesSlots, type MoeSpec } from "../methods/compressed_experts.ts";
+import { type CeRouting, cesSlots } from "../model/compressed_experts.ts";
 import {
   cesName,
   cesWidth,
@@ -22,6 +22,7 @@ import {
   layerPrefix,
   type MlpNames,
   mlpNames,
+  type MoeSpec,
   routerName,
   sharedGateName,
   sharedName,
@@ -655,7 +656,7 @@ function freeTape(model: Model, t: LayerTape): void {
   }
 }
 
-// ---- compressed experts (lib/methods/compressed_experts.ts) -------------------------
+// ---- compressed experts (lib/model/compressed_experts.ts) ---------------------------
 // The forward is the decoder's dispatchCompressedExperts, keeping each expert's values.
 
 function freeCeExpert(model: Model, e: ScaledExpertValues): void {
