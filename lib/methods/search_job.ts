@@ -38,6 +38,7 @@ import {
 import { Reference } from "./divergence.ts";
 import { type LayerChange, moeSpec } from "./plan.ts";
 import { type RoutingProfile, RoutingProfiler } from "./routing_profile.ts";
+import { type ExpertSaliency, SaliencyRecorder } from "./expert_saliency.ts";
 
 export const SEARCH_SCHEMA = 1;
 export const SEARCH_KIND = "cdmoe-search";
@@ -80,6 +81,8 @@ interface State {
   identity: Record<string, unknown>;
   profile?: RoutingProfile;
   profile_seconds?: number;
+  /** Expert pruning's criteria, from the profile pass (a state from before has none). */
+  saliency?: ExpertSaliency;
   experts: Record<string, ExpertSearchResult>;
   variants: Record<string, VariantResult>;
 }
@@ -201,20 +204,23 @@ async function runLoaded(
   const expertsLeft = s.variants.includes("sr") && k > 0 && moe.some((l) => !state.experts[l]);
   const layersLeft = s.variants.some((v) => (state.variants[v]?.steps.length ?? 0) < n);
   const needCache = !s.naive && (expertsLeft || layersLeft);
-  if (!state.profile || needCache) {
+  if (!state.profile || !state.saliency || needCache) {
     const tp = performance.now();
     const profiler = new RoutingProfiler();
+    const saliency = state.saliency ? null : new SaliencyRecorder();
     const L = model.spec.numLayers;
     const p = bar(state.profile ? "cache" : "profile", L, "tokens");
     cache = await calibrationPass(model, calib.batches, profiler, {
       layerwise: s.layerwise,
       progress: (done) => p(done, (done * calib.tokens) / L),
+      onMoe: saliency ? (l, xn, routing) => saliency.observe(model, l, xn, routing) : undefined,
     });
+    if (saliency) state.saliency = saliency.result();
     if (!state.profile) {
       state.profile = profiler.result();
       state.profile_seconds = (performance.now() - tp) / 1000;
-      await save();
     }
+    await save();
     if (!needCache) cache = null;
   }
   const avgW = (l: number) => state.profile!.layers[l].avg_w;
@@ -309,6 +315,7 @@ async function runLoaded(
     },
     profile: state.profile,
     profile_seconds: state.profile_seconds,
+    saliency: state.saliency,
     expert_search: state.experts,
     // Every variant the state has finished (a rerun that adds a variant keeps the others).
     layer_search: state.variants,
