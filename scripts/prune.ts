@@ -11,7 +11,8 @@ import { pruneFromFile } from "../lib/methods/prune_job.ts";
 const PRUNE_KIND = "expert-prune";
 const PRUNE_SCHEMA = 1;
 
-const HELP = `Usage: deno task prune (--profile FILE | --search FILE) (--keep N | --ratio R) --out DIR [options]
+const HELP =
+  `Usage: deno task prune (--profile FILE | --search FILE) (--keep N | --ratio R) --out DIR [options]
 
 Writes an HF-layout checkpoint folder in which every MoE layer keeps the same number of
 its routed experts: the most salient by --criterion, renumbered in their original order,

@@ -15,8 +15,8 @@ import { Model } from "../lib/model/model.ts";
 import type { CalibrationBatch } from "../lib/methods/calibration.ts";
 import { writeCondensedCheckpoint } from "../lib/methods/condense.ts";
 import {
-  type Criterion,
   CRITERIA,
+  type Criterion,
   type ExpertSaliency,
   mostSalient,
   SaliencyRecorder,
@@ -25,6 +25,8 @@ import { calibrationPass } from "../lib/methods/layer_cache.ts";
 import { expertOutput, moeSpec, sharedOutput } from "../lib/methods/plan.ts";
 import { pruneFromFile } from "../lib/methods/prune_job.ts";
 import { RoutingProfiler } from "../lib/methods/routing_profile.ts";
+import { runSearchJob } from "../lib/methods/search_job.ts";
+import { DEFAULT_CALIBRATION } from "../lib/methods/calibration.ts";
 import { DEFAULT_MODEL, FIXTURE_ROOT } from "./golden.ts";
 import { maxRelError } from "./util.ts";
 
@@ -202,7 +204,10 @@ Deno.test("saliency = per-expert reference (all experts on all tokens, picked)",
           const t = Math.floor(i / k), g = routing.weights[i];
           let ss = 0;
           for (let h = 0; h < H; h++) ss += y[t * H + h] ** 2;
-          sums.freq[e]++, sums.w[e] += g, sums.n[e] += Math.sqrt(ss), sums.r[e] += g * Math.sqrt(ss);
+          sums.freq[e]++,
+            sums.w[e] += g,
+            sums.n[e] += Math.sqrt(ss),
+            sums.r[e] += g * Math.sqrt(ss);
         });
       }
       want.set(l, sums);
@@ -216,12 +221,16 @@ Deno.test("saliency = per-expert reference (all experts on all tokens, picked)",
     });
     const got = recorder.result(), profile = profiler.result();
     for (const [l, s] of want) {
-      const g = got.layers[l], mean = (xs: number[]) => xs.map((x, e) => s.freq[e] ? x / s.freq[e] : 0);
+      const g = got.layers[l],
+        mean = (xs: number[]) => xs.map((x, e) => s.freq[e] ? x / s.freq[e] : 0);
       assert.deepStrictEqual(g.freq, s.freq);
       assert.deepStrictEqual(g.freq, profile.layers[l].freq);
       assert(maxRelError(g.weight, profile.layers[l].avg_w) < 1e-12, `${fixture} weight`);
       assert(maxRelError(g.weight, mean(s.w)) < 1e-12, `${fixture} weight`);
-      assert(maxRelError(g.norm, mean(s.n)) < 1e-5, `${fixture} norm ${maxRelError(g.norm, mean(s.n))}`);
+      assert(
+        maxRelError(g.norm, mean(s.n)) < 1e-5,
+        `${fixture} norm ${maxRelError(g.norm, mean(s.n))}`,
+      );
       assert(maxRelError(g.reap, mean(s.r)) < 1e-5, `${fixture} reap`);
       assert(g.freq.some((f) => f === 0) ? g.reap[g.freq.indexOf(0)] === 0 : true);
     }
@@ -277,6 +286,51 @@ Deno.test("condense then prune: the MoE layers left lose experts, condensed ones
   }
 });
 
+Deno.test("--search: the search's profile pass records saliency, also on resuming an older state", async () => {
+  const root = await Deno.makeTempDir();
+  try {
+    const settings = {
+      model: DEFAULT_MODEL.replace(/\/+$/, ""),
+      data: DEFAULT_CALIBRATION,
+      name: "tiny",
+      docs: 2,
+      maxLen: 12,
+      batchSize: 2,
+      bos: "auto" as const,
+      metric: "js-hidden" as const,
+      expertMetric: "js-hidden" as const,
+      experts: 1,
+      layers: 1,
+      variants: ["layerdrop" as const],
+      naive: false,
+      layerwise: false,
+    };
+    const opts = { resultsRoot: root, progress: false, log: () => {} };
+    const first = await runSearchJob(settings, opts);
+    const saliency = first.results.saliency as ExpertSaliency;
+    assert.strictEqual(Object.keys(saliency.layers).length, 5);
+    // A state written before saliency was recorded gets it on the next run.
+    const statePath = `${root}/search/tiny.state.json`;
+    const state = JSON.parse(await Deno.readTextFile(statePath));
+    delete state.saliency;
+    await Deno.writeTextFile(statePath, JSON.stringify(state));
+    const second = await runSearchJob(settings, opts);
+    assert.deepStrictEqual(second.results.saliency, saliency);
+    assert.deepStrictEqual(second.results.profile, first.results.profile);
+    const r = await pruneFromFile({
+      source: { kind: "search", path: second.path },
+      criterion: "reap",
+      ratio: 0.5,
+    }, `${root}/pruned`);
+    assert.deepStrictEqual(
+      r.pruning.kept.get(3),
+      mostSalient(saliency.layers[3].reap, 8),
+    );
+  } finally {
+    await Deno.remove(root, { recursive: true });
+  }
+});
+
 async function run(args: string[]) {
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", PRUNE, ...args],
@@ -294,7 +348,15 @@ Deno.test("prune CLI: writes the folder and a versioned record; bad input writes
     await writeProfile(dir, profile);
     const results = `${root}/results`;
     const base = ["--profile", profile, "--results", results];
-    const ok = await run([...base, "--ratio", "0.25", "--criterion", "frequency", "--out", `${root}/ok`]);
+    const ok = await run([
+      ...base,
+      "--ratio",
+      "0.25",
+      "--criterion",
+      "frequency",
+      "--out",
+      `${root}/ok`,
+    ]);
     assert.strictEqual(ok.code, 0, ok.stderr);
     const [record] = [...Deno.readDirSync(`${results}/prune`)].map((e) => e.name);
     const rec = JSON.parse(await Deno.readTextFile(`${results}/prune/${record}`));
@@ -336,7 +398,14 @@ Deno.test("prune CLI: writes the folder and a versioned record; bad input writes
     const old = JSON.parse(await Deno.readTextFile(profile));
     delete old.saliency;
     await Deno.writeTextFile(`${root}/old.json`, JSON.stringify(old));
-    const noReap = await run(["--profile", `${root}/old.json`, "--ratio", "0.5", "--out", `${root}/bad`]);
+    const noReap = await run([
+      "--profile",
+      `${root}/old.json`,
+      "--ratio",
+      "0.5",
+      "--out",
+      `${root}/bad`,
+    ]);
     assert.match(noReap.stderr, /has no "reap" saliency/);
     const oldWeight = await run([
       "--profile",
@@ -353,7 +422,14 @@ Deno.test("prune CLI: writes the folder and a versioned record; bad input writes
     assert.strictEqual(oldWeight.code, 0, oldWeight.stderr);
     // Nothing of the failed runs: no folder, no temp folder, one record per success.
     const names = [...Deno.readDirSync(root)].map((e) => e.name).sort();
-    assert.deepStrictEqual(names, ["ok", "old-weight", "old.json", "other", "profile.json", "results"]);
+    assert.deepStrictEqual(names, [
+      "ok",
+      "old-weight",
+      "old.json",
+      "other",
+      "profile.json",
+      "results",
+    ]);
     assert.strictEqual([...Deno.readDirSync(`${results}/prune`)].length, 2);
   } finally {
     await Deno.remove(root, { recursive: true });

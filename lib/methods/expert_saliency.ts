@@ -6,12 +6,7 @@
 // g is the weight the model multiplies the output by: the softmax probability,
 // renormalised over the top-k only where the config renormalises.
 
-import {
-  expertPlan,
-  type Routing,
-  supportsTraining,
-  type Tensor,
-} from "../backend/backend.ts";
+import { expertPlan, type Routing, supportsTraining, type Tensor } from "../backend/backend.ts";
 import type { Model } from "../model/model.ts";
 import { moeSpec } from "./plan.ts";
 
@@ -95,7 +90,8 @@ export class SaliencyRecorder {
   result(): ExpertSaliency {
     const layers: Record<string, LayerSaliency> = {};
     for (const [l, c] of [...this.layers].sort((a, b) => a[0] - b[0])) {
-      const mean = (sums: Float64Array) => [...sums].map((s, e) => (c.freq[e] > 0 ? s / c.freq[e] : 0));
+      const mean = (sums: Float64Array) =>
+        [...sums].map((s, e) => (c.freq[e] > 0 ? s / c.freq[e] : 0));
       layers[l] = {
         layer: l,
         tokens: c.tokens,

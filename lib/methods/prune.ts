@@ -5,7 +5,12 @@
 // asked, a smaller top-k), so any loader reads it as an ordinary smaller model.
 
 import { type RawTensor, writeSafetensors } from "../io/safetensors.ts";
-import { CheckpointError, readTensor, tensorInfo, writeCheckpointFolder } from "../io/checkpoint.ts";
+import {
+  CheckpointError,
+  readTensor,
+  tensorInfo,
+  writeCheckpointFolder,
+} from "../io/checkpoint.ts";
 import {
   ConfigError,
   expertName,
@@ -17,7 +22,7 @@ import {
 } from "../model/config.ts";
 import type { Model } from "../model/model.ts";
 import { UsageError } from "../cli.ts";
-import { planSize, type PlannedTensor } from "./condense.ts";
+import { type PlannedTensor, planSize } from "./condense.ts";
 import { moeSpec } from "./plan.ts";
 
 export interface Pruning {
@@ -80,7 +85,9 @@ export function keptCount(
     keep = opts.keep;
   } else if (opts.ratio !== undefined) {
     if (!(opts.ratio > 0 && opts.ratio < 1)) {
-      throw new UsageError(`--ratio ${opts.ratio}: expected a fraction in (0, 1) of experts to remove`);
+      throw new UsageError(
+        `--ratio ${opts.ratio}: expected a fraction in (0, 1) of experts to remove`,
+      );
     }
     keep = experts - Math.floor(opts.ratio * experts);
   } else throw new UsageError("--keep or --ratio is required (see --help)");
@@ -218,7 +225,9 @@ export function prunedTensors(model: Model, pruning: Pruning): PlannedTensor[] {
 function sliceRows(raw: RawTensor, rows: number[]): RawTensor {
   const rowBytes = raw.bytes.length / raw.shape[0];
   const bytes = new Uint8Array(rows.length * rowBytes);
-  rows.forEach((r, i) => bytes.set(raw.bytes.subarray(r * rowBytes, (r + 1) * rowBytes), i * rowBytes));
+  rows.forEach((r, i) =>
+    bytes.set(raw.bytes.subarray(r * rowBytes, (r + 1) * rowBytes), i * rowBytes)
+  );
   return { ...raw, shape: [rows.length, ...raw.shape.slice(1)], bytes };
 }
 

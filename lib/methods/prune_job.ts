@@ -7,8 +7,8 @@ import { hashModelFolder, readResults, ResultsError } from "../io/results.ts";
 import { Model } from "../model/model.ts";
 import { UsageError } from "./cli.ts";
 import {
-  type Criterion,
   CRITERIA,
+  type Criterion,
   type ExpertSaliency,
   type LayerSaliency,
   mostSalient,
@@ -30,7 +30,10 @@ export interface SaliencySource {
 }
 
 /** The saliency in a routing-profile (`kind` "profile") or search results file. */
-export async function readSaliency(path: string, kind: "profile" | "search"): Promise<SaliencySource> {
+export async function readSaliency(
+  path: string,
+  kind: "profile" | "search",
+): Promise<SaliencySource> {
   const res = kind === "profile"
     ? await readResults(path, PROFILE_KIND, PROFILE_SCHEMA)
     : await readResults(path, SEARCH_KIND, SEARCH_SCHEMA);
@@ -76,7 +79,9 @@ export function choosePruning(
   topK: number,
 ): Pruning {
   if (!CRITERIA.includes(criterion)) {
-    throw new UsageError(`--criterion: unknown value "${criterion}" (choose one of ${CRITERIA.join(", ")})`);
+    throw new UsageError(
+      `--criterion: unknown value "${criterion}" (choose one of ${CRITERIA.join(", ")})`,
+    );
   }
   const { experts, layers } = routedExperts(model);
   const kept = new Map<number, number[]>();
