@@ -331,14 +331,24 @@ Deno.test("--search: the search's profile pass records saliency, also on resumin
   }
 });
 
-async function run(args: string[]) {
+async function run(args: string[], script = PRUNE) {
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", PRUNE, ...args],
+    args: ["run", "-A", script, ...args],
     stdout: "piped",
     stderr: "piped",
   }).output();
-  return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+  const text = (b: Uint8Array) => new TextDecoder().decode(b);
+  return { code: out.code, stderr: text(out.stderr), stdout: text(out.stdout) };
 }
+
+Deno.test("prune and tables have --help naming the pruning flags", async () => {
+  const prune = await run(["--help"]);
+  assert.strictEqual(prune.code, 0);
+  assert.match(prune.stdout, /Usage: deno task prune[^]*--criterion[^]*--top-k/);
+  const tables = await run(["--help"], new URL("../scripts/tables.ts", import.meta.url).pathname);
+  assert.strictEqual(tables.code, 0);
+  assert.match(tables.stdout, /--prune-criteria[^]*--prune-ratios[^]*--combine-layers/);
+});
 
 Deno.test("prune CLI: writes the folder and a versioned record; bad input writes nothing", async () => {
   const root = await Deno.makeTempDir();
