@@ -1,6 +1,7 @@
 // Routing profile of an MoE model on calibration text (CD-MoE step 1): per MoE layer and
 // routed expert the selection count and the sum/mean routing weight, plus per-layer
-// entropy, load imbalance and most frequent co-selected pairs. Writes results/profile/.
+// entropy, load imbalance and most frequent co-selected pairs, and the expert saliency
+// that `deno task prune` ranks experts by. Writes results/profile/.
 
 import { createBackend, parseCli, runMain } from "../lib/cli.ts";
 import { hashModelFolder, resultsHeader, resultsPath, writeJsonAtomic } from "../lib/io/results.ts";
@@ -23,6 +24,7 @@ import {
   PROFILE_SCHEMA,
   RoutingProfiler,
 } from "../lib/methods/routing_profile.ts";
+import { SaliencyRecorder } from "../lib/methods/expert_saliency.ts";
 
 const HELP = `Usage: deno run -A scripts/profile_routing.ts [options]
 
@@ -64,9 +66,11 @@ await runMain(async () => {
   });
   const progress = new Progress("profile", model.spec.numLayers, "tokens");
   const profiler = new RoutingProfiler();
+  const saliency = new SaliencyRecorder();
   await calibrationPass(model, calib.batches, profiler, {
     layerwise: values.layerwise,
     keepCache: false,
+    onMoe: (l, xn, routing) => saliency.observe(model, l, xn, routing),
     progress: (done) =>
       !values.quiet && progress.update(done, (done * calib.tokens) / model.spec.numLayers),
   });
@@ -94,6 +98,8 @@ await runMain(async () => {
     routing_weight:
       "w_e as the model uses it: raw softmax probability, renormalised over the top-k only when the config normalises",
     profile,
+    // Expert pruning's criteria (lib/methods/expert_saliency.ts, docs/expert-pruning.md).
+    saliency: saliency.result(),
     wall_seconds: (performance.now() - t0) / 1000,
   });
   console.log(formatProfile(profile));

@@ -6,6 +6,7 @@
 
 import type { Routing } from "../backend/backend.ts";
 import { readResults, ResultsError } from "../io/results.ts";
+import type { ExpertSaliency } from "./expert_saliency.ts";
 
 /** Results file kind and schema of scripts/profile_routing.ts. */
 export const PROFILE_KIND = "routing-profile";
@@ -153,7 +154,7 @@ export interface ProfileData {
 export async function readProfileFile(
   path: string,
   want: { modelHash: string; dataSha256: string; moeLayers: Map<number, number> },
-): Promise<{ profile: RoutingProfile; data: ProfileData }> {
+): Promise<{ profile: RoutingProfile; data: ProfileData; saliency?: ExpertSaliency }> {
   const r = await readResults(path, PROFILE_KIND, PROFILE_SCHEMA);
   const model = r.model as { path?: string; hash?: string } | undefined;
   const data = r.data as { path?: string; sha256?: string; docs?: number; tokens?: number };
@@ -179,6 +180,7 @@ export async function readProfileFile(
   }
   return {
     profile: profile!,
+    saliency: r.saliency as ExpertSaliency | undefined,
     data: {
       file: path,
       docs: data.docs!,

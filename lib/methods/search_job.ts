@@ -44,6 +44,7 @@ import {
   type RoutingProfile,
   RoutingProfiler,
 } from "./routing_profile.ts";
+import { type ExpertSaliency, SaliencyRecorder } from "./expert_saliency.ts";
 
 export const SEARCH_SCHEMA = 1;
 export const SEARCH_KIND = "cdmoe-search";
@@ -95,6 +96,8 @@ interface State {
   profile?: RoutingProfile;
   profile_data?: ProfileData;
   profile_seconds?: number;
+  /** Expert pruning's criteria, from the profile pass (a state from before has none). */
+  saliency?: ExpertSaliency;
   experts: Record<string, ExpertSearchResult>;
   variants: Record<string, VariantResult>;
 }
@@ -233,9 +236,12 @@ async function runLoaded(
     max_len: profileLen,
     full_length: s.profileMaxLen === null,
   });
+  // A state written before saliency was recorded profiles again, recording both.
+  if (state.profile && !state.saliency && !state.profile_data?.file) delete state.profile;
   if (!state.profile && fromFile) {
     state.profile = fromFile.profile;
     state.profile_data = fromFile.data;
+    state.saliency = fromFile.saliency; // absent in a profile written before saliency was
     await save();
   }
   if (!state.profile && profileLen !== s.maxLen) {
@@ -248,32 +254,38 @@ async function runLoaded(
       batchSize: s.batchSize,
     });
     log(`profile: ${pcalib.docs} docs, ${pcalib.tokens} tokens (up to ${profileLen} a document)`);
-    const profiler = new RoutingProfiler();
+    const profiler = new RoutingProfiler(), saliency = new SaliencyRecorder();
     const p = bar("profile", L, "tokens");
     await calibrationPass(model, pcalib.batches, profiler, {
       layerwise: s.layerwise,
       keepCache: false,
       progress: (done) => p(done, (done * pcalib.tokens) / L),
+      onMoe: (l, xn, routing) => saliency.observe(model, l, xn, routing),
     });
     state.profile = profiler.result();
+    state.saliency = saliency.result();
     state.profile_data = profileData(pcalib);
     state.profile_seconds = (performance.now() - tp) / 1000;
     await save();
   }
   if (!state.profile || needCache) {
     const tp = performance.now();
+    // Saliency is recorded in the pass that records the profile (expert pruning's criteria).
     const profiler = state.profile ? null : new RoutingProfiler();
+    const saliency = profiler ? new SaliencyRecorder() : null;
     const p = bar(profiler ? "profile" : "cache", L, "tokens");
     cache = await calibrationPass(model, calib.batches, profiler, {
       layerwise: s.layerwise,
       progress: (done) => p(done, (done * calib.tokens) / L),
+      onMoe: saliency ? (l, xn, routing) => saliency.observe(model, l, xn, routing) : undefined,
     });
     if (profiler) {
+      state.saliency = saliency!.result();
       state.profile = profiler.result();
       state.profile_data = profileData(calib);
       state.profile_seconds = (performance.now() - tp) / 1000;
-      await save();
     }
+    await save();
     if (!needCache) cache = null;
   }
   const avgW = (l: number) => state.profile!.layers[l].avg_w;
@@ -372,6 +384,7 @@ async function runLoaded(
     },
     profile: state.profile,
     profile_seconds: state.profile_seconds,
+    saliency: state.saliency,
     expert_search: state.experts,
     // Every variant the state has finished (a rerun that adds a variant keeps the others).
     layer_search: state.variants,
