@@ -351,6 +351,13 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
   const layers: LayerSpec[] = [];
   const dense = (): MlpSpec => ({ kind: "dense", width: int("intermediate_size") });
 
+  // Qwen2-MoE and Qwen3-MoE: which layers are sparse.
+  const qwenSparse = (l: number): boolean => {
+    const mlpOnly = cfg.mlp_only_layers ?? [];
+    if (!Array.isArray(mlpOnly)) throw new ConfigError(path, `"mlp_only_layers" must be a list`);
+    return !mlpOnly.includes(l) && int("num_experts", 0) > 0 &&
+      (l + 1) % int("decoder_sparse_step") === 0;
+  };
   for (let l = 0; l < numLayers; l++) {
     let mlp: MlpSpec;
     let window: number | null = null;
@@ -383,13 +390,7 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
       }
       case "qwen2_moe": {
         qkvBias = true;
-        const mlpOnly = cfg.mlp_only_layers ?? [];
-        if (!Array.isArray(mlpOnly)) {
-          throw new ConfigError(path, `"mlp_only_layers" must be a list`);
-        }
-        const isMoe = !mlpOnly.includes(l) && int("num_experts", 0) > 0 &&
-          (l + 1) % int("decoder_sparse_step") === 0;
-        mlp = isMoe
+        mlp = qwenSparse(l)
           ? {
             kind: "moe",
             experts: int("num_experts"),
@@ -408,13 +409,7 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
       case "qwen3_moe": {
         qkvBias = oBias = bool("attention_bias");
         qkNorm = qkNormPerHead = true;
-        const mlpOnly = cfg.mlp_only_layers ?? [];
-        if (!Array.isArray(mlpOnly)) {
-          throw new ConfigError(path, `"mlp_only_layers" must be a list`);
-        }
-        const isMoe = !mlpOnly.includes(l) && int("num_experts", 0) > 0 &&
-          (l + 1) % int("decoder_sparse_step") === 0;
-        mlp = isMoe
+        mlp = qwenSparse(l)
           ? {
             kind: "moe",
             experts: int("num_experts"),
