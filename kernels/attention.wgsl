@@ -3,7 +3,7 @@
 // grows, so no row of scores is ever stored. The thread owns its output row and uses it
 // as the accumulator, which keeps any head_dim working.
 
-// Params and the bindings: attention_common.wgsl.
+// Params and the bindings: attention_common.wgsl; first_key: attention_window.wgsl.
 
 @compute @workgroup_size(64)
 fn attention(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,
@@ -17,10 +17,7 @@ fn attention(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec
   let b = t / (p.q_len * p.heads);
   let kh = h / (p.heads / p.kv_heads);
   let pos = p.kv_len - p.q_len + i; // absolute position of this query
-  var lo = 0u;
-  if (p.window > 0u && pos + 1u > p.window) {
-    lo = pos + 1u - p.window;
-  }
+  let lo = first_key(pos);
   let hd = p.head_dim;
   let row_off = (b * p.q_len + i) * p.heads * hd + h * hd;
   let q_off = p.q_off + row_off;

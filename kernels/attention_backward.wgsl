@@ -9,7 +9,7 @@
 // Like the forward, a thread keeps its output row in global memory as the accumulator,
 // so any head_dim works.
 
-// Params, the bindings and first_key: attention_backward_common.wgsl. `stats` holds
+// Params and the bindings: attention_backward_common.wgsl; first_key: attention_window.wgsl. `stats` holds
 // (m, l, D) per row: [seqs, heads, q_len, 3].
 
 fn dot_rows(a_off: u32, b_off: u32) -> f32 {

@@ -40,11 +40,3 @@ struct Params {
 @group(0) @binding(5) var<storage, read> stats_in: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dk: array<f32>; // like k
 @group(0) @binding(7) var<storage, read_write> dv: array<f32>; // like v
-
-// First key visible from absolute position pos.
-fn first_key(pos: u32) -> u32 {
-  if (p.window > 0u && pos + 1u > p.window) {
-    return pos + 1u - p.window;
-  }
-  return 0u;
-}

@@ -41,31 +41,15 @@
 //
 // `stats`: (lse, D) per (query, head) row, [seqs * q_len, heads, 2].
 
-// Params, the bindings and first_key: attention_backward_common.wgsl.
+// Params and the bindings: attention_backward_common.wgsl; first_key:
+// attention_window.wgsl; the thread layout (HEAD_DIM, LANES, GROUPS, R, ROWS, VEC4S,
+// ROW_VEC4S) and q4, k4, v4: attention_tiles.wgsl.
 
-// Pipeline constants, so the per-thread loops have fixed trip counts (unrolled: llvmpipe
-// ends a thread's loops after 65,535 iterations, and unrolled ones do not count) and the
-// rows stay in registers.
-override HEAD_DIM: u32 = 64u;
+// Pipeline constants (with attention_tiles.wgsl's HEAD_DIM and LANES).
 override TILE: u32 = 8u; // keys (query pass) or (query, head) rows (key pass) per tile
-
-// Threads per group: 4, or 8 past head_dim 128, so that a thread holds at most
-// MAX_VEC4S vec4s of a row. With 16, llvmpipe kept the loops over them and hit the cap
-// above far sooner (head_dim 256: wrong from 1,024 keys with 4 lanes, right at 6,144
-// with 8); a GPU would spill the registers.
-override LANES: u32 = 4u;
 override SAVED_STATS: u32 = 0u;
 
-const THREADS: u32 = 64u;
-const R: u32 = 2u; // rows per group
-const MAX_VEC4S: u32 = 8u; // vec4s of a row per thread, at most
 const MAX_TILE: u32 = 16u; // the host keeps TILE within it
-
-override GROUPS: u32 = THREADS / LANES;
-override ROWS: u32 = GROUPS * R; // rows per workgroup
-
-override VEC4S: u32 = (HEAD_DIM + 4u * LANES - 1u) / (4u * LANES); // of a row per thread
-override ROW_VEC4S: u32 = VEC4S * LANES; // a padded row
 
 // The query pass's K and V tiles.
 var<workgroup> k_tile: array<vec4f, TILE * ROW_VEC4S>;
@@ -77,40 +61,8 @@ var<workgroup> stats_tile: array<vec2f, TILE>;
 // Both: each thread's share of (q . k, dO . v) per row of its group and tile row.
 var<workgroup> partial: array<vec2f, THREADS * R * TILE>;
 
-const NO_SCORE: f32 = -3.4e38;
-
-// Dimensions d .. d + 3 of the head row at `base` (zero past HEAD_DIM), from q, k, v or
-// d_out.
-fn q4(base: u32, d: u32) -> vec4f {
-  var r = vec4f(0.0);
-  for (var c = 0u; c < 4u; c++) {
-    if (d + c < HEAD_DIM) {
-      r[c] = q[base + d + c];
-    }
-  }
-  return r;
-}
-
-fn k4(base: u32, d: u32) -> vec4f {
-  var r = vec4f(0.0);
-  for (var c = 0u; c < 4u; c++) {
-    if (d + c < HEAD_DIM) {
-      r[c] = k[base + d + c];
-    }
-  }
-  return r;
-}
-
-fn v4(base: u32, d: u32) -> vec4f {
-  var r = vec4f(0.0);
-  for (var c = 0u; c < 4u; c++) {
-    if (d + c < HEAD_DIM) {
-      r[c] = v[base + d + c];
-    }
-  }
-  return r;
-}
-
+// Dimensions d .. d + 3 of the head row at `base` (zero past HEAD_DIM), from d_out or
+// out_saved, as attention_tiles.wgsl's q4, k4, v4.
 fn do4(base: u32, d: u32) -> vec4f {
   var r = vec4f(0.0);
   for (var c = 0u; c < 4u; c++) {

@@ -6,7 +6,8 @@
 // to `partials`; split_merge rescales the splits to their common max and sums them (with
 // one split the partial pass writes the output itself). Any q_len works (each query on
 // its own), but only decode gains.
-// Params and the q, k, v, out bindings: attention_common.wgsl.
+// Params and the q, k, v, out bindings: attention_common.wgsl; first_key:
+// attention_window.wgsl.
 
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>; // [rows, splits, head_dim + 2]
 
@@ -30,10 +31,7 @@ fn query(row: u32) -> Query {
   let i = (row / p.heads) % p.q_len;
   let b = row / (p.heads * p.q_len);
   let pos = p.kv_len - p.q_len + i;
-  var lo = 0u;
-  if (p.window > 0u && pos + 1u > p.window) {
-    lo = pos + 1u - p.window;
-  }
+  let lo = first_key(pos);
   let q_row = (b * p.q_len + i) * p.heads * p.head_dim + h * p.head_dim;
   return Query(b, h / (p.heads / p.kv_heads), lo, pos, q_row);
 }

@@ -25,78 +25,27 @@
 // need no bounds checks), which doubles as the merge buffer, and the partial dots
 // [THREADS, R, ROW_KEYS].
 
-// Params and the bindings: attention_common.wgsl.
+// Params and the bindings: attention_common.wgsl; first_key: attention_window.wgsl; the
+// thread layout (HEAD_DIM, LANES, GROUPS, R, ROWS, VEC4S, ROW_VEC4S) and q4, k4, v4:
+// attention_tiles.wgsl.
 //
 // SAVE_STATS (training): each (query, head) row's logsumexp also goes to row_stats, laid
 // out as the tiled backward's statistics [seqs * q_len, heads, 2] (slot 0; the backward
 // writes D into slot 1), so the backward's query pass need not walk the keys for it.
 
-// Pipeline constants, so the per-thread loops have fixed trip counts and q, o stay in
-// registers.
-override HEAD_DIM: u32 = 64u;
+// Pipeline constants (with attention_tiles.wgsl's HEAD_DIM and LANES), so the per-thread
+// loops have fixed trip counts and q, o stay in registers.
 override KEYS: u32 = 16u; // keys per tile
 override SPLIT: u32 = 1u; // groups per query row: a power of two up to GROUPS
 override SAVE_STATS: u32 = 0u;
 
 @group(0) @binding(5) var<storage, read_write> row_stats: array<f32>;
 
-override LANES: u32 = 4u; // threads per group
-
-const THREADS: u32 = 64u;
-const R: u32 = 2u; // rows per group
-const MAX_VEC4S: u32 = 8u; // vec4s of a row per thread, at most
-
-override GROUPS: u32 = THREADS / LANES;
-override ROWS: u32 = GROUPS * R; // rows per workgroup
-
-override VEC4S: u32 = (HEAD_DIM + 4u * LANES - 1u) / (4u * LANES); // of a row per thread
-override ROW_VEC4S: u32 = VEC4S * LANES; // a padded key row
 override ROW_KEYS: u32 = (KEYS + SPLIT - 1u) / SPLIT; // keys of a tile per group
 override TILE_VEC4S: u32 = max(KEYS, select(0u, GROUPS / 2u, SPLIT > 1u)) * ROW_VEC4S;
 
 var<workgroup> tile: array<vec4f, TILE_VEC4S>;
 var<workgroup> partial: array<f32, THREADS * R * ROW_KEYS>;
-
-const NO_SCORE: f32 = -3.4e38;
-
-// First key visible from absolute position pos.
-fn first_key(pos: u32) -> u32 {
-  if (p.window > 0u && pos + 1u > p.window) {
-    return pos + 1u - p.window;
-  }
-  return 0u;
-}
-
-// Dimensions d .. d + 3 of the head row at `base` (zero past HEAD_DIM), from q, k or v.
-fn q4(base: u32, d: u32) -> vec4f {
-  var r = vec4f(0.0);
-  for (var c = 0u; c < 4u; c++) {
-    if (d + c < HEAD_DIM) {
-      r[c] = q[base + d + c];
-    }
-  }
-  return r;
-}
-
-fn k4(base: u32, d: u32) -> vec4f {
-  var r = vec4f(0.0);
-  for (var c = 0u; c < 4u; c++) {
-    if (d + c < HEAD_DIM) {
-      r[c] = k[base + d + c];
-    }
-  }
-  return r;
-}
-
-fn v4(base: u32, d: u32) -> vec4f {
-  var r = vec4f(0.0);
-  for (var c = 0u; c < 4u; c++) {
-    if (d + c < HEAD_DIM) {
-      r[c] = v[base + d + c];
-    }
-  }
-  return r;
-}
 
 @compute @workgroup_size(64)
 fn attention_tiled(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: vec3u,

@@ -19,18 +19,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out2: array<f32>;
 
-fn flat_index(wg: vec3u, nwg: vec3u, lid: vec3u) -> u32 {
-  return (wg.y * nwg.x + wg.x) * 64u + lid.x;
-}
-
-// Overflow-free sigmoid (as elementwise.wgsl).
-fn sigmoid(v: f32) -> f32 {
-  if (v >= 0.0) {
-    return 1.0 / (1.0 + exp(-v));
-  }
-  let e = exp(v);
-  return e / (1.0 + e);
-}
+// flat_index and sigmoid: elementwise_common.wgsl.
 
 // The gradients of silu(g) * u from dy: dGate = dy * u * sig * (1 + g * (1 - sig)) and
 // dUp = dy * silu(g).

@@ -1,18 +1,7 @@
 // MoE routing and token dispatch: softmax + top-k per token, gather the rows routed to one
 // expert, and scatter-add the expert output back weighted by the routing weight.
 
-struct RouteParams {
-  rows: u32, // tokens
-  experts: u32,
-  k: u32,
-  normalize: u32, // 1 = divide the chosen weights by their sum + eps
-  eps: f32,
-  logits_off: u32, // logits and routing are bound from aligned offsets; these skip to row 0
-  routing_off: u32,
-}
-
-@group(0) @binding(0) var<uniform> rp: RouteParams;
-@group(0) @binding(1) var<storage, read> logits: array<f32>; // [rows, experts]
+// RouteParams, the logits and their softmax: route.wgsl.
 // [rows, 2k]: k expert ids, then k weights as f32 bits.
 @group(0) @binding(2) var<storage, read_write> routing: array<u32>;
 
@@ -31,15 +20,8 @@ fn route_topk(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: ve
     return;
   }
   let base = rp.logits_off + r * rp.experts;
-  var mx = logits[base];
-  for (var e = 1u; e < rp.experts; e++) {
-    mx = max(mx, logits[base + e]);
-  }
-  var sum = 0.0;
-  for (var e = 0u; e < rp.experts; e++) {
-    sum += exp(logits[base + e] - mx);
-  }
-  let out_base = rp.routing_off + r * 2u * rp.k;
+  let stats = softmax_stats(base);
+  let out_base = rp.out_off + r * 2u * rp.k;
   var prev_p = 2.0; // above any probability: everything comes after it
   var prev_e = 0u;
   var chosen = 0.0;
@@ -47,7 +29,7 @@ fn route_topk(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: ve
     var best_p = -1.0;
     var best_e = 0u;
     for (var e = 0u; e < rp.experts; e++) {
-      let pe = exp(logits[base + e] - mx) / sum;
+      let pe = softmax_prob(base, e, stats);
       if (before(prev_p, prev_e, pe, e) && before(pe, e, best_p, best_e)) {
         best_p = pe;
         best_e = e;
@@ -68,11 +50,12 @@ fn route_topk(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) nwg: ve
 }
 
 // split_compressed: compressed experts' routing on the device (host twin: splitRouting in
-// lib/methods/compressed_experts.ts). Of a token's raw sorted top-k (route_topk with
+// lib/model/compressed_experts.ts). Of a token's raw sorted top-k (route_topk with
 // normalize 0), the first km are its main experts, written as a routing plan_experts
-// reads (weights divided by their sum + eps where the config renormalises); the other
-// k - km are its aux experts, written as the token's row of the dense alphas [rows,
-// experts]: p_i / (sum of the aux p) at each aux expert, zero elsewhere.
+// reads (where the config renormalises, weights divided by eps + the sum over all top-k,
+// or with over_top_k 0 over the main experts); the other k - km are its aux experts,
+// written as the token's row of the dense alphas [rows, experts]: p_i / (sum of the aux
+// p) at each aux expert, zero elsewhere.
 struct SplitParams {
   rows: u32,
   experts: u32,
@@ -80,6 +63,7 @@ struct SplitParams {
   km: u32,
   normalize: u32,
   eps: f32,
+  over_top_k: u32,
 }
 
 @group(0) @binding(0) var<uniform> xp: SplitParams;
@@ -97,15 +81,17 @@ fn split_compressed(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups) n
   let base = r * 2u * xp.k;
   var main_sum = 0.0;
   var aux_sum = 0.0;
+  var top_sum = 0.0;
   for (var j = 0u; j < xp.k; j++) {
     let p = bitcast<f32>(raw_routing[base + xp.k + j]);
+    top_sum += p;
     if (j < xp.km) {
       main_sum += p;
     } else {
       aux_sum += p;
     }
   }
-  let z = select(1.0, main_sum + xp.eps, xp.normalize == 1u);
+  let z = select(1.0, select(main_sum, top_sum, xp.over_top_k == 1u) + xp.eps, xp.normalize == 1u);
   let main_base = r * 2u * xp.km;
   for (var j = 0u; j < xp.km; j++) {
     main_routing[main_base + j] = raw_routing[base + j];

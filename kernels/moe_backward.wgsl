@@ -1,17 +1,6 @@
 // Backward of the MoE routing and token dispatch ops (moe.wgsl).
 
-struct RouteParams {
-  rows: u32, // tokens
-  experts: u32,
-  k: u32,
-  normalize: u32, // 1 = the forward divided the chosen weights by their sum + eps
-  eps: f32,
-  logits_off: u32, // logits and dlogits are bound from aligned offsets; these skip to row 0
-  out_off: u32,
-}
-
-@group(0) @binding(0) var<uniform> rp: RouteParams;
-@group(0) @binding(1) var<storage, read> logits: array<f32>; // [rows, experts]
+// RouteParams, the logits and their softmax: route.wgsl (out_off: d_logits' row 0).
 @group(0) @binding(2) var<storage, read> indices: array<i32>; // [rows, k]
 @group(0) @binding(3) var<storage, read> d_weights: array<f32>; // [rows, k]
 @group(0) @binding(4) var<storage, read_write> d_logits: array<f32>; // [rows, experts]
@@ -27,19 +16,12 @@ fn route_topk_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups
     return;
   }
   let base = rp.logits_off + r * rp.experts;
-  var mx = logits[base];
-  for (var e = 1u; e < rp.experts; e++) {
-    mx = max(mx, logits[base + e]);
-  }
-  var sum = 0.0;
-  for (var e = 0u; e < rp.experts; e++) {
-    sum += exp(logits[base + e] - mx);
-  }
+  let stats = softmax_stats(base);
   let kb = r * rp.k;
   var chosen = 0.0;
   var dot_wp = 0.0;
   for (var j = 0u; j < rp.k; j++) {
-    let pj = exp(logits[base + u32(indices[kb + j])] - mx) / sum;
+    let pj = softmax_prob(base, u32(indices[kb + j]), stats);
     chosen += pj;
     dot_wp += d_weights[kb + j] * pj;
   }
@@ -47,7 +29,7 @@ fn route_topk_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups
   // gradient to the selected probability of slot j
   var pdp = 0.0;
   for (var j = 0u; j < rp.k; j++) {
-    let pj = exp(logits[base + u32(indices[kb + j])] - mx) / sum;
+    let pj = softmax_prob(base, u32(indices[kb + j]), stats);
     var dpj = d_weights[kb + j];
     if (rp.normalize == 1u) {
       dpj = dpj / z - dot_wp / (z * z);
@@ -65,7 +47,7 @@ fn route_topk_backward(@builtin(workgroup_id) wg: vec3u, @builtin(num_workgroups
         dpe += dpj;
       }
     }
-    let pe = exp(logits[base + e] - mx) / sum;
+    let pe = softmax_prob(base, e, stats);
     d_logits[rp.out_off + r * rp.experts + e] = pe * (dpe - pdp);
   }
 }

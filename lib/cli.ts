@@ -65,7 +65,7 @@ export async function createBackend(name: string | undefined): Promise<Backend> 
       return new CpuBackend({ reference: true });
     case "webgpu": {
       // Loaded only when asked for, so CPU runs need no --unstable-webgpu.
-      const { createWebGpuBackend } = await import("./backend/webgpu.ts");
+      const { createWebGpuBackend } = await import("./backend/webgpu/mod.ts");
       return await createWebGpuBackend();
     }
     default:

@@ -1,6 +1,6 @@
-// Zero/few-shot evaluation scored exactly like EleutherAI's lm-evaluation-harness (HFLM,
-// causal): multiple-choice acc / acc_norm with stderr, rolling perplexity, results JSON
-// with the harness's keys. See docs/evaluation.md.
+// Zero/few-shot evaluation scored exactly like EleutherAI's lm-evaluation-harness v0.4.9.1
+// (HFLM, causal): multiple-choice acc / acc_norm with stderr, rolling perplexity, results
+// JSON with the harness's keys. See docs/evaluation.md.
 
 import { parseArgs } from "node:util";
 import { createBackend, UsageError } from "../lib/cli.ts";
@@ -8,6 +8,9 @@ import { TaskDataError } from "../lib/eval/data.ts";
 import {
   buildResults,
   formatTable,
+  HARNESS_VERSION,
+  harnessJson,
+  harnessTokenizerInfo,
   loadTask,
   REPO_ROOT,
   resolveTasks,
@@ -15,7 +18,7 @@ import {
 } from "../lib/eval/evaluator.ts";
 import { ModelLM } from "../lib/eval/lm.ts";
 import { GROUPS, SHIPPED_PERPLEXITY_TASKS, SHIPPED_TASKS, TASKS } from "../lib/eval/tasks.ts";
-import { writeJsonAtomic, writeTextAtomic } from "../lib/io/results.ts";
+import { writeTextAtomic } from "../lib/io/results.ts";
 import { loadTokenizer } from "../lib/io/tokenizer.ts";
 import { Model } from "../lib/model/model.ts";
 
@@ -24,7 +27,7 @@ const DEFAULT_TASKS = [...SHIPPED_TASKS, "sotu_ppl"];
 
 const HELP = `usage: deno run -A --unstable-webgpu scripts/eval_lm_harness.ts [options]
 
-Scores tasks like lm-evaluation-harness (loglikelihood / loglikelihood_rolling requests).
+Scores tasks like lm-evaluation-harness v${HARNESS_VERSION} (loglikelihood / loglikelihood_rolling).
 
   --tasks a,b          tasks or groups (default: ${DEFAULT_TASKS.join(",")})
   --data-dir DIR       where downloaded HF datasets live (default: data/hf); see docs/evaluation.md
@@ -32,7 +35,8 @@ Scores tasks like lm-evaluation-harness (loglikelihood / loglikelihood_rolling r
   --backend cpu|webgpu (default: cpu)
   --batch-size N       sequences per forward (default: 8)
   --max-length N       model input length (default: config max_position_embeddings, as HFLM)
-  --add-bos            encode with BOS like HFLM add_bos_token=True (default: off, as HFLM)
+  --add-bos            encode with BOS like HFLM add_bos_token=True (default: off, as HFLM
+                       v${HARNESS_VERSION}; from v0.4.9.2 the harness follows the tokenizer)
   --limit N            first N docs per task (a fraction < 1 takes that share, like the harness)
   --num-fewshot N      few-shot examples from the task's train/dev split (default: 0)
   --log-samples        also write per-doc samples_<task>_<date>.jsonl next to the results
@@ -111,7 +115,7 @@ async function main(): Promise<void> {
     tasks.push(await loadTask(name, args["data-dir"]!, limit, numFewshot));
   }
 
-  const start = Date.now();
+  const start = Date.now(), startClock = performance.now() / 1000;
   const backend = await createBackend(args.backend!);
   const model = await Model.load(args.model!, backend);
   const tokenizer = await loadTokenizer(args.model!);
@@ -129,7 +133,7 @@ async function main(): Promise<void> {
     },
   });
   const scored = await scoreTasks(lm, tasks, numFewshot);
-  const seconds = (Date.now() - start) / 1000;
+  const endClock = performance.now() / 1000, seconds = endClock - startClock;
 
   const modelArgs = `pretrained=${args.model},backend=${args.backend},max_length=${maxLength},` +
     `add_bos_token=${args["add-bos"]}`;
@@ -145,7 +149,13 @@ async function main(): Promise<void> {
     },
     tasks,
     scored,
-    { gitHash: await gitHash(), startTime: start, seconds },
+    {
+      gitHash: await gitHash(),
+      date: start / 1000,
+      startTime: startClock,
+      endTime: endClock,
+      tokenizer: harnessTokenizerInfo(tokenizer, maxLength),
+    },
   );
   const truncated = Object.values(results.truncated_requests as Record<string, number>).reduce(
     (a, b) => a + b,
@@ -168,13 +178,13 @@ async function main(): Promise<void> {
       await writeTextAtomic(`${dir}samples_${name}_${stamp}.jsonl`, text);
     }
   }
-  await writeJsonAtomic(file, results);
+  await writeTextAtomic(file, harnessJson(results));
 
   console.log(
     `moe-condense (${modelArgs}), limit: ${limit}, num_fewshot: ${numFewshot}, batch_size: ${batchSize}`,
   );
   console.log(formatTable(results));
-  if (Object.keys(results.groups as object).length > 0) {
+  if (results.groups !== undefined) {
     console.log("\n" + formatTable(results, "groups"));
   }
   const st = lm.stats;

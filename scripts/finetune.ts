@@ -51,11 +51,16 @@ Options:
                      ces+main (ces + every expert); all includes ces
   --main-experts K   enable compressed experts (He et al. 2025) with K main experts of
                      the top-k on a checkpoint whose config has none; missing ces start
-                     at ones (= plain top-K). The paper: AdamW, cosine, lr 2e-5 (OLMoE)
+                     at ones (= plain top-K, unless the model renormalises over the
+                     top-k: see --renorm-over). The paper: AdamW, cosine, lr 2e-5 (OLMoE)
+  --renorm-over R    with --main-experts, where the architecture renormalises the top-k
+                     weights: divide the main experts' by the sum over all top-k (top_k,
+                     the compressed-experts release, default) or over the main experts
+                     (main: ces = ones is then exactly plain top-K)
   --lr X             peak learning rate (default 1e-5, the reference's)
   --schedule S       linear, cosine or constant (default linear)
-  --warmup N         linear warmup steps (default 0)
-  --weight-decay X   AdamW decoupled weight decay (default 0)
+  --warmup N         linear warmup steps, from lr 0 as Hugging Face's schedulers (default 0)
+  --weight-decay X   AdamW decoupled weight decay, not on biases, norms and ces (default 0)
   --clip X           clip the global gradient norm to X, 0 = off (default 1.0)
   --batch N          sequences per optimizer step (default 8)
   --micro-batch N    sequences per forward/backward; accumulates gradients (default = batch)
@@ -132,12 +137,22 @@ await runMain(async () => {
     backend: { type: "string" },
     results: { type: "string" },
     "main-experts": { type: "string" },
+    "renorm-over": { type: "string" },
   });
   const mainExperts = v["main-experts"] === undefined
     ? undefined
     : positive("main-experts", v["main-experts"], 1, true);
+  const renormOver = v["renorm-over"] ?? "top_k";
+  if (renormOver !== "top_k" && renormOver !== "main") {
+    throw new UsageError(`--renorm-over must be top_k or main, got "${renormOver}"`);
+  }
+  if (v["renorm-over"] !== undefined && mainExperts === undefined) {
+    throw new UsageError("--renorm-over needs --main-experts");
+  }
   const withCe = (model: Model) => {
-    if (mainExperts !== undefined) enableOnModel(model, mainExperts, "--main-experts");
+    if (mainExperts !== undefined) {
+      enableOnModel(model, mainExperts, "--main-experts", renormOver);
+    }
     return model;
   };
   if (v["eval-only"]) {

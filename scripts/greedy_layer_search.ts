@@ -4,16 +4,21 @@
 
 import { createBackend, parseCli, runMain } from "../lib/cli.ts";
 import {
-  type BosMode,
-  DEFAULT_BATCH_SIZE,
-  DEFAULT_CALIBRATION,
-  DEFAULT_DOCS,
-  DEFAULT_MAX_LEN,
-} from "../lib/methods/calibration.ts";
-import { choiceFlag, DEFAULT_MODEL, intFlag, sizeFlag, UsageError } from "../lib/methods/cli.ts";
+  CALIBRATION_OPTIONS,
+  calibrationFlags,
+  calibrationHelp,
+  choiceFlag,
+  intFlag,
+  lengthFlag,
+  sizeFlag,
+  UsageError,
+} from "../lib/methods/cli.ts";
+import { DEFAULT_MAX_LEN } from "../lib/methods/calibration.ts";
 import { METRICS, parseMetric } from "../lib/methods/divergence.ts";
 import { type Variant, VARIANTS } from "../lib/methods/layer_search.ts";
 import { DEFAULT_CACHE_MEMORY, runSearchJob } from "../lib/methods/search_job.ts";
+
+const CACHE_GIB = DEFAULT_CACHE_MEMORY / 2 ** 30;
 
 const HELP = `Usage: deno task search [options]
        deno run -A scripts/greedy_layer_search.ts [options]
@@ -25,12 +30,16 @@ results/search/<date>-<name>.json; a state file results/search/<name>.state.json
 written after every finished step, and a rerun with the same settings resumes from it.
 
 Options:
-  --model DIR          HF model folder (default ${DEFAULT_MODEL})
-  --data FILE          calibration JSON lines with "text" (default ${DEFAULT_CALIBRATION})
-  --docs N             documents (default ${DEFAULT_DOCS})
-  --max-len N          tokens per document, BOS included (default ${DEFAULT_MAX_LEN})
-  --batch-size N       documents per batch (default ${DEFAULT_BATCH_SIZE})
-  --bos MODE           auto|yes|no (default auto: prepend the config's bos_token_id if any)
+${
+  calibrationHelp(`\
+  --max-len N          tokens per document in the searches, BOS included
+                       (default ${DEFAULT_MAX_LEN})
+  --profile-max-len N  tokens per document in the routing profile, or "full" (default full:
+                       whole documents up to the model's max_position_embeddings, as the
+                       reference profiles them)
+  --profile FILE       routing profile from scripts/profile_routing.ts instead of profiling
+                       (same model folder and --data file, else an error)`)
+}
   --variant LIST       comma list of ${VARIANTS.join(", ")}, or "all" (default all)
                          sr        CD-MoE-SR: shared + first k greedy experts per layer
                          s         CD-MoE-S: shared experts only
@@ -52,9 +61,7 @@ Options:
                        and keep at most --cache-memory of cached activations in memory
   --cache-memory SIZE  cached activations (layer inputs, expert outputs) held in memory
                        before the rest is written to --spill-dir, e.g. 2GiB or 0 (default
-                       ${
-  DEFAULT_CACHE_MEMORY / 2 ** 30
-}GiB with --layerwise, else no limit); results do not change
+                       ${CACHE_GIB}GiB with --layerwise, else no limit); results do not change
   --spill-dir DIR      where spilled activations go (default: the system temp folder)
   --name NAME          results/state name (default: model folder name, "-naive" appended)
   --results DIR        results root (default results)
@@ -67,28 +74,21 @@ Options:
 
 await runMain(async () => {
   const values = parseCli(HELP, {
-    model: { type: "string" },
-    data: { type: "string" },
-    docs: { type: "string" },
-    "max-len": { type: "string" },
-    "batch-size": { type: "string" },
-    bos: { type: "string" },
+    ...CALIBRATION_OPTIONS,
+    "profile-max-len": { type: "string" },
+    profile: { type: "string" },
     variant: { type: "string" },
     experts: { type: "string" },
     layers: { type: "string" },
     metric: { type: "string" },
     "expert-metric": { type: "string" },
     naive: { type: "boolean" },
-    layerwise: { type: "boolean" },
-    name: { type: "string" },
-    results: { type: "string" },
     fresh: { type: "boolean" },
-    quiet: { type: "boolean" },
-    backend: { type: "string" },
     "cache-memory": { type: "string" },
     "spill-dir": { type: "string" },
   });
-  const model = (values.model ?? DEFAULT_MODEL).replace(/\/+$/, "");
+  const { model: modelFlag, data, docs, batchSize, bos } = calibrationFlags(values);
+  const model = modelFlag.replace(/\/+$/, "");
   const variants = (values.variant ?? "all") === "all"
     ? [...VARIANTS]
     : (values.variant ?? "all").split(",").map((v) =>
@@ -110,12 +110,15 @@ await runMain(async () => {
   const naive = !!values.naive;
   await runSearchJob({
     model,
-    data: values.data ?? DEFAULT_CALIBRATION,
+    data,
+    // (in this order: the state file's settings must match a resumed run's)
     name: values.name ?? model.split("/").pop()! + (naive ? "-naive" : ""),
-    docs: intFlag(values.docs, "--docs", DEFAULT_DOCS),
+    docs,
     maxLen: intFlag(values["max-len"], "--max-len", DEFAULT_MAX_LEN, 2),
-    batchSize: intFlag(values["batch-size"], "--batch-size", DEFAULT_BATCH_SIZE),
-    bos: choiceFlag<BosMode>(values.bos, "--bos", ["auto", "yes", "no"], "auto"),
+    profileMaxLen: lengthFlag(values["profile-max-len"], "--profile-max-len", null),
+    profile: values.profile ?? null,
+    batchSize,
+    bos,
     metric: metric.layer,
     expertMetric: metric.expert,
     experts: values.experts === undefined ? null : intFlag(values.experts, "--experts", 0, 0),

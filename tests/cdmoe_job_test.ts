@@ -21,6 +21,8 @@ const tiny: SearchSettings = {
   name: "tiny",
   docs: 2,
   maxLen: 12,
+  profileMaxLen: null,
+  profile: null,
   batchSize: 2,
   bos: "auto",
   metric: "js-hidden",
@@ -43,6 +45,17 @@ Deno.test("search job: results, resume after a kill, condense from the results",
   assert.match(r.model.hash, /^[0-9a-f]{64}$/);
   assert.match(r.data.sha256, /^[0-9a-f]{64}$/);
   assert.strictEqual(r.data.bos.prepended, true);
+  // The profile sees whole documents (up to the model's 512 positions), the searches 12
+  // tokens of each.
+  assert.deepStrictEqual(r.data.profile, {
+    file: null,
+    docs: 2,
+    tokens: 1024,
+    max_len: 512,
+    full_length: true,
+  });
+  assert.strictEqual(r.data.tokens, 24);
+  for (const lp of Object.values(r.profile.layers) as Json[]) assert.strictEqual(lp.tokens, 1024);
   assert.strictEqual(r.layer_search.sr.order.length, 2);
   assert.strictEqual(Object.keys(r.expert_search).length, 5);
   assert(r.layer_search.sr.steps[1].bytes < r.layer_search.sr.steps[0].bytes);
@@ -122,6 +135,42 @@ async function filesUnder(dir: string): Promise<string[]> {
   return found;
 }
 
+Deno.test("search job: a profile from profile_routing.ts, checked against model and data", async () => {
+  const root = await Deno.makeTempDir();
+  const opts = { resultsRoot: root, progress: false, log: () => {} };
+  const file = `${root}/profile.json`;
+  const p = await run(PROFILE, ["--docs", "2", "--batch-size", "2", "--out", file, "--quiet"]);
+  assert.strictEqual(p.code, 0, p.stderr);
+  // The same profile as the search computes itself (full-length documents by default).
+  const own = (await runSearchJob({ ...tiny, variants: ["sr"] }, opts)).results as Json;
+  const given = (await runSearchJob({ ...tiny, variants: ["sr"], name: "pf", profile: file }, opts))
+    .results as Json;
+  assert.deepStrictEqual(given.profile, own.profile);
+  for (const l of Object.keys(own.expert_search)) {
+    assert.deepStrictEqual(given.expert_search[l].steps, own.expert_search[l].steps);
+  }
+  assert.deepStrictEqual(given.data.profile, { ...own.data.profile, file });
+  // A profile of another model or other text is refused, naming the file.
+  const written = JSON.parse(await Deno.readTextFile(file));
+  for (
+    const [key, change, want] of [
+      ["model", { hash: "0".repeat(64) }, /profile\.json: profile of another model .*hash differs/],
+      ["data", { sha256: "0".repeat(64) }, /profile\.json: profile of other calibration text/],
+    ] as const
+  ) {
+    await Deno.writeTextFile(
+      file,
+      JSON.stringify({ ...written, [key]: { ...written[key], ...change } }),
+    );
+    await assert.rejects(
+      () => runSearchJob({ ...tiny, name: `bad-${key}`, profile: file }, opts),
+      want,
+    );
+    await assert.rejects(() => Deno.stat(`${root}/search/bad-${key}.state.json`));
+  }
+  await Deno.remove(root, { recursive: true });
+});
+
 Deno.test("bad inputs: clear error, non-zero exit, no partial output", async () => {
   const root = await Deno.makeTempDir();
   const results = `${root}/results`;
@@ -150,6 +199,8 @@ Deno.test("bad inputs: clear error, non-zero exit, no partial output", async () 
     [SEARCH, ["--layers", "6"], /--layers 6 is larger than the 5 MoE layers/],
     [SEARCH, ["--variant", "sr,foo"], /--variant: unknown value "foo"/],
     [SEARCH, ["--docs", "0"], /--docs: expected an integer >= 1/],
+    [SEARCH, ["--profile-max-len", "1"], /--profile-max-len: expected "full" or an integer >= 2/],
+    [SEARCH, ["--profile", `${root}/none.json`], /none\.json: cannot read/],
     [SEARCH, ["--data", empty], /empty\.jsonl: no documents/],
     [SEARCH, ["--data", malformed], /bad\.jsonl: line 2: malformed JSON/],
     [SEARCH, ["--docs", "65"], /asked for 65 documents but the file has only 64/],

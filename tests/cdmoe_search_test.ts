@@ -32,6 +32,25 @@ function close(a: number, b: number, what: string) {
   assert(Math.abs(a - b) <= 1e-6 * Math.max(1e-3, Math.abs(a)), `${what}: fast ${a} vs naive ${b}`);
 }
 
+/** Every candidate of every step: the same candidates, divergences within 1e-6 relative. */
+function sameCandidates(
+  fast: { candidates: Record<string, number> }[],
+  naive: { candidates: Record<string, number> }[],
+  what: string,
+) {
+  assert.strictEqual(fast.length, naive.length, `${what}: steps`);
+  fast.forEach((st, i) => {
+    const want = naive[i].candidates;
+    assert.deepStrictEqual(Object.keys(st.candidates), Object.keys(want), `${what} step ${i}`);
+    for (const [c, d] of Object.entries(st.candidates)) {
+      assert(
+        Math.abs(d - want[c]) <= 1e-6 * Math.abs(want[c]),
+        `${what} step ${i} candidate ${c}: fast ${d} vs naive ${want[c]}`,
+      );
+    }
+  });
+}
+
 /** Random token batches for fixtures (they ship no tokenizer). */
 function randomBatches(vocab: number, docs: number, seqLen: number, seed: number) {
   let s = seed;
@@ -60,9 +79,7 @@ async function compare(
     const fast = await expertSearchFast(model, cache, l, { k, metric: "js-hidden", avgW });
     const naive = await expertSearchNaive(model, batches, l, { k, metric: "js-hidden", avgW });
     assert.deepStrictEqual(fast.order, naive.order, `layer ${l} expert order`);
-    fast.steps.forEach((st, i) =>
-      close(st.divergence, naive.steps[i].divergence, `layer ${l} step ${i}`)
-    );
+    sameCandidates(fast.steps, naive.steps, `layer ${l} experts`);
     lists[l] = fast;
   }
   // The naive reference comes from a plain forward; the fast one from the layer cache.
@@ -111,6 +128,7 @@ async function compare(
     );
     assert.deepStrictEqual(fast.map((s) => s.layer), naive.map((s) => s.layer), `${variant} order`);
     fast.forEach((st, i) => close(st.divergence, naive[i].divergence, `${variant} step ${i}`));
+    sameCandidates(fast, naive, `${variant} layers`);
     orders[variant] = fast.map((s) => s.layer);
   }
   return orders;
@@ -130,11 +148,24 @@ Deno.test("fast and naive CD-MoE search agree: default model (calibration text)"
   model.close();
 });
 
+Deno.test("fast and naive CD-MoE search agree: deepseek-a (shared experts), k = top-k", async () => {
+  // Every layer's every candidate, the last decoder layer (compared after the final norm,
+  // as HF's hidden_states[L]) included.
+  const model = await Model.load(`${FIXTURE_ROOT}deepseek-a`, new CpuBackend());
+  const moe = moeLayers(model.spec);
+  assert.strictEqual(moe.at(-1), model.spec.numLayers - 1);
+  const k = (model.spec.layers[moe[0]].mlp as { topK: number }).topK;
+  assert.strictEqual(k, 4);
+  await compare(model, randomBatches(model.spec.vocab, 3, 10, 11), k, ["sr"]);
+  model.close();
+});
+
 for (
   const [fixture, variants, metric] of [
     ["qwen2_moe-a", ["sr", "s"], "js-hidden"],
     ["mixtral-bf16", ["sr", "layerdrop"], "kl-logits"],
     ["olmoe-a", ["s"], "loss"],
+    ["qwen3_moe-a", ["sr", "blockdrop"], "js-hidden"],
   ] as const
 ) {
   Deno.test(`fast and naive CD-MoE search agree: ${fixture} (${metric})`, async () => {

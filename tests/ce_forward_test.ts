@@ -8,9 +8,9 @@ import { readJson } from "../lib/io/checkpoint.ts";
 import { type RawTensor, writeSafetensors } from "../lib/io/safetensors.ts";
 import { cesName, ConfigError, type MlpSpec, parseModelConfig } from "../lib/model/config.ts";
 import { forward } from "../lib/model/decoder.ts";
-import { Model } from "../lib/model/model.ts";
+import { cesShape, Model } from "../lib/model/model.ts";
 import { writeSyntheticDeepseek } from "../lib/model/synthetic.ts";
-import { cesShape, enableOnModel } from "../lib/methods/compressed_experts.ts";
+import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 import { ceVersusReference, INPUT, loadCe, relMaxDiff, SHAPE, uniform } from "./ce_util.ts";
 import { DEFAULT_MODEL, FIXTURE_ROOT, FIXTURES } from "./golden.ts";
 
@@ -27,9 +27,9 @@ async function topK(dir: string): Promise<number> {
 
 for (const dir of MODELS) {
   const name = dir.split("/").filter(Boolean).pop();
-  Deno.test(`ce: ces = ones equals plain top-k_m routing: ${name}`, async () => {
+  Deno.test(`ce: ces = ones with renorm_over "main" equals plain top-k_m routing: ${name}`, async () => {
     const k = await topK(dir), km = Math.max(1, k >> 1);
-    const ce = await loadCe(dir, cpu, km);
+    const ce = await loadCe(dir, cpu, km, undefined, "main");
     const plain = await Model.load(dir, cpu);
     for (const layer of plain.spec.layers) if (layer.mlp.kind === "moe") layer.mlp.topK = km;
     const a = await forward(ce, INPUT, SHAPE), b = await forward(plain, INPUT, SHAPE);
@@ -106,6 +106,36 @@ function cesTensors(m: Model, seed: number, wrongShape = false): RawTensor[] {
   return out;
 }
 
+// Where the architecture renormalises (norm_topk_prob, Mixtral), the release divides the
+// main experts' weights by the sum over all top-k; renorm_over "main" by the main ones.
+// Each against the per-token reference; the two must differ, or this would test nothing.
+const RENORMALISING = [
+  ["olmoe-a", { norm_topk_prob: true }],
+  ["deepseek-a", { norm_topk_prob: true }], // eps 1e-20, and top-1 never renormalises
+  ["mixtral-a", {}],
+] as const;
+for (const [fixture, changes] of RENORMALISING) {
+  Deno.test(`ce: renormalised main weights over the top-k (default) or the main experts: ${fixture}`, async () => {
+    const dir = await fixtureCopy(`${FIXTURE_ROOT}${fixture}`, changes, () => []);
+    const k = await topK(dir);
+    for (let km = 1; km < k; km++) {
+      const logits: Float32Array[] = [];
+      for (const over of [undefined, "top_k", "main"] as const) {
+        const model = await loadCe(dir, cpu, km, 40 + km, over);
+        assert.equal((model.spec.layers.at(-1)!.mlp as Moe).renormOver, over ?? "top_k");
+        const err = await ceVersusReference(model);
+        assert(err < 1e-5, `${fixture} k_m=${km} ${over}: ${err}`);
+        logits.push((await forward(model, INPUT, SHAPE)).logits);
+        model.close();
+      }
+      assert.equal(relMaxDiff(logits[0], logits[1]), 0, "the default is top_k");
+      const apart = relMaxDiff(logits[1], logits[2]);
+      assert(apart > 1e-3, `${fixture} k_m=${km}: top_k and main differ by ${apart} only`);
+    }
+    await Deno.remove(dir, { recursive: true });
+  });
+}
+
 Deno.test("ce: ces and compressed_experts read from a checkpoint", async () => {
   const src = `${FIXTURE_ROOT}olmoe-a`;
   const dir = await fixtureCopy(
@@ -149,15 +179,39 @@ Deno.test("ce: bad main_experts and dense models are config errors", async () =>
       `main_experts ${bad}`,
     );
   }
-  // DeepSeek top-1 never renormalises, so neither do CE main weights with k_m = 1
+  // renorm_over: "top_k" (the release) unless the config says "main"
+  for (const [section, want] of [[{}, "top_k"], [{ renorm_over: "main" }, "main"]] as const) {
+    const spec = parseModelConfig({ ...raw, compressed_experts: { main_experts: 2, ...section } });
+    assert.equal((spec.layers[0].mlp as Moe).renormOver, want);
+  }
+  for (const bad of ["all", "", 1]) {
+    assert.throws(
+      () =>
+        parseModelConfig(
+          { ...raw, compressed_experts: { main_experts: 2, renorm_over: bad } },
+          "x/config.json",
+        ),
+      (e: Error) =>
+        e instanceof ConfigError && e.message.includes("compressed_experts.renorm_over"),
+      `renorm_over ${bad}`,
+    );
+  }
+  // DeepSeek top-1 never renormalises, so with renorm_over "main" neither do CE main
+  // weights with k_m = 1; over the top-k (k > 1) they are renormalised.
   const dsRaw = await readJson(`${FIXTURE_ROOT}deepseek-a/config.json`);
-  for (const [km, normalize] of [[1, false], [2, true]] as const) {
+  for (
+    const [km, over, normalize] of [[1, "main", false], [2, "main", true], [
+      1,
+      "top_k",
+      true,
+    ]] as const
+  ) {
     const spec = parseModelConfig({
       ...dsRaw,
       norm_topk_prob: true,
-      compressed_experts: { main_experts: km },
+      compressed_experts: { main_experts: km, renorm_over: over },
     });
-    assert.equal((spec.layers[1].mlp as Moe).renorm.normalize, normalize, `k_m=${km}`);
+    assert.equal((spec.layers[1].mlp as Moe).renorm.normalize, normalize, `k_m=${km} ${over}`);
   }
   const ok = parseModelConfig({ ...raw, compressed_experts: { main_experts: 3 } });
   assert.equal((ok.layers[0].mlp as Moe).mainExperts, 3);

@@ -60,6 +60,18 @@ Deno.test("ce: active parameters reproduce the paper's OLMoE-1B-7B figure", () =
   assert.equal(Math.round(full.active / 1e7) / 100, 1.28);
   // Paper: 0.878B, -31.4%. Ours: 4 full experts + 4 * 3 * 2048 per layer.
   assert(Math.abs(ce.active / 1e9 - 0.878) < 0.002, `CE active ${ce.active}`);
+  // The CE term itself (393,216 here, a fifth of the tolerance above), exactly: plain
+  // top-k_m plus 3 * 2048 for each of the k - k_m aux experts, in each of the 16 layers.
+  for (const km of [4, 2, 7]) {
+    const withCe = countParams(
+      shapesOnly(parseModelConfig({ ...OLMOE_1B_7B, compressed_experts: { main_experts: km } })),
+    );
+    const plain = countParams(
+      shapesOnly(parseModelConfig({ ...OLMOE_1B_7B, num_experts_per_tok: km })),
+    );
+    assert.equal(withCe.active - plain.active, 16 * (8 - km) * 3 * 2048, `k_m=${km}`);
+  }
+  assert.equal(ce.active, 879_757_312);
   assert.equal(Math.round((1 - ce.active / full.active) * 1000) / 10, 31.4);
   // Stored: all 64 experts plus 64 * 3 * 2048 scaling entries per layer.
   assert.equal(ce.total, full.total + 16 * 64 * 3 * 2048);

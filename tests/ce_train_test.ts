@@ -6,7 +6,7 @@
 import assert from "node:assert";
 import type { Tensor } from "../lib/backend/backend.ts";
 import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
-import { cesName, type MlpSpec } from "../lib/model/config.ts";
+import { cesName, type MlpSpec, type RenormOver } from "../lib/model/config.ts";
 import { forward } from "../lib/model/decoder.ts";
 import { Model } from "../lib/model/model.ts";
 import { lossAndGrad } from "../lib/train/backward.ts";
@@ -21,8 +21,10 @@ import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 import { loadCe, relMaxDiff } from "./ce_util.ts";
 import {
   decoderLoss,
-  fdWithoutRoutingFlip,
+  finiteDifference,
   groupedVersusOneByOne,
+  pinnedLoss,
+  pinTopK,
   trainingBatch,
   zeroGrads,
 } from "./train_fd.ts";
@@ -37,6 +39,7 @@ async function checkCe(
   names: string[],
   recompute: boolean,
   normalize = false,
+  renormOver?: RenormOver,
 ) {
   // The plain loops, which sum in f64: finite differences divide the loss's f32 noise by
   // 2h, and on the BLAS path (8-row batches run as sgemv since it is faster for them) that
@@ -44,14 +47,18 @@ async function checkCe(
   // there, 3.3e-3 here). The BLAS ops are checked against these loops and against finite
   // differences one by one (cpu_blas_test.ts, train_ops_test.ts).
   const be = new CpuBackend({ reference: true });
-  const model = await loadCe(`${FIXTURE_ROOT}${fixture}`, be, km, 900);
-  // norm_topk_prob=true on OLMoE: w_m = p_m / sum of main p (the renormalised path)
-  if (normalize) { for (const l of model.spec.layers) (l.mlp as Moe).renorm.normalize = true; }
+  const model = await loadCe(`${FIXTURE_ROOT}${fixture}`, be, km, 900, renormOver);
+  // norm_topk_prob=true: w_m = p_m / (sum of the top-k or of the main experts' p)
+  if (normalize) {
+    for (const l of model.spec.layers) if (l.mlp.kind === "moe") l.mlp.renorm.normalize = true;
+  }
   for (const n of names) model.makeTrainable(n);
   const batch = trainingBatch(model.spec.vocab), { ids, targets } = batch;
   const grads = await zeroGrads(model, names);
   const { loss } = await lossAndGrad(model, ids, targets, SHAPE, grads, { recompute });
+  const pins = pinTopK(be);
   const base = await decoderLoss(model, ids, targets, SHAPE);
+  pins.pin();
   assert(Math.abs(loss - base.loss) < 1e-5, `training loss ${loss} != decoder ${base.loss}`);
   let worst = 0;
   for (const n of names) {
@@ -59,14 +66,10 @@ async function checkCe(
     const g = await be.read(grads.get(n) as Tensor);
     const order = Array.from(g.keys()).sort((a, b) => Math.abs(g[b]) - Math.abs(g[a]));
     const entries = [...order.slice(0, 8), order[Math.floor(order.length / 2)], 0];
-    const fd = new Map<number, number>();
-    for (const i of entries) {
-      // ces entries are O(1) (weights ~0.02): a larger step keeps f32 loss noise small
-      const steps = n.endsWith(".ces") ? [5e-2, 1e-2, 2.5e-3] : [1e-2, 2.5e-3, 6e-4];
-      const f = await fdWithoutRoutingFlip(model, batch, base.routing, data, i, steps);
-      if (f !== undefined) fd.set(i, f);
-    }
-    assert(fd.size >= 2, `${n}: only ${fd.size} entries without a routing flip`);
+    // ces entries are O(1) (weights ~0.02): a larger step keeps f32 loss noise small. The
+    // top-k choices are pinned (pinTopK), so no entry is lost to a routing flip.
+    const h = n.endsWith(".ces") ? 5e-2 : 1e-2;
+    const fd = await finiteDifference(data, () => pinnedLoss(model, batch, pins), h, entries);
     let gmax = 0;
     for (const v of g) gmax = Math.max(gmax, Math.abs(v));
     assert(gmax > 0, `${n}: zero gradient`);
@@ -78,6 +81,7 @@ async function checkCe(
     }
     assert(err < 1e-2, `${fixture} ${n}: FD error ${err}`);
   }
+  pins.unpin();
   model.close();
   console.log(
     `  ${fixture} k_m=${km}${recompute ? " (recompute)" : ""}: max FD error ${
@@ -119,6 +123,19 @@ Deno.test("ce train: deepseek-a (shared experts, k_m=1) grads vs FD", async () =
     "model.layers.1.mlp.experts.0.down_proj.weight",
   ], false);
 });
+// norm_topk_prob is true in qwen3_moe-a (as in the released Qwen3-MoE models): the main
+// weight is renormalised over the main experts. Top-2 with k_m=1 makes it and the one aux
+// alpha exactly 1, so the router has no gradient there (its path is checked above); a
+// q/k norm and a projection lie below the MoE blocks.
+Deno.test("ce train: qwen3_moe-a (renormalised, no shared expert, k_m=1) grads vs FD", async () => {
+  await checkCe("qwen3_moe-a", 1, [
+    "model.layers.1.mlp.ces",
+    "model.layers.3.mlp.ces",
+    "model.layers.2.mlp.experts.4.up_proj.weight",
+    "model.layers.1.self_attn.k_norm.weight",
+    "model.layers.2.self_attn.q_proj.weight",
+  ], true);
+});
 // (its router gradient is ~5e-4, where FD of the f32 loss is too noisy to judge; the
 // router path is checked on olmoe-a and deepseek-a)
 Deno.test("ce train: qwen2_moe-a (gated shared) grads vs FD", async () => {
@@ -135,11 +152,25 @@ Deno.test("ce train: mixtral-a grads vs FD", async () => {
     "model.layers.0.block_sparse_moe.experts.2.w1.weight",
   ], false);
 });
-Deno.test("ce train: olmoe-a with renormalised main weights grads vs FD", async () => {
+for (const over of ["top_k", "main"] as const) {
+  Deno.test(`ce train: olmoe-a with main weights renormalised over ${over}: grads vs FD`, async () => {
+    await checkCe(
+      "olmoe-a",
+      2,
+      ["model.layers.1.mlp.ces", "model.layers.1.mlp.gate.weight"],
+      false,
+      true,
+      over,
+    );
+  });
+}
+// k_m = 1 of top-4 renormalised over the top-k (DeepSeek's eps 1e-20): the router gets
+// gradient through the one main weight's divisor, aux experts included.
+Deno.test("ce train: deepseek-a k_m=1 renormalised over the top-k: grads vs FD", async () => {
   await checkCe(
-    "olmoe-a",
-    2,
-    ["model.layers.1.mlp.ces", "model.layers.1.mlp.gate.weight"],
+    "deepseek-a",
+    1,
+    ["model.layers.2.mlp.ces", "model.layers.2.mlp.gate.weight"],
     false,
     true,
   );
@@ -234,6 +265,13 @@ Deno.test("ce train: finetune --main-experts 2 --trainable ces writes a CE check
   assert.deepEqual(ces.shape, [16, 3, 256]);
   assert.equal(ces.dtype, "F32");
   model.close();
+  const config = JSON.parse(await Deno.readTextFile(`${tmp}/ce/config.json`));
+  assert.deepEqual(config.compressed_experts, { main_experts: 2, renorm_over: "top_k" });
+  const badRenorm = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", script, "--main-experts", "2", "--renorm-over", "all", "--out", `${tmp}/y`],
+  }).output();
+  assert.notEqual(badRenorm.code, 0);
+  assert.match(new TextDecoder().decode(badRenorm.stderr), /--renorm-over must be top_k or main/);
   const bad = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", script, "--main-experts", "4", "--trainable", "ces", "--out", `${tmp}/x`],
   }).output();

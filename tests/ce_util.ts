@@ -10,13 +10,14 @@ import {
   cesWidth,
   expertName,
   type MlpSpec,
+  type RenormOver,
   routerName,
   sharedGateName,
   sharedName,
 } from "../lib/model/config.ts";
 import { forward } from "../lib/model/decoder.ts";
-import { Model } from "../lib/model/model.ts";
-import { cesShape, enableOnModel } from "../lib/methods/compressed_experts.ts";
+import { cesShape, Model } from "../lib/model/model.ts";
+import { enableOnModel } from "../lib/methods/compressed_experts.ts";
 
 type Moe = Extract<MlpSpec, { kind: "moe" }>;
 
@@ -34,15 +35,19 @@ export function uniform(n: number, seed: number, lo: number, hi: number): Float3
   return out;
 }
 
-/** Load `dir` with compressed experts (k_m main) and, with a seed, random ces in [0.5, 1.5). */
+/**
+ * Load `dir` with compressed experts (k_m main, main weights renormalised over
+ * `renormOver`: the default's when not given) and, with a seed, random ces in [0.5, 1.5).
+ */
 export async function loadCe(
   dir: string,
   backend: Backend,
   mainExperts: number,
   seed?: number,
+  renormOver?: RenormOver,
 ): Promise<Model> {
   const model = await Model.load(dir, backend);
-  enableOnModel(model, mainExperts, "test");
+  enableOnModel(model, mainExperts, "test", renormOver);
   if (seed !== undefined) {
     model.spec.layers.forEach((layer, l) => {
       if (layer.mlp.kind !== "moe") return;
@@ -100,7 +105,9 @@ export async function referenceCeBlock(
     const p = ps.map((v) => v / z);
     const top = topKIndices(p, k), main = top.slice(0, km), aux = top.slice(km);
     const auxSum = aux.reduce((a, i) => a + p[i], 0);
-    const mainSum = main.reduce((a, i) => a + p[i], 0);
+    // The release renormalises the top-k weights, then drops the aux experts' mass;
+    // "main" renormalises over the main experts only (plain top-k_m's weights).
+    const renormSum = (mlp.renormOver === "main" ? main : top).reduce((a, i) => a + p[i], 0);
     const theta = [new Float32Array(H), new Float32Array(W), new Float32Array(H)];
     for (const i of aux) {
       const alpha = p[i] / auxSum;
@@ -109,7 +116,7 @@ export async function referenceCeBlock(
       for (let c = 0; c < H; c++) theta[2][c] += alpha * ces[(i * 3 + 2) * d + c];
     }
     for (const e of main) {
-      const wm = mlp.renorm.normalize ? p[e] / (mainSum + mlp.renorm.eps) : p[e];
+      const wm = mlp.renorm.normalize ? p[e] / (renormSum + mlp.renorm.eps) : p[e];
       const g = matvec(await ex(e, "gate"), x.map((v, c) => v * theta[0][c]), W);
       const u = matvec(await ex(e, "up"), x.map((v, c) => v * theta[2][c]), W);
       const a = g.map((gv, c) => silu(gv) * u[c] * theta[1][c]);

@@ -5,7 +5,7 @@
 import assert from "node:assert";
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import type { Backend, TrainingBackend } from "../lib/backend/backend.ts";
-import type { WebGpuBackend } from "../lib/backend/webgpu.ts";
+import type { WebGpuBackend } from "../lib/backend/webgpu/mod.ts";
 import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
 import {
   type BatchShape,
@@ -83,40 +83,65 @@ for (const dir of MODELS) {
   });
 }
 
-Deno.test({
-  name: "ce webgpu: CE training gradients (ces, router, expert) match the CPU",
-  ignore,
-  async fn() {
-    const names = [
+// olmoe-a: layer 1's main experts one by one (one is trainable), layer 0's grouped from
+// the stacks; deepseek-a k_m = 1 with its main weight renormalised over the top-k (the
+// release's rule under norm_topk_prob) and shared experts.
+const CE_GRADIENTS = [
+  {
+    fixture: "olmoe-a",
+    km: 2,
+    normalize: false,
+    names: [
       "model.layers.1.mlp.ces",
       "model.layers.0.mlp.ces",
       "model.layers.1.mlp.gate.weight",
       "model.layers.1.mlp.experts.3.up_proj.weight",
-    ];
-    const grads = async (be: TrainingBackend) => {
-      const model = await loadCe(`${FIXTURE_ROOT}olmoe-a`, be, 2, 900);
-      for (const n of names) model.makeTrainable(n);
-      const g: Grads = new Map();
-      for (const n of names) {
-        const w = await model.weight(n);
-        g.set(n, be.tensor(new Float32Array(w.shape.reduce((a, b) => a * b, 1)), w.shape));
-      }
-      const targets = Int32Array.from(INPUT, (_, i) => (i % 7 === 6 ? -100 : INPUT[i + 1]));
-      const { loss } = await lossAndGrad(model, INPUT, targets, SHAPE, g);
-      const out = new Map<string, Float32Array>();
-      for (const n of names) out.set(n, (await be.read(g.get(n)!)).slice());
-      model.close();
-      return { loss, out };
-    };
-    const c = await grads(cpu), w = await grads(gpu! as unknown as TrainingBackend);
-    assert(Math.abs(c.loss - w.loss) < 1e-5, `loss ${w.loss} vs ${c.loss}`);
-    for (const n of names) {
-      const err = relMaxDiff(w.out.get(n)!, c.out.get(n)!);
-      console.log(`  ${n}: rel max diff ${err.toExponential(2)}`);
-      assert(err < 1e-4, `${n}: ${err}`);
-    }
+    ],
   },
-});
+  {
+    fixture: "deepseek-a",
+    km: 1,
+    normalize: true,
+    names: [
+      "model.layers.2.mlp.ces",
+      "model.layers.3.mlp.gate.weight",
+      "model.layers.2.mlp.shared_experts.down_proj.weight",
+    ],
+  },
+];
+for (const { fixture, km, normalize, names } of CE_GRADIENTS) {
+  Deno.test({
+    name: `ce webgpu: CE training gradients (ces, router, experts) match the CPU: ${fixture}`,
+    ignore,
+    async fn() {
+      const grads = async (be: TrainingBackend) => {
+        const model = await loadCe(`${FIXTURE_ROOT}${fixture}`, be, km, 900);
+        for (const l of model.spec.layers) {
+          if (l.mlp.kind === "moe") l.mlp.renorm.normalize ||= normalize;
+        }
+        for (const n of names) model.makeTrainable(n);
+        const g: Grads = new Map();
+        for (const n of names) {
+          const w = await model.weight(n);
+          g.set(n, be.tensor(new Float32Array(w.shape.reduce((a, b) => a * b, 1)), w.shape));
+        }
+        const targets = Int32Array.from(INPUT, (_, i) => (i % 7 === 6 ? -100 : INPUT[i + 1]));
+        const { loss } = await lossAndGrad(model, INPUT, targets, SHAPE, g);
+        const out = new Map<string, Float32Array>();
+        for (const n of names) out.set(n, (await be.read(g.get(n)!)).slice());
+        model.close();
+        return { loss, out };
+      };
+      const c = await grads(cpu), w = await grads(gpu! as unknown as TrainingBackend);
+      assert(Math.abs(c.loss - w.loss) < 1e-5, `loss ${w.loss} vs ${c.loss}`);
+      for (const n of names) {
+        const err = relMaxDiff(w.out.get(n)!, c.out.get(n)!);
+        console.log(`  ${n}: rel max diff ${err.toExponential(2)}`);
+        assert(err < 1e-5, `${n}: ${err}`);
+      }
+    },
+  });
+}
 
 /**
  * The forward of `model` on the host path (an observer of the routing makes every layer
@@ -150,21 +175,24 @@ Deno.test({
   async fn() {
     // k_m of top-k: 2 of 4, and renormalised (norm_topk_prob=true on OLMoE), 1 of 2
     // (Mixtral renormalises), 1 of 4 (three aux experts)
+    // (renormalised: over the top-k, the release's rule, or over the main experts)
     const cases = [
-      ["olmoe-a", 2, false],
-      ["olmoe-a", 2, true],
-      ["mixtral-a", 1, false],
-      ["deepseek-a", 1, false],
+      ["olmoe-a", 2, false, "top_k"],
+      ["olmoe-a", 2, true, "top_k"],
+      ["olmoe-a", 2, true, "main"],
+      ["mixtral-a", 1, false, "top_k"],
+      ["mixtral-a", 1, false, "main"],
+      ["deepseek-a", 1, false, "top_k"],
     ] as const;
-    for (const [fixture, km, renormalise] of cases) {
+    for (const [fixture, km, renormalise, over] of cases) {
       for (const be of [gpu!, chunked!]) {
-        const model = await loadCe(`${FIXTURE_ROOT}${fixture}`, be, km, 500);
+        const model = await loadCe(`${FIXTURE_ROOT}${fixture}`, be, km, 500, over);
         for (const layer of model.spec.layers) {
           if (renormalise && layer.mlp.kind === "moe") layer.mlp.renorm.normalize = true;
         }
         const { device, host, err } = await deviceVersusHost(model, be, INPUT, SHAPE);
         console.log(
-          `  ${fixture} k_m ${km}${renormalise ? " renormalised" : ""} ` +
+          `  ${fixture} k_m ${km}${renormalise ? " renormalised" : ""} over ${over} ` +
             `${be === gpu ? "plain" : "chunked"}: ${device} vs ${host} submits, ` +
             `rel max diff ${err.toExponential(2)}`,
         );

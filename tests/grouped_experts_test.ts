@@ -14,7 +14,7 @@ import {
   type WeightDType,
 } from "../lib/backend/backend.ts";
 import { CpuBackend, type CpuWeight } from "../lib/backend/cpu.ts";
-import { WebGpuBackend } from "../lib/backend/webgpu.ts";
+import { WebGpuBackend } from "../lib/backend/webgpu/mod.ts";
 import { toFloat32 } from "../lib/io/safetensors.ts";
 import { expertName, mlpNames, sharedName } from "../lib/model/config.ts";
 import { Model } from "../lib/model/model.ts";

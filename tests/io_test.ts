@@ -261,7 +261,7 @@ Deno.test("config errors: unsupported model_type, missing or malformed fields", 
   };
   bad(
     (c) => (c.model_type = "llama"),
-    /unsupported model_type "llama" \(supported: deepseek, qwen2_moe, olmoe, mixtral\)/,
+    /unsupported model_type "llama" \(supported: deepseek, qwen2_moe, qwen3_moe, olmoe, mixtral\)/,
   );
   bad((c) => delete c.model_type, /missing "model_type"/);
   bad((c) => (c.hidden_size = "64"), /"hidden_size" must be an integer/);
@@ -338,6 +338,7 @@ Deno.test("architecture data: MoE layer placement and renormalisation per model 
     clip_qkv: 1.5,
   });
   assert.equal(olmoe.qkNorm, true);
+  assert.equal(olmoe.qkNormPerHead, false);
   assert.equal(olmoe.clipQkv, 1.5);
   assert.equal(olmoe.eps, 1e-5);
 });
@@ -429,4 +430,105 @@ Deno.test("sharded checkpoint bad inputs name the index or the shard", async () 
     openCheckpoint(dir),
     /index\.json: tensor "model\.embed_tokens\.weight" is in both model-00001-of-00003\.safetensors and model-00003-of-00003\.safetensors/,
   );
+});
+
+Deno.test("architecture data: qwen3_moe keys and Qwen3MoeConfig's class defaults", () => {
+  // Nothing but the type: every key from the class (transformers v4.51-v4.57).
+  const bare = parseModelConfig({ model_type: "qwen3_moe" });
+  assert.deepEqual(
+    [bare.vocab, bare.hidden, bare.numLayers, bare.heads, bare.kvHeads, bare.headDim],
+    [151936, 2048, 24, 32, 4, 64], // head_dim absent: hidden / heads
+  );
+  assert.deepEqual(
+    [bare.ropeTheta, bare.ropeLinearFactor, bare.eps, bare.maxPositions, bare.tieEmbeddings],
+    [10000, 1, 1e-6, 32768, false],
+  );
+  assert.deepEqual(
+    [bare.qkNorm, bare.qkNormPerHead, bare.qkvBias, bare.oBias, bare.clipQkv],
+    [true, true, false, false, null],
+  );
+  assert.deepEqual([bare.bosTokenId, bare.eosTokenId, bare.padTokenId], [null, null, null]);
+  assert.deepEqual(bare.names.shared, null);
+  for (const layer of bare.layers) {
+    assert.equal(layer.window, null); // sliding_window 4096 is off without use_sliding_window
+    assert.deepEqual(layer.mlp, {
+      kind: "moe",
+      experts: 128,
+      topK: 8,
+      expertWidth: 768,
+      renorm: { normalize: false, eps: 0 },
+      sharedWidth: 0,
+      sharedGate: false,
+    });
+  }
+  // A released model's keys: head_dim from the config, renormalised top-k, dense layers by
+  // mlp_only_layers and decoder_sparse_step, biases, the window on every layer.
+  const qwen3 = parseModelConfig({
+    model_type: "qwen3_moe",
+    hidden_size: 16,
+    num_attention_heads: 4,
+    num_key_value_heads: 2,
+    head_dim: 8,
+    num_hidden_layers: 5,
+    intermediate_size: 24,
+    num_experts: 6,
+    num_experts_per_tok: 2,
+    moe_intermediate_size: 4,
+    norm_topk_prob: true,
+    decoder_sparse_step: 2,
+    mlp_only_layers: [3],
+    attention_bias: true,
+    use_sliding_window: true,
+    sliding_window: 7,
+    max_window_layers: 2,
+    rope_theta: 1e6,
+    eos_token_id: [5, 6],
+  });
+  assert.equal(qwen3.headDim, 8);
+  assert.deepEqual(qwen3.layers.map((l) => l.mlp.kind), [
+    "dense",
+    "moe",
+    "dense",
+    "dense",
+    "dense",
+  ]);
+  assert.deepEqual(qwen3.layers[0].mlp, { kind: "dense", width: 24 });
+  assert.deepEqual((qwen3.layers[1].mlp as { renorm: unknown }).renorm, {
+    normalize: true,
+    eps: 0,
+  });
+  assert.deepEqual(qwen3.layers.map((l) => l.window), [7, 7, 7, 7, 7]);
+  assert.deepEqual([qwen3.qkvBias, qwen3.oBias, qwen3.ropeTheta, qwen3.eosTokenId], [
+    true,
+    true,
+    1e6,
+    5,
+  ]);
+  assert.equal(
+    parseModelConfig({ model_type: "qwen3_moe", num_experts: 0 }).layers[0].mlp.kind,
+    "dense",
+  );
+  // rope: "default" is no scaling, linear divides positions, transformers v5's
+  // rope_parameters carries the theta; anything else is refused by name.
+  const rope = (extra: Record<string, unknown>) =>
+    parseModelConfig({ model_type: "qwen3_moe", ...extra }, "q3/config.json");
+  assert.equal(rope({ rope_scaling: { rope_type: "default" } }).ropeLinearFactor, 1);
+  assert.equal(rope({ rope_scaling: { rope_type: "linear", factor: 4 } }).ropeLinearFactor, 4);
+  const v5 = rope({ rope_parameters: { rope_type: "default", rope_theta: 1e6 } });
+  assert.deepEqual([v5.ropeTheta, v5.ropeLinearFactor], [1e6, 1]);
+  assert.equal(rope({ rope_parameters: { rope_theta: 5e5 } }).ropeTheta, 5e5);
+  const v5linear = rope({ rope_parameters: { rope_type: "linear", rope_theta: 1e6, factor: 2 } });
+  assert.deepEqual([v5linear.ropeTheta, v5linear.ropeLinearFactor], [1e6, 2]);
+  assert.throws(
+    () =>
+      rope({
+        rope_scaling: { rope_type: "yarn", factor: 4, original_max_position_embeddings: 32768 },
+      }),
+    /^ConfigError: q3\/config\.json: rope_scaling .*"yarn".* is not supported/,
+  );
+  assert.throws(
+    () => rope({ rope_parameters: { rope_type: "yarn", rope_theta: 1e6, factor: 4 } }),
+    /q3\/config\.json: rope_scaling .*"yarn".* is not supported/,
+  );
+  assert.throws(() => rope({ head_dim: 7 }), /head dimension 7 \(head_dim\) must be an even/);
 });

@@ -4,7 +4,15 @@
 import assert from "node:assert";
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import { Model } from "../lib/model/model.ts";
-import { learningRate, shuffledOrder } from "../lib/train/trainer.ts";
+import { enableOnModel } from "../lib/methods/compressed_experts.ts";
+import {
+  ADAMW_DEFAULTS,
+  decays,
+  learningRate,
+  Optimizer,
+  type Schedule,
+  shuffledOrder,
+} from "../lib/train/trainer.ts";
 
 const SCRIPT = new URL("../scripts/finetune.ts", import.meta.url).pathname;
 const SMALL = [
@@ -99,14 +107,102 @@ Deno.test("finetune: killed and rerun equals one uninterrupted run; a foreign st
   await Deno.remove(dir, { recursive: true });
 });
 
+// Hugging Face's lr_lambda(current_step) for update current_step = 0, 1, ... (LambdaLR
+// applies lambda(0) to the first update; the scheduler steps after each optimizer step).
+const HF_SCHEDULES = {
+  linear: (i: number, total: number, warmup: number) =>
+    i < warmup ? i / Math.max(1, warmup) : Math.max(0, (total - i) / Math.max(1, total - warmup)),
+  cosine: (i: number, total: number, warmup: number) =>
+    i < warmup
+      ? i / Math.max(1, warmup)
+      : Math.max(0, 0.5 * (1 + Math.cos(Math.PI * (i - warmup) / Math.max(1, total - warmup)))),
+  constant: (i: number, _total: number, warmup: number) => i < warmup ? i / Math.max(1, warmup) : 1,
+};
+
 Deno.test("train schedules and data order", () => {
   assert.strictEqual(learningRate(1, 4, 1, "linear"), 1);
   assert.strictEqual(learningRate(3, 4, 1, "linear"), 0.5);
   assert(Math.abs(learningRate(3, 4, 1, "cosine") - 0.5) < 1e-12);
-  assert.strictEqual(learningRate(2, 10, 1, "linear", 4), 0.5);
+  // warmup starts at lr 0, as Hugging Face's Trainer: update 1 of 10 with 4 warmup steps
+  // runs at 0, update 2 at lr / 4, update 5 at lr
+  assert.strictEqual(learningRate(1, 10, 1, "linear", 4), 0);
+  assert.strictEqual(learningRate(2, 10, 1, "linear", 4), 0.25);
+  assert.strictEqual(learningRate(5, 10, 1, "linear", 4), 1);
+  for (const [schedule, hf] of Object.entries(HF_SCHEDULES)) {
+    for (const [total, warmup] of [[10, 4], [7, 0], [5, 1], [3, 3], [1, 0]]) {
+      for (let step = 1; step <= total; step++) {
+        const got = learningRate(step, total, 2e-5, schedule as Schedule, warmup);
+        const want = 2e-5 * hf(step - 1, total, warmup);
+        assert(
+          Math.abs(got - want) <= 1e-12 * 2e-5,
+          `${schedule} step ${step} of ${total}, warmup ${warmup}: ${got} vs HF ${want}`,
+        );
+      }
+    }
+  }
   assert.deepStrictEqual(shuffledOrder(10, 3, 0), shuffledOrder(10, 3, 0));
   assert.notDeepStrictEqual(shuffledOrder(10, 3, 0), shuffledOrder(10, 3, 1));
   assert.deepStrictEqual([...shuffledOrder(10, 3, 0)].sort((a, b) => a - b), [...Array(10).keys()]);
+});
+
+Deno.test("AdamW decays weights but not biases, norms or ces (Hugging Face Trainer's groups)", async () => {
+  assert.deepStrictEqual(
+    [
+      "model.layers.0.self_attn.q_proj.weight",
+      "model.layers.0.self_attn.q_proj.bias",
+      "model.layers.0.input_layernorm.weight",
+      "model.layers.0.post_attention_layernorm.weight",
+      "model.layers.0.self_attn.q_norm.weight",
+      "model.norm.weight",
+      "model.layers.0.mlp.ces",
+      "model.embed_tokens.weight",
+      "lm_head.weight",
+    ].map(decays),
+    [true, false, false, false, false, false, false, true, true],
+  );
+  // With zero gradients an AdamW step is the decay alone: w * (1 - lr * wd).
+  const be = new CpuBackend();
+  const model = await Model.load(
+    new URL("./fixtures/hf-golden/qwen2_moe-a", import.meta.url).pathname,
+    be,
+  );
+  enableOnModel(model, 1, "test");
+  const bias = "model.layers.0.self_attn.q_proj.bias"; // zeros in the fixture
+  const values = Float32Array.from({ length: 64 }, (_, i) => Math.sin(i + 1));
+  model.putTensor({ name: bias, dtype: "F32", shape: [64], bytes: new Uint8Array(values.buffer) });
+  const names = [
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.q_proj.bias",
+    "model.layers.0.input_layernorm.weight",
+    "model.norm.weight",
+    "model.layers.1.mlp.ces",
+    "model.layers.1.mlp.experts.2.up_proj.weight",
+  ];
+  const [lr, weightDecay] = [0.5, 0.1];
+  const opt = await Optimizer.create(model, names, {
+    lr,
+    schedule: "constant",
+    warmup: 0,
+    ...ADAMW_DEFAULTS,
+    weightDecay,
+    clip: 1,
+  });
+  const before = await Promise.all(
+    opt.params.map(async (p) => (await be.readWeight(p.weight)).slice()),
+  );
+  opt.zeroGrad();
+  await opt.apply(lr);
+  for (const [i, p] of opt.params.entries()) {
+    const after = await be.readWeight(p.weight);
+    const factor = decays(p.name) ? Math.fround(1 - lr * weightDecay) : 1;
+    let worst = 0;
+    for (let j = 0; j < after.length; j++) {
+      worst = Math.max(worst, Math.abs(after[j] - before[i][j] * factor));
+    }
+    assert(worst <= 1e-6 * Math.max(...before[i].map(Math.abs)), `${p.name}: off by ${worst}`);
+    assert(before[i].some((v) => v !== 0), `${p.name}: all zero, so this checks nothing`);
+  }
+  model.close();
 });
 
 Deno.test("finetune: a non-finite loss stops with the step named, keeps the saved state, writes no model", async () => {

@@ -5,10 +5,13 @@
 // good to ~1e-4 relative, far below the O(1) error of a wrong index or factor.
 
 import { type BatchShape, forward } from "../lib/model/decoder.ts";
-import type { Model } from "../lib/model/model.ts";
+import { Model } from "../lib/model/model.ts";
+import { CpuBackend } from "../lib/backend/cpu.ts";
+import { writeCondensedCheckpoint } from "../lib/methods/condense.ts";
+import type { Plan } from "../lib/methods/plan.ts";
 import type { Grads } from "../lib/train/backward.ts";
 import assert from "node:assert";
-import { numelOf } from "../lib/backend/backend.ts";
+import { type Backend, numelOf } from "../lib/backend/backend.ts";
 import { lossAndGrad } from "../lib/train/backward.ts";
 
 /** Central-difference gradient of loss() with respect to every entry of `x` (listed in `entries`). */
@@ -93,33 +96,59 @@ export async function decoderLoss(
 }
 
 /**
- * Finite difference of the decoder loss for entry i of `data`, trying each step in turn
- * until one changes no top-k choice (the loss jumps where routing flips); undefined if
- * every step flips.
+ * Pins the backend's top-k choices (which experts, in which order) to those of the
+ * forward run just before `pin()`: from then on each routeTopK call of a forward returns
+ * the choice its call made then, weighted by the current router probabilities (softmax
+ * in doubles, renormalised over the pinned experts where asked). The backward holds the
+ * selection constant, so central differences of the pinned loss check it at every
+ * entry, also where a step would flip a near-tied choice (the loss jumps there).
+ * `start()` before each forward; `unpin()` restores the backend.
  */
-export async function fdWithoutRoutingFlip(
+export function pinTopK(be: Backend) {
+  const own = be.routeTopK;
+  const chosen: Int32Array[] = [];
+  let pinned = false, call = 0;
+  be.routeTopK = async (logits, k, normalize, eps) => {
+    if (!pinned) {
+      const r = await own.call(be, logits, k, normalize, eps);
+      chosen.push(r.indices.slice());
+      return r;
+    }
+    const indices = chosen[call++];
+    assert(indices && indices.length % k === 0, `pinned routing: no call ${call} recorded`);
+    const [n, e] = logits.shape, ls = await be.read(logits);
+    const weights = new Float32Array(n * k), p = new Float64Array(e);
+    for (let r = 0; r < n; r++) {
+      let max = -Infinity, sum = 0, picked = 0;
+      for (let j = 0; j < e; j++) max = Math.max(max, ls[r * e + j]);
+      for (let j = 0; j < e; j++) sum += p[j] = Math.exp(ls[r * e + j] - max);
+      for (let j = 0; j < k; j++) picked += p[indices[r * k + j]] / sum;
+      for (let j = 0; j < k; j++) {
+        const w = p[indices[r * k + j]] / sum;
+        weights[r * k + j] = normalize ? w / (picked + eps) : w;
+      }
+    }
+    return { indices: indices.slice(), weights };
+  };
+  return {
+    pin: () => void (pinned = true),
+    start: () => void (call = 0),
+    /** Every recorded call was replayed by the last forward (the same code path ran). */
+    replayedAll: () => call === chosen.length,
+    unpin: () => void (be.routeTopK = own),
+  };
+}
+
+/** A forward's decoder loss with pinned top-k choices (see pinTopK). */
+export async function pinnedLoss(
   model: Model,
   batch: ReturnType<typeof trainingBatch>,
-  baseRouting: string,
-  data: Float32Array,
-  i: number,
-  steps: number[],
-): Promise<number | undefined> {
-  for (const h of steps) {
-    let flipped = false;
-    const one = await finiteDifference(
-      data,
-      async () => {
-        const r = await decoderLoss(model, batch.ids, batch.targets, batch.shape);
-        if (r.routing !== baseRouting) flipped = true;
-        return r.loss;
-      },
-      h,
-      [i],
-    );
-    if (!flipped) return one.get(i)!;
-  }
-  return undefined;
+  pins: ReturnType<typeof pinTopK>,
+): Promise<number> {
+  pins.start();
+  const { loss } = await decoderLoss(model, batch.ids, batch.targets, batch.shape);
+  assert(pins.replayedAll(), "pinned routing: the forward made other routeTopK calls");
+  return loss;
 }
 
 /**
@@ -163,4 +192,28 @@ export async function groupedVersusOneByOne(
     }
     assert(largest > 0 && worst <= 1e-5 * largest, `${n}: ${worst} of ${largest}`);
   });
+}
+
+/** Layers to condense: [layer, kept experts, their wbar]. */
+export type Condensed = [number, number[], number[]][];
+
+/**
+ * A condensed checkpoint of `src`, written by writeCondensedCheckpoint into a temp folder
+ * (the caller removes the folder above it): the real folder a user fine-tunes.
+ */
+export async function condensedCheckpoint(src: string, layers: Condensed): Promise<string> {
+  const plan: Plan = new Map();
+  for (const [l, experts, wbar] of layers) plan.set(l, { kind: "condense", experts, wbar });
+  const model = await Model.load(src, new CpuBackend());
+  const out = `${await Deno.makeTempDir()}/condensed`;
+  const provenance = {
+    source: src,
+    source_hash: "-",
+    search: null,
+    variant: "test",
+    num_changed: plan.size,
+  };
+  await writeCondensedCheckpoint(model, plan, out, provenance);
+  model.close();
+  return out;
 }

@@ -19,7 +19,7 @@ import {
   attentionBackwardTiling,
   ATTN_TILED_MAX_HEAD_DIM,
   type WebGpuBackend,
-} from "../lib/backend/webgpu.ts";
+} from "../lib/backend/webgpu/mod.ts";
 import { relError, seededInputs, webgpuForTests } from "./webgpu_helper.ts";
 
 const gpu = await webgpuForTests();

@@ -13,9 +13,10 @@ import {
   type WeightDType,
 } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
-import { MATMUL_BACKWARD_KERNELS, WebGpuBackend } from "../lib/backend/webgpu.ts";
+import { MATMUL_BACKWARD_KERNELS, WebGpuBackend } from "../lib/backend/webgpu/mod.ts";
 import { Model } from "../lib/model/model.ts";
 import { type Grads, lossAndGrad } from "../lib/train/backward.ts";
+import { type Condensed, condensedCheckpoint } from "./train_fd.ts";
 import {
   rawWeight,
   relError as sharedRelError,
@@ -440,7 +441,8 @@ Deno.test({
 // ---- one whole training step ----------------------------------------------------------
 
 // The trainable tensors of each fixture cover every block backward: embedding, attention
-// projections (with biases on Qwen2-MoE), q/k norms (OLMoE), norms, router, routed and
+// projections (with biases on Qwen2-MoE), q/k norms (OLMoE's whole-projection, Qwen3-MoE's
+// per-head), norms, router, routed and
 // shared experts, the sigmoid-gated shared expert, the lm head.
 // The last one leaves every routed expert frozen (CD-MoE fine-tuning's case): the MoE
 // layers run them grouped from their stacks, forward, recomputed and backward.
@@ -469,6 +471,18 @@ const TRAINING_STEPS: { fixture: string; names: string[]; recompute: boolean; la
       "model.layers.1.mlp.gate.weight",
     ],
     recompute: false,
+  },
+  {
+    fixture: "qwen3_moe-a",
+    names: [
+      "model.layers.0.self_attn.q_norm.weight",
+      "model.layers.2.self_attn.k_norm.weight",
+      "model.layers.1.self_attn.q_proj.weight",
+      "model.layers.3.self_attn.k_proj.weight",
+      "model.layers.2.mlp.experts.5.down_proj.weight",
+      "model.layers.0.mlp.gate.weight",
+    ],
+    recompute: true,
   },
   {
     fixture: "qwen2_moe-bf16",
@@ -504,10 +518,10 @@ async function trainingStep(
   names: string[],
   recompute: boolean,
 ) {
-  const model = await Model.load(
-    new URL(`./fixtures/hf-golden/${fixture}`, import.meta.url).pathname,
-    be,
-  );
+  const dir = fixture.startsWith("/") // a checkpoint's path, or a fixture's name
+    ? fixture
+    : new URL(`./fixtures/hf-golden/${fixture}`, import.meta.url).pathname;
+  const model = await Model.load(dir, be);
   for (const n of names) model.makeTrainable(n);
   const v = model.spec.vocab;
   const ids = Int32Array.from({ length: 14 }, (_, i) => (i * 37 + 11) % v);
@@ -544,38 +558,85 @@ async function trainingStep(
   return { loss, g, p };
 }
 
+async function compareTrainingStep(fixture: string, names: string[], recompute: boolean) {
+  const c = await trainingStep(cpu, fixture, names, recompute);
+  const w = await trainingStep(gpu!, fixture, names, recompute);
+  const lossErr = Math.abs(c.loss - w.loss) / Math.abs(c.loss);
+  maxErrors.set(
+    "training step loss",
+    Math.max(maxErrors.get("training step loss") ?? 0, lossErr),
+  );
+  assert(lossErr <= 1e-5, `loss ${w.loss} vs ${c.loss}`);
+  for (const n of names) {
+    // Every op chained through the model in f32 (GPU) vs doubles (CPU): ~2e-6 seen.
+    expectArrays(`training step grad`, w.g.get(n)!, c.g.get(n)!, 1e-5);
+    // Adam's first step moves an entry by lr * g / (|g| + eps). With the usual eps
+    // (1e-8) entries with |g| near eps amplify the f32 gradient noise without bound,
+    // so the step uses eps = 1e-3 (gradients here are ~1e-5..1e-2): the step stays
+    // well conditioned and a wrong update (sign, tensor, decay) is off by ~lr.
+    const [gp, cp] = [w.p.get(n)!, c.p.get(n)!];
+    let diff = 0;
+    for (let i = 0; i < cp.length; i++) diff = Math.max(diff, Math.abs(gp[i] - cp[i]));
+    const steps = diff / STEP_LR;
+    maxErrors.set(
+      "training step param (|diff| / lr)",
+      Math.max(maxErrors.get("training step param (|diff| / lr)") ?? 0, steps),
+    );
+    assert(steps <= 1e-3, `${n}: the updated weights differ by ${steps} lr`);
+  }
+}
+
 for (const { fixture, names, recompute, label } of TRAINING_STEPS) {
   Deno.test({
     name: `webgpu training step on ${fixture}${
       label ?? ""
     } equals cpu: loss, gradients, AdamW update`,
     ignore,
+    fn: () => compareTrainingStep(fixture, names, recompute),
+  });
+}
+
+// Condensed checkpoints as condense.ts writes them, trained as finetune.ts's default: the
+// dense MLP (shared + kept experts, wbar folded), on Qwen with the sigmoid-gated shared
+// expert beside it (layer 0) and alone (layer 1, no expert kept).
+const CONDENSED_STEPS: { fixture: string; kept: Condensed; names: string[] }[] = [
+  {
+    fixture: "qwen2_moe-bf16",
+    kept: [[0, [2, 5], [0.3, 0.2]], [1, [], []]],
+    names: [
+      "model.layers.0.mlp.gate_proj.weight",
+      "model.layers.0.mlp.up_proj.weight",
+      "model.layers.0.mlp.down_proj.weight",
+      "model.layers.0.mlp.shared_expert.up_proj.weight",
+      "model.layers.0.mlp.shared_expert_gate.weight",
+      "model.layers.1.mlp.shared_expert.down_proj.weight",
+      "model.layers.1.mlp.shared_expert_gate.weight",
+      "model.layers.0.self_attn.q_proj.bias",
+    ],
+  },
+  {
+    fixture: "deepseek-bf16",
+    kept: [[1, [3, 6], [0.4, 0.25]]],
+    names: [
+      "model.layers.1.mlp.gate_proj.weight",
+      "model.layers.1.mlp.up_proj.weight",
+      "model.layers.1.mlp.down_proj.weight",
+      "model.layers.0.self_attn.q_proj.weight",
+    ],
+  },
+];
+for (const { fixture, kept, names } of CONDENSED_STEPS) {
+  Deno.test({
+    name:
+      `webgpu training step on a condensed ${fixture} equals cpu: loss, gradients, AdamW update`,
+    ignore,
     async fn() {
-      const c = await trainingStep(cpu, fixture, names, recompute);
-      const w = await trainingStep(gpu!, fixture, names, recompute);
-      const lossErr = Math.abs(c.loss - w.loss) / Math.abs(c.loss);
-      maxErrors.set(
-        "training step loss",
-        Math.max(maxErrors.get("training step loss") ?? 0, lossErr),
+      const dir = await condensedCheckpoint(
+        new URL(`./fixtures/hf-golden/${fixture}`, import.meta.url).pathname,
+        kept,
       );
-      assert(lossErr <= 1e-5, `loss ${w.loss} vs ${c.loss}`);
-      for (const n of names) {
-        // Every op chained through the model in f32 (GPU) vs doubles (CPU): ~2e-6 seen.
-        expectArrays(`training step grad`, w.g.get(n)!, c.g.get(n)!, 1e-5);
-        // Adam's first step moves an entry by lr * g / (|g| + eps). With the usual eps
-        // (1e-8) entries with |g| near eps amplify the f32 gradient noise without bound,
-        // so the step uses eps = 1e-3 (gradients here are ~1e-5..1e-2): the step stays
-        // well conditioned and a wrong update (sign, tensor, decay) is off by ~lr.
-        const [gp, cp] = [w.p.get(n)!, c.p.get(n)!];
-        let diff = 0;
-        for (let i = 0; i < cp.length; i++) diff = Math.max(diff, Math.abs(gp[i] - cp[i]));
-        const steps = diff / STEP_LR;
-        maxErrors.set(
-          "training step param (|diff| / lr)",
-          Math.max(maxErrors.get("training step param (|diff| / lr)") ?? 0, steps),
-        );
-        assert(steps <= 1e-3, `${n}: the updated weights differ by ${steps} lr`);
-      }
+      for (const recompute of [false, true]) await compareTrainingStep(dir, names, recompute);
+      await Deno.remove(dir.slice(0, dir.lastIndexOf("/")), { recursive: true });
     },
   });
 }

@@ -97,15 +97,21 @@ Deno.test({
     });
     const profiler = new RoutingProfiler();
     const cache = await calibrationPass(model, batches, profiler);
-    const l = moeLayers(model.spec)[1];
-    const opts = { k: 2, metric: "js-hidden" as const, avgW: profiler.result().layers[l].avg_w };
-    const fast = await expertSearchFast(model, cache, l, opts);
-    const naive = await expertSearchNaive(model, batches, l, opts);
-    assert.deepStrictEqual(fast.order, naive.order);
-    for (const [i, step] of fast.steps.entries()) {
-      for (const [c, d] of Object.entries(step.candidates)) {
-        const want = naive.steps[i].candidates[c];
-        assert(Math.abs(d - want) <= 1e-4 * want, `step ${i} expert ${c}: ${d} vs ${want}`);
+    // A middle layer, and the last (compared after the final norm; one step, for time).
+    const moe = moeLayers(model.spec);
+    for (const [l, k] of [[moe[1], 2], [moe.at(-1)!, 1]]) {
+      const opts = { k, metric: "js-hidden" as const, avgW: profiler.result().layers[l].avg_w };
+      const fast = await expertSearchFast(model, cache, l, opts);
+      const naive = await expertSearchNaive(model, batches, l, opts);
+      assert.deepStrictEqual(fast.order, naive.order);
+      for (const [i, step] of fast.steps.entries()) {
+        for (const [c, d] of Object.entries(step.candidates)) {
+          const want = naive.steps[i].candidates[c];
+          assert(
+            Math.abs(d - want) <= 1e-4 * want,
+            `layer ${l} step ${i} expert ${c}: ${d} vs ${want}`,
+          );
+        }
       }
     }
     model.close();

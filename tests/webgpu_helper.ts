@@ -10,7 +10,7 @@ import {
   createWebGpuBackend,
   NoWebGpuAdapterError,
   type WebGpuBackend,
-} from "../lib/backend/webgpu.ts";
+} from "../lib/backend/webgpu/mod.ts";
 import { f32ToBf16Bits, type RawTensor } from "../lib/io/safetensors.ts";
 import { mulberry32 } from "../lib/random.ts";
 

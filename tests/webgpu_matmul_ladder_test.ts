@@ -11,7 +11,7 @@ import {
   MATMUL_AUTO_PREFILL,
   MATMUL_KERNELS,
   type WebGpuBackend,
-} from "../lib/backend/webgpu.ts";
+} from "../lib/backend/webgpu/mod.ts";
 import { checkMatmulAgainstCpu, seededInputs, webgpuForTests } from "./webgpu_helper.ts";
 
 const gpu = await webgpuForTests();

@@ -13,7 +13,7 @@ import {
   type WeightDType,
 } from "../lib/backend/backend.ts";
 import { CpuBackend } from "../lib/backend/cpu.ts";
-import { NoWebGpuAdapterError } from "../lib/backend/webgpu.ts";
+import { NoWebGpuAdapterError } from "../lib/backend/webgpu/mod.ts";
 import { f16ToF32 } from "../lib/io/safetensors.ts";
 import {
   checkMatmulAgainstCpu,

@@ -1,5 +1,5 @@
 // The op interface every backend implements: the CPU reference (cpu.ts) and WebGPU
-// (webgpu.ts). Activations are f32; weights keep their checkpoint dtype on the device.
+// (webgpu/). Activations are f32; weights keep their checkpoint dtype on the device.
 // Ops return new tensors (except scatterAddRows) and the caller frees what it no longer
 // needs, as in llm.c: memory is explicit, nothing is garbage-collected on the GPU.
 
@@ -316,6 +316,12 @@ export interface Backend {
   /** Several tensors in one round trip (read's results, in order). */
   readAll(ts: readonly Tensor[]): Promise<Float32Array[]>;
   free(t: Tensor): void;
+  /**
+   * t's entries under another shape of as many entries, without a copy (Qwen3's per-head
+   * q/k norms see [N, heads * headDim] as [N * heads, headDim]). The two share storage:
+   * free one of them, once.
+   */
+  reshape(t: Tensor, shape: readonly number[]): Tensor;
 
   /**
    * [N, H] rows of `table` [V, H] for N token ids: from the host (checked against V), or an
@@ -449,9 +455,13 @@ export interface SeparateExpertStacks {
   down: Weight;
 }
 
-/** compressedExperts' routing: sorted top-k, of which the first `mainExperts` run. */
+/**
+ * compressedExperts' routing: sorted top-k, of which the first `mainExperts` run, their
+ * weights renormalised (where `normalize`) over all top-k or the main experts.
+ */
 export interface CompressedRouteSpec extends RouteSpec {
   mainExperts: number;
+  renormOver: "top_k" | "main";
 }
 
 /**
@@ -463,7 +473,7 @@ export interface CompressedRouteSpec extends RouteSpec {
 export interface DeviceCompressedExperts {
   /**
    * out [N, H] += each token's main experts (stacks, frozen) on xn [N, H] scaled by theta,
-   * weighted as lib/methods/compressed_experts.ts says: theta_v = alpha @ slots[v]^T, slots
+   * weighted as lib/model/compressed_experts.ts says: theta_v = alpha @ slots[v]^T, slots
    * [cols, E] ces slot v transposed, asked for only once the batch is known to fit. Returns
    * false, having recorded nothing, where the device plan does not fit (routing over one
    * binding, over 1,024 experts): the caller then plans on the host.
@@ -511,6 +521,13 @@ export function argmaxRow(x: Float32Array, row: number, cols: number): number {
 /** An id tensor's values (argmaxRows) as read back: the ids. */
 export function idsOf(bits: Float32Array): Int32Array {
   return new Int32Array(bits.buffer, bits.byteOffset, bits.length);
+}
+
+/** reshape's contract: as many entries. */
+export function checkReshape(t: Tensor, shape: readonly number[]): void {
+  if (numelOf(shape) !== numelOf(t.shape) || shape.some((d) => !Number.isSafeInteger(d) || d < 0)) {
+    throw new Error(`reshape: [${t.shape}] has ${numelOf(t.shape)} entries, not [${shape}]`);
+  }
 }
 
 export function rowsCols(t: { shape: readonly number[] }): [number, number] {

@@ -17,6 +17,7 @@ import { CpuBackend } from "../backend/cpu.ts";
 import { Model } from "../model/model.ts";
 import { loadTokenizer } from "../io/tokenizer.ts";
 import { loadCalibration } from "../methods/calibration.ts";
+import type { BenchSection } from "./common.ts";
 
 const ROOT = new URL("../../", import.meta.url).pathname;
 const DATA = `${ROOT}data/valid_sotu.jsonl`;
@@ -364,6 +365,9 @@ export async function benchScale(dir: string): Promise<Record<string, unknown>> 
           name: `${like}-${layers}-${docs}`,
           docs,
           maxLen: SEQ_LEN,
+          // One pass profiles and caches (the cost model counts SEQ_LEN tokens a document).
+          profileMaxLen: SEQ_LEN,
+          profile: null,
           batchSize: 8,
           bos: "auto",
           metric: "js-hidden",
@@ -514,5 +518,13 @@ export async function benchScale(dir: string): Promise<Record<string, unknown>> 
   load.push(loadAverage());
   return { gpu: GPU, loadAverage: load, runs, fits, naiveVsFast: naiveRow, projections };
 }
+
+/** The section of scripts/bench.ts (`--only scale`); its prefixes live in results/tmp/scale-bench. */
+export const scaleSection: BenchSection = {
+  name: "scale",
+  run: async () => ({
+    scale: await benchScale(`${ROOT}results/tmp/scale-bench`),
+  }),
+};
 
 if (import.meta.main) await childMain(Deno.args[0], JSON.parse(Deno.args[1]));

@@ -1,8 +1,9 @@
 // Build requests for tasks, score them with a LanguageModel, aggregate like
-// lm-evaluation-harness, and assemble its results JSON and printed table.
+// lm-evaluation-harness, and assemble its results JSON and printed table. The version we
+// match is HARNESS_VERSION; docs/evaluation.md says what that decides.
 
 import { findSplitFiles, readSplit, type SourcedDoc, TaskDataError } from "./data.ts";
-import type { LanguageModel, LoglikelihoodRequest } from "./lm.ts";
+import type { LanguageModel, LoglikelihoodRequest, TokenizerLike } from "./lm.ts";
 import {
   countBytes,
   countWords,
@@ -13,10 +14,27 @@ import {
   pooledSampleStderr,
   weightedMean,
 } from "./metrics.ts";
+import { type JsonPath, pyJsonDumps } from "./pyjson.ts";
 import { PyRandom } from "./pyrandom.ts";
-import { type FieldType, GROUPS, type TaskDef, TASKS } from "./tasks.ts";
+import {
+  type FieldType,
+  GROUP_ALIASES,
+  GROUP_VERSION,
+  GROUPS,
+  type TaskDef,
+  TASKS,
+} from "./tasks.ts";
 
+/** The lm-evaluation-harness release whose behaviour and results shape we reproduce. */
+export const HARNESS_VERSION = "0.4.9.1";
+/** simple_evaluate's default fewshot_random_seed. */
 export const FEWSHOT_SEED = 1234;
+/**
+ * simple_evaluate's default. With it the harness computes exactly our standard errors: the
+ * closed form for `mean` metrics, none for perplexities (their aggregations are neither
+ * bootstrappable nor closed-form), so no bootstrap draw is ever made for these tasks.
+ */
+export const BOOTSTRAP_ITERS = 100000;
 export const REPO_ROOT = new URL("../../", import.meta.url).pathname.replace(/\/$/, "");
 
 export interface LoadedTask {
@@ -48,7 +66,8 @@ export function resolveTasks(names: string[]): string[] {
 export function candidateDirs(def: TaskDef, dataDir: string): string[] {
   const dirs = [`${dataDir}/${def.name}`];
   const base = def.datasetPath.split("/").pop()!;
-  for (const p of [def.datasetPath, base]) {
+  for (const p of [def.hubPath, def.datasetPath, base]) {
+    if (p === undefined) continue;
     if (def.datasetName) dirs.push(`${dataDir}/${p}/${def.datasetName}`);
     else dirs.push(`${dataDir}/${p}`);
   }
@@ -93,6 +112,25 @@ async function loadSplit(def: TaskDef, split: string, dataDir: string): Promise<
   return docs;
 }
 
+/** The split the harness evaluates: test, else validation (Task.eval_docs). */
+export function evalSplit(def: TaskDef): string {
+  return (def.testSplit ?? def.validationSplit)!;
+}
+
+/** Where few-shot docs come from: fewshot_split, else training, else validation. */
+export function fewshotDocsSplit(def: TaskDef): string | null {
+  return def.fewshotSplit ?? def.trainingSplit ?? def.validationSplit;
+}
+
+/**
+ * The harness draws one example more and drops the eval doc when the YAML's fewshot_split
+ * equals its test_split, and so also when both are unset (boolq, hellaswag, piqa, winogrande,
+ * rte), although their examples come from train and their docs from validation.
+ */
+export function drawsExtraExample(def: TaskDef): boolean {
+  return def.fewshotSplit === def.testSplit;
+}
+
 /** The harness's --limit: a fraction below 1, else a count. */
 export function effectiveLimit(n: number, limit: number | null): number {
   if (limit === null) return n;
@@ -106,15 +144,17 @@ export async function loadTask(
   numFewshot: number,
 ): Promise<LoadedTask> {
   const def = TASKS.get(name)!;
-  const all = await loadSplit(def, def.testSplit, dataDir);
+  const all = await loadSplit(def, evalSplit(def), dataDir);
   const docs = all.slice(0, effectiveLimit(all.length, limit));
   let fewshotDocs: SourcedDoc[] = [];
   if (numFewshot > 0) {
-    if (def.fewshotSplit === null) throw new TaskDataError(`task ${name} has no few-shot split`);
-    fewshotDocs = await loadSplit(def, def.fewshotSplit, dataDir);
-    if (fewshotDocs.length < numFewshot) {
+    const split = fewshotDocsSplit(def);
+    if (split === null) throw new TaskDataError(`task ${name} has no few-shot split`);
+    fewshotDocs = await loadSplit(def, split, dataDir);
+    const drawn = numFewshot + (drawsExtraExample(def) ? 1 : 0);
+    if (fewshotDocs.length < drawn) {
       throw new TaskDataError(
-        `task ${name}: --num-fewshot ${numFewshot} but the ${def.fewshotSplit} split has ${fewshotDocs.length} docs`,
+        `task ${name}: --num-fewshot ${numFewshot} draws ${drawn} examples but the ${split} split has ${fewshotDocs.length} docs`,
       );
     }
   }
@@ -151,19 +191,30 @@ function choicesAndGold(def: TaskDef, d: SourcedDoc): { choices: string[]; gold:
   return { choices, gold };
 }
 
-/** The few-shot prefix: examples joined by "\n\n", ending with "\n\n" (empty for 0-shot). */
+/** Python's == on parsed JSON: dicts compare by keys and values, in any key order. */
+export function sameDoc(a: unknown, b: unknown): boolean {
+  if (a === b) return true;
+  if (typeof a !== "object" || typeof b !== "object" || a === null || b === null) return false;
+  if (Array.isArray(a) !== Array.isArray(b)) return false;
+  const ka = Object.keys(a), kb = Object.keys(b);
+  if (ka.length !== kb.length) return false;
+  const ra = a as Record<string, unknown>, rb = b as Record<string, unknown>;
+  return ka.every((k) => Object.hasOwn(rb, k) && sameDoc(ra[k], rb[k]));
+}
+
+/**
+ * ContextSampler.get_context: draw n (or n + 1, see drawsExtraExample) few-shot docs, drop
+ * any equal to the eval doc, keep the first n. Returns the prefix: examples joined by
+ * "\n\n", ending with "\n\n" (empty for 0-shot, which draws nothing).
+ */
 function fewshotPrefix(task: LoadedTask, doc: SourcedDoc, n: number, rnd: PyRandom): string {
   if (n === 0) return "";
   const def = task.def;
-  let selected: SourcedDoc[];
-  if (def.sampler === "first_n") selected = task.fewshotDocs.slice(0, n);
-  else {
-    // The harness samples n + 1 when few-shot and test splits coincide, then drops the doc.
-    const sameSplit = def.fewshotSplit === def.testSplit;
-    const picked = rnd.sample(task.fewshotDocs, sameSplit ? n + 1 : n);
-    const key = JSON.stringify(doc.doc);
-    selected = picked.filter((x) => JSON.stringify(x.doc) !== key).slice(0, n);
-  }
+  const drawn = n + (drawsExtraExample(def) ? 1 : 0);
+  const picked = def.sampler === "first_n"
+    ? task.fewshotDocs.slice(0, drawn)
+    : rnd.sample(task.fewshotDocs, drawn);
+  const selected = picked.filter((x) => !sameDoc(x.doc, doc.doc)).slice(0, n);
   return selected.map((x) => {
     const { choices, gold } = choicesAndGold(def, x);
     const target = def.multipleInputContinuation
@@ -234,6 +285,9 @@ export async function scoreTasks(
           target: text,
           arguments: [[text]],
           resps: [[ll]],
+          filtered_resps: [ll],
+          filter: "none",
+          metrics: def.metrics,
           word_perplexity: [ll, countWords(text)],
           byte_perplexity: [ll, countBytes(text)],
           bits_per_byte: [ll, countBytes(text)],
@@ -260,21 +314,30 @@ export async function scoreTasks(
       samples.push({
         doc_id: inst.docId,
         doc: inst.doc.doc,
-        target: inst.gold,
+        // doc_to_target: the gold index, or for winogrande the shared continuation text.
+        target: def.multipleInputContinuation
+          ? def.multipleInputContinuation(inst.doc.doc)
+          : inst.gold,
         arguments: inst.requests.map((r) => [r.context, r.continuation]),
         resps: res.map((r) => [[r.logprob, r.isGreedy]]),
         filtered_resps: res.map((r) => [r.logprob, r.isGreedy]),
+        filter: "none",
+        metrics: def.metrics,
         ...Object.fromEntries(def.metrics.map((m) => [m, scores[m as "acc" | "acc_norm"]])),
       });
     }
     const metrics = Object.fromEntries(def.metrics.map((m) => [m, mean(per[m])]));
-    const stderrs = Object.fromEntries(def.metrics.map((m) => [m, meanStderr(per[m])]));
+    // One doc has no sample standard deviation; the harness writes "N/A" then.
+    const stderrs = Object.fromEntries(
+      def.metrics.map((m) => [m, per[m].length > 1 ? meanStderr(per[m]) : "N/A" as const]),
+    );
     out.set(def.name, { metrics, stderrs, samples, truncated, size: instances[k].length });
   });
   return out;
 }
 
 export interface RunConfig {
+  /** config.model, also written as model_source (the harness's --model, "hf" there). */
   model: string;
   modelArgs: string;
   batchSize: number;
@@ -284,7 +347,44 @@ export interface RunConfig {
   requested: string[];
 }
 
-/** Groups touched by the requested names, innermost first (so parents see child results). */
+export interface RunInfo {
+  gitHash: string | null;
+  /** Wall-clock start in seconds since the epoch (the harness's `date`, time.time()). */
+  date: number;
+  /** A monotonic clock in seconds at start and end (the harness's perf_counter values). */
+  startTime: number;
+  endTime: number;
+  /** add_tokenizer_info's keys (harnessTokenizerInfo), when a real tokenizer ran. */
+  tokenizer?: Record<string, unknown>;
+}
+
+/** The harness's add_tokenizer_info: [token, str(id)] pairs, eot_token_id and max_length. */
+export function harnessTokenizerInfo(
+  tok: TokenizerLike & { padId: number | null },
+  maxLength: number,
+): Record<string, unknown> {
+  const entry = (
+    id: number | null,
+  ) => [id === null ? null : tok.decode([id]), String(id ?? "None")];
+  // HFLM pads with the pad token, else unk, else EOS; our tokenizers name no unk token.
+  return {
+    tokenizer_pad_token: entry(tok.padId ?? tok.eosId),
+    tokenizer_eos_token: entry(tok.eosId),
+    tokenizer_bos_token: entry(tok.bosId),
+    eot_token_id: tok.eosId,
+    max_length: maxLength,
+  };
+}
+
+/** The evaluation tracker's model_name: the value of pretrained= (or peft=, ...) in model_args. */
+export function modelNameFromArgs(modelArgs: string): string {
+  for (const prefix of ["peft=", "delta=", "pretrained=", "model=", "path=", "engine="]) {
+    if (modelArgs.includes(prefix)) return modelArgs.split(prefix)[1].split(",")[0];
+  }
+  return "";
+}
+
+/** Groups touched by the requested names, innermost first. */
 function groupsFor(requested: string[]): string[] {
   const order: string[] = [];
   const visit = (name: string) => {
@@ -296,18 +396,24 @@ function groupsFor(requested: string[]): string[] {
   return order;
 }
 
+/** A group's tasks at every depth (the harness aggregates a group over these, not subgroups). */
+function leafTasks(group: string): string[] {
+  return GROUPS.get(group)!.flatMap((c) => (GROUPS.has(c) ? leafTasks(c) : [c]));
+}
+
 const fmtKey = (metric: string) => `${metric},none`;
 const fmtStderrKey = (metric: string) => `${metric}_stderr,none`;
+const byName = <T>(entries: Record<string, T>) =>
+  Object.fromEntries(Object.entries(entries).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
 
-/** The harness's results dictionary. */
+/** The harness's results dictionary (evaluate + simple_evaluate + the evaluation tracker). */
 export function buildResults(
   cfg: RunConfig,
   tasks: LoadedTask[],
   scored: Map<string, TaskResult>,
-  extra: { gitHash: string | null; startTime: number; seconds: number },
+  run: RunInfo,
 ): Record<string, unknown> {
   const results: Record<string, Record<string, unknown>> = {};
-  const groups: Record<string, Record<string, unknown>> = {};
   const groupSubtasks: Record<string, string[]> = {};
   const configs: Record<string, unknown> = {};
   const versions: Record<string, number> = {};
@@ -323,11 +429,13 @@ export function buildResults(
     for (const c of GROUPS.get(name) ?? []) setDepth(c, d + 1);
   };
   cfg.requested.forEach((n) => setDepth(n, 0));
+  // task_alias / group_alias (else the name), after "- " indented by depth (prepare_print_tasks).
   const alias = (name: string) => {
     const d = depth.get(name) ?? 0;
-    // Under a group the harness shows "stem" for mmlu_stem, "abstract_algebra" for mmlu_abstract_algebra.
-    const short = name.startsWith("mmlu_") ? name.slice(5) : name;
-    return d === 0 ? name : `${" ".repeat(d - 1)} - ${short}`;
+    const shown = GROUPS.has(name)
+      ? GROUP_ALIASES.get(name) ?? name
+      : TASKS.get(name)?.alias ?? name;
+    return (d > 0 ? " ".repeat(d) + "- " : "") + shown;
   };
 
   const sizes = new Map<string, number>();
@@ -347,10 +455,14 @@ export function buildResults(
     );
     nSamples[name] = { original: t.originalSize, effective: t.docs.length };
     truncatedRequests[name] = r.truncated;
-    configs[name] = {
+    // TaskConfig.to_dict leaves out unset (None) fields.
+    const config: Record<string, unknown> = {
       task: name,
+      task_alias: t.def.alias,
       dataset_path: t.def.datasetPath,
       dataset_name: t.def.datasetName,
+      training_split: t.def.trainingSplit,
+      validation_split: t.def.validationSplit,
       test_split: t.def.testSplit,
       fewshot_split: t.def.fewshotSplit,
       data_files: [...new Set(t.docs.map((d) => d.file))],
@@ -374,48 +486,54 @@ export function buildResults(
       should_decontaminate: false,
       metadata: { version: t.def.version },
     };
+    configs[name] = Object.fromEntries(
+      Object.entries(config).filter(([, v]) => v !== null && v !== undefined),
+    );
   }
   // Standalone tasks appear in group_subtasks with no subtasks, as in the harness.
   for (const n of cfg.requested) if (!GROUPS.has(n)) groupSubtasks[n] = [];
 
   for (const g of groupsFor(cfg.requested)) {
-    const kids = GROUPS.get(g)!;
-    groupSubtasks[g] = kids;
-    // Groups aggregate acc weighted by size; stderr pooled (pooled_sample_stderr).
-    const present = kids.filter((k) => results[k] !== undefined);
-    const ks = present.map((k) => sizes.get(k)!);
-    const accs = present.map((k) => results[k][fmtKey("acc")] as number);
-    const errs = present.map((k) => results[k][fmtStderrKey("acc")] as number);
-    const entry = {
+    groupSubtasks[g] = GROUPS.get(g)!;
+    // consolidate_group_results: acc averaged over all the group's tasks weighted by size, and
+    // pooled_sample_stderr over the same tasks (the 57 subjects for mmlu, not its 4 groups);
+    // "N/A" if any task has none.
+    const leaves = leafTasks(g).filter((k) => results[k] !== undefined);
+    const ks = leaves.map((k) => sizes.get(k)!);
+    const accs = leaves.map((k) => results[k][fmtKey("acc")] as number);
+    const errs = leaves.map((k) => results[k][fmtStderrKey("acc")] as number | "N/A");
+    results[g] = {
       alias: alias(g),
       [fmtKey("acc")]: weightedMean(accs, ks),
-      [fmtStderrKey("acc")]: pooledSampleStderr(errs, ks),
+      [fmtStderrKey("acc")]: errs.includes("N/A")
+        ? "N/A"
+        : pooledSampleStderr(errs as number[], ks),
     };
-    results[g] = entry;
-    groups[g] = entry;
-    sizes.set(g, ks.reduce((a, b) => a + b, 0));
-    versions[g] = 2;
-    nShot[g] = cfg.numFewshot;
+    versions[g] = GROUP_VERSION;
     higherIsBetter[g] = { acc: true };
   }
-  // Order results like the harness prints them: each requested name, then its subtree.
-  const ordered: Record<string, unknown> = {};
+  // prepare_print_tasks: names sorted at each level, each followed by its subtree.
+  const ordered: Record<string, Record<string, unknown>> = {};
+  const groups: Record<string, Record<string, unknown>> = {};
   const place = (n: string) => {
-    if (results[n] !== undefined && !(n in ordered)) ordered[n] = results[n];
-    for (const c of GROUPS.get(n) ?? []) place(c);
+    if (results[n] !== undefined && !(n in ordered)) {
+      ordered[n] = results[n];
+      if (GROUPS.has(n)) groups[n] = results[n];
+    }
+    for (const c of [...(GROUPS.get(n) ?? [])].sort()) place(c);
   };
-  cfg.requested.forEach(place);
+  [...cfg.requested].sort().forEach(place);
 
+  const modelName = modelNameFromArgs(cfg.modelArgs);
   return {
     results: ordered,
-    groups,
+    ...(Object.keys(groups).length > 0 ? { groups } : {}),
     group_subtasks: groupSubtasks,
-    configs,
-    versions,
-    "n-shot": nShot,
-    higher_is_better: higherIsBetter,
+    configs: byName(configs),
+    versions: byName(versions),
+    "n-shot": byName(nShot),
+    higher_is_better: byName(higherIsBetter),
     "n-samples": nSamples,
-    truncated_requests: truncatedRequests,
     config: {
       model: cfg.model,
       model_args: cfg.modelArgs,
@@ -424,17 +542,47 @@ export function buildResults(
       device: cfg.device,
       use_cache: null,
       limit: cfg.limit,
-      bootstrap_iters: 0,
+      bootstrap_iters: BOOTSTRAP_ITERS,
       gen_kwargs: null,
       random_seed: 0,
       numpy_seed: 1234,
       torch_seed: 1234,
       fewshot_seed: FEWSHOT_SEED,
     },
-    git_hash: extra.gitHash,
-    date: extra.startTime / 1000,
-    total_evaluation_time_seconds: String(extra.seconds),
+    git_hash: run.gitHash,
+    date: run.date,
+    ...run.tokenizer,
+    model_source: cfg.model,
+    model_name: modelName,
+    model_name_sanitized: modelName.replace(/["<>:/|\\?*[\]]+/g, "__"),
+    system_instruction: null,
+    system_instruction_sha: null,
+    fewshot_as_multiturn: false,
+    chat_template: null,
+    chat_template_sha: null,
+    start_time: run.startTime,
+    end_time: run.endTime,
+    total_evaluation_time_seconds: String(run.endTime - run.startTime),
+    // Ours, not the harness's:
+    lm_eval_version_matched: HARNESS_VERSION,
+    truncated_requests: truncatedRequests,
   };
+}
+
+/**
+ * The results file's text as the harness writes it (json.dumps, indent 2): metrics, task
+ * versions (the YAMLs' `version: 1.0`), times and --limit are Python floats, so 1 prints 1.0.
+ */
+export function harnessJson(results: Record<string, unknown>): string {
+  const isFloat = (p: JsonPath) => {
+    const [top, a, b, c] = p;
+    if (top === "results" || top === "groups") return p.length === 3 && String(b).includes(",");
+    if (top === "versions") return p.length === 2 && !GROUPS.has(String(a));
+    if (top === "configs") return p.length === 4 && b === "metadata" && c === "version";
+    if (top === "config") return p.length === 2 && a === "limit";
+    return p.length === 1 && (top === "date" || top === "start_time" || top === "end_time");
+  };
+  return pyJsonDumps(results, isFloat);
 }
 
 /** The harness's markdown table (make_table): one row per metric, groups in their own table. */
@@ -442,7 +590,7 @@ export function formatTable(
   res: Record<string, unknown>,
   which: "results" | "groups" = "results",
 ): string {
-  const table = res[which] as Record<string, Record<string, unknown>>;
+  const table = (res[which] ?? {}) as Record<string, Record<string, unknown>>;
   const versions = res.versions as Record<string, number>;
   const nShot = res["n-shot"] as Record<string, number>;
   const hib = res.higher_is_better as Record<string, Record<string, boolean>>;
@@ -460,22 +608,24 @@ export function formatTable(
   const rows: string[][] = [];
   for (const [name, entry] of Object.entries(table)) {
     let first = true;
-    for (const key of Object.keys(entry)) {
+    // make_table sorts an entry's metric keys.
+    for (const key of Object.keys(entry).sort()) {
       if (key === "alias" || key.includes("_stderr,")) continue;
       const [metric, filter] = key.split(",");
       const value = entry[key] as number;
-      const se = entry[`${metric}_stderr,${filter}`];
+      const seKey = `${metric}_stderr,${filter}`;
+      const se = entry[seKey];
       const arrow = hib[name]?.[metric] === undefined ? "" : hib[name][metric] ? "↑" : "↓";
       rows.push([
         first ? String(entry.alias ?? name) : "",
-        first ? String(versions[name] ?? "") : "",
+        first ? String(versions[name] ?? "N/A") : "",
         filter,
-        first ? String(nShot[name] ?? "") : "",
+        String(nShot[name] ?? ""), // make_table repeats n-shot on every row of a task
         metric,
         arrow,
         value.toFixed(4),
-        typeof se === "number" ? "±" : "",
-        typeof se === "number" ? se.toFixed(4) : "N/A",
+        seKey in entry ? "±" : "",
+        typeof se === "number" ? se.toFixed(4) : se === "N/A" ? "N/A" : "",
       ]);
       first = false;
     }

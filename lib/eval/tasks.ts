@@ -1,5 +1,5 @@
-// Task definitions as data, following lm-evaluation-harness's YAML configs: where the
-// docs come from, how a doc becomes a context, choices and a gold index, which metrics.
+// Task definitions as data, following lm-evaluation-harness v0.4.9.1's YAML configs: where
+// the docs come from, how a doc becomes a context, choices and a gold index, which metrics.
 // The `template` strings only document the harness's Jinja for the results' `configs`.
 
 import type { Doc } from "./data.ts";
@@ -8,14 +8,26 @@ export type FieldType = "string" | "number" | "string[]" | "label";
 
 export interface TaskDef {
   name: string;
+  /** The YAML's task_alias (shown instead of the name in results and tables). */
+  alias?: string;
+  /** metadata.version; every task YAML writes a float (1.0), so the results JSON does too. */
   version: number;
   outputType: "multiple_choice" | "loglikelihood_rolling";
-  /** HF dataset id and config name (also where to look under --data-dir). */
+  /** dataset_path and dataset_name as the YAML writes them (also where to look under --data-dir). */
   datasetPath: string;
   datasetName: string | null;
-  testSplit: string;
+  /** The dataset's current hub id where it moved since (another folder to look in). */
+  hubPath?: string;
+  /**
+   * The YAML's splits, null where it leaves them unset. The harness evaluates the test split,
+   * else validation; few-shot docs come from fewshot_split, else training, else validation.
+   * Whether fewshot_split == test_split (null == null included) decides how it samples.
+   */
+  trainingSplit: string | null;
+  validationSplit: string | null;
+  testSplit: string | null;
   fewshotSplit: string | null;
-  /** "default": rnd.sample (seed 1234); "first_n": the first n docs of the few-shot split. */
+  /** "default": rnd.sample (seed 1234); "first_n": the first n few-shot docs. */
   sampler: "default" | "first_n";
   /** Fields every doc must have (dotted paths for nested ones) and their types. */
   fields: Record<string, FieldType>;
@@ -62,8 +74,10 @@ function arc(name: string, config: string): TaskDef {
     outputType: "multiple_choice",
     datasetPath: "allenai/ai2_arc",
     datasetName: config,
+    trainingSplit: "train",
+    validationSplit: "validation",
     testSplit: "test",
-    fewshotSplit: "train",
+    fewshotSplit: null,
     sampler: "default",
     fields: {
       question: "string",
@@ -91,10 +105,13 @@ const BASE_TASKS: TaskDef[] = [
     name: "boolq",
     version: 2.0,
     outputType: "multiple_choice",
-    datasetPath: "aps/super_glue",
+    datasetPath: "super_glue",
     datasetName: "boolq",
-    testSplit: "validation",
-    fewshotSplit: "train",
+    hubPath: "aps/super_glue",
+    trainingSplit: "train",
+    validationSplit: "validation",
+    testSplit: null,
+    fewshotSplit: null,
     sampler: "default",
     fields: { passage: "string", question: "string", label: "label" },
     description: "",
@@ -114,8 +131,10 @@ const BASE_TASKS: TaskDef[] = [
     outputType: "multiple_choice",
     datasetPath: "Rowan/hellaswag",
     datasetName: null,
-    testSplit: "validation",
-    fewshotSplit: "train",
+    trainingSplit: "train",
+    validationSplit: "validation",
+    testSplit: null,
+    fewshotSplit: null,
     sampler: "default",
     fields: {
       activity_label: "string",
@@ -145,8 +164,10 @@ const BASE_TASKS: TaskDef[] = [
     outputType: "multiple_choice",
     datasetPath: "baber/piqa",
     datasetName: null,
-    testSplit: "validation",
-    fewshotSplit: "train",
+    trainingSplit: "train",
+    validationSplit: "validation",
+    testSplit: null,
+    fewshotSplit: null,
     sampler: "default",
     fields: { goal: "string", sol1: "string", sol2: "string", label: "label" },
     description: "",
@@ -164,10 +185,13 @@ const BASE_TASKS: TaskDef[] = [
     name: "winogrande",
     version: 1.0,
     outputType: "multiple_choice",
-    datasetPath: "allenai/winogrande",
+    datasetPath: "winogrande",
     datasetName: "winogrande_xl",
-    testSplit: "validation",
-    fewshotSplit: "train",
+    hubPath: "allenai/winogrande",
+    trainingSplit: "train",
+    validationSplit: "validation",
+    testSplit: null,
+    fewshotSplit: null,
     sampler: "default",
     fields: { sentence: "string", option1: "string", option2: "string", answer: "label" },
     description: "",
@@ -191,10 +215,13 @@ const BASE_TASKS: TaskDef[] = [
     name: "openbookqa",
     version: 1.0,
     outputType: "multiple_choice",
-    datasetPath: "allenai/openbookqa",
+    datasetPath: "openbookqa",
     datasetName: "main",
+    hubPath: "allenai/openbookqa",
+    trainingSplit: "train",
+    validationSplit: "validation",
     testSplit: "test",
-    fewshotSplit: "train",
+    fewshotSplit: null,
     sampler: "default",
     fields: {
       question_stem: "string",
@@ -220,8 +247,10 @@ const BASE_TASKS: TaskDef[] = [
     outputType: "multiple_choice",
     datasetPath: "nyu-mll/glue",
     datasetName: "rte",
-    testSplit: "validation",
-    fewshotSplit: "train",
+    trainingSplit: "train",
+    validationSplit: "validation",
+    testSplit: null,
+    fewshotSplit: null,
     sampler: "default",
     fields: { sentence1: "string", sentence2: "string", label: "label" },
     description: "",
@@ -315,10 +344,13 @@ export const MMLU_CATEGORIES: Record<string, string[]> = {
 function mmluSubject(subject: string): TaskDef {
   return {
     name: `mmlu_${subject}`,
+    alias: subject,
     version: 1.0,
     outputType: "multiple_choice",
     datasetPath: "cais/mmlu",
     datasetName: subject,
+    trainingSplit: null,
+    validationSplit: null,
     testSplit: "test",
     fewshotSplit: "dev",
     sampler: "first_n",
@@ -350,6 +382,8 @@ function shippedChoiceTask(name: string): TaskDef {
     outputType: "multiple_choice",
     datasetPath: `data/tasks/${name}`,
     datasetName: null,
+    trainingSplit: null,
+    validationSplit: null,
     testSplit: "test",
     fewshotSplit: "dev",
     sampler: "default",
@@ -372,6 +406,8 @@ function shippedPerplexityTask(name: string): TaskDef {
     outputType: "loglikelihood_rolling",
     datasetPath: `data/tasks/${name}`,
     datasetName: null,
+    trainingSplit: null,
+    validationSplit: null,
     testSplit: "test",
     fewshotSplit: null,
     sampler: "default",
@@ -403,6 +439,12 @@ GROUPS.set("mmlu", Object.keys(MMLU_CATEGORIES).map((c) => `mmlu_${c}`));
 for (const [c, subjects] of Object.entries(MMLU_CATEGORIES)) {
   GROUPS.set(`mmlu_${c}`, subjects.map((x) => `mmlu_${x}`));
 }
+/** The group YAMLs' group_alias ("social sciences" with a space, as the harness prints it). */
+export const GROUP_ALIASES = new Map<string, string>(
+  Object.keys(MMLU_CATEGORIES).map((c) => [`mmlu_${c}`, c.replaceAll("_", " ")]),
+);
+/** The group YAMLs' metadata.version: an int (`version: 2`), unlike the tasks' floats. */
+export const GROUP_VERSION = 2;
 
 export function allTaskNames(): string[] {
   return [...TASKS.keys(), ...GROUPS.keys()];

@@ -2,6 +2,12 @@
 // that name the flag, and a progress line on stderr.
 
 import { UsageError } from "../cli.ts";
+import {
+  type BosMode,
+  DEFAULT_BATCH_SIZE,
+  DEFAULT_CALIBRATION,
+  DEFAULT_DOCS,
+} from "./calibration.ts";
 export { UsageError };
 
 export const DEFAULT_MODEL = new URL("../../data/models/tiny-deepseek-moe", import.meta.url)
@@ -35,6 +41,21 @@ export function sizeFlag(value: string, flag: string): number {
   return Math.floor(bytes);
 }
 
+/** A token length: an integer >= 2, or "full" (null: no truncation). Absent: `def`. */
+export function lengthFlag(
+  value: string | undefined,
+  flag: string,
+  def: number | null,
+): number | null {
+  if (value === undefined) return def;
+  if (value === "full") return null;
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < 2) {
+    throw new UsageError(`${flag}: expected "full" or an integer >= 2, got "${value}"`);
+  }
+  return n;
+}
+
 export function choiceFlag<T extends string>(
   value: string | undefined,
   flag: string,
@@ -46,6 +67,60 @@ export function choiceFlag<T extends string>(
     throw new UsageError(`${flag}: unknown value "${value}" (choose one of ${choices.join(", ")})`);
   }
   return value as T;
+}
+
+/**
+ * The options of the scripts that run a model over calibration text (the search, the routing
+ * profile), as parseCli takes them; each script adds its own.
+ */
+export const CALIBRATION_OPTIONS = {
+  model: { type: "string" },
+  data: { type: "string" },
+  docs: { type: "string" },
+  "max-len": { type: "string" },
+  "batch-size": { type: "string" },
+  bos: { type: "string" },
+  layerwise: { type: "boolean" },
+  name: { type: "string" },
+  results: { type: "string" },
+  quiet: { type: "boolean" },
+  backend: { type: "string" },
+} as const;
+
+/**
+ * The help lines of CALIBRATION_OPTIONS' model and text; `lengthHelp`, each script's own lines
+ * for --max-len (the profile takes "full", the search a number and the profile's length).
+ */
+export function calibrationHelp(lengthHelp: string): string {
+  return `\
+  --model DIR          HF model folder (default ${DEFAULT_MODEL})
+  --data FILE          calibration JSON lines with "text" (default ${DEFAULT_CALIBRATION})
+  --docs N             documents, from the start of the file (default ${DEFAULT_DOCS})
+${lengthHelp}
+  --batch-size N       documents per forward batch (default ${DEFAULT_BATCH_SIZE})
+  --bos MODE           auto|yes|no: auto prepends the config's bos_token_id when it has one
+                       (DeepSeek, Mixtral; the default model was trained on BOS-prefixed
+                       documents) unless the tokenizer already adds it (default auto)`;
+}
+
+/**
+ * The model and calibration text that CALIBRATION_OPTIONS' values name, checked (--max-len
+ * is each script's own).
+ */
+export function calibrationFlags(values: {
+  model?: string;
+  data?: string;
+  docs?: string;
+  "batch-size"?: string;
+  bos?: string;
+}) {
+  return {
+    model: values.model ?? DEFAULT_MODEL,
+    data: values.data ?? DEFAULT_CALIBRATION,
+    docs: intFlag(values.docs, "--docs", DEFAULT_DOCS),
+    batchSize: intFlag(values["batch-size"], "--batch-size", DEFAULT_BATCH_SIZE),
+    bos: choiceFlag<BosMode>(values.bos, "--bos", ["auto", "yes", "no"], "auto"),
+  };
 }
 
 /**

@@ -1,187 +1,30 @@
-// Compressed Experts (He et al. 2025, arXiv 2503.00634): of each token's sorted top-k
-// experts, the first k_m ("main") run in full; the other k_a = k - k_m ("auxiliary") are
-// replaced by learned scaling vectors that modulate the main experts.
-//
-// Per MoE layer one tensor `ces` [E, 3, d] (release layout, d = max(hidden, expert
-// width) so that expert width > hidden also fits): slot 0 scales the gate_proj input
-// (first `hidden` entries used), slot 1 the intermediate activation (first `expertWidth`
-// entries), slot 2 the up_proj input (first `hidden` entries). Ones = plain top-k_m.
-//
-// Per token, with p the softmax probabilities of the sorted top-k:
-//   alpha'_i = p_i / sum_{j in aux} p_j                      (i in aux)
-//   theta_v  = sum_{i in aux} alpha'_i * ces[i][v]            (v = 0, 1, 2)
-//   y        = sum_{m in main} w_m * down(silu(gate(x*theta_0)) * up(x*theta_2) * theta_1)
-// w_m is the raw probability p_m when the architecture does not renormalise (OLMoE, the
-// release: norm_topk_prob=false; DeepSeek/Qwen by default), and p_m / (sum_{main} p + eps)
-// when it does (Mixtral, norm_topk_prob=true): exactly the weights plain top-k_m routing
-// would give, so ces = ones reproduces the top-k_m model on every architecture. The aux
-// experts' probability mass is dropped. Shared experts are unchanged.
+// Compressed Experts (He et al. 2025, arXiv 2503.00634), the method's side: enabling them
+// on a model with k_m main experts, the names of the ces tensors and the config.json
+// section a fine-tuned model records. What the forward computes, and the formulas:
+// lib/model/compressed_experts.ts.
 
-import type { Routing, Tensor, Weight } from "../backend/backend.ts";
-import { toFloat32 } from "../io/safetensors.ts";
 import {
   cesName,
-  cesWidth,
-  ConfigError,
   enableCompressedExperts,
-  type MlpSpec,
+  type MoeSpec,
+  type RenormOver,
 } from "../model/config.ts";
-import type { Model } from "../model/model.ts";
-import type { TrainingBackend } from "../backend/backend.ts";
-
-export type MoeSpec = Extract<MlpSpec, { kind: "moe" }>;
-
-/** Expected shape of layer l's ces tensor. */
-export function cesShape(model: Model, mlp: MoeSpec): [number, number, number] {
-  return [mlp.experts, 3, cesWidth(model.spec, mlp)];
-}
+import { type Model, prepareCompressedExperts } from "../model/model.ts";
 
 /**
  * Enable compressed experts with k_m main experts on every MoE layer (a CLI flag; `flag`
- * names it in errors), then load or initialise the ces tensors.
+ * names it in errors), then load or initialise the ces tensors. `renormOver`: see
+ * MlpSpec.renormOver (default the release's "top_k").
  */
-export function enableOnModel(model: Model, mainExperts: number, flag: string): void {
-  enableCompressedExperts(model.spec.layers, mainExperts, flag, model.spec.modelType);
+export function enableOnModel(
+  model: Model,
+  mainExperts: number,
+  flag: string,
+  renormOver: RenormOver = "top_k",
+): void {
+  const s = model.spec;
+  enableCompressedExperts(s.layers, mainExperts, flag, s.modelType, renormOver);
   prepareCompressedExperts(model);
-}
-
-/**
- * For every compressed-experts layer: check the checkpoint's ces shape, or put a ces of
- * ones in memory when the checkpoint has none (the model then equals plain top-k_m).
- */
-export function prepareCompressedExperts(model: Model): void {
-  model.spec.layers.forEach((layer, l) => {
-    if (layer.mlp.kind !== "moe" || layer.mlp.mainExperts === undefined) return;
-    const name = cesName(model.spec, l), want = cesShape(model, layer.mlp);
-    const file = model.ckpt.files.get(name);
-    if (file) {
-      const shape = file.tensors.get(name)!.shape;
-      if (shape.join(",") !== want.join(",")) {
-        throw new ConfigError(
-          `${model.ckpt.dir}: tensor "${name}"`,
-          `shape [${shape}] does not match the config's compressed experts [${want}] ` +
-            `(experts, 3, max(hidden, expert width))`,
-        );
-      }
-      return;
-    }
-    if (model.has(name)) return; // already put in memory
-    const ones = new Float32Array(want[0] * want[1] * want[2]).fill(1);
-    model.putTensor({
-      name,
-      dtype: "F32",
-      shape: want,
-      bytes: new Uint8Array(ones.buffer),
-    });
-  });
-}
-
-/** Current ces values of layer l on the host, [E * 3 * d] (trainable: the master copy). */
-export async function cesValues(model: Model, l: number): Promise<Float32Array> {
-  const name = cesName(model.spec, l);
-  const w = await model.weight(name);
-  if (model.trainable.has(name)) return await (model.backend as TrainingBackend).readWeight(w);
-  return toFloat32(await model.rawTensor(name));
-}
-
-/** Per token: main experts with their output weights, aux experts with alpha'. */
-export interface CeRouting {
-  /** [N, km] main expert ids and weights w_m. */
-  mainIndices: Int32Array;
-  mainWeights: Float32Array;
-  /** [N, ka] aux expert ids and alpha' (sum to 1 per token). */
-  auxIndices: Int32Array;
-  auxAlpha: Float32Array;
-  /** Per token sum of aux probabilities / main renormaliser (for the backward). */
-  auxSum: Float32Array;
-  mainSum: Float32Array;
-}
-
-/** Split a raw-probability top-k routing (sorted, not renormalised) into main and aux. */
-export function splitRouting(raw: Routing, mlp: MoeSpec): CeRouting {
-  const k = mlp.topK, km = mlp.mainExperts!, ka = k - km, n = raw.indices.length / k;
-  const r: CeRouting = {
-    mainIndices: new Int32Array(n * km),
-    mainWeights: new Float32Array(n * km),
-    auxIndices: new Int32Array(n * ka),
-    auxAlpha: new Float32Array(n * ka),
-    auxSum: new Float32Array(n),
-    mainSum: new Float32Array(n).fill(1),
-  };
-  for (let t = 0; t < n; t++) {
-    let mainSum = 0, auxSum = 0;
-    for (let j = 0; j < km; j++) mainSum += raw.weights[t * k + j];
-    for (let j = km; j < k; j++) auxSum += raw.weights[t * k + j];
-    const z = mlp.renorm.normalize ? mainSum + mlp.renorm.eps : 1;
-    if (mlp.renorm.normalize) r.mainSum[t] = z;
-    r.auxSum[t] = auxSum;
-    for (let j = 0; j < km; j++) {
-      r.mainIndices[t * km + j] = raw.indices[t * k + j];
-      r.mainWeights[t * km + j] = raw.weights[t * k + j] / z;
-    }
-    for (let j = 0; j < ka; j++) {
-      r.auxIndices[t * ka + j] = raw.indices[t * k + km + j];
-      // auxSum is a sum of softmax outputs, > 0 unless every aux probability underflows.
-      r.auxAlpha[t * ka + j] = auxSum > 0 ? raw.weights[t * k + km + j] / auxSum : 1 / ka;
-    }
-  }
-  return r;
-}
-
-/**
- * theta per token on the backend, t0 [N, hidden] (gate input), t1 [N, expertWidth]
- * (intermediate), t2 [N, hidden] (up input): the aux alphas as a dense [N, E] matrix (zero
- * but at each token's aux experts) times each slot of ces, three matmuls. A host loop over
- * tokens and the upload of its three [N, hidden] results would, for a real model on a
- * GPU, outweigh the main experts' matmuls. Returns the alphas too (the backward's input
- * to dces); the caller frees all four.
- */
-export async function thetaOf(
-  model: Model,
-  l: number,
-  mlp: MoeSpec,
-  ce: CeRouting,
-): Promise<{ t0: Tensor; t1: Tensor; t2: Tensor; alpha: Tensor }> {
-  const be = model.backend, E = mlp.experts;
-  const n = ce.auxSum.length, ka = ce.auxIndices.length / n;
-  const values = new Float32Array(n * E);
-  for (let i = 0; i < n * ka; i++) {
-    values[Math.floor(i / ka) * E + ce.auxIndices[i]] = ce.auxAlpha[i];
-  }
-  const alpha = be.tensor(values, [n, E]);
-  const [t0, t1, t2] = (await cesSlots(model, l, mlp, true)).map((slot) => be.matmul(alpha, slot));
-  return { t0, t1, t2, alpha };
-}
-
-/**
- * The three slots of layer l's ces transposed, [cols, E] each (cols: hidden for slots 0
- * and 2, the expert width for 1), kept on the model (Model.derivedWeight: released with
- * ces). `fresh`: rebuilt if ces trains (it changes at every optimizer step); the backward
- * reuses the forward's. ces is read only to build them: a decoded token reads nothing.
- */
-export async function cesSlots(
-  model: Model,
-  l: number,
-  mlp: MoeSpec,
-  fresh: boolean,
-): Promise<Weight[]> {
-  const s = model.spec, E = mlp.experts, d = cesWidth(s, mlp), name = cesName(s, l);
-  let ces: Promise<Float32Array> | undefined; // read once, for whichever slot builds first
-  const slots: Weight[] = [];
-  for (const v of [0, 1, 2]) {
-    const cols = v === 1 ? mlp.expertWidth : s.hidden;
-    const build = async () => {
-      const values = await (ces ??= cesValues(model, l));
-      const w = new Float32Array(cols * E);
-      for (let e = 0; e < E; e++) {
-        for (let c = 0; c < cols; c++) w[c * E + e] = values[e * 3 * d + v * d + c];
-      }
-      return { name, dtype: "F32" as const, shape: [cols, E], bytes: new Uint8Array(w.buffer) };
-    };
-    const key = `${name} <slot ${v} transposed>`;
-    slots.push(await model.derivedWeight(key, [name], build, fresh && model.trainable.has(name)));
-  }
-  return slots;
 }
 
 /** Names of the ces tensors of the compressed-experts layers (checkpoint or in memory). */
@@ -195,8 +38,12 @@ export function cesNames(model: Model): string[] {
   return out;
 }
 
-/** The config.json section recording k_m, or null when compressed experts are off. */
-export function compressedExpertsConfig(model: Model): { main_experts: number } | null {
+/** The config.json section recording k_m and renorm_over, or null when compressed experts are off. */
+export function compressedExpertsConfig(
+  model: Model,
+): { main_experts: number; renorm_over: RenormOver } | null {
   const layer = model.spec.layers.find((l) => l.mlp.kind === "moe" && l.mlp.mainExperts);
-  return layer ? { main_experts: (layer.mlp as MoeSpec).mainExperts! } : null;
+  if (!layer) return null;
+  const mlp = layer.mlp as MoeSpec;
+  return { main_experts: mlp.mainExperts!, renorm_over: mlp.renormOver ?? "top_k" };
 }

@@ -14,6 +14,7 @@ import {
   writeTextNamed,
 } from "../io/checkpoint.ts";
 import {
+  CDMOE_SUFFIX,
   denseName,
   expertName,
   layerPrefix,
@@ -50,10 +51,11 @@ function removedNames(model: Model, l: number, change: LayerChange): Set<string>
   if (change.kind === "layerdrop" || foldShared) {
     for (const p of PROJS) if (mlp.sharedWidth > 0) out.add(sharedName(s, l, p));
   }
-  if (change.kind === "layerdrop") {
-    if (mlp.sharedGate) out.add(sharedGateName(l));
-    out.add(`${layerPrefix(l)}post_attention_layernorm.weight`);
-  }
+  if (change.kind === "layerdrop" && mlp.sharedGate) out.add(sharedGateName(l));
+  // No MLP left (LayerDrop; CD-MoE-S without a shared expert): nothing reads its norm.
+  const noMlp = change.kind === "layerdrop" ||
+    (!mlp.sharedGate && condensedWidth(model, l, change.experts.length) === 0);
+  if (noMlp) out.add(`${layerPrefix(l)}post_attention_layernorm.weight`);
   return out;
 }
 
@@ -175,9 +177,26 @@ export interface Provenance {
   note?: string;
 }
 
-/** The source config.json plus a "cdmoe" section parseModelConfig understands. */
+/**
+ * The source config.json with model_type "<original>_cdmoe", architectures renamed alike
+ * and no auto_map (so that transformers and vLLM refuse the folder: they would build the
+ * full MoE, initialise the missing routers and experts at random with only a warning and
+ * ignore the dense MLPs), plus a "cdmoe" section parseModelConfig understands, holding the
+ * original model_type, architectures and auto_map. Layout: docs/cd-moe.md.
+ */
 export function condensedConfig(model: Model, plan: Plan, provenance: Provenance) {
-  const layers: Record<string, unknown> = {};
+  const { auto_map: _autoMap, ...source } = model.ckpt.config;
+  // A source condensed before keeps its original and its changed layers.
+  const prior = source.cdmoe as
+    | { original?: Record<string, unknown>; layers?: Record<string, unknown> }
+    | undefined;
+  const original = prior?.original ?? Object.fromEntries(
+    ["model_type", "architectures", "auto_map"]
+      .filter((k) => model.ckpt.config[k] !== undefined)
+      .map((k) => [k, model.ckpt.config[k]]),
+  );
+  const architectures = original.architectures as string[] | undefined;
+  const layers: Record<string, unknown> = { ...prior?.layers };
   for (const [l, change] of [...plan].sort((a, b) => a[0] - b[0])) {
     if (change.kind !== "condense") {
       layers[l] = { change: change.kind };
@@ -193,8 +212,27 @@ export function condensedConfig(model: Model, plan: Plan, provenance: Provenance
       wbar: change.wbar,
     };
   }
-  return { ...model.ckpt.config, cdmoe: { ...provenance, layers } };
+  return {
+    ...source,
+    model_type: `${original.model_type}${CDMOE_SUFFIX}`,
+    ...(architectures
+      ? {
+        architectures: architectures.map((a) => `${a.replace(/ForCausalLM$/, "")}CdmoeForCausalLM`),
+      }
+      : {}),
+    cdmoe: {
+      format: CDMOE_FORMAT,
+      about: "CD-MoE checkpoint written by moe-condense (scripts/condense.ts): the layers under " +
+        "cdmoe.layers are dense SwiGLU MLPs or dropped; the layout is in docs/cd-moe.md",
+      original,
+      ...provenance,
+      layers,
+    },
+  };
 }
+
+/** Version of the condensed layout described in docs/cd-moe.md. */
+export const CDMOE_FORMAT = 1;
 
 /** The condensed model in memory, sharing the source checkpoint for unchanged tensors. */
 export async function condenseInMemory(model: Model, plan: Plan, provenance: Provenance) {

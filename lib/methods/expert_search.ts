@@ -1,7 +1,9 @@
 // Greedy expert selection per MoE layer (CD-MoE 1c). For layer l, all other layers
 // original: start with C = []; k times, add the expert c whose condensed layer
 // (shared + sum_{C+[c]} wbar_e expert_e) gives the lowest divergence between the
-// original and the condensed output of decoder layer l.
+// original and the condensed output of decoder layer l, as the release compares it: HF
+// hidden_states[l + 1], the residual stream, which for the last decoder layer is the
+// final norm of it.
 //
 // Fast (default, exact): the layer's input is cached once (x, xn per batch); every expert
 // is evaluated once on it (its outputs kept in the cache's ActivationStore, so on disk
@@ -18,7 +20,7 @@ import {
   hasDeviceDivergence,
   type Tensor,
 } from "../backend/backend.ts";
-import { forward } from "../model/decoder.ts";
+import { finalNorm, forward } from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
 import type { CalibrationBatch } from "./calibration.ts";
 import { JS_EPS, type Metric, Reference } from "./divergence.ts";
@@ -66,6 +68,15 @@ export function expertCandidateCount(experts: number, k: number): number {
   return n;
 }
 
+/**
+ * HF hidden_states[l + 1] from the residual stream h after decoder layer l: h itself, or
+ * for the last layer the final norm of it (HF replaces that entry by the normed state).
+ * Null where h itself is compared; otherwise returns a new tensor.
+ */
+function layerTarget(model: Model, l: number): ((h: Tensor) => Promise<Tensor>) | null {
+  return l === model.spec.numLayers - 1 ? (h) => finalNorm(model, h) : null;
+}
+
 function pickBest(candidates: Record<string, number>): number {
   let best = -1, bestD = Infinity;
   for (const [c, d] of Object.entries(candidates)) {
@@ -86,10 +97,11 @@ export async function expertSearchFast(
   const x = await store.get(xKey(l)), xn = await store.get(xnKey(l));
   const batches = cache.batches;
   const ref = new Reference(opts.metric, H);
-  // The layer's output, read here and then dropped (the Reference keeps what it needs).
-  for (const [bi, rows] of (await store.get(hiddenKey(l + 1))).entries()) {
-    ref.add(rows, batches[bi].shape, batches[bi].ids);
-  }
+  // The layer's output (read here and then dropped: the Reference keeps what it needs), or
+  // for the last layer its final norm.
+  const target = layerTarget(model, l);
+  const original = target ? cache.finalHidden : await store.get(hiddenKey(l + 1));
+  for (const [bi, rows] of original.entries()) ref.add(rows, batches[bi].shape, batches[bi].ids);
 
   // Every expert once on the cached input, expert by expert (one expert's weights used at
   // a time): base = shared output, expert e's outputs on the device (a device scorer
@@ -122,9 +134,9 @@ export async function expertSearchFast(
       (await store.get(outputs(c))).map((v) => be.tensor(v, [v.length / H, H]));
     const scorer = device
       ? onDevice
-        ? deviceScorer(device, ref, x, base, (c) => deviceOut[c], false)
-        : deviceScorer(device, ref, x, base, upload, true)
-      : await hostScorer(be, ref, x, base, (c) => store.get(outputs(c)));
+        ? deviceScorer(device, ref, x, base, (c) => deviceOut[c], false, target)
+        : deviceScorer(device, ref, x, base, upload, true, target)
+      : await hostScorer(be, ref, x, base, (c) => store.get(outputs(c)), target);
 
     const total = expertCandidateCount(E, opts.k);
     let done = 0;
@@ -179,7 +191,9 @@ async function hostScorer(
   x: Float32Array[],
   baseTensors: Tensor[],
   expertOut: (c: number) => Promise<Float32Array[]>,
+  target: ((h: Tensor) => Promise<Tensor>) | null,
 ): Promise<CandidateScorer> {
+  const H = baseTensors[0].shape[1];
   const base = await be.readAll(baseTensors);
   baseTensors.forEach((t) => be.free(t));
   const scratch = x.map((xb) => new Float32Array(xb.length));
@@ -192,7 +206,12 @@ async function hostScorer(
         for (let i = 0; i < cand.length; i++) {
           cand[i] = xb[i] + Math.fround(bb[i] + Math.fround(w * eb[i]));
         }
-        docMeans.push(...ref.docMeans(bi, cand));
+        if (!target) docMeans.push(...ref.docMeans(bi, cand));
+        else {
+          const h = be.tensor(cand, [cand.length / H, H]);
+          docMeans.push(...ref.docMeans(bi, await readTarget(be, target, h)));
+          be.free(h);
+        }
       }
       return docMeans;
     },
@@ -205,6 +224,18 @@ async function hostScorer(
     },
     free() {},
   };
+}
+
+/** h, or target(h) where there is one, read back to the host. */
+async function readTarget(
+  be: Backend,
+  target: ((h: Tensor) => Promise<Tensor>) | null,
+  h: Tensor,
+): Promise<Float32Array> {
+  if (!target) return (await be.read(h)).slice();
+  const t = await target(h), out = (await be.read(t)).slice();
+  be.free(t);
+  return out;
 }
 
 /**
@@ -221,6 +252,7 @@ function deviceScorer(
   base: Tensor[],
   expertOut: (c: number) => Tensor[] | Promise<Tensor[]>,
   uploaded: boolean,
+  target: ((h: Tensor) => Promise<Tensor>) | null,
 ): CandidateScorer {
   const H = base[0].shape[1];
   const xt = x.map((xb) => be.tensor(xb, [xb.length / H, H]));
@@ -243,12 +275,14 @@ function deviceScorer(
     async score(c, w) {
       let perRow: Float32Array[] = [];
       await outputs(c, async (out) => {
-        const js = x.map((_, bi) => {
+        const js: Tensor[] = [];
+        for (let bi = 0; bi < x.length; bi++) {
           const mlp = withExpert(bi, out[bi], w), cand = be.add(xt[bi], mlp);
-          const rows = be.jsDivergenceRows(p[bi], cand, JS_EPS);
+          const compared = target ? await target(cand) : cand;
+          js.push(be.jsDivergenceRows(p[bi], compared, JS_EPS));
           be.free(mlp), be.free(cand);
-          return rows;
-        });
+          if (compared !== cand) be.free(compared);
+        }
         perRow = await be.readAll(js);
         js.forEach((t) => be.free(t));
       });
@@ -279,14 +313,14 @@ export async function expertSearchNaive(
   const t0 = performance.now();
   const be = model.backend, H = model.spec.hidden, E = moeSpec(model, l).experts;
   const ref = new Reference(opts.metric, H);
-  // The residual stream after layer l (HF hidden_states[l+1], except that HF's last entry
-  // is after the final norm: we compare the residual stream for every layer).
+  // HF hidden_states[l + 1]: the residual stream after layer l, normed for the last layer.
+  const target = layerTarget(model, l);
   for (const b of batches) {
     let layerOut: Float32Array | null = null;
     await forward(model, b.ids, b.shape, {
       layerwise: opts.layerwise,
       onLayerOutput: async (layer, h) => {
-        if (layer === l) layerOut = (await be.read(h)).slice();
+        if (layer === l) layerOut = await readTarget(be, target, h);
       },
     });
     ref.add(layerOut!, b.shape, b.ids);
@@ -307,7 +341,7 @@ export async function expertSearchNaive(
           mlpOverride: (layer, xn) =>
             layer === l ? condensedMlp(model, l, xn, experts, wbar) : Promise.resolve(undefined),
           onLayerOutput: async (layer, h) => {
-            if (layer === l) layerOut = (await be.read(h)).slice();
+            if (layer === l) layerOut = await readTarget(be, target, h);
           },
         });
         docMeans.push(...ref.docMeans(bi, layerOut!));

@@ -5,7 +5,7 @@
 // final normed hidden state, and the routing profile. Cached states live on the host, in
 // an ActivationStore (spilled to disk past its memory budget).
 
-import type { Tensor } from "../backend/backend.ts";
+import type { Routing, Tensor } from "../backend/backend.ts";
 import { embed, finalNorm, lmHead } from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
 import { ActivationStore } from "./activations.ts";
@@ -37,6 +37,8 @@ export interface PassOptions {
   keepCache?: boolean;
   /** Called after each layer with (layers done, total layers). */
   progress?: (done: number, total: number) => void;
+  /** Called for each MoE layer and batch with its MLP input and routing (expert saliency). */
+  onMoe?: (l: number, xn: Tensor, routing: Routing) => Promise<void>;
 }
 
 async function readCopy(model: Model, t: Tensor): Promise<Float32Array> {
@@ -68,9 +70,12 @@ export async function calibrationPass(
       const h = be.tensor(states[bi], [states[bi].length / model.spec.hidden, model.spec.hidden]);
       if (isMoe) {
         const mlp = moeSpec(model, l);
+        let routed: Routing | undefined;
         const parts = await moeLayerParts(model, l, h, b.shape, async (logits, routing) => {
+          routed = routing;
           profiler?.observe(l, mlp.experts, mlp.topK, routing, await be.read(logits));
         });
+        if (opts.onMoe) await opts.onMoe(l, parts.xn, routed!);
         if (keep) {
           xs.push(await readCopy(model, parts.x));
           xns.push(await readCopy(model, parts.xn));

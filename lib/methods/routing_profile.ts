@@ -5,6 +5,12 @@
 // wbar of a condensed expert.
 
 import type { Routing } from "../backend/backend.ts";
+import { readResults, ResultsError } from "../io/results.ts";
+import type { ExpertSaliency } from "./expert_saliency.ts";
+
+/** Results file kind and schema of scripts/profile_routing.ts. */
+export const PROFILE_KIND = "routing-profile";
+export const PROFILE_SCHEMA = 1;
 
 export interface LayerProfile {
   layer: number;
@@ -127,4 +133,60 @@ export function formatProfile(p: RoutingProfile): string {
     );
   }
   return lines.join("\n");
+}
+
+/** What a profile was computed on, as the search results record it. */
+export interface ProfileData {
+  /** The profile_routing.ts results file it came from, or null (computed by the search). */
+  file: string | null;
+  docs: number;
+  tokens: number;
+  /** Tokens per document, BOS included (the full length was capped at this). */
+  max_len: number;
+  full_length: boolean;
+}
+
+/**
+ * A profile written by scripts/profile_routing.ts, for a search: refused unless it was
+ * computed on the same model folder (hash) and calibration file (sha256), and covers every
+ * MoE layer (layer index -> number of routed experts) of the model.
+ */
+export async function readProfileFile(
+  path: string,
+  want: { modelHash: string; dataSha256: string; moeLayers: Map<number, number> },
+): Promise<{ profile: RoutingProfile; data: ProfileData; saliency?: ExpertSaliency }> {
+  const r = await readResults(path, PROFILE_KIND, PROFILE_SCHEMA);
+  const model = r.model as { path?: string; hash?: string } | undefined;
+  const data = r.data as { path?: string; sha256?: string; docs?: number; tokens?: number };
+  const settings = r.settings as { max_len?: number; full_length?: boolean } | undefined;
+  if (model?.hash !== want.modelHash) {
+    throw new ResultsError(
+      path,
+      `profile of another model (${model?.path}: model hash differs from the searched model's)`,
+    );
+  }
+  if (data?.sha256 !== want.dataSha256) {
+    throw new ResultsError(
+      path,
+      `profile of other calibration text (${data?.path}: sha256 differs from --data's)`,
+    );
+  }
+  const profile = r.profile as RoutingProfile | undefined;
+  for (const [l, experts] of want.moeLayers) {
+    const lp = profile?.layers?.[l];
+    if (!Array.isArray(lp?.avg_w) || lp.avg_w.length !== experts) {
+      throw new ResultsError(path, `no profile of MoE layer ${l} with ${experts} experts`);
+    }
+  }
+  return {
+    profile: profile!,
+    saliency: r.saliency as ExpertSaliency | undefined,
+    data: {
+      file: path,
+      docs: data.docs!,
+      tokens: data.tokens!,
+      max_len: settings?.max_len!,
+      full_length: !!settings?.full_length,
+    },
+  };
 }

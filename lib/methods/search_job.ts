@@ -5,6 +5,7 @@
 import { CpuBackend } from "../backend/cpu.ts";
 import type { Backend } from "../backend/backend.ts";
 import {
+  hashFile,
   hashModelFolder,
   readResults,
   resultsHeader,
@@ -38,7 +39,13 @@ import {
 } from "./layer_search.ts";
 import { Reference } from "./divergence.ts";
 import { type LayerChange, moeSpec } from "./plan.ts";
-import { type RoutingProfile, RoutingProfiler } from "./routing_profile.ts";
+import {
+  type ProfileData,
+  readProfileFile,
+  type RoutingProfile,
+  RoutingProfiler,
+} from "./routing_profile.ts";
+import { type ExpertSaliency, SaliencyRecorder } from "./expert_saliency.ts";
 
 export const SEARCH_SCHEMA = 1;
 export const SEARCH_KIND = "cdmoe-search";
@@ -49,7 +56,15 @@ export interface SearchSettings {
   data: string;
   name: string;
   docs: number;
+  /** Tokens per document in the searches, BOS included. */
   maxLen: number;
+  /**
+   * Tokens per document in the routing profile (null: full length, capped at the model's
+   * max_position_embeddings; the release profiles whole documents).
+   */
+  profileMaxLen: number | null;
+  /** A routing profile written by scripts/profile_routing.ts, used instead of profiling. */
+  profile: string | null;
   batchSize: number;
   bos: BosMode;
   /** Layer-search metric. */
@@ -90,7 +105,10 @@ export interface VariantResult {
 interface State {
   identity: Record<string, unknown>;
   profile?: RoutingProfile;
+  profile_data?: ProfileData;
   profile_seconds?: number;
+  /** Expert pruning's criteria, from the profile pass (a state from before has none). */
+  saliency?: ExpertSaliency;
   experts: Record<string, ExpertSearchResult>;
   variants: Record<string, VariantResult>;
 }
@@ -105,8 +123,8 @@ export interface JobOptions {
   progress?: boolean;
   /**
    * Called when a stage ends: "setup" (model hash, calibration tokens, state), "profile",
-   * "experts <l>", "layers <variant>" (the scale bench measures each stage's time and
-   * memory from here).
+   * "cache" (the searches' pass, where the profile had its own), "experts <l>", "layers
+   * <variant>" (the scale bench measures each stage's time and memory from here).
    */
   onStage?: (stage: string) => void | Promise<void>;
 }
@@ -169,6 +187,12 @@ async function runLoaded(
     batchSize: s.batchSize,
   });
   const modelHash = await hashModelFolder(s.model);
+  // A profile from a file: checked before anything runs or is written.
+  const fromFile = s.profile === null ? null : await readProfileFile(s.profile, {
+    modelHash,
+    dataSha256: calib.sha256,
+    moeLayers: new Map(moe.map((l) => [l, moeSpec(model, l).experts])),
+  });
   const {
     layerwise: _memoryOnly,
     cacheMemory: _memory,
@@ -183,6 +207,7 @@ async function runLoaded(
     model_hash: modelHash,
     data_sha256: calib.sha256,
     settings: { ...resultSettings, experts: k, layers: n },
+    ...(s.profile === null ? {} : { profile_sha256: await hashFile(s.profile) }),
   };
 
   // Resume: same identity only.
@@ -224,29 +249,76 @@ async function runLoaded(
 
   await opts.onStage?.("setup");
 
-  // 1. Profile (and, in fast mode, the layer cache every later step reuses).
+  // 1. Profile (and, in fast mode, the layer cache every later step reuses). As the
+  // release, the profile sees the calibration documents at full length (capped at the
+  // model's context) and only the searches truncate; with equal lengths one pass does both.
   let cache: LayerCache | null = null;
   const expertsLeft = s.variants.includes("sr") && k > 0 && moe.some((l) => !state.experts[l]);
   const layersLeft = s.variants.some((v) => (state.variants[v]?.steps.length ?? 0) < n);
   const needCache = !s.naive && (expertsLeft || layersLeft);
+  const L = model.spec.numLayers, profileLen = s.profileMaxLen ?? model.spec.maxPositions;
+  const profileData = (c: { docs: number; tokens: number }): ProfileData => ({
+    file: null,
+    docs: c.docs,
+    tokens: c.tokens,
+    max_len: profileLen,
+    full_length: s.profileMaxLen === null,
+  });
+  // A state written before saliency was recorded profiles again, recording both.
+  if (state.profile && !state.saliency && !state.profile_data?.file) delete state.profile;
+  if (!state.profile && fromFile) {
+    state.profile = fromFile.profile;
+    state.profile_data = fromFile.data;
+    state.saliency = fromFile.saliency; // absent in a profile written before saliency was
+    await save();
+  }
+  if (!state.profile && profileLen !== s.maxLen) {
+    const tp = performance.now();
+    const pcalib = await loadCalibration(s.data, tok, {
+      docs: s.docs,
+      maxLen: profileLen,
+      bos: s.bos,
+      bosTokenId: model.spec.bosTokenId,
+      batchSize: s.batchSize,
+    });
+    log(`profile: ${pcalib.docs} docs, ${pcalib.tokens} tokens (up to ${profileLen} a document)`);
+    const profiler = new RoutingProfiler(), saliency = new SaliencyRecorder();
+    const p = bar("profile", L, "tokens");
+    await calibrationPass(model, pcalib.batches, profiler, {
+      layerwise: s.layerwise,
+      keepCache: false,
+      progress: (done) => p(done, (done * pcalib.tokens) / L),
+      onMoe: (l, xn, routing) => saliency.observe(model, l, xn, routing),
+    });
+    state.profile = profiler.result();
+    state.saliency = saliency.result();
+    state.profile_data = profileData(pcalib);
+    state.profile_seconds = (performance.now() - tp) / 1000;
+    await save();
+    await opts.onStage?.("profile");
+  }
   if (!state.profile || needCache) {
     const tp = performance.now();
-    const profiler = new RoutingProfiler();
-    const L = model.spec.numLayers;
-    const p = bar(state.profile ? "cache" : "profile", L, "tokens");
+    // Saliency is recorded in the pass that records the profile (expert pruning's criteria).
+    const profiler = state.profile ? null : new RoutingProfiler();
+    const saliency = profiler ? new SaliencyRecorder() : null;
+    const p = bar(profiler ? "profile" : "cache", L, "tokens");
     cache = await calibrationPass(model, calib.batches, profiler, {
       layerwise: s.layerwise,
       store: opts.store,
       keepCache: needCache,
       progress: (done) => p(done, (done * calib.tokens) / L),
+      onMoe: saliency ? (l, xn, routing) => saliency.observe(model, l, xn, routing) : undefined,
     });
-    if (!state.profile) {
+    if (profiler) {
+      state.saliency = saliency!.result();
       state.profile = profiler.result();
+      state.profile_data = profileData(calib);
       state.profile_seconds = (performance.now() - tp) / 1000;
-      await save();
     }
+    await save();
     if (!needCache) cache = null;
-    await opts.onStage?.("profile");
+    await opts.onStage?.(profiler ? "profile" : "cache");
   }
   const avgW = (l: number) => state.profile!.layers[l].avg_w;
 
@@ -330,12 +402,16 @@ async function runLoaded(
       docs: calib.docs,
       tokens: calib.tokens,
       bos: calib.bos,
+      profile: state.profile_data,
     },
     settings: { ...identity.settings, variants: s.variants, layerwise: s.layerwise },
     notes: {
       routing_weight: "avg_w = mean over selecting tokens of the weight the model uses " +
         "(raw softmax prob; renormalised over top-k only when the config normalises)",
-      expert_search: "divergence of decoder layer l's output (residual stream)",
+      profile: "routing profile over the calibration documents at full length (capped at " +
+        "max_position_embeddings) unless data.profile says otherwise; the searches truncate",
+      expert_search: "divergence of HF hidden_states[l + 1]: decoder layer l's output " +
+        "(residual stream), after the final norm for the last decoder layer",
       layer_search: onHidden(s.metric)
         ? "divergence of the final hidden state after the final norm"
         : "divergence on logits",
@@ -345,6 +421,7 @@ async function runLoaded(
     },
     profile: state.profile,
     profile_seconds: state.profile_seconds,
+    saliency: state.saliency,
     expert_search: state.experts,
     // Every variant the state has finished (a rerun that adds a variant keeps the others).
     layer_search: state.variants,

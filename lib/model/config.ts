@@ -9,7 +9,10 @@ export class ConfigError extends Error {
   }
 }
 
-export type ModelType = "deepseek" | "qwen2_moe" | "olmoe" | "mixtral";
+export type ModelType = "deepseek" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "mixtral";
+
+/** Compressed experts' main weights: divided by the top-k sum (the release) or the main sum. */
+export type RenormOver = "top_k" | "main";
 
 /** How top-k routing weights are renormalised. */
 export interface Renorm {
@@ -34,12 +37,20 @@ export type MlpSpec =
     /**
      * Compressed experts (He et al. 2025): the first `mainExperts` of the sorted top-k run
      * in full, the other topK - mainExperts are replaced by the layer's `ces` scaling
-     * vectors (see lib/methods/compressed_experts.ts). Absent: plain top-k.
+     * vectors (see lib/model/compressed_experts.ts). Absent: plain top-k.
      */
     mainExperts?: number;
+    /**
+     * Where the architecture renormalises, what the main experts' weights are divided by:
+     * "top_k", the sum over all top-k probabilities (the compressed-experts release,
+     * default), or "main", the main experts' sum (ces = ones is then plain top-k_m).
+     */
+    renormOver?: RenormOver;
   }
   /** LayerDrop: the MLP block is removed, the residual passes through. */
   | { kind: "none" };
+
+export type MoeSpec = Extract<MlpSpec, { kind: "moe" }>;
 
 export interface LayerSpec {
   index: number;
@@ -73,8 +84,13 @@ export interface ModelSpec {
   tieEmbeddings: boolean;
   qkvBias: boolean;
   oBias: boolean;
-  /** OLMoE: RMSNorm over the whole q and k projections. */
+  /** RMSNorms q_norm / k_norm on q and k after the projections, before RoPE. */
   qkNorm: boolean;
+  /**
+   * Rows those norms run over: false (OLMoE) the whole projection, one weight of heads *
+   * headDim; true (Qwen3-MoE) each head, one weight of headDim shared by the heads.
+   */
+  qkNormPerHead: boolean;
   clipQkv: number | null;
   names: TensorNames;
   layers: LayerSpec[];
@@ -139,6 +155,35 @@ const DEFAULTS: Record<ModelType, Record<string, unknown>> = {
     eos_token_id: null,
     pad_token_id: null,
   },
+  // Qwen3MoeConfig of transformers v4.51-v4.57. It has no head_dim key: the attention
+  // reads config.head_dim when present, hidden_size / num_attention_heads otherwise.
+  qwen3_moe: {
+    vocab_size: 151936,
+    hidden_size: 2048,
+    intermediate_size: 6144,
+    num_hidden_layers: 24,
+    num_attention_heads: 32,
+    num_key_value_heads: 4,
+    hidden_act: "silu",
+    max_position_embeddings: 32768,
+    rms_norm_eps: 1e-6,
+    tie_word_embeddings: false,
+    rope_theta: 10000.0,
+    rope_scaling: null,
+    attention_bias: false,
+    use_sliding_window: false,
+    sliding_window: 4096,
+    max_window_layers: 28,
+    decoder_sparse_step: 1,
+    moe_intermediate_size: 768,
+    num_experts_per_tok: 8,
+    num_experts: 128,
+    norm_topk_prob: false,
+    mlp_only_layers: null,
+    bos_token_id: null,
+    eos_token_id: null,
+    pad_token_id: null,
+  },
   olmoe: {
     vocab_size: 50304,
     hidden_size: 2048,
@@ -194,6 +239,11 @@ const NAMES: Record<ModelType, TensorNames> = {
     proj: { gate: "gate_proj", up: "up_proj", down: "down_proj" },
     shared: "shared_expert",
   },
+  qwen3_moe: {
+    moeBlock: "mlp",
+    proj: { gate: "gate_proj", up: "up_proj", down: "down_proj" },
+    shared: null,
+  },
   olmoe: {
     moeBlock: "mlp",
     proj: { gate: "gate_proj", up: "up_proj", down: "down_proj" },
@@ -210,7 +260,7 @@ export const SUPPORTED_MODEL_TYPES = Object.keys(DEFAULTS) as ModelType[];
 
 /** Build the model description from a parsed config.json. `path` names it in errors. */
 export function parseModelConfig(raw: Record<string, unknown>, path = "config.json"): ModelSpec {
-  const modelType = raw.model_type as ModelType;
+  const modelType = sourceModelType(raw, path) as ModelType;
   if (typeof modelType !== "string") throw new ConfigError(path, `missing "model_type"`);
   if (!(modelType in DEFAULTS)) {
     throw new ConfigError(
@@ -266,12 +316,25 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
     throw new ConfigError(
       path,
-      `head dimension ${headDim} (hidden_size / num_attention_heads) must be an even integer`,
+      `head dimension ${headDim} (${
+        cfg.head_dim != null ? "head_dim" : "hidden_size / num_attention_heads"
+      }) must be an even integer`,
     );
+  }
+  // transformers v5 writes rope_theta and the scaling as one "rope_parameters" object.
+  const rp = cfg.rope_parameters;
+  if (rp !== null && rp !== undefined) {
+    if (typeof rp !== "object" || Array.isArray(rp)) {
+      throw new ConfigError(path, `"rope_parameters" must be an object`);
+    }
+    const { rope_theta, ...scaling } = rp as Record<string, unknown>;
+    if (rope_theta !== undefined) cfg.rope_theta = rope_theta;
+    cfg.rope_scaling = scaling.rope_type === undefined ? null : scaling; // no type: default
   }
   let ropeLinearFactor = 1;
   const rs = cfg.rope_scaling as Record<string, unknown> | null;
-  if (rs !== null && rs !== undefined) {
+  // rope_type "default" is plain RoPE (transformers' name for no scaling).
+  if (rs !== null && rs !== undefined && (rs.rope_type ?? rs.type) !== "default") {
     const type = rs.rope_type ?? rs.type;
     if (type !== "linear" || typeof rs.factor !== "number" || rs.factor <= 0) {
       throw new ConfigError(
@@ -283,10 +346,18 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
   }
   const numLayers = int("num_hidden_layers");
 
-  let qkvBias = false, oBias = false, qkNorm = false, clipQkv: number | null = null;
+  let qkvBias = false, oBias = false, qkNorm = false, qkNormPerHead = false;
+  let clipQkv: number | null = null;
   const layers: LayerSpec[] = [];
   const dense = (): MlpSpec => ({ kind: "dense", width: int("intermediate_size") });
 
+  // Qwen2-MoE and Qwen3-MoE: which layers are sparse.
+  const qwenSparse = (l: number): boolean => {
+    const mlpOnly = cfg.mlp_only_layers ?? [];
+    if (!Array.isArray(mlpOnly)) throw new ConfigError(path, `"mlp_only_layers" must be a list`);
+    return !mlpOnly.includes(l) && int("num_experts", 0) > 0 &&
+      (l + 1) % int("decoder_sparse_step") === 0;
+  };
   for (let l = 0; l < numLayers; l++) {
     let mlp: MlpSpec;
     let window: number | null = null;
@@ -319,13 +390,7 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
       }
       case "qwen2_moe": {
         qkvBias = true;
-        const mlpOnly = cfg.mlp_only_layers ?? [];
-        if (!Array.isArray(mlpOnly)) {
-          throw new ConfigError(path, `"mlp_only_layers" must be a list`);
-        }
-        const isMoe = !mlpOnly.includes(l) && int("num_experts", 0) > 0 &&
-          (l + 1) % int("decoder_sparse_step") === 0;
-        mlp = isMoe
+        mlp = qwenSparse(l)
           ? {
             kind: "moe",
             experts: int("num_experts"),
@@ -339,6 +404,26 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
         if (bool("use_sliding_window") && l >= int("max_window_layers", 0)) {
           window = optInt("sliding_window");
         }
+        break;
+      }
+      case "qwen3_moe": {
+        qkvBias = oBias = bool("attention_bias");
+        qkNorm = qkNormPerHead = true;
+        mlp = qwenSparse(l)
+          ? {
+            kind: "moe",
+            experts: int("num_experts"),
+            topK: int("num_experts_per_tok"),
+            expertWidth: int("moe_intermediate_size"),
+            renorm: { normalize: bool("norm_topk_prob"), eps: 0 },
+            sharedWidth: 0,
+            sharedGate: false,
+          }
+          : dense();
+        // The config sets sliding_window to None unless use_sliding_window; when set,
+        // transformers' eager attention masks every layer with it (max_window_layers
+        // does not enter that mask).
+        if (bool("use_sliding_window")) window = optInt("sliding_window");
         break;
       }
       case "olmoe": {
@@ -380,7 +465,7 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
   }
   applyCompressedLayers(raw.cdmoe, layers, path);
   if (raw.compressed_experts !== undefined && raw.compressed_experts !== null) {
-    const ce = raw.compressed_experts as { main_experts?: unknown };
+    const ce = raw.compressed_experts as { main_experts?: unknown; renorm_over?: unknown };
     if (typeof ce !== "object" || Array.isArray(ce)) {
       throw new ConfigError(path, `"compressed_experts" must be {"main_experts": k_m}`);
     }
@@ -389,6 +474,8 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
       ce.main_experts,
       `${path}: "compressed_experts.main_experts"`,
       modelType,
+      ce.renorm_over ?? "top_k",
+      `${path}: "compressed_experts.renorm_over"`,
     );
   }
 
@@ -408,6 +495,7 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
     qkvBias,
     oBias,
     qkNorm,
+    qkNormPerHead,
     clipQkv,
     names: NAMES[modelType],
     layers,
@@ -415,6 +503,29 @@ export function parseModelConfig(raw: Record<string, unknown>, path = "config.js
     eosTokenId: firstId(cfg.eos_token_id),
     padTokenId: optInt("pad_token_id"),
   };
+}
+
+/**
+ * model_type a condensed checkpoint's config.json carries: "<original>_cdmoe", so that
+ * loaders that do not know the layout (transformers, vLLM) refuse the folder instead of
+ * building the full MoE around missing weights. The original is under "cdmoe.original".
+ */
+export const CDMOE_SUFFIX = "_cdmoe";
+
+/** The architecture behind model_type: "<t>_cdmoe" -> t (folders written before keep t). */
+function sourceModelType(raw: Record<string, unknown>, path: string): unknown {
+  const t = raw.model_type;
+  if (typeof t !== "string" || !t.endsWith(CDMOE_SUFFIX)) return t;
+  const original = (raw.cdmoe as { original?: { model_type?: unknown } } | null | undefined)
+    ?.original?.model_type;
+  if (`${original}${CDMOE_SUFFIX}` !== t) {
+    throw new ConfigError(
+      path,
+      `model_type "${t}" marks a condensed checkpoint, but "cdmoe.original.model_type" is ` +
+        `${JSON.stringify(original)}`,
+    );
+  }
+  return original;
 }
 
 /**
@@ -478,16 +589,25 @@ function applyCompressedLayers(cdmoe: unknown, layers: LayerSpec[], path: string
  * Turn every MoE layer into a compressed-experts layer with `mainExperts` full experts
  * (from config.json's "compressed_experts" section or a CLI flag; `where` names it in
  * errors). k_m must leave at least one auxiliary expert: 1 <= k_m <= topK - 1.
+ * `renormOver` ("top_k" or "main", `renormWhere` in errors): see MlpSpec.renormOver.
  */
 export function enableCompressedExperts(
   layers: LayerSpec[],
   mainExperts: unknown,
   where: string,
   modelType?: ModelType,
+  renormOver: unknown = "top_k",
+  renormWhere = where,
 ): void {
   const moe = layers.filter((l) => l.mlp.kind === "moe");
   if (moe.length === 0) {
     throw new ConfigError(where, "compressed experts need MoE layers, but the model has none");
+  }
+  if (renormOver !== "top_k" && renormOver !== "main") {
+    throw new ConfigError(
+      renormWhere,
+      `must be "top_k" or "main", got ${JSON.stringify(renormOver)}`,
+    );
   }
   for (const layer of moe) {
     const mlp = layer.mlp as Extract<MlpSpec, { kind: "moe" }>;
@@ -502,8 +622,10 @@ export function enableCompressedExperts(
       );
     }
     mlp.mainExperts = mainExperts as number;
-    // The main weights follow plain top-k_m routing, and DeepSeek never renormalises top-1.
-    if (modelType === "deepseek" && mainExperts === 1) {
+    mlp.renormOver = renormOver;
+    // "main": the main weights follow plain top-k_m routing, and DeepSeek never
+    // renormalises top-1. ("top_k" renormalises as top-k routing does, and k > 1.)
+    if (renormOver === "main" && modelType === "deepseek" && mainExperts === 1) {
       mlp.renorm = { ...mlp.renorm, normalize: false };
     }
   }

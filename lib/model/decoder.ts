@@ -8,18 +8,13 @@ import {
   hasDeviceCompressedExperts,
   kvCacheRows,
   type KvRows,
+  numelOf,
   type RopeSpec,
   type Routing,
   type Tensor,
   type Weight,
 } from "../backend/backend.ts";
-import {
-  type CeRouting,
-  cesSlots,
-  type MoeSpec,
-  splitRouting,
-  thetaOf,
-} from "../methods/compressed_experts.ts";
+import { type CeRouting, cesSlots, splitRouting, thetaOf } from "./compressed_experts.ts";
 import {
   denseName,
   expertName,
@@ -27,6 +22,8 @@ import {
   type MlpNames,
   mlpNames,
   type MlpSpec,
+  type ModelSpec,
+  type MoeSpec,
   routerName,
   sharedGateName,
   sharedName,
@@ -214,7 +211,7 @@ export async function attentionBlock(
 }
 
 /**
- * Attention's q, k and v of layer l, normed (OLMoE), clipped (clip_qkv) and rotated as HF
+ * Attention's q, k and v of layer l, normed (OLMoE, Qwen3-MoE), clipped (clip_qkv) and rotated as HF
  * does. Inference runs one matmul over the three projections stacked (Model.rowStack),
  * then splitQkv with RoPE fused in, unless q/k norms must come between the two; a model
  * in training (no stacks) runs the three weights. Given a cache, the fused split writes k
@@ -257,8 +254,8 @@ async function qkvProjections(
   }
   if (rotated) return { q, k, v };
   if (s.qkNorm) {
-    q = replace(q, be.rmsNorm(q, await model.weight(`${p}q_norm.weight`), s.eps));
-    k = replace(k, be.rmsNorm(k, await model.weight(`${p}k_norm.weight`), s.eps));
+    q = replace(q, await qkNorm(model, l, q, "q"));
+    k = replace(k, await qkNorm(model, l, k, "k"));
   }
   if (s.clipQkv !== null) {
     q = replace(q, be.clamp(q, s.clipQkv));
@@ -269,6 +266,27 @@ async function qkvProjections(
   q = replace(q, be.rope(q, positions, s.heads, s.headDim, theta, linearFactor));
   k = replace(k, be.rope(k, positions, s.kvHeads, s.headDim, theta, linearFactor));
   return { q, k, v };
+}
+
+/**
+ * The rows q_norm / k_norm normalise, for q or k [N, heads * headDim]: each row (OLMoE), or
+ * with qkNormPerHead each head's headDim entries, [N * heads, headDim] (Qwen3-MoE: one
+ * weight of headDim shared by the heads).
+ */
+export function qkNormShape(spec: ModelSpec, x: Tensor): readonly number[] {
+  return spec.qkNormPerHead ? [numelOf(x.shape) / spec.headDim, spec.headDim] : x.shape;
+}
+
+/** Layer l's q_norm (`which` "q") or k_norm of x, a new tensor of x's shape. */
+export async function qkNorm(
+  model: Model,
+  l: number,
+  x: Tensor,
+  which: "q" | "k",
+): Promise<Tensor> {
+  const be = model.backend, s = model.spec;
+  const w = await model.weight(`${layerPrefix(l)}self_attn.${which}_norm.weight`);
+  return be.reshape(be.rmsNorm(be.reshape(x, qkNormShape(s, x)), w, s.eps), x.shape);
 }
 
 /**
@@ -396,6 +414,7 @@ async function compressedExpertsOnDevice(
   const route = {
     k: mlp.topK,
     mainExperts: mlp.mainExperts!,
+    renormOver: mlp.renormOver ?? "top_k",
     normalize: mlp.renorm.normalize,
     eps: mlp.renorm.eps,
   };
@@ -424,7 +443,7 @@ export interface ScaledExpertValues {
 }
 
 /**
- * Compressed experts (lib/methods/compressed_experts.ts): theta per token from the aux
+ * Compressed experts (compressed_experts.ts): theta per token from the aux
  * experts' ces vectors, then each main expert on its tokens with scaled inputs and
  * intermediate: out[t] += w_m * down(silu(gate(x*theta0)) * up(x*theta2) * theta1).
  * The input scales are per token, so x*theta0 and x*theta2 are taken once a token, before

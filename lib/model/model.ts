@@ -17,12 +17,15 @@ import {
   readTensor,
 } from "../io/checkpoint.ts";
 import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
-import { prepareCompressedExperts } from "../methods/compressed_experts.ts";
 import {
+  cesName,
+  cesWidth,
+  ConfigError,
   expertName,
   layerPrefix,
   type MlpNames,
   type ModelSpec,
+  type MoeSpec,
   parseModelConfig,
 } from "./config.ts";
 
@@ -353,4 +356,40 @@ export class Model {
     this.release("");
     closeCheckpoint(this.ckpt);
   }
+}
+
+/** Expected shape of layer l's ces tensor. */
+export function cesShape(model: Model, mlp: MoeSpec): [number, number, number] {
+  return [mlp.experts, 3, cesWidth(model.spec, mlp)];
+}
+
+/**
+ * For every compressed-experts layer: check the checkpoint's ces shape, or put a ces of
+ * ones in memory when the checkpoint has none (the model then equals plain top-k_m).
+ */
+export function prepareCompressedExperts(model: Model): void {
+  model.spec.layers.forEach((layer, l) => {
+    if (layer.mlp.kind !== "moe" || layer.mlp.mainExperts === undefined) return;
+    const name = cesName(model.spec, l), want = cesShape(model, layer.mlp);
+    const file = model.ckpt.files.get(name);
+    if (file) {
+      const shape = file.tensors.get(name)!.shape;
+      if (shape.join(",") !== want.join(",")) {
+        throw new ConfigError(
+          `${model.ckpt.dir}: tensor "${name}"`,
+          `shape [${shape}] does not match the config's compressed experts [${want}] ` +
+            `(experts, 3, max(hidden, expert width))`,
+        );
+      }
+      return;
+    }
+    if (model.has(name)) return; // already put in memory
+    const ones = new Float32Array(want[0] * want[1] * want[2]).fill(1);
+    model.putTensor({
+      name,
+      dtype: "F32",
+      shape: want,
+      bytes: new Uint8Array(ones.buffer),
+    });
+  });
 }

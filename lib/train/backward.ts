@@ -13,7 +13,7 @@ import {
   type TrainingBackend,
   type Weight,
 } from "../backend/backend.ts";
-import { type CeRouting, cesSlots, type MoeSpec } from "../methods/compressed_experts.ts";
+import { type CeRouting, cesSlots } from "../model/compressed_experts.ts";
 import {
   cesName,
   cesWidth,
@@ -22,6 +22,7 @@ import {
   layerPrefix,
   type MlpNames,
   mlpNames,
+  type MoeSpec,
   routerName,
   sharedGateName,
   sharedName,
@@ -31,6 +32,8 @@ import {
   dispatchCompressedExperts,
   groupByExpert,
   positionsFor,
+  qkNorm,
+  qkNormShape,
   type ScaledExpertValues,
   scaledTensors,
 } from "../model/decoder.ts";
@@ -53,7 +56,7 @@ interface AttentionTape {
   q0: Tensor; // [N, heads*hd] q_proj output
   k0: Tensor; // [N, kvHeads*hd]
   v0: Tensor;
-  qn?: Tensor; // q_norm / k_norm outputs (OLMoE)
+  qn?: Tensor; // q_norm / k_norm outputs (OLMoE, Qwen3-MoE)
   kn?: Tensor;
   q: Tensor; // after RoPE: attention inputs
   k: Tensor;
@@ -175,8 +178,8 @@ async function attentionForward(
   const t: AttentionTape = { xn, q0, k0, v0 } as AttentionTape;
   let q = q0, k = k0, v = v0;
   if (s.qkNorm) {
-    q = t.qn = b.rmsNorm(q0, await w(model, `${p}q_norm.weight`), s.eps);
-    k = t.kn = b.rmsNorm(k0, await w(model, `${p}k_norm.weight`), s.eps);
+    q = t.qn = await qkNorm(model, l, q0, "q");
+    k = t.kn = await qkNorm(model, l, k0, "k");
   }
   if (s.clipQkv !== null) q = b.clamp(q, s.clipQkv), k = b.clamp(k, s.clipQkv);
   if (s.clipQkv !== null) v = b.clamp(v0, s.clipQkv);
@@ -244,26 +247,20 @@ async function attentionBackward(
     gv = replace(gv, b.clampBackward(t.v0, gv, s.clipQkv));
   }
   if (s.qkNorm) {
-    gq = replace(
-      gq,
-      b.rmsNormBackward(
-        t.q0,
-        await w(model, `${p}q_norm.weight`),
-        gq,
+    // Over the rows the forward normalised (per head for Qwen3-MoE), then back to q's shape.
+    const normBackward = async (x: Tensor, dy: Tensor, which: "q" | "k") => {
+      const name = `${p}${which}_norm.weight`, rows = qkNormShape(s, x);
+      const dx = b.rmsNormBackward(
+        b.reshape(x, rows),
+        await w(model, name),
+        b.reshape(dy, rows),
         s.eps,
-        grads.get(`${p}q_norm.weight`),
-      ),
-    );
-    gk = replace(
-      gk,
-      b.rmsNormBackward(
-        t.k0,
-        await w(model, `${p}k_norm.weight`),
-        gk,
-        s.eps,
-        grads.get(`${p}k_norm.weight`),
-      ),
-    );
+        grads.get(name),
+      );
+      return b.reshape(dx, x.shape);
+    };
+    gq = replace(gq, await normBackward(t.q0, gq, "q"));
+    gk = replace(gk, await normBackward(t.k0, gk, "k"));
   }
   let dxn: Tensor | null = null;
   for (const [name, g] of [["q_proj", gq], ["k_proj", gk], ["v_proj", gv]] as const) {
@@ -659,7 +656,7 @@ function freeTape(model: Model, t: LayerTape): void {
   }
 }
 
-// ---- compressed experts (lib/methods/compressed_experts.ts) -------------------------
+// ---- compressed experts (lib/model/compressed_experts.ts) ---------------------------
 // The forward is the decoder's dispatchCompressedExperts, keeping each expert's values.
 
 function freeCeExpert(model: Model, e: ScaledExpertValues): void {
@@ -773,17 +770,20 @@ async function ceBackward(
       const at = tok * ka + j;
       mean += split.auxAlpha[at] * dAlphas[tok * E + split.auxIndices[at]];
     }
+    // w_m = p_m / Z, Z = eps + the sum of p over the main or all top-k experts when
+    // renormalising (else 1): dp_j = [j main] dw_j / Z - [j in Z's sum] sum_m w_m dw_m / Z
+    let wdw = 0;
+    for (let j = 0; j < km; j++) wdw += split.mainWeights[tok * km + j] * dMain[tok * km + j];
+    const z = split.mainDivisor[tok], normalize = mlp.renorm.normalize;
+    const auxInZ = normalize && mlp.renormOver !== "main" ? wdw / z : 0;
     const auxSum = split.auxSum[tok];
     for (let j = 0; j < ka; j++) {
       const dAlpha = dAlphas[tok * E + split.auxIndices[tok * ka + j]];
-      dRaw[tok * k + km + j] = auxSum > 0 ? (dAlpha - mean) / auxSum : 0;
+      dRaw[tok * k + km + j] = (auxSum > 0 ? (dAlpha - mean) / auxSum : 0) - auxInZ;
     }
-    // w_m = p_m / Z (Z = sum of main p + eps when renormalising, else 1)
-    let wdw = 0;
-    for (let j = 0; j < km; j++) wdw += split.mainWeights[tok * km + j] * dMain[tok * km + j];
     for (let j = 0; j < km; j++) {
       const dw = dMain[tok * km + j];
-      dRaw[tok * k + j] = mlp.renorm.normalize ? (dw - wdw) / split.mainSum[tok] : dw;
+      dRaw[tok * k + j] = normalize ? (dw - wdw) / z : dw;
     }
   }
   const dLogits = b.routeTopKBackward(t.logits!, t.routing!, dRaw, false, 0);

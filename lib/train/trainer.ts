@@ -123,7 +123,12 @@ export function condensedLayers(model: Model): number[] {
 
 export type Schedule = "linear" | "cosine" | "constant";
 
-/** lr at optimizer step `step` (1-based) of `total`: linear warmup, then decay to 0. */
+/**
+ * lr at optimizer step `step` (1-based) of `total`: linear warmup from 0, then decay to 0,
+ * as Hugging Face's schedulers (get_linear/cosine/constant_schedule_with_warmup), whose
+ * LambdaLR gives update i (0-based) the factor i / warmup while i < warmup: the first
+ * update of a warmup runs at lr 0.
+ */
 export function learningRate(
   step: number,
   total: number,
@@ -131,7 +136,7 @@ export function learningRate(
   schedule: Schedule,
   warmup = 0,
 ): number {
-  if (warmup > 0 && step <= warmup) return (base * step) / warmup;
+  if (warmup > 0 && step <= warmup) return (base * (step - 1)) / warmup;
   const span = Math.max(1, total - warmup);
   const done = Math.min(1, (step - warmup - 1) / span); // 0 at the first decayed step
   if (schedule === "linear") return base * (1 - done); // as HF get_linear_schedule_with_warmup
@@ -268,6 +273,18 @@ interface Param {
   grad: Tensor;
   m: Tensor;
   v: Tensor;
+  /** Whether weight decay applies (see decays). */
+  decay: boolean;
+}
+
+/**
+ * Whether AdamW's weight decay applies to tensor `name`. Not to biases and norm weights,
+ * as Hugging Face's Trainer (get_decay_parameter_names: every LayerNorm/RMSNorm weight
+ * and every "bias" is left out), nor to compressed experts' ces: multiplicative scales
+ * that start at ones, which decay would pull toward 0 rather than toward their start.
+ */
+export function decays(name: string): boolean {
+  return !(name.endsWith(".bias") || name.endsWith("norm.weight") || name.endsWith(".ces"));
 }
 
 /** The trainable tensors with their gradients and AdamW moments. */
@@ -285,7 +302,7 @@ export class Optimizer {
     for (const name of names) {
       const weight = await model.weight(name);
       const zeros = () => be.tensor(new Float32Array(numelOf(weight.shape)), weight.shape);
-      opt.params.push({ name, weight, grad: zeros(), m: zeros(), v: zeros() });
+      opt.params.push({ name, weight, grad: zeros(), m: zeros(), v: zeros(), decay: decays(name) });
     }
     return opt;
   }
@@ -315,7 +332,7 @@ export class Optimizer {
         beta1: h.beta1,
         beta2: h.beta2,
         eps: h.eps,
-        weightDecay: h.weightDecay,
+        weightDecay: p.decay ? h.weightDecay : 0,
         step: this.step,
         gradScale,
       });
