@@ -4,7 +4,7 @@
 // are gone; dropped layers/blocks lose their tensors. The same tensor list serves the
 // size report, the checkpoint writer and the in-memory condensed model.
 
-import type { DType, RawTensor } from "../io/safetensors.ts";
+import type { DType, LazyTensor, RawTensor } from "../io/safetensors.ts";
 import { DTYPE_BYTES, f32ToBf16Bits, numel, toFloat32 } from "../io/safetensors.ts";
 import {
   readTensor,
@@ -272,20 +272,29 @@ export async function writeCondensedCheckpoint(
   const planned = planTensors(model, plan);
   let files: string[] = [];
   await writeCheckpointFolder(model.ckpt, outDir, async (tmp, weights) => {
-    files = await weights(planned.map((t) => ({
-      name: t.name,
-      dtype: t.dtype,
-      shape: t.shape,
-      bytes: async () => (t.build ? await t.build() : await readTensor(model.ckpt, t.name)).bytes,
-    })));
+    files = await weights(lazyPlanned(model, planned));
     await writeTextNamed(
       `${tmp}/config.json`,
       JSON.stringify(condensedConfig(model, plan, provenance), null, 2) + "\n",
     );
   }, layout);
-  let bytesAfter = 0;
-  for (const f of files) {
-    if (f.endsWith(".safetensors")) bytesAfter += await sizeOf(`${outDir}/${f}`);
-  }
+  const bytesAfter = await weightBytes(outDir, files);
   return { bytesBefore, bytesAfter, params: planSize(planned).params, tensors: planned.length };
+}
+
+/** Planned tensors as the writers take them: each built or read when its turn comes. */
+export function lazyPlanned(model: Model, planned: PlannedTensor[]): LazyTensor[] {
+  return planned.map((t) => ({
+    name: t.name,
+    dtype: t.dtype,
+    shape: t.shape,
+    bytes: async () => (t.build ? await t.build() : await readTensor(model.ckpt, t.name)).bytes,
+  }));
+}
+
+/** Bytes of the weight files among `files` (as a WeightsWriter returns them) in `dir`. */
+export async function weightBytes(dir: string, files: string[]): Promise<number> {
+  let bytes = 0;
+  for (const f of files) if (f.endsWith(".safetensors")) bytes += await sizeOf(`${dir}/${f}`);
+  return bytes;
 }
