@@ -318,7 +318,8 @@ export function checkpointWeights(config: Record<string, unknown>): PlannedWeigh
  * bf16 bytes of a PlannedWeight filled from a seed: uniform in [-a, a] with a = std sqrt(3),
  * as 65,536 equally likely levels (a table of their bf16 values, indexed by 16 random bits:
  * xorshift32 seeded from the tensor's name, so a model's first layers are the same whatever
- * its depth). A table lookup a value instead of float arithmetic: 3x faster.
+ * its depth). A table lookup a value instead of float arithmetic and rounding: 3.2-3.7
+ * against 4.6-5.0 ns a value.
  */
 export function synthesizeBf16(w: PlannedWeight, seed: number): Uint8Array {
   const n = w.shape.reduce((a, b) => a * b, 1);
