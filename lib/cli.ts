@@ -49,6 +49,7 @@ export async function runMain(main: () => Promise<void>): Promise<void> {
       "ConfigError",
       "DataError",
       "ResultsError",
+      "SpillError",
       "TrainingDivergedError",
     ];
     console.error(`error: ${expected.includes(err.name) ? err.message : err.stack ?? err.message}`);

@@ -7,6 +7,8 @@
 //   train       training tokens/s per backend
 //   layerwise   peak memory of the layer-wise mode vs all weights resident
 //   divergence  the searches' JS divergence per entry, JS, SIMD and WebGPU
+//   scale       only when named: the pipeline on synthesized prefixes of published models,
+//               its cost model and projections to the paper's settings (minutes)
 // A section is a BenchSection ({ name, run }) registered by one line in SECTIONS; they run
 // in that order, each adding its keys to the result.
 
@@ -18,6 +20,7 @@ import { divergenceSection } from "../lib/bench/divergence.ts";
 import { forwardSection } from "../lib/bench/forward.ts";
 import { layerwiseChild, layerwiseSection } from "../lib/bench/layerwise.ts";
 import { matmulSection } from "../lib/bench/matmul.ts";
+import { scaleSection } from "../lib/bench/scale.ts";
 import { trainSection } from "../lib/bench/train.ts";
 import { createBackend, parseCli, positiveInt, runMain, UsageError } from "../lib/cli.ts";
 import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
@@ -30,13 +33,16 @@ const SECTIONS: BenchSection[] = [
   trainSection,
   layerwiseSection,
   divergenceSection,
+  scaleSection,
 ];
 const SECTION_NAMES = SECTIONS.map((s) => s.name);
+/** Sections that run only when --only names them. */
+const ON_REQUEST = ["scale"];
 
 const USAGE = `Usage: deno task bench [options]
 
   --only LIST        sections to run: ${SECTION_NAMES.join(",")}
-                     (default all)
+                     (default all but ${ON_REQUEST.join(",")})
   --backends LIST    cpu,cpu-reference,webgpu (default all; an unavailable one is recorded, not fatal)
   --model DIR        model for the forward section (default data/models/tiny-deepseek-moe)
   --repeats N        timed repeats per measurement, median reported (default 3)
@@ -60,7 +66,8 @@ await runMain(async () => {
     new URL("../results/tmp/synthetic-moe", import.meta.url).pathname;
   if (args.child) return await layerwiseChild(args.child, syntheticDir);
 
-  const sections = (args.only ?? SECTION_NAMES.join(",")).split(",");
+  const sections = (args.only ?? SECTION_NAMES.filter((s) => !ON_REQUEST.includes(s)).join(","))
+    .split(",");
   for (const s of sections) {
     if (!SECTION_NAMES.includes(s)) throw new UsageError(`unknown section "${s}"`);
   }

@@ -35,7 +35,7 @@ Compares top-k, top-k_m, top-k_m + compressed experts (trained) and top-1 on one
   -h, --help`;
 
 const ROOT = new URL("../", import.meta.url).pathname;
-const LINKED = ["model.safetensors", "tokenizer.json", "tokenizer_config.json"];
+const LINKED = ["tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"];
 
 /** A variant folder: the source's config with `changes`, its tensors and tokenizer linked. */
 async function variant(src: string, dir: string, changes: Record<string, unknown>) {
@@ -43,7 +43,11 @@ async function variant(src: string, dir: string, changes: Record<string, unknown
   await Deno.mkdir(dir, { recursive: true });
   const config = { ...(await readJson(`${src}/config.json`)), ...changes };
   await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(config, null, 2) + "\n");
-  for (const f of LINKED) {
+  // The weights: model.safetensors, or the shards an index names.
+  const shards = [...Deno.readDirSync(src)].map((e) => e.name).filter((n) =>
+    n.endsWith(".safetensors")
+  );
+  for (const f of [...LINKED, ...shards]) {
     const path = await Deno.realPath(`${src}/${f}`).catch(() => null);
     if (path) await Deno.symlink(path, `${dir}/${f}`);
   }

@@ -3,7 +3,7 @@
 
 import { parseCli, runMain } from "../lib/cli.ts";
 import { resultsHeader, resultsPath, writeJsonAtomic } from "../lib/io/results.ts";
-import { choiceFlag, intFlag, UsageError } from "../lib/methods/cli.ts";
+import { choiceFlag, intFlag, sizeFlag, UsageError } from "../lib/methods/cli.ts";
 import { condenseFromSearch } from "../lib/methods/condense_job.ts";
 import { type Variant, VARIANTS } from "../lib/methods/layer_search.ts";
 
@@ -14,6 +14,9 @@ greedy order are condensed (one dense SwiGLU MLP: shared + kept experts, each ke
 expert's down-projection scaled by its wbar = avg_w) or dropped. Weights stay in the
 source dtype (bf16 stays bf16: the wbar fold-in is rounded once). config.json records
 the changes under "cdmoe"; tokenizer files are copied. Prints real bytes before/after.
+Weights are written one tensor at a time, as model-0000i-of-0000n.safetensors shards with
+model.safetensors.index.json when the source is sharded or they pass --max-shard-size,
+else one model.safetensors (as Hugging Face's save_pretrained).
 
 Options:
   --search FILE   results/search/<date>-<name>.json from deno task search (required)
@@ -22,6 +25,7 @@ Options:
   --variant V     ${VARIANTS.join(", ")} (default sr)
   --experts K     experts kept per layer for sr (default: the search's k)
   --model DIR     source model (default: the path recorded in the search; must match its hash)
+  --max-shard-size SIZE  largest shard, e.g. 5GB, 500MB, 1GiB (default 5GB)
   --results DIR   where to record the run (default results; writes results/condense/)
   -h, --help      this help
 `;
@@ -35,6 +39,7 @@ await runMain(async () => {
     experts: { type: "string" },
     model: { type: "string" },
     results: { type: "string" },
+    "max-shard-size": { type: "string" },
   });
   if (!values.search) throw new UsageError("--search is required (see --help)");
   if (!values.out) throw new UsageError("--out is required (see --help)");
@@ -47,6 +52,9 @@ await runMain(async () => {
     variant,
     layers: intFlag(values.layers, "--layers", 1),
     experts: values.experts === undefined ? undefined : intFlag(values.experts, "--experts", 0, 0),
+    maxShardBytes: values["max-shard-size"] === undefined
+      ? undefined
+      : sizeFlag(values["max-shard-size"], "--max-shard-size"),
   }, values.out);
   const pct = (100 * r.bytesAfter / r.bytesBefore).toFixed(1);
   console.log(`changed layers: ${[...r.plan.keys()].join(", ")} (${variant}, k=${r.k})`);

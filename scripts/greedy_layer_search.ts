@@ -10,12 +10,15 @@ import {
   choiceFlag,
   intFlag,
   lengthFlag,
+  sizeFlag,
   UsageError,
 } from "../lib/methods/cli.ts";
 import { DEFAULT_MAX_LEN } from "../lib/methods/calibration.ts";
 import { METRICS, parseMetric } from "../lib/methods/divergence.ts";
 import { type Variant, VARIANTS } from "../lib/methods/layer_search.ts";
-import { runSearchJob } from "../lib/methods/search_job.ts";
+import { DEFAULT_CACHE_MEMORY, runSearchJob } from "../lib/methods/search_job.ts";
+
+const CACHE_GIB = DEFAULT_CACHE_MEMORY / 2 ** 30;
 
 const HELP = `Usage: deno task search [options]
        deno run -A scripts/greedy_layer_search.ts [options]
@@ -54,7 +57,12 @@ ${
   --expert-metric M    expert-selection divergence on decoder-layer outputs:
                        js-hidden or cosine (default js-hidden)
   --naive              reference procedure: a full forward per candidate (slow; for checks)
-  --layerwise          release each layer's weights after use (models larger than memory)
+  --layerwise          release each layer's weights after use (models larger than memory),
+                       and keep at most --cache-memory of cached activations in memory
+  --cache-memory SIZE  cached activations (layer inputs, expert outputs) held in memory
+                       before the rest is written to --spill-dir, e.g. 2GiB or 0 (default
+                       ${CACHE_GIB}GiB with --layerwise, else no limit); results do not change
+  --spill-dir DIR      where spilled activations go (default: the system temp folder)
   --name NAME          results/state name (default: model folder name, "-naive" appended)
   --results DIR        results root (default results)
   --fresh              ignore an existing state file and start over
@@ -76,6 +84,8 @@ await runMain(async () => {
     "expert-metric": { type: "string" },
     naive: { type: "boolean" },
     fresh: { type: "boolean" },
+    "cache-memory": { type: "string" },
+    "spill-dir": { type: "string" },
   });
   const { model: modelFlag, data, docs, batchSize, bos } = calibrationFlags(values);
   const model = modelFlag.replace(/\/+$/, "");
@@ -116,6 +126,12 @@ await runMain(async () => {
     variants,
     naive,
     layerwise: !!values.layerwise,
+    cacheMemory: values["cache-memory"] === undefined
+      ? undefined
+      : values["cache-memory"].trim() === "0"
+      ? 0
+      : sizeFlag(values["cache-memory"], "--cache-memory"),
+    spillDir: values["spill-dir"],
   }, {
     resultsRoot: values.results,
     backend: await createBackend(values.backend),

@@ -343,6 +343,95 @@ Deno.test("architecture data: MoE layer placement and renormalisation per model 
   assert.equal(olmoe.eps, 1e-5);
 });
 
+Deno.test("sharded checkpoint bad inputs name the index or the shard", async () => {
+  // olmoe-a in three shards, then broken in one way each.
+  const sharded = async (edit: (dir: string, index: string) => Promise<void>) => {
+    const src = await openCheckpoint(`${FIXTURE_ROOT}olmoe-a`);
+    const names = [...src.files.keys()].sort();
+    const dir = await Deno.makeTempDir({ dir: tmp });
+    await Deno.copyFile(`${FIXTURE_ROOT}olmoe-a/config.json`, `${dir}/config.json`);
+    const weightMap: Record<string, string> = {};
+    const third = Math.ceil(names.length / 3);
+    for (let i = 0; i < 3; i++) {
+      const part = names.slice(i * third, (i + 1) * third);
+      const file = `model-0000${i + 1}-of-00003.safetensors`;
+      await writeSafetensors(
+        `${dir}/${file}`,
+        await Promise.all(part.map((n) => readTensor(src, n))),
+      );
+      for (const n of part) weightMap[n] = file;
+    }
+    closeCheckpoint(src);
+    const index = JSON.stringify({ metadata: {}, weight_map: weightMap }, null, 2);
+    await Deno.writeTextFile(`${dir}/model.safetensors.index.json`, index);
+    await edit(dir, index);
+    return dir;
+  };
+  const fine = await sharded(async () => {});
+  closeCheckpoint(await openCheckpoint(fine));
+
+  // A shard the index never names (its tensors would go unread).
+  let dir = await sharded((d, index) =>
+    Deno.writeTextFile(
+      `${d}/model.safetensors.index.json`,
+      index.replace(/"model-00002-of-00003\.safetensors"/g, '"model-00001-of-00003.safetensors"'),
+    )
+  );
+  await assert.rejects(
+    openCheckpoint(dir),
+    /index\.json: names no tensor in model-00002-of-00003\.safetensors: shard 2 of 3 is missing from the index/,
+  );
+
+  // The index names a tensor twice (JSON.parse alone would keep the last silently).
+  dir = await sharded((d, index) =>
+    Deno.writeTextFile(
+      `${d}/model.safetensors.index.json`,
+      index.replace(
+        '"weight_map": {',
+        '"weight_map": {\n    "model.norm.weight": "model-00001-of-00003.safetensors",',
+      ),
+    )
+  );
+  await assert.rejects(
+    openCheckpoint(dir),
+    /index\.json: "weight_map" names tensor "model\.norm\.weight" more than once/,
+  );
+
+  // A shard that ends early.
+  dir = await sharded(async (d) => {
+    const path = `${d}/model-00003-of-00003.safetensors`;
+    const bytes = await Deno.readFile(path);
+    await Deno.writeFile(path, bytes.subarray(0, bytes.length - 100));
+  });
+  await assert.rejects(
+    openCheckpoint(dir),
+    /model-00003-of-00003\.safetensors: tensor "[^"]+": data_offsets \[\d+,\d+\] run past the end of the file .*truncated/,
+  );
+
+  // A shard file named by the index is not there.
+  dir = await sharded((d) => Deno.remove(`${d}/model-00002-of-00003.safetensors`));
+  await assert.rejects(
+    openCheckpoint(dir),
+    /index\.json: names shard model-00002-of-00003\.safetensors, which is missing/,
+  );
+
+  // A tensor stored in two shards.
+  dir = await sharded(async (d) => {
+    const path = `${d}/model-00003-of-00003.safetensors`;
+    const f = await SafetensorsFile.open(path);
+    const tensors = await Promise.all([...f.tensors.keys()].map((n) => f.read(n)));
+    f.close();
+    const ck = await openCheckpoint(`${FIXTURE_ROOT}olmoe-a`);
+    tensors.push(await readTensor(ck, "model.embed_tokens.weight"));
+    closeCheckpoint(ck);
+    await writeSafetensors(path, tensors);
+  });
+  await assert.rejects(
+    openCheckpoint(dir),
+    /index\.json: tensor "model\.embed_tokens\.weight" is in both model-00001-of-00003\.safetensors and model-00003-of-00003\.safetensors/,
+  );
+});
+
 Deno.test("architecture data: qwen3_moe keys and Qwen3MoeConfig's class defaults", () => {
   // Nothing but the type: every key from the class (transformers v4.51-v4.57).
   const bare = parseModelConfig({ model_type: "qwen3_moe" });

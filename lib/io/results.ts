@@ -2,6 +2,8 @@
 // and the date it was written, and is written atomically (temp file + rename) so a killed
 // run never leaves half a file under the real name. Readers refuse other kinds/schemas.
 
+import { createHash } from "node:crypto";
+
 export class ResultsError extends Error {
   constructor(path: string, problem: string) {
     super(`${path}: ${problem}`);
@@ -108,8 +110,18 @@ export async function sha256Hex(bytes: Uint8Array | string): Promise<string> {
   return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+/** SHA-256 of a file, read in 16 MiB pieces (a shard of up to 1 GiB is hashed whole). */
 export async function hashFile(path: string): Promise<string> {
-  return sha256Hex(await Deno.readFile(path));
+  const hash = createHash("sha256"), file = await Deno.open(path);
+  try {
+    const buf = new Uint8Array(2 ** 24);
+    for (let n = await file.read(buf); n !== null; n = await file.read(buf)) {
+      hash.update(buf.subarray(0, n));
+    }
+  } finally {
+    file.close();
+  }
+  return hash.digest("hex");
 }
 
 /**

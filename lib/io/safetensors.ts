@@ -299,50 +299,109 @@ export function f32ToBf16Bits(x: Float32Array): Uint16Array {
 // ---- writer -------------------------------------------------------------------------
 
 /**
+ * A tensor to write whose bytes are made only when the writer reaches it, so a writer
+ * holds one tensor at a time, not the file (a condensed layer, a synthesized expert).
+ */
+export interface LazyTensor {
+  name: string;
+  dtype: DType;
+  shape: number[];
+  bytes: () => Promise<Uint8Array> | Uint8Array;
+}
+
+/** A RawTensor as a LazyTensor (its bytes are already there). */
+export function lazyOf(t: RawTensor): LazyTensor {
+  return { name: t.name, dtype: t.dtype, shape: t.shape, bytes: () => t.bytes };
+}
+
+/** Bytes a tensor of this dtype and shape takes in the data block. */
+export function tensorBytes(t: { dtype: DType; shape: readonly number[] }): number {
+  return numel(t.shape) * DTYPE_BYTES[t.dtype];
+}
+
+/**
  * Write tensors in sorted-name order with an 8-byte aligned data block, to `path.tmp`
  * then rename, so a killed writer never leaves a half-written file under the real name.
  */
-export async function writeSafetensors(
+export function writeSafetensors(
   path: string,
   tensors: RawTensor[],
+  metadata: Record<string, string> = { format: "pt" },
+): Promise<void> {
+  return writeSafetensorsLazy(path, tensors.map(lazyOf), metadata);
+}
+
+/**
+ * writeSafetensors for tensors made one at a time: the header comes from the shapes, then
+ * each tensor's bytes are made, checked against its shape and written. A failed write (a
+ * full disk) is an error naming the file, and its temp file is removed.
+ */
+export async function writeSafetensorsLazy(
+  path: string,
+  tensors: LazyTensor[],
   metadata: Record<string, string> = { format: "pt" },
 ): Promise<void> {
   const sorted = [...tensors].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   const header: Record<string, unknown> = { __metadata__: metadata };
   let offset = 0;
   for (const t of sorted) {
-    const expected = numel(t.shape) * DTYPE_BYTES[t.dtype];
-    if (t.bytes.length !== expected) {
-      throw new SafetensorsError(
-        path,
-        `tensor "${t.name}": ${t.bytes.length} bytes given for shape [${t.shape}] of ${t.dtype} ` +
-          `(${expected} expected)`,
-      );
-    }
     if (t.name in header) throw new SafetensorsError(path, `duplicate tensor name "${t.name}"`);
-    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + expected] };
-    offset += expected;
+    const size = tensorBytes(t);
+    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + size] };
+    offset += size;
   }
   let json = JSON.stringify(header);
   json += " ".repeat((8 - ((8 + new TextEncoder().encode(json).length) % 8)) % 8);
   const headerBytes = new TextEncoder().encode(json);
   const tmp = `${path}.tmp`;
   const file = await Deno.open(tmp, { write: true, create: true, truncate: true });
+  let written = 0;
+  const write = async (bytes: Uint8Array) => {
+    try {
+      await writeAll(file, bytes);
+    } catch (e) {
+      throw new SafetensorsError(
+        path,
+        `write failed after ${written} of ${8 + headerBytes.length + offset} bytes ` +
+          `(${(e as Error).message})`,
+      );
+    }
+    written += bytes.length;
+  };
   try {
-    const len = new Uint8Array(8);
-    new DataView(len.buffer).setBigUint64(0, BigInt(headerBytes.length), true);
-    await writeAll(file, len);
-    await writeAll(file, headerBytes);
-    for (const t of sorted) await writeAll(file, t.bytes);
-  } finally {
-    file.close();
+    try {
+      const len = new Uint8Array(8);
+      new DataView(len.buffer).setBigUint64(0, BigInt(headerBytes.length), true);
+      await write(len);
+      await write(headerBytes);
+      for (const t of sorted) {
+        const bytes = await t.bytes();
+        const expected = tensorBytes(t);
+        if (bytes.length !== expected) {
+          throw new SafetensorsError(
+            path,
+            `tensor "${t.name}": ${bytes.length} bytes given for shape [${t.shape}] of ` +
+              `${t.dtype} (${expected} expected)`,
+          );
+        }
+        await write(bytes);
+      }
+    } finally {
+      file.close();
+    }
+    await Deno.rename(tmp, path);
+  } catch (e) {
+    await Deno.remove(tmp).catch(() => {});
+    throw e;
   }
-  await Deno.rename(tmp, path);
 }
 
 async function writeAll(file: Deno.FsFile, bytes: Uint8Array): Promise<void> {
+  // In pieces of at most 64 MiB: one write() of a large buffer may be split anyway.
   let done = 0;
-  while (done < bytes.length) done += await file.write(bytes.subarray(done));
+  while (done < bytes.length) {
+    done += await file.write(bytes.subarray(done, done + 2 ** 26));
+  }
 }
 
 /** Helpers to build RawTensors for writing. */

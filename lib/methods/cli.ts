@@ -22,6 +22,25 @@ export function intFlag(value: string | undefined, flag: string, def: number, mi
   return n;
 }
 
+/** "5GB" (decimal, as HF counts), "500MB", "1GiB", or plain bytes. */
+export function sizeFlag(value: string, flag: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?$/i.exec(value.trim());
+  const units: Record<string, number> = {
+    b: 1,
+    kb: 1e3,
+    mb: 1e6,
+    gb: 1e9,
+    kib: 2 ** 10,
+    mib: 2 ** 20,
+    gib: 2 ** 30,
+  };
+  const bytes = m ? Number(m[1]) * units[(m[2] ?? "b").toLowerCase()] : NaN;
+  if (!Number.isFinite(bytes) || bytes < 1) {
+    throw new UsageError(`${flag}: expected a size like 5GB, 500MB or 1GiB, got "${value}"`);
+  }
+  return Math.floor(bytes);
+}
+
 /** A token length: an integer >= 2, or "full" (null: no truncation). Absent: `def`. */
 export function lengthFlag(
   value: string | undefined,

@@ -4,15 +4,15 @@
 // are gone; dropped layers/blocks lose their tensors. The same tensor list serves the
 // size report, the checkpoint writer and the in-memory condensed model.
 
-import type { DType, RawTensor } from "../io/safetensors.ts";
+import type { DType, LazyTensor, RawTensor } from "../io/safetensors.ts";
+import { DTYPE_BYTES, f32ToBf16Bits, numel, toFloat32 } from "../io/safetensors.ts";
 import {
-  DTYPE_BYTES,
-  f32ToBf16Bits,
-  numel,
-  toFloat32,
-  writeSafetensors,
-} from "../io/safetensors.ts";
-import { readTensor, tensorInfo, writeCheckpointFolder } from "../io/checkpoint.ts";
+  readTensor,
+  tensorInfo,
+  type WeightsLayout,
+  writeCheckpointFolder,
+  writeTextNamed,
+} from "../io/checkpoint.ts";
 import {
   CDMOE_SUFFIX,
   denseName,
@@ -75,13 +75,19 @@ export function planTensors(model: Model, plan: Plan): PlannedTensor[] {
     const dtype = tensorInfo(model.ckpt, expertName(model.spec, l, 0, "gate"))!.dtype;
     const W = condensedWidth(model, l, change.experts.length), H = model.spec.hidden;
     if (W === 0) continue; // nothing routed kept and no foldable shared expert
-    let dense: Promise<Record<"gate" | "up" | "down", RawTensor>> | null = null;
+    // The three are built together and kept until each was taken once, so a writer
+    // holds one condensed layer at a time.
+    let dense: Promise<Record<"gate" | "up" | "down", RawTensor>> | null = null, taken = 0;
     for (const p of PROJS) {
       built.push({
         name: denseName(l, p),
         dtype,
         shape: p === "down" ? [H, W] : [W, H],
-        build: async () => (await (dense ??= condenseLayerTensors(model, l, change, dtype)))[p],
+        build: async () => {
+          const tensors = await (dense ??= condenseLayerTensors(model, l, change, dtype));
+          if (++taken % PROJS.length === 0) dense = null;
+          return tensors[p];
+        },
       });
     }
   }
@@ -91,7 +97,15 @@ export function planTensors(model: Model, plan: Plan): PlannedTensor[] {
     const info = tensorInfo(model.ckpt, name)!;
     kept.push({ name, dtype: info.dtype, shape: info.shape });
   }
-  return [...kept, ...built];
+  // Layer by layer (embeddings first, the final norm and head last), as save_pretrained
+  // orders them, so a layer's tensors share a shard.
+  const rank = (name: string) => {
+    const m = /^model\.layers\.(\d+)\./.exec(name);
+    return m ? Number(m[1]) : name.startsWith("model.embed_tokens") ? -1 : Infinity;
+  };
+  return [...kept, ...built].sort((a, b) =>
+    rank(a.name) - rank(b.name) || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0)
+  );
 }
 
 /** Parameters and bytes of a planned tensor list. */
@@ -235,14 +249,17 @@ async function sizeOf(path: string): Promise<number> {
 
 /**
  * Write the compressed checkpoint to `outDir` (which must not exist): built in a temp
- * folder beside it and renamed at the end, so a failure leaves no partial output.
- * Returns real file bytes of the weights before and after.
+ * folder beside it and renamed at the end, so a failure leaves no partial output. Weights
+ * are written one tensor at a time, sharded like the source (and whenever they pass
+ * `layout.maxShardBytes`, 5 GB by default). Returns real file bytes of the weights before
+ * and after.
  */
 export async function writeCondensedCheckpoint(
   model: Model,
   plan: Plan,
   outDir: string,
   provenance: Provenance,
+  layout: WeightsLayout = {},
 ): Promise<{ bytesBefore: number; bytesAfter: number; params: number; tensors: number }> {
   try {
     await Deno.stat(outDir);
@@ -253,17 +270,31 @@ export async function writeCondensedCheckpoint(
   let bytesBefore = 0;
   for (const shard of model.ckpt.shards) bytesBefore += await sizeOf(shard.path);
   const planned = planTensors(model, plan);
-  await writeCheckpointFolder(model.ckpt, outDir, async (tmp) => {
-    const tensors: RawTensor[] = [];
-    for (const t of planned) {
-      tensors.push(t.build ? await t.build() : await readTensor(model.ckpt, t.name));
-    }
-    await writeSafetensors(`${tmp}/model.safetensors`, tensors);
-    await Deno.writeTextFile(
+  let files: string[] = [];
+  await writeCheckpointFolder(model.ckpt, outDir, async (tmp, weights) => {
+    files = await weights(lazyPlanned(model, planned));
+    await writeTextNamed(
       `${tmp}/config.json`,
       JSON.stringify(condensedConfig(model, plan, provenance), null, 2) + "\n",
     );
-  });
-  const bytesAfter = await sizeOf(`${outDir}/model.safetensors`);
+  }, layout);
+  const bytesAfter = await weightBytes(outDir, files);
   return { bytesBefore, bytesAfter, params: planSize(planned).params, tensors: planned.length };
+}
+
+/** Planned tensors as the writers take them: each built or read when its turn comes. */
+export function lazyPlanned(model: Model, planned: PlannedTensor[]): LazyTensor[] {
+  return planned.map((t) => ({
+    name: t.name,
+    dtype: t.dtype,
+    shape: t.shape,
+    bytes: async () => (t.build ? await t.build() : await readTensor(model.ckpt, t.name)).bytes,
+  }));
+}
+
+/** Bytes of the weight files among `files` (as a WeightsWriter returns them) in `dir`. */
+export async function weightBytes(dir: string, files: string[]): Promise<number> {
+  let bytes = 0;
+  for (const f of files) if (f.endsWith(".safetensors")) bytes += await sizeOf(`${dir}/${f}`);
+  return bytes;
 }

@@ -19,6 +19,8 @@ export interface CondenseRequest {
   layers: number;
   /** Experts kept per layer for sr (default: the search's k). */
   experts?: number;
+  /** Largest output shard (default 5 GB, as Hugging Face writes them). */
+  maxShardBytes?: number;
 }
 
 /** Read a search results file and turn (variant, N layers, k experts) into a plan. */
@@ -78,7 +80,9 @@ export async function condenseFromSearch(req: CondenseRequest, outDir: string) {
         ? "Qwen2-MoE: condensed layers keep the sigmoid-gated shared expert (gated_shared_size)"
         : undefined,
     };
-    const sizes = await writeCondensedCheckpoint(model, plan, outDir, provenance);
+    const sizes = await writeCondensedCheckpoint(model, plan, outDir, provenance, {
+      maxShardBytes: req.maxShardBytes,
+    });
     return { ...sizes, plan, k, provenance };
   } finally {
     model.close();

@@ -6,7 +6,9 @@
 // final norm of it.
 //
 // Fast (default, exact): the layer's input is cached once (x, xn per batch); every expert
-// is evaluated once on it, and a candidate's output is combined arithmetically,
+// is evaluated once on it (its outputs kept in the cache's ActivationStore, so on disk
+// past the store's budget: experts x tokens x hidden is 13.4 GB a DeepSeekMoE-16B layer
+// at 100 x 256 tokens), and a candidate's output is combined arithmetically,
 // x + (shared + sum wbar_e E_e), with the same f32 operations in the same order as the
 // naive path; on a backend with jsDivergenceRows (WebGPU) the outputs stay on the device
 // and candidates are built and scored there (f32 JS, docs/cd-moe.md). Naive (reference):
@@ -22,8 +24,9 @@ import { finalNorm, forward } from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
 import type { CalibrationBatch } from "./calibration.ts";
 import { JS_EPS, type Metric, Reference } from "./divergence.ts";
-import type { LayerCache } from "./layer_cache.ts";
+import { hiddenKey, type LayerCache, xKey, xnKey } from "./layer_cache.ts";
 import { condensedMlp, expertOutput, moeSpec, sharedOutput } from "./plan.ts";
+import { layerPrefix } from "../model/config.ts";
 
 export interface ExpertStep {
   chosen: number;
@@ -39,6 +42,8 @@ export interface ExpertSearchResult {
   wbar: number[];
   steps: ExpertStep[];
   seconds: number;
+  /** Fast search: of `seconds`, the time spent computing the experts' outputs. */
+  outputSeconds?: number;
 }
 
 export interface ExpertSearchOptions {
@@ -48,6 +53,13 @@ export interface ExpertSearchOptions {
   avgW: number[];
   /** Called after each candidate with (candidates done, total). */
   progress?: (done: number, total: number) => void;
+  /** Fast search: called after each expert's outputs are computed, with (done, experts). */
+  outputsProgress?: (done: number, total: number) => void;
+  /**
+   * Release weights once used: each expert's after its outputs (fast search), the layer's
+   * at the end, so one layer (fast: one expert) is resident (naive: each forward's layers).
+   */
+  layerwise?: boolean;
 }
 
 export function expertCandidateCount(experts: number, k: number): number {
@@ -81,54 +93,84 @@ export async function expertSearchFast(
 ): Promise<ExpertSearchResult> {
   const t0 = performance.now();
   const be = model.backend, H = model.spec.hidden, E = moeSpec(model, l).experts;
-  const { x, xn } = cache.moe.get(l)!;
+  const store = cache.store;
+  const x = await store.get(xKey(l)), xn = await store.get(xnKey(l));
   const batches = cache.batches;
   const ref = new Reference(opts.metric, H);
+  // The layer's output (read here and then dropped: the Reference keeps what it needs), or
+  // for the last layer its final norm.
   const target = layerTarget(model, l);
-  const original = target ? cache.finalHidden : cache.hIn[l + 1];
-  batches.forEach((b, bi) => ref.add(original[bi], b.shape, b.ids));
+  const original = target ? cache.finalHidden : await store.get(hiddenKey(l + 1));
+  for (const [bi, rows] of original.entries()) ref.add(rows, batches[bi].shape, batches[bi].ids);
 
-  // Every expert once on the cached input: base = shared output, expertOut[e][b].
-  const base: Tensor[] = [];
-  const expertOut: Tensor[][] = Array.from({ length: E }, () => []);
-  for (let bi = 0; bi < batches.length; bi++) {
-    const xt = be.tensor(xn[bi], [xn[bi].length / H, H]);
-    base.push(await sharedOutput(model, l, xt));
-    for (let e = 0; e < E; e++) expertOut[e].push(await expertOutput(model, l, e, xt));
-    be.free(xt);
-  }
+  // Every expert once on the cached input, expert by expert (one expert's weights used at
+  // a time): base = shared output, expert e's outputs on the device (a device scorer
+  // whose store has no budget) or in the store.
   const device = opts.metric === "js-hidden" && hasDeviceDivergence(be) ? be : null;
-  const scorer = device
-    ? deviceScorer(device, ref, x, base, expertOut, target)
-    : await hostScorer(be, ref, x, base, expertOut, target);
-
-  const total = expertCandidateCount(E, opts.k);
-  let done = 0;
-  const order: number[] = [], steps: ExpertStep[] = [];
+  const onDevice = device !== null && store.budgetBytes === Infinity;
+  const xt = xn.map((a) => be.tensor(a, [a.length / H, H]));
+  const base: Tensor[] = [];
+  for (const t of xt) base.push(await sharedOutput(model, l, t));
+  const deviceOut: Tensor[][] = [];
+  const outputs = (e: number) => `experts${l}.${e}`;
   try {
-    for (let step = 0; step < opts.k; step++) {
-      const candidates: Record<string, number> = {};
-      for (let c = 0; c < E; c++) {
-        if (order.includes(c)) continue;
-        const docMeans = await scorer.score(c, opts.avgW[c]);
-        candidates[c] = docMeans.reduce((a, b) => a + b, 0) / docMeans.length;
-        opts.progress?.(++done, total);
+    for (let e = 0; e < E; e++) {
+      const ys: Tensor[] = [];
+      for (const t of xt) ys.push(await expertOutput(model, l, e, t));
+      if (onDevice) deviceOut.push(ys);
+      else {
+        const values = await be.readAll(ys);
+        ys.forEach((y) => be.free(y));
+        await store.set(outputs(e), values);
       }
-      const best = pickBest(candidates);
-      order.push(best);
-      steps.push({ chosen: best, divergence: candidates[best], candidates });
-      scorer.accept(best, opts.avgW[best]);
+      if (opts.layerwise) {
+        model.release(`${layerPrefix(l)}${model.spec.names.moeBlock}.experts.${e}.`);
+      }
+      opts.outputsProgress?.(e + 1, E);
     }
+    xt.forEach((t) => be.free(t));
+    const outputSeconds = (performance.now() - t0) / 1000;
+    const upload = async (c: number) =>
+      (await store.get(outputs(c))).map((v) => be.tensor(v, [v.length / H, H]));
+    const scorer = device
+      ? onDevice
+        ? deviceScorer(device, ref, x, base, (c) => deviceOut[c], false, target)
+        : deviceScorer(device, ref, x, base, upload, true, target)
+      : await hostScorer(be, ref, x, base, (c) => store.get(outputs(c)), target);
+
+    const total = expertCandidateCount(E, opts.k);
+    let done = 0;
+    const order: number[] = [], steps: ExpertStep[] = [];
+    try {
+      for (let step = 0; step < opts.k; step++) {
+        const candidates: Record<string, number> = {};
+        for (let c = 0; c < E; c++) {
+          if (order.includes(c)) continue;
+          const docMeans = await scorer.score(c, opts.avgW[c]);
+          candidates[c] = docMeans.reduce((a, b) => a + b, 0) / docMeans.length;
+          opts.progress?.(++done, total);
+        }
+        const best = pickBest(candidates);
+        order.push(best);
+        steps.push({ chosen: best, divergence: candidates[best], candidates });
+        await scorer.accept(best, opts.avgW[best]);
+      }
+    } finally {
+      scorer.free();
+    }
+    return {
+      layer: l,
+      order,
+      wbar: order.map((e) => opts.avgW[e]),
+      steps,
+      seconds: (performance.now() - t0) / 1000,
+      outputSeconds,
+    };
   } finally {
-    scorer.free();
+    for (let e = 0; e < E; e++) store.delete(outputs(e));
+    deviceOut.flat().forEach((t) => be.free(t));
+    if (opts.layerwise) model.releaseLayer(l);
   }
-  return {
-    layer: l,
-    order,
-    wbar: order.map((e) => opts.avgW[e]),
-    steps,
-    seconds: (performance.now() - t0) / 1000,
-  };
 }
 
 /**
@@ -138,47 +180,45 @@ export async function expertSearchFast(
  */
 interface CandidateScorer {
   score(c: number, w: number): Promise<number[]>;
-  accept(c: number, w: number): void;
+  accept(c: number, w: number): Promise<void>;
   free(): void;
 }
 
-/** On the host, any metric: the outputs read back once, the Reference's rows in f64. */
+/** On the host, any metric: the Reference's rows in f64; expert outputs from `expertOut`. */
 async function hostScorer(
   be: Backend,
   ref: Reference,
   x: Float32Array[],
   baseTensors: Tensor[],
-  expertTensors: Tensor[][],
+  expertOut: (c: number) => Promise<Float32Array[]>,
   target: ((h: Tensor) => Promise<Tensor>) | null,
 ): Promise<CandidateScorer> {
   const H = baseTensors[0].shape[1];
-  // One read for every output: base's batches, then each expert's.
-  const all = [...baseTensors, ...expertTensors.flat()], values = await be.readAll(all);
-  all.forEach((t) => be.free(t));
-  const nb = baseTensors.length, base = values.slice(0, nb);
-  const expertOut = expertTensors.map((_, e) => values.slice(nb + e * nb, nb + (e + 1) * nb));
+  const base = await be.readAll(baseTensors);
+  baseTensors.forEach((t) => be.free(t));
   const scratch = x.map((xb) => new Float32Array(xb.length));
   return {
     async score(c, w) {
-      const docMeans: number[] = [];
+      const docMeans: number[] = [], out = await expertOut(c);
       for (let bi = 0; bi < x.length; bi++) {
-        const out = scratch[bi], xb = x[bi], bb = base[bi], eb = expertOut[c][bi];
+        const cand = scratch[bi], xb = x[bi], bb = base[bi], eb = out[bi];
         // f32 like the backend: scale, add to the MLP sum, add to the residual.
-        for (let i = 0; i < out.length; i++) {
-          out[i] = xb[i] + Math.fround(bb[i] + Math.fround(w * eb[i]));
+        for (let i = 0; i < cand.length; i++) {
+          cand[i] = xb[i] + Math.fround(bb[i] + Math.fround(w * eb[i]));
         }
-        if (!target) docMeans.push(...ref.docMeans(bi, out));
+        if (!target) docMeans.push(...ref.docMeans(bi, cand));
         else {
-          const h = be.tensor(out, [out.length / H, H]);
+          const h = be.tensor(cand, [cand.length / H, H]);
           docMeans.push(...ref.docMeans(bi, await readTarget(be, target, h)));
           be.free(h);
         }
       }
       return docMeans;
     },
-    accept(c, w) {
+    async accept(c, w) {
+      const out = await expertOut(c);
       for (let bi = 0; bi < x.length; bi++) {
-        const bb = base[bi], eb = expertOut[c][bi];
+        const bb = base[bi], eb = out[bi];
         for (let i = 0; i < bb.length; i++) bb[i] = bb[i] + Math.fround(w * eb[i]);
       }
     },
@@ -199,51 +239,66 @@ async function readTarget(
 }
 
 /**
- * On the device (JS on a backend with jsDivergenceRows): the outputs stay there, each
- * candidate is built by the backend's scale and adds and scored by its JS kernel, and only
- * one number a row comes back. For a large model this is most of the search: about
- * experts x k candidates a layer, each over tokens x hidden entries.
+ * On the device (JS on a backend with jsDivergenceRows): each candidate is built by the
+ * backend's scale and adds and scored by its JS kernel, and only one number a row comes
+ * back. For a large model this is most of the search: about experts x k candidates a
+ * layer, each over tokens x hidden entries. `expertOut` gives expert c's outputs on the
+ * device: kept there, or (`uploaded`) uploaded from the store for the call, freed after it.
  */
 function deviceScorer(
   be: Backend & DeviceDivergence,
   ref: Reference,
   x: Float32Array[],
   base: Tensor[],
-  expertOut: Tensor[][],
+  expertOut: (c: number) => Tensor[] | Promise<Tensor[]>,
+  uploaded: boolean,
   target: ((h: Tensor) => Promise<Tensor>) | null,
 ): CandidateScorer {
   const H = base[0].shape[1];
   const xt = x.map((xb) => be.tensor(xb, [xb.length / H, H]));
   const p = x.map((_, bi) => be.tensor(ref.probs(bi), [x[bi].length / H, H]));
+  const outputs = async (c: number, use: (out: Tensor[]) => Promise<void> | void) => {
+    const out = await expertOut(c);
+    try {
+      await use(out);
+    } finally {
+      if (uploaded) out.forEach((t) => be.free(t));
+    }
+  };
   // base + w expert_c, as the host's fround(bb + fround(w eb))
-  const withExpert = (bi: number, c: number, w: number) => {
-    const scaled = be.scale(expertOut[c][bi], w), sum = be.add(base[bi], scaled);
+  const withExpert = (bi: number, eb: Tensor, w: number) => {
+    const scaled = be.scale(eb, w), sum = be.add(base[bi], scaled);
     be.free(scaled);
     return sum;
   };
   return {
     async score(c, w) {
-      const js: Tensor[] = [];
-      for (let bi = 0; bi < x.length; bi++) {
-        const mlp = withExpert(bi, c, w), cand = be.add(xt[bi], mlp);
-        const compared = target ? await target(cand) : cand;
-        js.push(be.jsDivergenceRows(p[bi], compared, JS_EPS));
-        be.free(mlp), be.free(cand);
-        if (compared !== cand) be.free(compared);
-      }
-      const perRow = await be.readAll(js);
-      js.forEach((t) => be.free(t));
+      let perRow: Float32Array[] = [];
+      await outputs(c, async (out) => {
+        const js: Tensor[] = [];
+        for (let bi = 0; bi < x.length; bi++) {
+          const mlp = withExpert(bi, out[bi], w), cand = be.add(xt[bi], mlp);
+          const compared = target ? await target(cand) : cand;
+          js.push(be.jsDivergenceRows(p[bi], compared, JS_EPS));
+          be.free(mlp), be.free(cand);
+          if (compared !== cand) be.free(compared);
+        }
+        perRow = await be.readAll(js);
+        js.forEach((t) => be.free(t));
+      });
       return perRow.flatMap((rows, bi) => ref.meansOfRows(bi, rows));
     },
-    accept(c, w) {
-      for (let bi = 0; bi < x.length; bi++) {
-        const next = withExpert(bi, c, w);
-        be.free(base[bi]);
-        base[bi] = next;
-      }
+    async accept(c, w) {
+      await outputs(c, (out) => {
+        for (let bi = 0; bi < x.length; bi++) {
+          const next = withExpert(bi, out[bi], w);
+          be.free(base[bi]);
+          base[bi] = next;
+        }
+      });
     },
     free() {
-      for (const t of [...xt, ...p, ...base, ...expertOut.flat()]) be.free(t);
+      for (const t of [...xt, ...p, ...base]) be.free(t);
     },
   };
 }

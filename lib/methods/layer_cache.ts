@@ -2,27 +2,37 @@
 // batches through layer l before layer l+1, so layer-wise mode keeps one layer's
 // weights resident). It records what every later step reuses: the hidden state entering
 // each layer, each MoE layer's residual-after-attention x and normed MLP input xn, the
-// final normed hidden state, and the routing profile. Cached states live on the host.
+// final normed hidden state, and the routing profile. Cached states live on the host, in
+// an ActivationStore (spilled to disk past its memory budget).
 
 import type { Routing, Tensor } from "../backend/backend.ts";
 import { embed, finalNorm, lmHead } from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
+import { ActivationStore } from "./activations.ts";
 import type { CalibrationBatch } from "./calibration.ts";
 import { type LayerChange, moeLayerParts, moeSpec, runPlannedLayer } from "./plan.ts";
 import { RoutingProfiler } from "./routing_profile.ts";
 
 export interface LayerCache {
   batches: CalibrationBatch[];
-  /** hIn[l][b]: residual stream entering layer l; hIn[numLayers][b] = last layer's output. */
-  hIn: Float32Array[][];
-  /** Per MoE layer: x (residual after attention) and xn (normed MLP input) per batch. */
-  moe: Map<number, { x: Float32Array[]; xn: Float32Array[] }>;
+  /**
+   * Per batch: hiddenKey(l), the residual stream entering layer l (l = numLayers: the last
+   * layer's output); per MoE layer xKey(l), the residual after attention, and xnKey(l), the
+   * normed MLP input.
+   */
+  store: ActivationStore;
   /** Final normed hidden state per batch. */
   finalHidden: Float32Array[];
 }
 
+export const hiddenKey = (l: number) => `h${l}`;
+export const xKey = (l: number) => `x${l}`;
+export const xnKey = (l: number) => `xn${l}`;
+
 export interface PassOptions {
   layerwise?: boolean;
+  /** Where the cache goes (default: a store in memory without a budget). */
+  store?: ActivationStore;
   /** Keep x/xn and the per-layer states (default true; the profile alone needs none). */
   keepCache?: boolean;
   /** Called after each layer with (layers done, total layers). */
@@ -44,12 +54,14 @@ export async function calibrationPass(
   opts: PassOptions = {},
 ): Promise<LayerCache> {
   const be = model.backend, L = model.spec.numLayers;
-  const cache: LayerCache = { batches, hIn: [], moe: new Map(), finalHidden: [] };
+  const store = opts.store ?? new ActivationStore();
+  const cache: LayerCache = { batches, store, finalHidden: [] };
   let states: Float32Array[] = [];
   for (const b of batches) states.push(await readCopy(model, await embed(model, b.ids)));
+  if (opts.layerwise) model.release("model.embed_tokens.");
   const keep = opts.keepCache ?? true;
   for (let l = 0; l < L; l++) {
-    if (keep) cache.hIn.push(states);
+    if (keep) await store.set(hiddenKey(l), states);
     const next: Float32Array[] = [];
     const isMoe = model.spec.layers[l].mlp.kind === "moe";
     const xs: Float32Array[] = [], xns: Float32Array[] = [];
@@ -74,14 +86,14 @@ export async function calibrationPass(
       }
       be.free(h);
     }
-    if (isMoe && keep) cache.moe.set(l, { x: xs, xn: xns });
+    if (isMoe && keep) await store.set(xKey(l), xs), await store.set(xnKey(l), xns);
     if (opts.layerwise) model.releaseLayer(l);
     states = next;
     opts.progress?.(l + 1, L);
   }
   if (keep) {
-    cache.hIn.push(states);
     cache.finalHidden = await finalHiddenOf(model, states);
+    await store.set(hiddenKey(L), states);
   }
   return cache;
 }
@@ -116,11 +128,14 @@ export async function runFrom(
   start: number,
   states: Float32Array[],
   plan: Map<number, LayerChange>,
-  opts: PassOptions & { keep?: (l: number, states: Float32Array[]) => void; end?: number } = {},
+  opts: PassOptions & {
+    keep?: (l: number, states: Float32Array[]) => void | Promise<void>;
+    end?: number;
+  } = {},
 ): Promise<Float32Array[]> {
   const be = model.backend, H = model.spec.hidden, L = opts.end ?? model.spec.numLayers;
   for (let l = start; l < L; l++) {
-    if (l > start) opts.keep?.(l, states);
+    if (l > start) await opts.keep?.(l, states);
     const next: Float32Array[] = [];
     for (let bi = 0; bi < batches.length; bi++) {
       const h = be.tensor(states[bi], [states[bi].length / H, H]);
@@ -132,6 +147,6 @@ export async function runFrom(
     if (opts.layerwise) model.releaseLayer(l);
     states = next;
   }
-  opts.keep?.(L, states);
+  await opts.keep?.(L, states);
   return states;
 }

@@ -11,7 +11,7 @@ import { embed } from "../model/decoder.ts";
 import type { Model } from "../model/model.ts";
 import type { CalibrationBatch } from "./calibration.ts";
 import { type Metric, onHidden, Reference } from "./divergence.ts";
-import { finalHiddenOf, type LayerCache, logitsOf, runFrom } from "./layer_cache.ts";
+import { finalHiddenOf, hiddenKey, type LayerCache, logitsOf, runFrom } from "./layer_cache.ts";
 import type { LayerChange, Plan } from "./plan.ts";
 
 export const VARIANTS = ["sr", "s", "layerdrop", "blockdrop"] as const;
@@ -102,53 +102,89 @@ export async function layerSearchFast(
 ): Promise<LayerStep[]> {
   const steps = [...(opts.done ?? [])];
   const order = steps.map((s) => s.layer);
-  const batches = cache.batches, L = model.spec.numLayers;
-  // hIn[l]: states entering layer l under the current set; rebuilt once when resuming.
-  const hIn = cache.hIn.slice();
+  const batches = cache.batches, L = model.spec.numLayers, store = cache.store;
+  // hIn[l]: the store key of the states entering layer l under the current set (the
+  // original model's to begin with); rebuilt once when resuming. Keys are never reused,
+  // so a key names one set of states.
+  const hIn = Array.from({ length: L + 1 }, (_, l) => hiddenKey(l));
+  let version = 0;
+  const stateKey = (l: number) => `search.h${l}.${++version}`;
+  const adopt = (l: number, key: string) => {
+    if (hIn[l] !== hiddenKey(l)) store.delete(hIn[l]);
+    hIn[l] = key;
+  };
   if (order.length > 0) {
     const first = Math.min(...order);
-    await runFrom(model, batches, first, hIn[first], planOf(order, opts.changeFor), {
+    const states = await store.get(hIn[first]);
+    await runFrom(model, batches, first, states, planOf(order, opts.changeFor), {
       layerwise: opts.layerwise,
-      keep: (l, s) => (hIn[l] = s),
+      keep: async (l, s) => {
+        const key = stateKey(l);
+        await store.set(key, s);
+        adopt(l, key);
+      },
     });
   }
   let done = layerCandidateCount(opts.layers.length, steps.length);
   // Output of changed layer c computed from hIn[c]: reused while hIn[c] is the same
-  // array (no earlier layer changed since), saving one layer per candidate.
-  const changedOut = new Map<number, { input: Float32Array[]; out: Float32Array[] }>();
-  while (steps.length < opts.n) {
-    const candidates: Record<string, number> = {};
-    let bestKept: Float32Array[][] | null = null, bestD = Infinity, bestLayer = -1;
-    for (const c of opts.layers) {
-      if (order.includes(c)) continue;
-      const kept: Float32Array[][] = [];
-      const plan = planOf([...order, c], opts.changeFor);
-      let after = changedOut.get(c);
-      if (!after || after.input !== hIn[c]) {
-        const out = await runFrom(model, batches, c, hIn[c], plan, {
+  // states (no earlier layer changed since), saving one layer per candidate.
+  const changedOut = new Map<number, { input: string; out: string }>();
+  try {
+    while (steps.length < opts.n) {
+      const candidates: Record<string, number> = {};
+      // The states each later layer gets under the best candidate so far (store keys).
+      let bestKept: string[] | null = null, bestD = Infinity, bestLayer = -1;
+      for (const c of opts.layers) {
+        if (order.includes(c)) continue;
+        const kept: string[] = [];
+        const plan = planOf([...order, c], opts.changeFor);
+        let after = changedOut.get(c);
+        if (!after || after.input !== hIn[c]) {
+          const out = await runFrom(model, batches, c, await store.get(hIn[c]), plan, {
+            layerwise: opts.layerwise,
+            end: c + 1,
+          });
+          if (after) store.delete(after.out);
+          after = { input: hIn[c], out: `search.out${c}.${++version}` };
+          await store.set(after.out, out);
+          changedOut.set(c, after);
+        }
+        const out = await runFrom(model, batches, c + 1, await store.get(after.out), plan, {
           layerwise: opts.layerwise,
-          end: c + 1,
+          keep: async (l, s) => {
+            kept[l] = stateKey(l);
+            await store.set(kept[l], s);
+          },
         });
-        changedOut.set(c, after = { input: hIn[c], out });
+        const d = await finalDivergence(model, ref, out, opts.metric);
+        candidates[c] = d;
+        const worse = bestKept && !(d < bestD || (d === bestD && c < bestLayer));
+        for (const key of (worse ? kept : bestKept ?? []).filter(Boolean)) store.delete(key);
+        if (!worse) (bestD = d), (bestLayer = c), (bestKept = kept);
+        opts.progress?.(++done);
       }
-      kept[c + 1] = after.out;
-      const out = await runFrom(model, batches, c + 1, after.out, plan, {
-        layerwise: opts.layerwise,
-        keep: (l, s) => (kept[l] = s),
-      });
-      const d = await finalDivergence(model, ref, out, opts.metric);
-      candidates[c] = d;
-      if (d < bestD || (d === bestD && c < bestLayer)) {
-        (bestD = d), (bestLayer = c), (bestKept = kept);
+      const best = pickBest(candidates);
+      // The winner's changed output enters best + 1, its kept states the layers after.
+      adopt(best + 1, changedOut.get(best)!.out);
+      changedOut.delete(best);
+      for (const [l, key] of bestKept!.entries()) {
+        if (key === undefined) continue;
+        if (l >= best + 2) adopt(l, key);
+        else store.delete(key);
       }
-      opts.progress?.(++done);
+      order.push(best);
+      const step = {
+        step: steps.length + 1,
+        layer: best,
+        divergence: candidates[best],
+        candidates,
+      };
+      steps.push(step);
+      await opts.onStep?.(step, steps);
     }
-    const best = pickBest(candidates);
-    for (let l = best + 1; l <= L; l++) hIn[l] = bestKept![l];
-    order.push(best);
-    const step = { step: steps.length + 1, layer: best, divergence: candidates[best], candidates };
-    steps.push(step);
-    await opts.onStep?.(step, steps);
+  } finally {
+    for (let l = 0; l <= L; l++) if (hIn[l] !== hiddenKey(l)) store.delete(hIn[l]);
+    for (const { out } of changedOut.values()) store.delete(out);
   }
   return steps;
 }

@@ -4,12 +4,13 @@
 // checkpoint of the same architecture whose config only says fewer experts (and, if
 // asked, a smaller top-k), so any loader reads it as an ordinary smaller model.
 
-import { type RawTensor, writeSafetensors } from "../io/safetensors.ts";
+import type { RawTensor } from "../io/safetensors.ts";
 import {
   CheckpointError,
   readTensor,
   tensorInfo,
   writeCheckpointFolder,
+  writeTextNamed,
 } from "../io/checkpoint.ts";
 import {
   ConfigError,
@@ -22,7 +23,7 @@ import {
 } from "../model/config.ts";
 import type { Model } from "../model/model.ts";
 import { UsageError } from "../cli.ts";
-import { type PlannedTensor, planSize } from "./condense.ts";
+import { lazyPlanned, type PlannedTensor, planSize, weightBytes } from "./condense.ts";
 import { moeSpec } from "./plan.ts";
 
 export interface Pruning {
@@ -256,14 +257,12 @@ export async function writePrunedCheckpoint(
   const planned = prunedTensors(model, pruning);
   let bytesBefore = 0;
   for (const shard of model.ckpt.shards) bytesBefore += await sizeOf(shard.path);
-  await writeCheckpointFolder(model.ckpt, outDir, async (tmp) => {
-    const tensors: RawTensor[] = [];
-    for (const t of planned) {
-      tensors.push(t.build ? await t.build() : await readTensor(model.ckpt, t.name));
-    }
-    await writeSafetensors(`${tmp}/model.safetensors`, tensors);
-    await Deno.writeTextFile(`${tmp}/config.json`, JSON.stringify(config, null, 2) + "\n");
+  // One tensor at a time, sharded like the source (condense.ts's writer).
+  let files: string[] = [];
+  await writeCheckpointFolder(model.ckpt, outDir, async (tmp, weights) => {
+    files = await weights(lazyPlanned(model, planned));
+    await writeTextNamed(`${tmp}/config.json`, JSON.stringify(config, null, 2) + "\n");
   });
-  const bytesAfter = await sizeOf(`${outDir}/model.safetensors`);
+  const bytesAfter = await weightBytes(outDir, files);
   return { bytesBefore, bytesAfter, params: planSize(planned).params, tensors: planned.length };
 }

@@ -27,6 +27,7 @@ import {
   type ExpertSearchResult,
 } from "./expert_search.ts";
 import { calibrationPass, type LayerCache } from "./layer_cache.ts";
+import { ActivationStore } from "./activations.ts";
 import {
   finalReference,
   layerCandidateCount,
@@ -77,7 +78,17 @@ export interface SearchSettings {
   variants: Variant[];
   naive: boolean;
   layerwise: boolean;
+  /**
+   * Bytes of cached activations kept in memory before the rest spills to disk (memory
+   * only, like layerwise; default: DEFAULT_CACHE_MEMORY with layerwise, else no limit).
+   */
+  cacheMemory?: number;
+  /** Where spilled activations go (default: the system's temp folder). */
+  spillDir?: string;
 }
+
+/** The cache's memory budget with --layerwise: spilling beyond it costs little (docs/scale.md). */
+export const DEFAULT_CACHE_MEMORY = 2 ** 30;
 
 export interface SizeInfo {
   params: number;
@@ -110,6 +121,12 @@ export interface JobOptions {
   log?: (line: string) => void;
   /** Show progress lines on stderr. */
   progress?: boolean;
+  /**
+   * Called when a stage ends: "setup" (model hash, calibration tokens, state), "profile",
+   * "cache" (the searches' pass, where the profile had its own), "experts <l>", "layers
+   * <variant>" (the scale bench measures each stage's time and memory from here).
+   */
+  onStage?: (stage: string) => void | Promise<void>;
 }
 
 /** Validate, run (or resume) the job, and write the results file; returns the results object. */
@@ -118,9 +135,12 @@ export async function runSearchJob(settings: SearchSettings, opts: JobOptions = 
   const root = opts.resultsRoot ?? "results";
   const log = opts.log ?? ((s: string) => console.error(s));
   const model = await Model.load(settings.model, opts.backend ?? new CpuBackend());
+  const budget = settings.cacheMemory ?? (settings.layerwise ? DEFAULT_CACHE_MEMORY : Infinity);
+  const store = new ActivationStore(budget, settings.spillDir);
   try {
-    return await runLoaded(model, settings, root, opts, log, t0);
+    return await runLoaded(model, settings, root, { ...opts, store }, log, t0);
   } finally {
+    store.close();
     model.close();
   }
 }
@@ -153,7 +173,7 @@ async function runLoaded(
   model: Model,
   s: SearchSettings,
   root: string,
-  opts: JobOptions,
+  opts: JobOptions & { store: ActivationStore },
   log: (line: string) => void,
   t0: number,
 ) {
@@ -173,7 +193,13 @@ async function runLoaded(
     dataSha256: calib.sha256,
     moeLayers: new Map(moe.map((l) => [l, moeSpec(model, l).experts])),
   });
-  const { layerwise: _memoryOnly, variants: _independent, ...resultSettings } = s;
+  const {
+    layerwise: _memoryOnly,
+    cacheMemory: _memory,
+    spillDir: _where,
+    variants: _independent,
+    ...resultSettings
+  } = s;
   // What the finished steps depend on. Not --layerwise (memory only) and not --variant:
   // variants share the profile and expert search and are searched independently, so a
   // rerun may add variants to a state.
@@ -221,6 +247,8 @@ async function runLoaded(
       (s.naive ? ", NAIVE reference mode" : ""),
   );
 
+  await opts.onStage?.("setup");
+
   // 1. Profile (and, in fast mode, the layer cache every later step reuses). As the
   // release, the profile sees the calibration documents at full length (capped at the
   // model's context) and only the searches truncate; with equal lengths one pass does both.
@@ -267,6 +295,7 @@ async function runLoaded(
     state.profile_data = profileData(pcalib);
     state.profile_seconds = (performance.now() - tp) / 1000;
     await save();
+    await opts.onStage?.("profile");
   }
   if (!state.profile || needCache) {
     const tp = performance.now();
@@ -276,6 +305,8 @@ async function runLoaded(
     const p = bar(profiler ? "profile" : "cache", L, "tokens");
     cache = await calibrationPass(model, calib.batches, profiler, {
       layerwise: s.layerwise,
+      store: opts.store,
+      keepCache: needCache,
       progress: (done) => p(done, (done * calib.tokens) / L),
       onMoe: saliency ? (l, xn, routing) => saliency.observe(model, l, xn, routing) : undefined,
     });
@@ -287,6 +318,7 @@ async function runLoaded(
     }
     await save();
     if (!needCache) cache = null;
+    await opts.onStage?.(profiler ? "profile" : "cache");
   }
   const avgW = (l: number) => state.profile!.layers[l].avg_w;
 
@@ -297,17 +329,21 @@ async function runLoaded(
     const p = bar("expert search", total, "candidates");
     let before = 0;
     for (const l of todo) {
+      const outputs = bar(`expert outputs, layer ${l}`, moeSpec(model, l).experts, "experts");
       const o = {
         k,
         metric: s.expertMetric,
         avgW: avgW(l),
+        layerwise: s.layerwise,
         progress: (d: number) => p(before + d),
+        outputsProgress: (d: number) => outputs(d),
       };
       state.experts[l] = s.naive
-        ? await expertSearchNaive(model, calib.batches, l, { ...o, layerwise: s.layerwise })
+        ? await expertSearchNaive(model, calib.batches, l, o)
         : await expertSearchFast(model, cache!, l, o);
       before += expertCandidateCount(moeSpec(model, l).experts, k);
       await save();
+      await opts.onStage?.(`experts ${l}`);
     }
   }
 
@@ -352,6 +388,7 @@ async function runLoaded(
     };
     if (s.naive) await layerSearchNaive(model, calib.batches, ref, lo);
     else await layerSearchFast(model, cache!, ref, lo);
+    await opts.onStage?.(`layers ${variant}`);
     log(`layer search ${variant}: ${((performance.now() - tv) / 1000).toFixed(1)} s`);
   }
 
@@ -388,6 +425,13 @@ async function runLoaded(
     expert_search: state.experts,
     // Every variant the state has finished (a rerun that adds a variant keeps the others).
     layer_search: state.variants,
+    // This run's cached activations: the memory budget, and what went past it to disk.
+    cache: {
+      memory_budget_bytes: Number.isFinite(opts.store.budgetBytes) ? opts.store.budgetBytes : null,
+      peak_memory_bytes: opts.store.stats.peakMemoryBytes,
+      spilled_bytes: opts.store.stats.spilledBytes,
+      spill_read_bytes: opts.store.stats.readBytes,
+    },
     wall_seconds: (performance.now() - t0) / 1000,
   };
   const out = resultsPath(root, "search", s.name);

@@ -507,7 +507,7 @@ export async function writeTrainedCheckpoint(
 ): Promise<void> {
   const model = opt.model, be = model.backend as TrainingBackend;
   const trained = new Map(opt.params.map((p) => [p.name, p]));
-  await writeCheckpointFolder(model.ckpt, outDir, async (tmp) => {
+  await writeCheckpointFolder(model.ckpt, outDir, async (tmp, weights) => {
     const tensors: RawTensor[] = [];
     // ces kept only in memory (compressed experts enabled by a flag) are written in f32
     for (const name of cesNames(model)) {
@@ -528,7 +528,7 @@ export async function writeTrainedCheckpoint(
       const info = tensorInfo(model.ckpt, name)!;
       tensors.push(castTensor(name, [...info.shape], await be.readWeight(p.weight), info.dtype));
     }
-    await writeSafetensors(`${tmp}/model.safetensors`, tensors);
+    await weights(tensors);
     const ce = compressedExpertsConfig(model);
     const config = {
       ...model.ckpt.config,
