@@ -4,6 +4,7 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import type { Backend } from "./backend/backend.ts";
 import { CpuBackend } from "./backend/cpu.ts";
+import { noBlasNotice } from "./backend/blas.ts";
 
 /** A mistake in the user's input: printed without a stack trace. */
 export class UsageError extends Error {
@@ -58,8 +59,12 @@ export async function runMain(main: () => Promise<void>): Promise<void> {
 
 export async function createBackend(name: string | undefined): Promise<Backend> {
   switch (name ?? "cpu") {
-    case "cpu":
-      return new CpuBackend();
+    case "cpu": {
+      const backend = new CpuBackend();
+      const notice = noBlasNotice();
+      if (notice) console.error(notice);
+      return backend;
+    }
     case "cpu-reference":
       return new CpuBackend({ reference: true });
     case "webgpu": {

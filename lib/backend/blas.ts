@@ -140,6 +140,22 @@ export function loadBlas(): Blas | null {
 }
 
 /**
+ * The line a job prints on start when its matmul runs without BLAS (in WebAssembly SIMD,
+ * wasm_gemm.ts), naming what makes it faster; null with BLAS.
+ */
+export function noBlasNotice(): string | null {
+  if (loadBlas()) return null;
+  if (Deno.env.get("MOE_CONDENSE_BLAS") === "off") {
+    return "matmul: WebAssembly SIMD, as MOE_CONDENSE_BLAS=off asks (OpenBLAS is faster)";
+  }
+  const install = Deno.build.os === "linux"
+    ? "install libopenblas0-pthread (Debian/Ubuntu: sudo apt-get install libopenblas0-pthread)"
+    : "install OpenBLAS (libopenblas on the library path)";
+  return `matmul: no BLAS library found, so WebAssembly SIMD runs it (slower); ${install} ` +
+    "to make it faster";
+}
+
+/**
  * dlopen the library; if it is OpenBLAS and fell back to SSE-era kernels on a CPU with
  * AVX2 or AVX-512, open it again with OPENBLAS_CORETYPE naming the kernels the CPU's
  * instruction set allows (unless the user set OPENBLAS_CORETYPE: their choice stands).
