@@ -17,6 +17,8 @@
 //             trainable) per backend; on WebGPU also a step's submits and dispatches
 //   layerwise peak memory of the layer-wise mode vs all weights resident, on a generated
 //             multi-GB sharded checkpoint (each mode in its own process, peak RSS from /proc)
+//   wasm-gemm the WebAssembly SIMD GEMM (the matmul without OpenBLAS) beside OpenBLAS, GFLOP/s
+//             (lib/bench/wasm_gemm.ts)
 //   divergence the searches' JS divergence per entry: the JS loop and f64 SIMD lanes on one
 //             thread, SIMD on the default threads, and WebGPU's kernel (the expert search
 //             with --backend webgpu), on flat and peaked rows
@@ -57,11 +59,12 @@ import { JS_EPS, Reference } from "../lib/methods/divergence.ts";
 import { coreThreads, defaultThreads } from "../lib/backend/cpu_rows.ts";
 import { mulberry32 } from "../lib/random.ts";
 import { enableOnModel } from "../lib/methods/compressed_experts.ts";
+import { benchWasmGemm } from "../lib/bench/wasm_gemm.ts";
 
 const USAGE = `Usage: deno task bench [options]
 
   --only LIST        sections to run: matmul,attention,forward,decode,train,layerwise,
-                     divergence (default all)
+                     divergence,wasm-gemm (default all)
   --backends LIST    cpu,cpu-reference,webgpu (default all; an unavailable one is recorded, not fatal)
   --model DIR        model for the forward section (default data/models/tiny-deepseek-moe)
   --repeats N        timed repeats per measurement, median reported (default 3)
@@ -69,7 +72,16 @@ const USAGE = `Usage: deno task bench [options]
   --out FILE         result JSON (default results/bench/<date>.json)`;
 
 const SCHEMA_VERSION = 1;
-const SECTIONS = ["matmul", "attention", "forward", "decode", "train", "layerwise", "divergence"];
+const SECTIONS = [
+  "matmul",
+  "attention",
+  "forward",
+  "decode",
+  "train",
+  "layerwise",
+  "divergence",
+  "wasm-gemm",
+];
 const DEFAULT_MODEL = new URL("../data/models/tiny-deepseek-moe", import.meta.url).pathname;
 
 // A DeepSeekMoE-shaped model of 2.4 GB in bf16 (13 shards): big enough that "one layer resident"
@@ -1171,6 +1183,7 @@ await runMain(async () => {
   }
   if (sections.includes("layerwise")) result.layerwise = await benchLayerwise(syntheticDir);
   if (sections.includes("divergence")) result.divergence = await benchDivergence(backends, repeats);
+  if (sections.includes("wasm-gemm")) result.wasmGemm = benchWasmGemm(repeats);
   result.wall_seconds = (performance.now() - t0) / 1000;
   const out = args.out ??
     new URL(
