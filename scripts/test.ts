@@ -52,7 +52,7 @@ export const LINUX_REQUIREMENTS: Requirement[] = [
   { pkg: "libvulkan1", why: "the Vulkan loader", present: canOpen(["libvulkan.so.1"]) },
   {
     pkg: "mesa-vulkan-drivers",
-    why: "a Vulkan driver (Mesa's software one where there is no GPU)",
+    why: "a Vulkan driver: Mesa's software one where there is no GPU",
     present: hasVulkanDriver,
   },
   {
@@ -118,12 +118,14 @@ async function setUp(): Promise<void> {
   const sudo = plan.command[0] === "sudo" ? ["sudo"] : [];
   console.error(`installing ${missing.map((m) => m.pkg).join(", ")} (${plan.command.join(" ")})`);
   const env = { DEBIAN_FRONTEND: "noninteractive" };
-  if (await run([...sudo, "apt-get", "update", "-qq"], env) !== 0) {
-    throw new Error("apt-get update failed");
-  }
-  if (await run(plan.command, env) !== 0) throw new Error(`${plan.command.join(" ")} failed`);
+  const fail = (message: string) => {
+    console.error(`error: ${message}`);
+    Deno.exit(1);
+  };
+  if (await run([...sudo, "apt-get", "update", "-qq"], env) !== 0) fail("apt-get update failed");
+  if (await run(plan.command, env) !== 0) fail(`${plan.command.join(" ")} failed`);
   const still = LINUX_REQUIREMENTS.filter((r) => !r.present()).map((r) => r.pkg);
-  if (still.length > 0) throw new Error(`still missing after apt-get install: ${still.join(", ")}`);
+  if (still.length > 0) fail(`still missing after apt-get install: ${still.join(", ")}`);
 }
 
 /** The environment the tests run with: CI's settings, unless set already. */
