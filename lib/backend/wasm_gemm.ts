@@ -17,6 +17,8 @@ const MR = 6, NR = 8;
 // at most PACKED_B_FLOATS (4 MiB) at a time.
 const KC = 256, MC = 96, PACKED_B_FLOATS = 1 << 20;
 // A product of at most this many rows skips packing (fewRows).
+// One row, 1024 x 1024: 3.7 against 2.0 GFLOP/s packed with B transposed, 4.2 against 0.9
+// with B as is; from 4 to 16 rows about even.
 const FEW_ROWS = 4;
 // Below this many multiply-adds a product runs on one thread: a hand-over costs 0.1-0.3 ms.
 const SPLIT_MACS = 1 << 22;
