@@ -98,16 +98,16 @@ Deno.test("wasm gemm: k = 0 scales C by beta, and m or n = 0 does nothing", () =
 
 Deno.test("wasm gemm: split over threads, bit-identical to one thread", () => {
   const one = wasmBlas(RowThreads.shared(1)), three = wasmBlas(RowThreads.shared(3));
-  // Above the split threshold (4M multiply-adds): tall (rows split), wide (columns split),
-  // transposed; C in shared memory and not (then computed in a shared scratch).
+  // Above the split threshold (16M multiply-adds): by rows, by columns (wide), transposed,
+  // a few rows (no packing); C in shared memory and not (then computed in a shared scratch).
   for (
     const [m, n, k, transA, transB] of [
-      [301, 67, 257, false, true],
-      [40, 523, 301, false, false],
-      [67, 131, 515, true, false],
-      [7, 8000, 80, false, true],
-      [3, 20011, 70, false, true], // a few rows: no packing
-      [2, 9001, 300, false, false],
+      [601, 67, 515, false, true],
+      [40, 1023, 501, false, false],
+      [167, 131, 769, true, false],
+      [7, 8000, 300, false, true],
+      [3, 20011, 300, false, true],
+      [2, 9001, 1000, false, false],
     ] as const
   ) {
     const a = randn(m * k, 1), b = randn(n * k, 2), c = randn(m * n, 3);

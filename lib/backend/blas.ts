@@ -1,6 +1,6 @@
 // Optional BLAS sgemm (and sgemv for a few rows) through Deno's FFI: OpenBLAS on Linux (Debian: libopenblas0),
 // Accelerate on macOS. The CPU backend uses it for matmul when present and falls back
-// to its plain loops otherwise; tests check one against the other.
+// to its WebAssembly GEMM otherwise (wasm_gemm.ts); tests check both against the plain loops.
 
 const CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112;
 

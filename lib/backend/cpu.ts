@@ -1,7 +1,8 @@
 // CPU backend. Its reference mode is plain f32 loops, written to be obviously right, with
 // sums in JS doubles, so at least as accurate as f32 PyTorch. By default matmuls run in
-// BLAS, and the elementwise passes (cpu_rows.ts) over worker threads, most in f32
-// WebAssembly SIMD lanes; each is tested against the reference. Freed arrays are reused.
+// BLAS (without it, in WebAssembly SIMD: wasm_gemm.ts), and the elementwise passes
+// (cpu_rows.ts) over worker threads, most in f32 WebAssembly SIMD lanes; each is tested
+// against the reference. Freed arrays are reused.
 // Weights are widened to f32 once on upload (the layer-wise mode keeps only one layer
 // resident).
 
