@@ -60,10 +60,9 @@ export async function runMain(main: () => Promise<void>): Promise<void> {
 export async function createBackend(name: string | undefined): Promise<Backend> {
   switch (name ?? "cpu") {
     case "cpu": {
-      const backend = new CpuBackend();
+      // Said when the work starts (the first product), so a bad input's error comes first.
       const notice = noBlasNotice();
-      if (notice) console.error(notice);
-      return backend;
+      return new CpuBackend(notice ? { onWasmMatmul: () => console.error(notice) } : {});
     }
     case "cpu-reference":
       return new CpuBackend({ reference: true });

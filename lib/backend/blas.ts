@@ -140,8 +140,8 @@ export function loadBlas(): Blas | null {
 }
 
 /**
- * The line a job prints on start when its matmul runs without BLAS (in WebAssembly SIMD,
- * wasm_gemm.ts), naming what makes it faster; null with BLAS.
+ * The line a job prints when its work starts (its first product) if matmul runs without
+ * BLAS (in WebAssembly SIMD, wasm_gemm.ts), naming what makes it faster; null with BLAS.
  */
 export function noBlasNotice(): string | null {
   if (loadBlas()) return null;

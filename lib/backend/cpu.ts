@@ -105,6 +105,8 @@ export interface CpuOptions {
    * MOE_CONDENSE_BLAS=off (tests, comparisons).
    */
   wasmMatmul?: boolean;
+  /** Called once, at the first product, where matmul runs in WebAssembly (a job's notice). */
+  onWasmMatmul?: () => void;
 }
 
 export class CpuBackend implements TrainingBackend {
@@ -130,7 +132,7 @@ export class CpuBackend implements TrainingBackend {
       // (docs/foundation.md); a thread count asked for is kept.
       const asked = opts.threads ?? (Deno.env.get("MOE_CONDENSE_THREADS") && defaultThreads());
       gemmThreads = asked || coreThreads();
-      this.blas = wasmBlas(RowThreads.shared(gemmThreads));
+      this.blas = wasmBlas(RowThreads.shared(gemmThreads), undefined, opts.onWasmMatmul);
     }
     this.shared = this.rows.threads > 1 || gemmThreads > 1;
     this.description = (this.blas

@@ -342,10 +342,16 @@ let nextChunk: Int32Array | null = null;
 /**
  * A Blas whose sgemm is gemm.wat, split over `pool`'s threads when big enough (C and the
  * inputs then go to the workers in shared memory: RowThreads.run shares a copy of an input
- * that is not, and C is computed in a shared scratch if it is not).
+ * that is not, and C is computed in a shared scratch if it is not). `onFirstUse` is called
+ * at the first product.
  */
-export function wasmBlas(pool: RowThreads, relaxed = hasRelaxedSimd()): Blas {
+export function wasmBlas(
+  pool: RowThreads,
+  relaxed = hasRelaxedSimd(),
+  onFirstUse?: () => void,
+): Blas {
   const sgemm: Blas["sgemm"] = (transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) => {
+    onFirstUse?.(), onFirstUse = undefined;
     if (m === 0 || n === 0) return;
     const threads = m * n * k < SPLIT_MACS ? 1 : pool.threads;
     const g: GemmArgs = {
