@@ -367,15 +367,17 @@ export function wasmBlas(
     if (c.buffer instanceof SharedArrayBuffer) {
       return pool.run("gemm", { ...g, next: nextChunk }, pool.threads, work, [c]);
     }
-    if (!sharedScratch || sharedScratch.length < m * n) {
-      sharedScratch = new Float32Array(new SharedArrayBuffer(4 * m * n));
+    // C is computed in a shared scratch, kept for the next product up to 16 MiB (a fresh
+    // array's pages fault in on first write).
+    let scratch = sharedScratch?.subarray(0, m * n);
+    if (!scratch || scratch.length < m * n) {
+      scratch = new Float32Array(new SharedArrayBuffer(4 * m * n));
+      if (m * n <= 1 << 22) sharedScratch = scratch;
     }
-    const scratch = sharedScratch.subarray(0, m * n);
     if (beta !== 0) {
       for (let i = 0; i < m; i++) scratch.set(c.subarray(i * ldc, i * ldc + n), i * n);
     }
-    const args = { ...g, c: scratch, ldc: n, next: nextChunk };
-    pool.run("gemm", args, pool.threads, work, [scratch]);
+    pool.run("gemm", { ...g, c: scratch, ldc: n, next: nextChunk }, pool.threads, work, [scratch]);
     for (let i = 0; i < m; i++) c.set(scratch.subarray(i * n, (i + 1) * n), i * ldc);
   };
   return {
