@@ -4,6 +4,7 @@
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import type { Backend } from "./backend/backend.ts";
 import { CpuBackend } from "./backend/cpu.ts";
+import { noBlasNotice } from "./backend/blas.ts";
 
 /** A mistake in the user's input: printed without a stack trace. */
 export class UsageError extends Error {
@@ -59,8 +60,11 @@ export async function runMain(main: () => Promise<void>): Promise<void> {
 
 export async function createBackend(name: string | undefined): Promise<Backend> {
   switch (name ?? "cpu") {
-    case "cpu":
-      return new CpuBackend();
+    case "cpu": {
+      // Said when the work starts (the first product), so a bad input's error comes first.
+      const notice = noBlasNotice();
+      return new CpuBackend(notice ? { onWasmMatmul: () => console.error(notice) } : {});
+    }
     case "cpu-reference":
       return new CpuBackend({ reference: true });
     case "webgpu": {

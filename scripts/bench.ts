@@ -7,6 +7,7 @@
 //   train       training tokens/s per backend
 //   layerwise   peak memory of the layer-wise mode vs all weights resident
 //   divergence  the searches' JS divergence per entry, JS, SIMD and WebGPU
+//   wasm-gemm   the WebAssembly SIMD GEMM (the matmul without OpenBLAS) beside OpenBLAS, GFLOP/s
 //   scale       only when named: the pipeline on synthesized prefixes of published models,
 //               its cost model and projections to the paper's settings (minutes)
 // A section is a BenchSection ({ name, run }) registered by one line in SECTIONS; they run
@@ -22,6 +23,7 @@ import { layerwiseChild, layerwiseSection } from "../lib/bench/layerwise.ts";
 import { matmulSection } from "../lib/bench/matmul.ts";
 import { scaleSection } from "../lib/bench/scale.ts";
 import { trainSection } from "../lib/bench/train.ts";
+import { wasmGemmSection } from "../lib/bench/wasm_gemm.ts";
 import { createBackend, parseCli, positiveInt, runMain, UsageError } from "../lib/cli.ts";
 import { gitCommit, writeJsonAtomic } from "../lib/io/results.ts";
 
@@ -33,6 +35,7 @@ const SECTIONS: BenchSection[] = [
   trainSection,
   layerwiseSection,
   divergenceSection,
+  wasmGemmSection,
   scaleSection,
 ];
 const SECTION_NAMES = SECTIONS.map((s) => s.name);

@@ -5,12 +5,14 @@ import { Model } from "../lib/model/model.ts";
 import { mulberry32 } from "../lib/random.ts";
 import { checkGolden, DEFAULT_MODEL, FIXTURE_ROOT, FIXTURES } from "./golden.ts";
 
-// Both CPU paths: the plain reference loops and the default (BLAS when present).
+// The CPU paths: the plain reference loops, the default (BLAS when present) and the
+// WebAssembly matmul (the default without BLAS).
 for (
-  const [label, backend] of [["reference", new CpuBackend({ reference: true })], [
-    "blas",
-    new CpuBackend(),
-  ]] as const
+  const [label, backend] of [
+    ["reference", new CpuBackend({ reference: true })],
+    ["blas", new CpuBackend()],
+    ["wasm", new CpuBackend({ wasmMatmul: true })],
+  ] as const
 ) {
   for (const name of FIXTURES) {
     Deno.test(`cpu (${label}) forward matches the reference: ${name}`, async () => {

@@ -1,5 +1,5 @@
 // Every CPU backward op against central finite differences of its forward op (small
-// shapes, all entries), for both the plain-loop reference and the BLAS fast path, plus
+// shapes, all entries), for the plain-loop reference and the BLAS and WebAssembly fast paths, plus
 // the accumulate (+=) contract and AdamW against a hand-written double formula.
 import assert from "node:assert";
 import type { AttentionShape, TrainingBackend } from "../lib/backend/backend.ts";
@@ -9,10 +9,11 @@ import { maxRelError, randn } from "./util.ts";
 import { dotLoss, fdError, finiteDifference } from "./train_fd.ts";
 
 const reference = new CpuBackend({ reference: true });
-const backends: [string, TrainingBackend][] = [["reference", reference], [
-  "blas",
-  new CpuBackend(),
-]];
+const backends: [string, TrainingBackend][] = [
+  ["reference", reference],
+  ["blas", new CpuBackend()],
+  ["wasm", new CpuBackend({ wasmMatmul: true })],
+];
 const TOL = 2e-3;
 const VERBOSE = Deno.env.get("TRAIN_FD_VERBOSE") === "1";
 
@@ -104,10 +105,12 @@ Deno.test("train op: matmul backward accumulates into weightGrad, needInput fals
   );
   const twice = (await reference.read(once)).map((v) => 2 * v);
   assert(maxRelError(results[0], twice) < 1e-6);
-  assert(
-    maxRelError(results[1], results[0]) < 1e-5,
-    `BLAS vs loops ${maxRelError(results[1], results[0])}`,
-  );
+  for (let i = 1; i < results.length; i++) {
+    assert(
+      maxRelError(results[i], results[0]) < 1e-5,
+      `${backends[i][0]} vs loops ${maxRelError(results[i], results[0])}`,
+    );
+  }
 });
 
 Deno.test("train op: rmsNorm backward (dx, dw) vs FD", async () => {

@@ -1,6 +1,6 @@
 // Optional BLAS sgemm (and sgemv for a few rows) through Deno's FFI: OpenBLAS on Linux (Debian: libopenblas0),
 // Accelerate on macOS. The CPU backend uses it for matmul when present and falls back
-// to its plain loops otherwise; tests check one against the other.
+// to its WebAssembly GEMM otherwise (wasm_gemm.ts); tests check both against the plain loops.
 
 const CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112;
 
@@ -137,6 +137,22 @@ export function loadBlas(): Blas | null {
     }
   }
   return cached;
+}
+
+/**
+ * The line a job prints when its work starts (its first product) if matmul runs without
+ * BLAS (in WebAssembly SIMD, wasm_gemm.ts), naming what makes it faster; null with BLAS.
+ */
+export function noBlasNotice(): string | null {
+  if (loadBlas()) return null;
+  if (Deno.env.get("MOE_CONDENSE_BLAS") === "off") {
+    return "matmul: WebAssembly SIMD, as MOE_CONDENSE_BLAS=off asks (OpenBLAS is faster)";
+  }
+  const install = Deno.build.os === "linux"
+    ? "install libopenblas0-pthread (Debian/Ubuntu: sudo apt-get install libopenblas0-pthread)"
+    : "install OpenBLAS (libopenblas on the library path)";
+  return `matmul: no BLAS library found, so WebAssembly SIMD runs it (slower); ${install} ` +
+    "to make it faster";
 }
 
 /**

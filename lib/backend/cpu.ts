@@ -1,7 +1,7 @@
 // CPU backend. Its reference mode is plain f32 loops, written to be obviously right, with
 // sums in JS doubles, so at least as accurate as f32 PyTorch. By default matmuls run in
-// BLAS, and the elementwise passes (cpu_rows.ts) over worker threads, most in f32
-// WebAssembly SIMD lanes; each is tested against the reference. Freed arrays are reused.
+// BLAS (without it, in WebAssembly SIMD: wasm_gemm.ts), and the elementwise passes
+// (cpu_rows.ts) over worker threads, most in f32 WebAssembly SIMD lanes; each is tested against the reference. Freed arrays are reused.
 // Weights are widened to f32 once on upload (the layer-wise mode keeps only one layer
 // resident).
 //
@@ -9,6 +9,7 @@
 // forward ops (cpu_forward.ts).
 
 import { exp } from "./exp.ts";
+import { sharedFloats } from "./cpu_rows.ts";
 import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import {
   type AdamWHyper,
@@ -38,7 +39,9 @@ export type { CpuOptions } from "./cpu_forward.ts";
 export class CpuBackend extends CpuForward implements TrainingBackend {
   uploadTrainableWeight(raw: RawTensor): Weight {
     // toFloat32 always returns a fresh array, so the master copy owns its values.
-    return new CpuWeight(raw.name, toFloat32(raw), raw.shape, "F32");
+    const values = this.shared ? sharedFloats(numelOf(raw.shape)) : toFloat32(raw);
+    if (this.shared) values.set(toFloat32(raw));
+    return new CpuWeight(raw.name, values, raw.shape, "F32");
   }
   readWeight(x: Weight): Promise<Float32Array> {
     return Promise.resolve(w(x).data.slice());

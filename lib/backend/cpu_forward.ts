@@ -3,9 +3,10 @@
 
 import { totalmem } from "node:os";
 import { exp } from "./exp.ts";
-import { defaultThreads, RowThreads, sharedFloats } from "./cpu_rows.ts";
+import { coreThreads, defaultThreads, RowThreads, sharedFloats } from "./cpu_rows.ts";
 import { type RawTensor, toFloat32 } from "../io/safetensors.ts";
 import { type Blas, loadBlas } from "./blas.ts";
+import { loadGemm, wasmBlas } from "./wasm_gemm.ts";
 import {
   argmaxRow,
   type AttentionShape,
@@ -85,11 +86,19 @@ export interface CpuOptions {
   reference?: boolean;
   /**
    * Threads for the elementwise passes (BLAS has its own); default: defaultThreads (one a
-   * core, one on 2 cores or fewer). Results are the same for any count.
+   * core, one on 2 cores or fewer). Without BLAS, also the WebAssembly matmul's threads
+   * (default: one a core, 2 cores included). Results are the same for any count.
    */
   threads?: number;
   /** Most bytes of freed arrays kept for reuse (default POOL_BYTES); 0 keeps none. */
   poolBytes?: number;
+  /**
+   * Matmul by the WebAssembly SIMD GEMM (wasm_gemm.ts) even where BLAS is found, as with
+   * MOE_CONDENSE_BLAS=off (tests, comparisons).
+   */
+  wasmMatmul?: boolean;
+  /** Called once, at the first product, where matmul runs in WebAssembly (a job's notice). */
+  onWasmMatmul?: () => void;
 }
 
 export class CpuForward {
@@ -98,15 +107,26 @@ export class CpuForward {
   readonly f32Weights = true;
   protected blas: Blas | null;
   protected rows: RowThreads;
+  // Tensors and weights in shared memory, so worker threads can read and write them in place.
+  protected shared: boolean;
   // SwiGLU, softmax, the norms, RoPE and combine in f32 WebAssembly SIMD lanes (within a
   // few ulps of the doubles); the reference keeps its JS doubles.
   protected simd: boolean;
 
   constructor(opts: CpuOptions = {}) {
-    this.blas = opts.reference ? null : loadBlas();
     this.simd = !opts.reference;
     this.poolBytes = opts.poolBytes ?? POOL_BYTES;
     this.rows = RowThreads.shared(opts.threads ?? (opts.reference ? 1 : defaultThreads()));
+    this.blas = opts.reference || opts.wasmMatmul ? null : loadBlas();
+    let gemmThreads = 1;
+    if (!this.blas && !opts.reference && loadGemm()) {
+      // Without BLAS's threads beside it, the matmul gains from every core, 2 of 2 included
+      // (docs/foundation.md); a thread count asked for is kept.
+      const asked = opts.threads ?? (Deno.env.get("MOE_CONDENSE_THREADS") && defaultThreads());
+      gemmThreads = asked || coreThreads();
+      this.blas = wasmBlas(RowThreads.shared(gemmThreads), undefined, opts.onWasmMatmul);
+    }
+    this.shared = this.rows.threads > 1 || gemmThreads > 1;
     this.description = (this.blas
       ? `CPU f32, matmul by ${this.blas.library}` +
         (this.blas.kernels ? ` (${this.blas.kernels} kernels)` : "")
@@ -131,7 +151,7 @@ export class CpuForward {
       this.pooledOrder.delete(out);
       this.pooledBytes -= out.byteLength;
       if (zeroed) out.fill(0);
-    } else out = this.rows.threads > 1 ? sharedFloats(n) : new Float32Array(n);
+    } else out = this.shared ? sharedFloats(n) : new Float32Array(n);
     this.recyclable.add(out);
     return out;
   }
@@ -167,9 +187,15 @@ export class CpuForward {
     }
     // Aligned f32 bytes are used in place (a checkpoint read or a stack is fresh memory):
     // a copy would double the peak while a layer loads.
-    const values = raw.dtype === "F32" && raw.bytes.byteOffset % 4 === 0
+    let values = raw.dtype === "F32" && raw.bytes.byteOffset % 4 === 0
       ? new Float32Array(raw.bytes.buffer, raw.bytes.byteOffset, numelOf(raw.shape))
       : toFloat32(raw);
+    // Threads would otherwise be handed a shared copy at every use.
+    if (this.shared && !(values.buffer instanceof SharedArrayBuffer)) {
+      const copy = sharedFloats(values.length);
+      copy.set(values);
+      values = copy;
+    }
     return new CpuWeight(raw.name, values, raw.shape, raw.dtype);
   }
   freeWeight(_w: Weight): void {}

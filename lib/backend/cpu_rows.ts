@@ -8,6 +8,7 @@ import { Worker } from "node:worker_threads";
 import { exp } from "./exp.ts";
 import { type AdamWHyper, GATE_UP_RUN } from "./backend.ts";
 import { SIMD_WASM_BASE64 } from "./simd_wasm.ts";
+import { gemmPart } from "./wasm_gemm.ts";
 
 /**
  * simd.wat's kernels on this thread (each worker has its own instance), or null where
@@ -675,6 +676,7 @@ export const rowKernels = {
   combine,
   rotateHeads,
   jsDivergence,
+  gemm: gemmPart,
 };
 export type RowKernel = keyof typeof rowKernels;
 type Args<K extends RowKernel> = Parameters<(typeof rowKernels)[K]>[0];

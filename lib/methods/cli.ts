@@ -124,6 +124,16 @@ export function calibrationFlags(values: {
 }
 
 /**
+ * A progress rate: "12.5 tokens/s", or for work slower than one a second "3.2 s/candidate" (the unit less
+ * its plural s): "0.0 candidates/s" said nothing. "?" before the first one is done.
+ */
+export function rateText(count: number, seconds: number, unit: string): string {
+  if (count <= 0) return `? ${unit}/s`;
+  if (count >= seconds) return `${(count / Math.max(seconds, 1e-9)).toFixed(1)} ${unit}/s`;
+  return `${(seconds / count).toFixed(1)} s/${unit.replace(/s$/, "")}`;
+}
+
+/**
  * A rate-limited progress line on stderr: what, done/total, rate, ETA. `from`: what was
  * done before this run (a resumed job), left out of the rate and the ETA.
  */
@@ -142,9 +152,9 @@ export class Progress {
     if (now - this.last < 1000 && done < this.total) return;
     this.last = now;
     const sec = (now - this.start) / 1000, doneNow = done - this.from;
-    const rate = (units ?? doneNow) / Math.max(sec, 1e-9);
     const eta = doneNow > 0 ? (sec / doneNow) * (this.total - done) : NaN;
-    const msg = `\r${this.what}: ${done}/${this.total}  ${rate.toFixed(1)} ${this.unit}/s  ` +
+    const msg =
+      `\r${this.what}: ${done}/${this.total}  ${rateText(units ?? doneNow, sec, this.unit)}  ` +
       `elapsed ${sec.toFixed(0)}s  ETA ${Number.isFinite(eta) ? eta.toFixed(0) + "s" : "?"}   `;
     Deno.stderr.writeSync(new TextEncoder().encode(msg));
     if (done >= this.total) Deno.stderr.writeSync(new TextEncoder().encode("\n"));

@@ -12,6 +12,9 @@ export class NoWebGpuAdapterError extends Error {
   }
 }
 
+/** The wgpu backends tried unless DENO_WEBGPU_BACKEND says otherwise: not OpenGL. */
+export const NATIVE_WEBGPU_BACKENDS = "vulkan,metal,dx12";
+
 export async function createWebGpuBackend(opts: WebGpuOptions = {}): Promise<WebGpuBackend> {
   const gpu = (navigator as { gpu?: GPU }).gpu;
   if (!gpu) {
@@ -20,11 +23,19 @@ export async function createWebGpuBackend(opts: WebGpuOptions = {}): Promise<Web
         "(or `deno test --unstable-webgpu`)",
     );
   }
+  // Left to itself wgpu also offers OpenGL adapters, and on a machine without a Vulkan
+  // driver that is Mesa's software GL, where one test ran 11 minutes and the suite would take
+  // hours. So unless DENO_WEBGPU_BACKEND names backends (gl included, if wanted), only the
+  // native ones are tried; Deno reads the variable at the process's first adapter request.
+  const backends = Deno.env.get("DENO_WEBGPU_BACKEND");
+  if (backends === undefined) Deno.env.set("DENO_WEBGPU_BACKEND", NATIVE_WEBGPU_BACKENDS);
   const adapter = await gpu.requestAdapter({ powerPreference: "high-performance" });
   if (!adapter) {
     throw new NoWebGpuAdapterError(
-      "no WebGPU adapter found: no usable GPU driver " +
-        "(on Linux without a GPU, Mesa's llvmpipe Vulkan driver provides one)",
+      `no WebGPU adapter found on ${backends ?? NATIVE_WEBGPU_BACKENDS} (DENO_WEBGPU_BACKEND): ` +
+        "no usable GPU driver. On Linux without a GPU, Mesa's software Vulkan driver provides " +
+        "one: apt-get install mesa-vulkan-drivers libvulkan1. OpenGL adapters are used only " +
+        "when DENO_WEBGPU_BACKEND names gl (Mesa's software GL is hundreds of times slower)",
     );
   }
   // timestamp-query only serves timeKernels (the bench's per-kernel profile); asking for

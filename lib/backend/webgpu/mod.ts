@@ -21,7 +21,7 @@
 //   training.ts   trainable weights, gradient sums, cross-entropy, AdamW
 //   backend.ts    WebGpuBackend: each file's class extends the one before, this is the last
 
-export { createWebGpuBackend, NoWebGpuAdapterError } from "./device.ts";
+export { createWebGpuBackend, NATIVE_WEBGPU_BACKENDS, NoWebGpuAdapterError } from "./device.ts";
 export { WebGpuBackend } from "./backend.ts";
 export {
   ATTENTION_KERNELS,
