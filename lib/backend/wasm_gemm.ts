@@ -7,7 +7,6 @@
 // then adds (within float rounding of the FMA build).
 
 import type { Blas } from "./blas.ts";
-import type { RowThreads } from "./cpu_rows.ts";
 import { GEMM_PLAIN_WASM_BASE64, GEMM_RELAXED_WASM_BASE64 } from "./gemm_wasm.ts";
 
 // gemm.wat's tile: 6 rows of A by 8 columns of B.
@@ -336,6 +335,21 @@ function fewRows(wasm: GemmKernels, g: GemmArgs): (q: number) => void {
   };
 }
 
+/**
+ * What wasmBlas needs of cpu_rows.ts's RowThreads, stated here: cpu_rows.ts runs gemmPart on
+ * its workers, so importing its type would make the two files import each other.
+ */
+interface GemmThreads {
+  readonly threads: number;
+  run(
+    kernel: "gemm",
+    args: GemmArgs,
+    rows: number,
+    rowElements: number,
+    writes: Float32Array[],
+  ): void;
+}
+
 let sharedScratch: Float32Array | null = null;
 let nextChunk: Int32Array | null = null;
 
@@ -346,7 +360,7 @@ let nextChunk: Int32Array | null = null;
  * at the first product.
  */
 export function wasmBlas(
-  pool: RowThreads,
+  pool: GemmThreads,
   relaxed = hasRelaxedSimd(),
   onFirstUse?: () => void,
 ): Blas {
