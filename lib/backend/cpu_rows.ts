@@ -9,6 +9,7 @@ import { exp } from "./exp.ts";
 import { type AdamWHyper, GATE_UP_RUN } from "./backend.ts";
 import { SIMD_WASM_BASE64 } from "./simd_wasm.ts";
 import { gemmPart } from "./wasm_gemm.ts";
+import { instantiateWasm } from "./wasm_module.ts";
 
 /**
  * simd.wat's kernels on this thread (each worker has its own instance), or null where
@@ -75,18 +76,9 @@ let simdKernels: SimdKernels | null | undefined;
 function loadSimd(): SimdKernels | null {
   if (simdKernels !== undefined) return simdKernels;
   try {
-    const bytes = Uint8Array.from(atob(SIMD_WASM_BASE64), (c) => c.charCodeAt(0));
-    const { exports } = new WebAssembly.Instance(new WebAssembly.Module(bytes));
-    const memory = exports.memory as WebAssembly.Memory;
-    let view = new Float32Array(memory.buffer);
+    const { exports, heap } = instantiateWasm(SIMD_WASM_BASE64);
     simdKernels = {
-      heap(floats) {
-        if (view.length < floats) {
-          memory.grow(Math.ceil((floats * 4 - memory.buffer.byteLength) / 65536));
-          view = new Float32Array(memory.buffer); // growing detaches the old view
-        }
-        return view;
-      },
+      heap,
       swiglu: exports.swiglu as SimdKernels["swiglu"],
       softmaxCausal: exports.softmax_causal as SimdKernels["softmaxCausal"],
       swigluApart: exports.swiglu_apart as SimdKernels["swigluApart"],

@@ -8,6 +8,7 @@
 
 import type { Blas } from "./blas.ts";
 import { GEMM_PLAIN_WASM_BASE64, GEMM_RELAXED_WASM_BASE64 } from "./gemm_wasm.ts";
+import { instantiateWasm } from "./wasm_module.ts";
 
 // gemm.wat's tile: 6 rows of A by 8 columns of B.
 const MR = 6, NR = 8;
@@ -90,18 +91,9 @@ export function loadGemm(relaxed = hasRelaxedSimd()): GemmKernels | null {
   let kernels: GemmKernels | null;
   try {
     const base64 = relaxed ? GEMM_RELAXED_WASM_BASE64 : GEMM_PLAIN_WASM_BASE64;
-    const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
-    const { exports } = new WebAssembly.Instance(new WebAssembly.Module(bytes));
-    const memory = exports.memory as WebAssembly.Memory;
-    let view = new Float32Array(memory.buffer);
+    const { exports, heap } = instantiateWasm(base64);
     kernels = {
-      heap(floats) {
-        if (view.length < floats) {
-          memory.grow(Math.ceil((floats * 4 - memory.buffer.byteLength) / 65536));
-          view = new Float32Array(memory.buffer); // growing detaches the old view
-        }
-        return view;
-      },
+      heap,
       packA: exports.pack_a as GemmKernels["packA"],
       packB: exports.pack_b as GemmKernels["packB"],
       tiles: exports.tiles as GemmKernels["tiles"],
