@@ -3,7 +3,7 @@ import assert from "node:assert";
 import { CpuBackend } from "../lib/backend/cpu.ts";
 import { coreTypeFromCpuFlags, loadBlas, OPENBLAS_FALLBACK_CORES } from "../lib/backend/blas.ts";
 import { f32Tensor } from "../lib/io/safetensors.ts";
-import { maxRelError, randn } from "./util.ts";
+import { checkAttentionAgainst, maxRelError, randn } from "./util.ts";
 
 const reference = new CpuBackend({ reference: true });
 const fast = new CpuBackend();
@@ -144,29 +144,5 @@ Deno.test("cpu splitQkvIntoCache puts splitQkv's k and v in each sequence's cach
 });
 
 Deno.test("cpu attention: BLAS equals plain loops (GQA, qLen < kvLen, window, decode)", async () => {
-  for (
-    const s of [
-      { batch: 2, qLen: 7, kvLen: 7, heads: 4, kvHeads: 2, headDim: 8, window: null },
-      { batch: 1, qLen: 3, kvLen: 11, heads: 6, kvHeads: 3, headDim: 16, window: null },
-      { batch: 3, qLen: 9, kvLen: 9, heads: 2, kvHeads: 1, headDim: 8, window: 4 },
-      // A decode step: one query row a head, so both products run as sgemv.
-      { batch: 2, qLen: 1, kvLen: 12, heads: 4, kvHeads: 2, headDim: 8, window: null },
-    ]
-  ) {
-    const q = randn(s.batch * s.qLen * s.heads * s.headDim, 4);
-    const k = randn(s.batch * s.kvLen * s.kvHeads * s.headDim, 5);
-    const v = randn(s.batch * s.kvLen * s.kvHeads * s.headDim, 6);
-    const outs = await Promise.all([reference, fast].map((be) =>
-      be.read(be.attention(
-        be.tensor(q, [s.batch * s.qLen, s.heads * s.headDim]),
-        be.tensor(k, [s.batch * s.kvLen, s.kvHeads * s.headDim]),
-        be.tensor(v, [s.batch * s.kvLen, s.kvHeads * s.headDim]),
-        s,
-      ))
-    ));
-    assert(
-      maxRelError(outs[1], outs[0]) < 1e-5,
-      `attention ${JSON.stringify(s)}: ${maxRelError(outs[1], outs[0])}`,
-    );
-  }
+  await checkAttentionAgainst(fast, reference, "attention");
 });

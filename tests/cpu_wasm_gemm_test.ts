@@ -11,7 +11,7 @@ import { DEFAULT_CALIBRATION } from "../lib/methods/calibration.ts";
 import { runSearchJob, type SearchSettings } from "../lib/methods/search_job.ts";
 import { compileGemm, GEMM_TS } from "../scripts/build_simd.ts";
 import { DEFAULT_MODEL } from "./golden.ts";
-import { assertIdentical, maxRelError, randn } from "./util.ts";
+import { assertIdentical, checkAttentionAgainst, maxRelError, randn } from "./util.ts";
 
 Deno.test("wasm gemm: gemm_wasm.ts is gemm.wat compiled (deno task build-simd)", async () => {
   assert.equal(Deno.readTextFileSync(GEMM_TS), await compileGemm());
@@ -148,30 +148,7 @@ Deno.test("cpu backend on the wasm gemm: says so, and matmul with bias equals pl
 });
 
 Deno.test("cpu backend on the wasm gemm: attention equals plain loops (GQA, window, decode)", async () => {
-  for (
-    const s of [
-      { batch: 2, qLen: 7, kvLen: 7, heads: 4, kvHeads: 2, headDim: 8, window: null },
-      { batch: 1, qLen: 3, kvLen: 11, heads: 6, kvHeads: 3, headDim: 16, window: null },
-      { batch: 3, qLen: 9, kvLen: 9, heads: 2, kvHeads: 1, headDim: 8, window: 4 },
-      { batch: 2, qLen: 1, kvLen: 12, heads: 4, kvHeads: 2, headDim: 8, window: null },
-    ]
-  ) {
-    const q = randn(s.batch * s.qLen * s.heads * s.headDim, 4);
-    const k = randn(s.batch * s.kvLen * s.kvHeads * s.headDim, 5);
-    const v = randn(s.batch * s.kvLen * s.kvHeads * s.headDim, 6);
-    const outs = await Promise.all([reference, wasm].map((be) =>
-      be.read(be.attention(
-        be.tensor(q, [s.batch * s.qLen, s.heads * s.headDim]),
-        be.tensor(k, [s.batch * s.kvLen, s.kvHeads * s.headDim]),
-        be.tensor(v, [s.batch * s.kvLen, s.kvHeads * s.headDim]),
-        s,
-      ))
-    ));
-    assert(
-      maxRelError(outs[1], outs[0]) < 1e-5,
-      `${JSON.stringify(s)}: ${maxRelError(outs[1], outs[0])}`,
-    );
-  }
+  await checkAttentionAgainst(wasm, reference, "attention");
 });
 
 Deno.test("search job: the wasm gemm chooses the same experts and layers as BLAS", async () => {

@@ -2,6 +2,7 @@
 
 import assert from "node:assert";
 import { mulberry32 } from "../lib/random.ts";
+import type { Backend } from "../lib/backend/backend.ts";
 
 /** Deterministic N(0,1) samples (mulberry32 + Box-Muller), so failures reproduce. */
 export function randn(n: number, seed: number, std = 1): Float32Array {
@@ -39,4 +40,35 @@ export function assertIdentical(got: Float32Array[], want: Float32Array[], label
     const i = bits.findIndex((b, j) => b !== g[j]);
     assert(i < 0, `${label}: output ${a} differs first at entry ${i}: ${got[a][i]} vs ${w[i]}`);
   });
+}
+
+/**
+ * CPU attention on `fast` equals `reference` within 1e-5 (GQA, qLen < kvLen, a window, and a
+ * decode step: one query row a head, so both products run as matrix-vector ones).
+ */
+export async function checkAttentionAgainst(fast: Backend, reference: Backend, label: string) {
+  for (
+    const s of [
+      { batch: 2, qLen: 7, kvLen: 7, heads: 4, kvHeads: 2, headDim: 8, window: null },
+      { batch: 1, qLen: 3, kvLen: 11, heads: 6, kvHeads: 3, headDim: 16, window: null },
+      { batch: 3, qLen: 9, kvLen: 9, heads: 2, kvHeads: 1, headDim: 8, window: 4 },
+      { batch: 2, qLen: 1, kvLen: 12, heads: 4, kvHeads: 2, headDim: 8, window: null },
+    ]
+  ) {
+    const q = randn(s.batch * s.qLen * s.heads * s.headDim, 4);
+    const k = randn(s.batch * s.kvLen * s.kvHeads * s.headDim, 5);
+    const v = randn(s.batch * s.kvLen * s.kvHeads * s.headDim, 6);
+    const outs = await Promise.all([reference, fast].map((be) =>
+      be.read(be.attention(
+        be.tensor(q, [s.batch * s.qLen, s.heads * s.headDim]),
+        be.tensor(k, [s.batch * s.kvLen, s.kvHeads * s.headDim]),
+        be.tensor(v, [s.batch * s.kvLen, s.kvHeads * s.headDim]),
+        s,
+      ))
+    ));
+    assert(
+      maxRelError(outs[1], outs[0]) < 1e-5,
+      `${label} ${JSON.stringify(s)}: ${maxRelError(outs[1], outs[0])}`,
+    );
+  }
 }
